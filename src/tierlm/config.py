@@ -1,0 +1,118 @@
+"""Model and engine configuration: one `ModelConfig` whatever the file format it came from."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from tierlm.errors import UnsupportedModelError, UsageError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling`. kind: "none" | "linear" | "llama3"."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral; enforced by the paged KV cache (a later issue)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_param_count(self) -> int:
+        """Parameters of one decoder layer (projections, biases, two norms)."""
+        h, i = self.hidden_size, self.intermediate_size
+        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        bias = (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        return attn + bias + 3 * h * i + 2 * h
+
+    def param_count(self) -> int:
+        """Unique parameters: tied embeddings are counted once."""
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        return embed + head + self.hidden_size + self.num_layers * self.layer_param_count()
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V for one token across every layer."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """"auto" means fp32 on CPU: CPU bf16 matmul is not faster everywhere, and fp32 matches the oracle."""
+    if isinstance(name, torch.dtype):
+        if name in (torch.float32, torch.bfloat16):
+            return name
+        raise UsageError(f"unsupported dtype {name} (use float32 or bfloat16)")
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r} (use float32, bfloat16 or auto)")
+    return DTYPES[name]
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """"1GiB" -> 1073741824. Plain integers are bytes. Only used at the edges (CLI, API)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise UsageError(f"size must be non-negative, got {text}")
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"cannot parse size {text!r} (examples: 512MiB, 4GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+def format_size(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,113 @@
+"""One request's generation loop: prefill, then decode token by token, streaming text deltas.
+
+Text is re-decoded from all generated ids each step (byte-level BPE can split a character across
+tokens); a delta is held back while it ends in an incomplete character or could be the start of a
+stop string, so what is streamed is always a prefix of the final text.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from tierlm.engine.runner import Runner
+from tierlm.engine.sampler import Sampler, SamplingParams
+from tierlm.errors import ContextLengthError, UsageError
+from tierlm.kvcache.contiguous import KVCache
+from tierlm.weights.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationMetrics:
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0  # prefill + first sampled token
+    decode_s: float = 0.0  # every later token
+    decode_tokens: int = 0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""  # generated part only, stop string excluded
+    token_ids: list[int] = field(default_factory=list)  # generated part only
+    finish_reason: str = ""  # "stop" (EOS or stop string) | "length"
+    metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
+
+
+def _find_stop(text: str, stops: list[str]) -> int:
+    """Index where the earliest stop string begins, or -1."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else -1
+
+
+def _safe_len(text: str, stops: list[str]) -> int:
+    """How much of `text` can be streamed now: no trailing replacement char, no possible stop prefix."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return end
+
+
+def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                    out: RequestOutput) -> Iterator[str]:
+    """Yield text deltas; fills `out` (text, token_ids, finish_reason, metrics) as it goes."""
+    cfg = runner.config
+    if not prompt_ids:
+        raise UsageError("empty prompt")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= cfg.vocab_size:
+        raise UsageError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+    ctx = cfg.max_position_embeddings
+    if len(prompt_ids) >= ctx:
+        raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; the model's context is {ctx}")
+    max_new = min(params.max_tokens, ctx - len(prompt_ids))
+    eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
+    sampler = Sampler(params)
+    kv = KVCache(cfg, batch=1, capacity=len(prompt_ids) + max_new, dtype=runner.dtype, device=runner.device)
+    m = out.metrics
+    m.prompt_tokens = len(prompt_ids)
+    emitted = 0
+    try:
+        t0 = time.perf_counter()
+        logits = runner.forward(torch.tensor([prompt_ids]), kv)  # [1, V]
+        for step in range(max_new):
+            token = int(sampler(logits)[0])
+            now = time.perf_counter()
+            if step == 0:
+                m.ttft_s = now - t0
+            else:
+                m.decode_s += now - t0
+                m.decode_tokens += 1
+            if token in eos:
+                out.finish_reason = "stop"
+                break
+            out.token_ids.append(token)
+            text = tokenizer.decode(out.token_ids)
+            if (cut := _find_stop(text, params.stop)) >= 0:
+                out.text, out.finish_reason = text[:cut], "stop"
+                break
+            out.text = text
+            safe = _safe_len(text, params.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if step + 1 == max_new:
+                out.finish_reason = "length"
+                break
+            t0 = time.perf_counter()
+            logits = runner.forward(torch.tensor([[token]]), kv)
+        if len(out.text) > emitted:
+            yield out.text[emitted:]
+    finally:
+        kv.release()

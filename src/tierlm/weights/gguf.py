@@ -1,0 +1,133 @@
+"""GGUF loader: metadata -> ModelConfig, tokenizer from metadata, tensors dequantised with gguf-py."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from tierlm.config import ModelConfig, RopeScaling
+from tierlm.errors import ModelFormatError, UnsupportedModelError
+from tierlm.weights.names import gguf_to_internal
+from tierlm.weights.source import ModelSource
+from tierlm.weights.tokenizer import tokenizer_from_gguf
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+# GGUF architectures whose converter permuted q/k rows for llama.cpp's interleaved (GPT-J style) rope;
+# tierlm (like HF) rotates halves (NeoX style), so those rows are permuted back on load.
+_PERMUTED_QK = {"llama", "mistral"}
+_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's LlamaModel.permute on rows of a q/k weight [out, in] or bias [out]."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _config_from_meta(meta: dict[str, Any], vocab_size: int, has_lm_head: bool, has_bias: bool) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in _ARCH:
+        raise UnsupportedModelError(f"unsupported architecture {arch!r} (supported: {', '.join(_ARCH)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelFormatError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear"):
+        raise UnsupportedModelError(f"rope scaling {scaling_type!r} is not supported")
+    scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor"))) if scaling_type == "linear" else RopeScaling()
+    return ModelConfig(
+        arch=_ARCH[arch],
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        max_position_embeddings=int(get("context_length")),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        attention_bias=has_bias,
+        tie_word_embeddings=not has_lm_head,
+        sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+        name=str(meta.get("general.name", "")),
+    )
+
+
+class GGUFSource(ModelSource):
+    format = "gguf"
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            reader = GGUFReader(path, "r")
+        except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{path}: not a readable GGUF file ({e})") from None
+        file_size = path.stat().st_size
+        self._tensors = {}
+        for t in reader.tensors:
+            # NOTE: np.memmap silently yields a short view on a truncated file; check extents explicitly.
+            if t.data_offset + t.n_bytes > file_size:
+                raise ModelFormatError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
+            if (internal := gguf_to_internal(t.name)) is not None:
+                self._tensors[internal] = t
+        self.meta = _read_metadata(reader)
+        if "embed" not in self._tensors:
+            raise ModelFormatError(f"{path}: no token_embd.weight tensor")
+        unsupported = {t.tensor_type.name for t in self._tensors.values() if t.tensor_type not in SUPPORTED_TYPES}
+        if unsupported:
+            raise UnsupportedModelError(f"{path}: unsupported GGUF tensor type(s) {', '.join(sorted(unsupported))}")
+        self.config = _config_from_meta(
+            self.meta,
+            vocab_size=int(self._tensors["embed"].shape[1]),
+            has_lm_head="lm_head" in self._tensors,
+            has_bias="layers.0.bq" in self._tensors,
+        )
+        self.tokenizer = tokenizer_from_gguf(self.meta)
+        self.validate()
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def storage_types(self) -> dict[str, int]:
+        return dict(Counter(t.tensor_type.name for t in self._tensors.values()))
+
+    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self._tensors[name]
+        try:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except (ValueError, OSError) as e:
+            raise ModelFormatError(f"{self.path}: cannot read tensor {t.name} ({e})") from None
+        cfg = self.config
+        if self.meta.get("general.architecture") in _PERMUTED_QK:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("wq", "bq"):
+                w = _unpermute(w, cfg.num_heads)
+            elif leaf in ("wk", "bk"):
+                w = _unpermute(w, cfg.num_kv_heads)
+        # F32 tensors come back as read-only views of the memory map: copy so the store owns its memory.
+        if not w.flags.writeable or not w.flags.c_contiguous:
+            w = np.array(w, dtype=np.float32, order="C")
+        return torch.from_numpy(w).to(dtype)

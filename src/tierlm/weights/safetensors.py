@@ -1,0 +1,134 @@
+"""Hugging Face directory loader: config.json, *.safetensors (single or sharded index), tokenizer.json.
+
+Pickle checkpoints (.bin/.pt) are never loaded: they can execute code."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tierlm.config import ModelConfig, RopeScaling
+from tierlm.errors import ModelFormatError, UnsupportedModelError
+from tierlm.weights.names import hf_to_internal
+from tierlm.weights.source import ModelSource
+from tierlm.weights.tokenizer import tokenizer_from_hf_dir
+
+_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
+    # transformers ≥5 writes `rope_parameters`; older files write `rope_theta` + `rope_scaling`.
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling(
+            kind="llama3", factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+
+
+def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
+    model_type = cfg.get("model_type")
+    if model_type not in _ARCH:
+        raise UnsupportedModelError(f"unsupported architecture {model_type!r} (supported: {', '.join(_ARCH)})")
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError("MLP biases (mlp_bias=true) are not supported")
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        theta, scaling = _rope(cfg)
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
+        return ModelConfig(
+            arch=_ARCH[model_type],
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            name=path.name,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{path}/config.json: bad or missing field ({e})") from None
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelFormatError(f"{index}: malformed index ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = list(path.glob("*.bin")) + list(path.glob("*.pt"))
+        if pickles:
+            raise UnsupportedModelError(f"{path}: only pickle checkpoints ({pickles[0].name}); "
+                                        "tierlm loads safetensors only (pickle can execute code)")
+        raise ModelFormatError(f"{path}: no *.safetensors files")
+    for f in files:
+        if not f.is_file():
+            raise ModelFormatError(f"{path}: shard {f.name} named in the index is missing")
+    return files
+
+
+class SafetensorsSource(ModelSource):
+    format = "safetensors"
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except FileNotFoundError:
+            raise ModelFormatError(f"{path}: no config.json (not a Hugging Face model directory)") from None
+        except json.JSONDecodeError as e:
+            raise ModelFormatError(f"{path}/config.json: not valid JSON ({e})") from None
+        self.config = config_from_hf(raw, path)
+        self._where: dict[str, tuple[Path, str]] = {}  # internal name -> (file, name in file)
+        self._dtypes: Counter[str] = Counter()
+        for f in _shard_files(path):
+            try:
+                with safe_open(f, framework="pt") as sf:
+                    for key in sf.keys():
+                        if (internal := hf_to_internal(key)) is not None:
+                            self._where[internal] = (f, key)
+                            self._dtypes[str(sf.get_slice(key).get_dtype())] += 1
+            except (SafetensorError, OSError) as e:
+                raise ModelFormatError(f"{f}: not a readable safetensors file ({e})") from None
+        self._files = {f: None for f in _shard_files(path)}
+        self.tokenizer = tokenizer_from_hf_dir(path)
+        self.validate()
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def storage_types(self) -> dict[str, int]:
+        return dict(self._dtypes)
+
+    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        f, key = self._where[name]
+        try:
+            with safe_open(f, framework="pt") as sf:
+                return sf.get_tensor(key).to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelFormatError(f"{f}: cannot read tensor {key} ({e})") from None
