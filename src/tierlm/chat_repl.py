@@ -1,0 +1,55 @@
+"""`tierlm chat`: an interactive loop that keeps the conversation and renders it with the chat template.
+
+Commands: /reset clears the history, /exit (or EOF) quits. When the conversation outgrows the context,
+the oldest turns are dropped (the system prompt stays).
+"""
+from __future__ import annotations
+
+import sys
+
+from tierlm import LLM, RequestOutput, SamplingParams
+
+HELP = "(/reset clears the history, /exit quits)"
+
+
+def _fit(llm: LLM, messages: list[dict[str, str]], reserve: int) -> list[int]:
+    """Token ids of the rendered conversation, dropping the oldest turns until `reserve` tokens fit."""
+    budget = llm.config.max_position_embeddings - reserve
+    while True:
+        ids = llm.tokenizer.encode_chat(messages)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(messages) - first <= 1:
+            return ids
+        del messages[first:first + 2]  # one user turn and its reply
+        print("[history trimmed to fit the context]", file=sys.stderr)
+
+
+def run_chat(llm: LLM, params: SamplingParams, system: str | None, stats: bool = False) -> int:
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"tierlm chat — {llm.config.name or llm.config.arch} {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if system else []
+            print("[history cleared]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        ids = _fit(llm, history, reserve=min(params.max_tokens, llm.config.max_position_embeddings // 2))
+        out = RequestOutput(prompt=None, prompt_token_ids=[])
+        for delta in llm.stream(ids, params, out):
+            print(delta, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": out.text})
+        if stats:
+            m = out.metrics
+            print(f"[TTFT {m.ttft_s * 1000:.0f} ms, {m.decode_tok_s:.1f} tok/s]", file=sys.stderr)

@@ -1,0 +1,153 @@
+"""Command line: `tierlm generate | chat | info`. Every user error is one line on stderr, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from tierlm.errors import TierlmError, UsageError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage + error over several lines; we want one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=float, default=default_temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print timing to stderr after generating")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tierlm", description="Run language models larger than your memory.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout")
+    g.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    _model_args(g)
+    _sampling_args(g, default_temperature=0.0)
+
+    c = sub.add_parser("chat", help="interactive chat with history")
+    c.add_argument("--system", default=None, help="system prompt")
+    _model_args(c)
+    _sampling_args(c, default_temperature=0.7)
+
+    i = sub.add_parser("info", help="architecture, parameter count and memory table")
+    i.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: embedded)")
+    i.add_argument("--context", type=_positive_int, default=None, help="context for the totals (default: model's, ≤8192)")
+    i.add_argument("--batch", type=_positive_int, default=1)
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="KV/activation dtype")
+    return parser
+
+
+def _sampling(args: argparse.Namespace):
+    from tierlm import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+
+
+def _load(args: argparse.Namespace):
+    from tierlm import LLM
+
+    return LLM(args.model, dtype=args.dtype, threads=args.threads)
+
+
+def _print_stats(out) -> None:
+    m = out.metrics
+    print(f"[{m.prompt_tokens} prompt tokens, {len(out.token_ids)} generated ({out.finish_reason}); "
+          f"TTFT {m.ttft_s * 1000:.0f} ms, decode {m.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tierlm import RequestOutput
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _sampling(args)
+    llm = _load(args)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
+    out = RequestOutput(prompt=None, prompt_token_ids=[])
+    for delta in llm.stream(ids, params, out):
+        if not args.no_stream:
+            print(delta, end="", flush=True)
+    print(out.text if args.no_stream else "", flush=True)
+    if args.stats:
+        _print_stats(out)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tierlm.chat_repl import run_chat
+
+    return run_chat(_load(args), _sampling(args), args.system, stats=args.stats)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tierlm.info import describe
+    from tierlm.weights import open_model
+
+    source = open_model(args.model)
+    context = args.context or min(source.config.max_position_embeddings, 8192)
+    print(describe(source, context, args.batch, 4 if args.dtype == "float32" else 2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except TierlmError as e:
+        if debug:
+            raise
+        print(f"tierlm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if debug:
+            raise
+        print(f"tierlm: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
