@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import ModelFormatError, UnsupportedModelError
+from tierlm.weights.gguf_file import GGUFFile
 from tierlm.weights.names import gguf_to_internal
 from tierlm.weights.source import ModelSource
 from tierlm.weights.tokenizer import tokenizer_from_gguf
@@ -23,15 +24,6 @@ SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_
 # tierlm (like HF) rotates halves (NeoX style), so those rows are permuted back on load.
 _PERMUTED_QK = {"llama", "mistral"}
 _ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-
-
-def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -81,27 +73,18 @@ class GGUFSource(ModelSource):
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            reader = GGUFReader(path, "r")
-        except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{path}: not a readable GGUF file ({e})") from None
-        file_size = path.stat().st_size
-        self._tensors = {}
-        for t in reader.tensors:
-            # NOTE: np.memmap silently yields a short view on a truncated file; check extents explicitly.
-            if t.data_offset + t.n_bytes > file_size:
-                raise ModelFormatError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
-            if (internal := gguf_to_internal(t.name)) is not None:
-                self._tensors[internal] = t
-        self.meta = _read_metadata(reader)
+        self._file = GGUFFile(path)
+        self._tensors = {internal: t for t in self._file.tensors.values()
+                         if (internal := gguf_to_internal(t.name)) is not None}
+        self.meta = self._file.metadata
         if "embed" not in self._tensors:
             raise ModelFormatError(f"{path}: no token_embd.weight tensor")
-        unsupported = {t.tensor_type.name for t in self._tensors.values() if t.tensor_type not in SUPPORTED_TYPES}
+        unsupported = {t.qtype.name for t in self._tensors.values() if t.qtype not in SUPPORTED_TYPES}
         if unsupported:
             raise UnsupportedModelError(f"{path}: unsupported GGUF tensor type(s) {', '.join(sorted(unsupported))}")
         self.config = _config_from_meta(
             self.meta,
-            vocab_size=int(self._tensors["embed"].shape[1]),
+            vocab_size=int(self._tensors["embed"].shape[0]),
             has_lm_head="lm_head" in self._tensors,
             has_bias="layers.0.bq" in self._tensors,
         )
@@ -112,12 +95,12 @@ class GGUFSource(ModelSource):
         return list(self._tensors)
 
     def storage_types(self) -> dict[str, int]:
-        return dict(Counter(t.tensor_type.name for t in self._tensors.values()))
+        return dict(Counter(t.qtype.name for t in self._tensors.values()))
 
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = self._tensors[name]
         try:
-            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = dequantize(self._file.raw(t), t.qtype).astype(np.float32, copy=False)
         except (ValueError, OSError) as e:
             raise ModelFormatError(f"{self.path}: cannot read tensor {t.name} ({e})") from None
         cfg = self.config

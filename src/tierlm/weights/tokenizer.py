@@ -97,6 +97,8 @@ def _end_ids(backend: HFTokenizer, declared: list[int]) -> frozenset[int]:
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in meta:
+        raise ModelFormatError("GGUF file has no tokenizer metadata (tokenizer.ggml.*)")
     if kind != "gpt2":
         raise UnsupportedModelError(
             f"GGUF tokenizer type {kind!r} is not supported (supported: gpt2-style byte-level BPE)"
