@@ -1,0 +1,140 @@
+"""Bad input: one line naming the problem, exit code 2, no traceback unless --debug."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from tierlm.cli import main
+from tierlm.errors import ModelFormatError
+from tierlm.weights import open_model
+from tierlm.weights.embedded import embedded_model_path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tierlm: error: ")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _tiny_gguf(path: Path, arch: str = "llama", qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
+    w = GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    data = np.zeros((8, 32), dtype=np.float32)
+    if qtype == GGMLQuantizationType.F32:
+        w.add_tensor("token_embd.weight", data)
+    else:  # raw bytes of an exotic type: 8 rows of one IQ2_XXS block (66 bytes for 256 values)
+        w.add_tensor("token_embd.weight", np.zeros((8, 66), dtype=np.uint8), raw_shape=(8, 66), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(tmp_path / "nope.gguf"))
+    assert_one_line_error(code, err, "no such file")
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "model.gguf"])
+def test_not_a_model_file(capsys, tmp_path, name):
+    f = tmp_path / name
+    f.write_text("hello, I am not a model\n")
+    code, _, err = run_cli(capsys, "info", str(f))
+    assert_one_line_error(code, err, "not a")
+
+
+def test_truncated_gguf_data(capsys, tmp_path):
+    src = embedded_model_path()
+    f = tmp_path / "truncated.gguf"
+    with src.open("rb") as a, f.open("wb") as b:
+        b.write(a.read(src.stat().st_size // 2))
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(f))
+    assert_one_line_error(code, err, "truncated")
+
+
+def test_truncated_gguf_header(capsys, tmp_path):
+    f = tmp_path / "header.gguf"
+    with embedded_model_path().open("rb") as a:
+        f.write_bytes(a.read(4096))
+    code, _, err = run_cli(capsys, "info", str(f))
+    assert_one_line_error(code, err, "truncated")
+
+
+def test_unsupported_architecture_gguf(capsys, tmp_path):
+    f = _tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    code, _, err = run_cli(capsys, "info", str(f))
+    assert_one_line_error(code, err, "unsupported architecture", "gpt2")
+
+
+def test_unsupported_architecture_hf(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    code, _, err = run_cli(capsys, "info", str(tmp_path))
+    assert_one_line_error(code, err, "unsupported architecture", "bert")
+
+
+def test_unsupported_quant_type(capsys, tmp_path):
+    f = _tiny_gguf(tmp_path / "iq.gguf", qtype=GGMLQuantizationType.IQ2_XXS)
+    code, _, err = run_cli(capsys, "info", str(f))
+    assert_one_line_error(code, err, "unsupported GGUF tensor type", "IQ2_XXS")
+
+
+def test_pickle_checkpoint_refused(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    code, _, err = run_cli(capsys, "info", str(tmp_path / "pytorch_model.bin"))
+    assert_one_line_error(code, err, "pickle")
+
+
+def test_hf_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    with pytest.raises(ModelFormatError, match="no \\*.safetensors"):
+        open_model(tmp_path)
+
+
+def test_prompt_longer_than_context(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hello " * 9000, "--max-tokens", "4")
+    assert_one_line_error(code, err, "context")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+    (["generate", "--prompt", "x", "--top-k", "-3"], "top_k"),
+    (["generate", "--prompt", "x", "--max-tokens", "0"], "max-tokens"),
+    (["generate", "--prompt", "x", "--max-tokens", "many"], "max-tokens"),
+    (["generate", "--prompt", "x", "--threads", "0"], "threads"),
+    (["generate", "--prompt", "x", "--dtype", "float8"], "dtype"),
+    (["generate"], "--prompt"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_cli_values(capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+
+
+def test_debug_shows_traceback(tmp_path):
+    with pytest.raises(ModelFormatError):
+        main(["--debug", "info", str(tmp_path / "missing.gguf")])
