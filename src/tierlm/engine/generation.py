@@ -74,12 +74,12 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
     max_new = min(params.max_tokens, ctx - len(prompt_ids))
     eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
     sampler = Sampler(params)
+    t0 = time.perf_counter()  # TTFT counts the KV allocation too
     kv = KVCache(cfg, batch=1, capacity=len(prompt_ids) + max_new, dtype=runner.dtype, device=runner.device)
     m = out.metrics
     m.prompt_tokens = len(prompt_ids)
     emitted = 0
     try:
-        t0 = time.perf_counter()
         logits = runner.forward(torch.tensor([prompt_ids]), kv)  # [1, V]
         for step in range(max_new):
             token = int(sampler(logits)[0])
