@@ -115,7 +115,6 @@ class SafetensorsSource(ModelSource):
                             self._dtypes[str(sf.get_slice(key).get_dtype())] += 1
             except (SafetensorError, OSError) as e:
                 raise ModelFormatError(f"{f}: not a readable safetensors file ({e})") from None
-        self._files = {f: None for f in _shard_files(path)}
         self.tokenizer = tokenizer_from_hf_dir(path)
         self.validate()
 

@@ -79,8 +79,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         # The rendered template already carries BOS when the model wants one.
-        ids = self.backend.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
-        return ids
+        return self.backend.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
 
 
 def _raise_template_error(message: str) -> None:
