@@ -35,11 +35,10 @@ import torch  # noqa: E402
 
 
 class TierlmEngine:
-    name = "tierlm"
-
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, dtype: str = "float32"):
         from tierlm import LLM
-        self.llm = LLM(model=None, dtype="float32", threads=threads, progress=False)
+        self.name = "tierlm" if dtype == "float32" else "tierlm-bf16"
+        self.llm = LLM(model=None, dtype=dtype, threads=threads, progress=False)
 
     def run(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
         from tierlm import SamplingParams
@@ -76,9 +75,10 @@ class HFEngine:
         return ttft, (max_tokens - 1) / decode_s if decode_s > 0 else 0.0, tokens
 
 
-def make_engines(threads: int) -> list:
+def make_engines(threads: int, bf16: bool = False) -> list:
     from tierlm.weights.embedded import embedded_model_path
-    return [TierlmEngine(threads), HFEngine(str(embedded_model_path()))]
+    extra = [TierlmEngine(threads, "bfloat16")] if bf16 else []
+    return [TierlmEngine(threads), HFEngine(str(embedded_model_path())), *extra]
 
 
 def prompt_ids(engine: TierlmEngine, prompt: str) -> list[int]:
@@ -172,12 +172,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="counted rounds")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds run first")
     ap.add_argument("--prompt", default="What is the capital of France?", help="user message (chat-formatted)")
+    ap.add_argument("--bf16", action="store_true", help="also run tierlm with bf16 compute")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
     if args.threads < 1 or args.max_tokens < 2 or args.reps < 1 or args.warmup < 0:
         ap.error("need --threads >= 1, --max-tokens >= 2, --reps >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)  # process-wide: one setting for every engine
-    engines = make_engines(args.threads)
+    engines = make_engines(args.threads, args.bf16)
     ids = prompt_ids(engines[0], args.prompt)
     runs = run_alternating(engines, ids, args.max_tokens, args.warmup, args.reps)
     result = report(summarize(runs), machine_info(), len(ids), args)

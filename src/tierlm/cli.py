@@ -40,6 +40,7 @@ def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> No
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--stats", action="store_true", help="print timing to stderr after generating")
 
 
@@ -72,7 +73,8 @@ def _sampling(args: argparse.Namespace):
     from tierlm import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                          ignore_eos=args.ignore_eos)
 
 
 def _load(args: argparse.Namespace):
