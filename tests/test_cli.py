@@ -79,3 +79,10 @@ def test_python_dash_m():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_info_on_hf_directory(capsys, tiny_models):
+    code, out, _ = run_cli(capsys, "info", str(tiny_models["qwen2"].path), "--dtype", "bfloat16")
+    assert code == 0
+    assert "safetensors" in out and "qwen2" in out and "untied" in out and "q/k/v biases" in out
+    assert "KV cache (bf16" in out

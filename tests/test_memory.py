@@ -1,0 +1,66 @@
+"""The WeightStore, the runner's layer loop and the memory estimate agree with what is really allocated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierlm import LLM, SamplingParams
+from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory.estimate import kv_bytes, weight_bytes
+from tierlm.memory.store import WeightStore
+from tierlm.memory.tiers import Tier
+from tierlm.weights import open_model
+
+
+class RecordingStore(WeightStore):
+    """A store that logs acquire/release calls (a subclass, not a patched method)."""
+
+    def __init__(self, inner: WeightStore):
+        super().__init__(inner.config, inner.globals, inner._layers, inner.tiers)
+        self.log: list[tuple[str, int]] = []
+
+    def acquire(self, i):
+        self.log.append(("acquire", i))
+        return super().acquire(i)
+
+    def release(self, i):
+        self.log.append(("release", i))
+        super().release(i)
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_gqa_tied", "qwen2"])
+@pytest.mark.parametrize("dtype, scheme", [(torch.float32, "fp32"), (torch.bfloat16, "bf16")])
+def test_store_bytes_match_estimate(tiny_models, name, dtype, scheme):
+    source = open_model(tiny_models[name].path)
+    store = WeightStore.load_resident(source, dtype, progress=False)
+    est = weight_bytes(source.config, scheme)
+    assert store.tiers == [Tier.DEVICE] * source.config.num_layers
+    assert store.layer_nbytes(0) == est.per_layer
+    by_tier = store.nbytes_by_tier()
+    assert by_tier[Tier.HOST] == by_tier[Tier.DISK] == 0
+    assert by_tier[Tier.DEVICE] == est.total
+
+
+def test_kv_cache_bytes_match_estimate(tiny_models):
+    cfg = open_model(tiny_models["qwen2"].path).config
+    kv = KVCache(cfg, batch=3, capacity=40, dtype=torch.float32)
+    assert kv.nbytes == kv_bytes(cfg, context=40, batch=3, dtype_bytes=4)
+    kv.release()
+    assert kv.nbytes == 0
+
+
+def test_runner_acquires_and_releases_every_layer_in_order(tiny_models):
+    llm = LLM(tiny_models["llama_gqa_tied"].path, progress=False)
+    store = RecordingStore(llm.store)
+    llm.runner.store = store
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
+    n = llm.config.num_layers
+    one_pass = [(op, i) for i in range(n) for op in ("acquire", "release")]
+    assert store.log == one_pass * 3  # prefill + 2 decode steps (the 3rd token needs no forward)
+    assert len(out.token_ids) == 3
+    assert store._acquired == set()
+
+
+def test_tied_embeddings_share_storage(tiny_models):
+    store = WeightStore.load_resident(open_model(tiny_models["llama_gqa_tied"].path), torch.float32, progress=False)
+    assert store.globals.lm_head.data_ptr() == store.globals.embed.data_ptr()
