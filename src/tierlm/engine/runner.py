@@ -22,7 +22,8 @@ class Runner:
         self.device = torch.device(device)
         inv_freq = llama.rope_inv_freq(self.config, store.globals.rope_freqs)  # [hd/2]
         # cos/sin for every position the model supports: [max_pos, hd] each (small: 8192×64×4 B = 2 MiB).
-        self.cos, self.sin = llama.rope_tables(inv_freq, self.config.max_position_embeddings, dtype)
+        cos, sin = llama.rope_tables(inv_freq, self.config.max_position_embeddings, dtype)
+        self.cos, self.sin = cos.to(self.device), sin.to(self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:

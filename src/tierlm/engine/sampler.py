@@ -50,7 +50,8 @@ class Sampler:
         p = self.params
         if p.greedy:
             return logits.argmax(dim=-1)
-        logits = logits.float() / p.temperature  # [B, V]
+        # The generator lives on the CPU; [B, V] per step is a small copy from a GPU.
+        logits = logits.float().cpu() / p.temperature  # [B, V]
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -41,16 +41,16 @@ class WeightStore:
         present = set(source.tensor_names())
         bar = progress_bar(len(present), "loading weights", progress, unit="tensor")
 
-        def get(name: str) -> torch.Tensor | None:
+        def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor | None:
             if name not in present:
                 return None
-            t = source.load(name, dtype).to(device)
+            t = source.load(name, as_dtype).to(device)
             bar.update()
             return t
 
         embed = get("embed")
         lm_head = embed if cfg.tie_word_embeddings else get("lm_head")
-        rope_freqs = source.load("rope_freqs", torch.float32) if "rope_freqs" in present else None
+        rope_freqs = get("rope_freqs", torch.float32)  # rope math stays fp32 whatever the compute dtype
         globals_ = GlobalWeights(embed=embed, norm=get("norm"), lm_head=lm_head, rope_freqs=rope_freqs)
         layers = [LayerWeights(**{f: get(layer_name(i, f)) for f in _LAYER_FIELDS}) for i in range(cfg.num_layers)]
         bar.close()

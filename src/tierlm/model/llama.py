@@ -47,7 +47,7 @@ def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> t
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))  # [hd/2]
     rs = cfg.rope_scaling
     if rope_freqs is not None:  # llama3 GGUF: factors already computed by the converter
-        return inv_freq / rope_freqs.float()
+        return inv_freq / rope_freqs.float().cpu()
     if rs.kind == "linear":
         return inv_freq / rs.factor
     if rs.kind == "llama3":
