@@ -38,6 +38,7 @@ class LLM:
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
         self.store = WeightStore.load_resident(self.source, self.dtype, device, progress)
+        self.source.close()  # every weight is resident now: unmap the file so its pages leave our RSS
         self.runner = Runner(self.store, self.dtype, device)
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:

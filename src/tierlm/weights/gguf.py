@@ -91,6 +91,9 @@ class GGUFSource(ModelSource):
         self.tokenizer = tokenizer_from_gguf(self.meta)
         self.validate()
 
+    def close(self) -> None:
+        self._file.close()
+
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 

@@ -112,6 +112,10 @@ class GGUFFile:
                 raise ModelFormatError(f"{path}: truncated (tensor {name} ends past the end of the file)")
             self.tensors[name] = info
 
+    def close(self) -> None:
+        # Dropping the last reference unmaps the file (numpy has no explicit munmap).
+        self.map = None
+
     def raw(self, info: TensorInfo) -> np.ndarray:
         """Stored bytes as uint8 [*shape[:-1], bytes per row] (what gguf.quants.dequantize expects)."""
         block, type_size = GGML_QUANT_SIZES[info.qtype]

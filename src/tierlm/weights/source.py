@@ -31,6 +31,9 @@ class ModelSource(ABC):
     def storage_types(self) -> dict[str, int]:
         """How many tensors of each stored type ("Q4_1", "F32", "bfloat16", ...)."""
 
+    def close(self) -> None:
+        """Release file mappings; load() must not be called afterwards. Config and tokenizer stay valid."""
+
     def validate(self) -> None:
         missing = check_complete(set(self.tensor_names()), self.config.num_layers, self.config.tie_word_embeddings)
         if missing:
