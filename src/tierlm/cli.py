@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--context", type=_positive_int, default=None, help="context for the totals (default: model's, ≤8192)")
     i.add_argument("--batch", type=_positive_int, default=1)
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="KV/activation dtype")
+
+    y = sub.add_parser("synth", help="write a random-weight HF model at a real model's shapes")
+    y.add_argument("out", help="output directory")
+    y.add_argument("--preset", required=True, help="smollm2-135m, tinyllama-1.1b, llama-7b, llama-13b, ...")
+    y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--shard-size", default="2GiB", help="largest safetensors shard (default 2GiB)")
+    y.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -122,8 +130,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tierlm.config import format_size, parse_size
+    from tierlm.synth import synth
+    from tierlm.weights import open_model
+
+    out = synth(args.preset, Path(args.out), args.dtype, args.seed, parse_size(args.shard_size), args.force)
+    cfg = open_model(out).config
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out}: {args.preset}, {cfg.param_count() / 1e9:.2f}B parameters, {args.dtype}, {format_size(size)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
+    "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "synth": cmd_synth,
 }
 
 

@@ -128,6 +128,8 @@ class SafetensorsSource(ModelSource):
         f, key = self._where[name]
         try:
             with safe_open(f, framework="pt") as sf:
-                return sf.get_tensor(key).to(dtype)
+                # copy=True: without it a same-dtype tensor stays a view of the file's memory map, and the
+                # page cache would silently hold weights the store claims to own.
+                return sf.get_tensor(key).to(dtype, copy=True)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelFormatError(f"{f}: cannot read tensor {key} ({e})") from None

@@ -1,0 +1,135 @@
+"""`tierlm synth`: random-weight Hugging Face models at real shapes, for benchmarks and tests.
+
+Nothing is downloaded: the config comes from a preset, weights are seeded N(0, 0.02) (norms 1), and the
+tokenizer is a byte-level BPE with the preset's vocabulary size (256 byte tokens, BOS/EOS, then fillers).
+The output is written into OUT.partial/ and renamed to OUT only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from tierlm.config import DTYPES
+from tierlm.errors import UsageError
+from tierlm.progress import progress_bar
+from tierlm.weights.safetensors import config_from_hf
+from tierlm.weights.safetensors_writer import TensorSpec, shard, write_shard
+
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
+               max_position_embeddings=4096, tie_word_embeddings=False)
+PRESETS: dict[str, dict] = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "smollm2-360m": dict(model_type="llama", vocab_size=49152, hidden_size=960, intermediate_size=2560,
+                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "tinyllama-1.1b": {**_LLAMA2, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048},
+    "llama-7b": {**_LLAMA2, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32},
+    "llama-13b": {**_LLAMA2, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                  "num_attention_heads": 40, "num_key_value_heads": 40},
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, max_position_embeddings=32768, sliding_window=4096,
+                       tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+}
+BOS, EOS = "<s>", "</s>"
+
+
+def tensor_specs(cfg: dict, dtype: torch.dtype) -> list[TensorSpec]:
+    """HF tensor names and shapes for a Llama-family config, in checkpoint order."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    specs = [TensorSpec("model.embed_tokens.weight", (v, h), dtype)]
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        specs += [TensorSpec(p + "input_layernorm.weight", (h,), dtype),
+                  TensorSpec(p + "self_attn.q_proj.weight", (q, h), dtype),
+                  TensorSpec(p + "self_attn.k_proj.weight", (kv, h), dtype),
+                  TensorSpec(p + "self_attn.v_proj.weight", (kv, h), dtype),
+                  TensorSpec(p + "self_attn.o_proj.weight", (h, q), dtype)]
+        if cfg["model_type"] == "qwen2":
+            specs += [TensorSpec(p + f"self_attn.{x}_proj.bias", (n_,), dtype) for x, n_ in (("q", q), ("k", kv), ("v", kv))]
+        specs += [TensorSpec(p + "post_attention_layernorm.weight", (h,), dtype),
+                  TensorSpec(p + "mlp.gate_proj.weight", (i, h), dtype),
+                  TensorSpec(p + "mlp.up_proj.weight", (i, h), dtype),
+                  TensorSpec(p + "mlp.down_proj.weight", (h, i), dtype)]
+    specs.append(TensorSpec("model.norm.weight", (h,), dtype))
+    if not cfg["tie_word_embeddings"]:
+        specs.append(TensorSpec("lm_head.weight", (v, h), dtype))
+    return specs
+
+
+def _tokenizer(vocab_size: int) -> HFTokenizer:
+    byte_chars = sorted(set(pre_tokenizers.ByteLevel.alphabet()))
+    vocab = {t: n for n, t in enumerate([*byte_chars, BOS, EOS])}
+    vocab.update({f"<synth_{n}>": n for n in range(len(vocab), vocab_size)})
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def synth(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0, max_shard_bytes: int = 2 << 30,
+          force: bool = False, progress: bool | None = None) -> Path:
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if dtype not in DTYPES and dtype != "float16":
+        raise UsageError(f"unknown dtype {dtype!r} (float32, bfloat16 or float16)")
+    tdtype = torch.float16 if dtype == "float16" else DTYPES[dtype]
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (pass --force to replace it)")
+    cfg = {**PRESETS[preset], "torch_dtype": str(tdtype).removeprefix("torch."), "bos_token_id": 256,
+           "eos_token_id": 257, "architectures": ["Qwen2ForCausalLM" if PRESETS[preset]["model_type"] == "qwen2"
+                                                  else "LlamaForCausalLM"]}
+    config_from_hf(cfg, out)  # validate the preset with the same code that will load it
+    specs = tensor_specs(cfg, tdtype)
+    shards = shard(specs, max_shard_bytes)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    gen = torch.Generator().manual_seed(seed)
+    bar = progress_bar(sum(s.nbytes for s in specs), f"synth {preset}", progress, unit="B")
+    bar.unit_scale = True
+
+    def make(s: TensorSpec) -> torch.Tensor:
+        if len(s.shape) == 1:  # norms 1, biases small noise
+            return (torch.ones(s.shape) if "norm" in s.name else torch.randn(s.shape, generator=gen) * 0.02).to(s.dtype)
+        return (torch.randn(s.shape, generator=gen) * 0.02).to(s.dtype)
+
+    for name, group in zip(names, shards):
+        write_shard(partial / name, group, make, on_tensor=lambda s: bar.update(s.nbytes),
+                    metadata={"format": "pt", "tierlm_synth": preset, "seed": str(seed)})
+    bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                 "weight_map": {s.name: n for n, g in zip(names, shards) for s in g}}
+        (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (partial / "config.json").write_text(json.dumps(cfg, indent=1))
+    _tokenizer(cfg["vocab_size"]).save(str(partial / "tokenizer.json"))
+    (partial / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out
