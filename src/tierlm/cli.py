@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--shard-size", default="2GiB", help="largest safetensors shard (default 2GiB)")
     y.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    k = sub.add_parser("calibrate", help="measure disk, RAM, GEMV (and CUDA H2D) bandwidth; save a profile")
+    k.add_argument("--dir", default=".", help="directory on the disk to measure (use your --offload-dir)")
+    k.add_argument("--size", default="1GiB", help="scratch file size for the disk test")
+    k.add_argument("--queue-depth", type=_positive_int, default=32, help="concurrent 4 MiB reads")
+    k.add_argument("--profile", default=None, help="where to save (default ~/.cache/tierlm/profile.json)")
+    k.add_argument("--force", action="store_true", help="re-measure even if a profile is saved")
     return parser
 
 
@@ -144,8 +151,33 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tierlm.config import parse_size
+    from tierlm.memory import calibrate as cal
+
+    path = Path(args.profile) if args.profile else cal.default_profile_path()
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory")
+    size = parse_size(args.size)
+    if size < cal.REQUEST_BYTES:
+        raise UsageError(f"--size must be at least 4MiB, got {args.size}")
+    profile = None if args.force else cal.load_profile(path)
+    if profile is None:
+        profile = cal.calibrate(directory, size, args.queue_depth)
+        cal.save_profile(profile, path)
+        print(f"saved {path}")
+    else:
+        print(f"profile {path} (saved earlier; --force re-measures)")
+    print(cal.describe_profile(profile))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "synth": cmd_synth,
+    "calibrate": cmd_calibrate,
 }
 
 
