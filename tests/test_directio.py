@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -27,6 +28,7 @@ def data_file(tmp_path):
     return path, payload
 
 
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
 @pytest.mark.parametrize("direct", [True, False])
 def test_reads_match_file_and_bypass_page_cache(data_file, direct):
     path, payload = data_file

@@ -31,7 +31,7 @@ class ModelSource(ABC):
     def storage_types(self) -> dict[str, int]:
         """How many tensors of each stored type ("Q4_1", "F32", "bfloat16", ...)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 — a no-op default: sources that hold no mapping need nothing
         """Release file mappings; load() must not be called afterwards. Config and tokenizer stay valid."""
 
     def validate(self) -> None:
