@@ -32,6 +32,7 @@ class AlignedBuffer:
         return memoryview(self._map)
 
     def close(self) -> None:
+        # NOTE: raises BufferError while tensors viewing this memory are alive: freeing memory in use is a bug.
         if self._map is not None:
             self._map.close()
             self._map = None

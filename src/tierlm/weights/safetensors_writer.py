@@ -52,6 +52,8 @@ def write_shard(path: Path, specs: list[TensorSpec], make: Callable[[TensorSpec]
             on_tensor(s)
         f.flush()
         os.fsync(f.fileno())
+        # Evict what was just written: a benchmark reading this model must not find it in the page cache.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     os.replace(tmp, path)
 
 
