@@ -45,7 +45,7 @@ def run_chat(llm: LLM, params: SamplingParams, system: str | None, stats: bool =
             continue
         history.append({"role": "user", "content": text})
         ids = _fit(llm, history, reserve=min(params.max_tokens, llm.config.max_position_embeddings // 2))
-        out = RequestOutput(prompt=None, prompt_token_ids=[])
+        out = RequestOutput()
         for delta in llm.stream(ids, params, out):
             print(delta, end="", flush=True)
         print(flush=True)

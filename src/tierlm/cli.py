@@ -111,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     llm = _load(args)
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
-    out = RequestOutput(prompt=None, prompt_token_ids=[])
+    out = RequestOutput()
     for delta in llm.stream(ids, params, out):
         if not args.no_stream:
             print(delta, end="", flush=True)

@@ -78,6 +78,8 @@ class ModelConfig:
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# Dtypes tensors may be stored in (synth output, offload store); compute uses DTYPES only.
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:

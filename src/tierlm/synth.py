@@ -14,21 +14,22 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-from tierlm.config import DTYPES
+from tierlm.config import STORAGE_DTYPES
 from tierlm.errors import UsageError
 from tierlm.progress import progress_bar
 from tierlm.weights.safetensors import config_from_hf
 from tierlm.weights.safetensors_writer import TensorSpec, shard, write_shard
 
+_SMOLLM2 = dict(model_type="llama", vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0,
+                max_position_embeddings=8192, tie_word_embeddings=True)
+_QWEN25 = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
                max_position_embeddings=4096, tie_word_embeddings=False)
 PRESETS: dict[str, dict] = {
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
-                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
-    "smollm2-360m": dict(model_type="llama", vocab_size=49152, hidden_size=960, intermediate_size=2560,
-                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, rms_norm_eps=1e-5,
-                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "smollm2-135m": {**_SMOLLM2, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3},
+    "smollm2-360m": {**_SMOLLM2, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                     "num_attention_heads": 15, "num_key_value_heads": 5},
     "tinyllama-1.1b": {**_LLAMA2, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                        "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048},
     "llama-7b": {**_LLAMA2, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -44,12 +45,12 @@ PRESETS: dict[str, dict] = {
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                        rope_theta=10000.0, max_position_embeddings=32768, sliding_window=4096,
                        tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
-                       rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+    "qwen2.5-0.5b": {**_QWEN25, "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "tie_word_embeddings": True},
+    "qwen2.5-7b": {**_QWEN25, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "tie_word_embeddings": False},
 }
 BOS, EOS = "<s>", "</s>"
 
@@ -93,9 +94,9 @@ def synth(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0, max_sh
           force: bool = False, progress: bool | None = None) -> Path:
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    if dtype not in DTYPES and dtype != "float16":
-        raise UsageError(f"unknown dtype {dtype!r} (float32, bfloat16 or float16)")
-    tdtype = torch.float16 if dtype == "float16" else DTYPES[dtype]
+    if dtype not in STORAGE_DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r} ({', '.join(STORAGE_DTYPES)})")
+    tdtype = STORAGE_DTYPES[dtype]
     if out.exists() and not force:
         raise UsageError(f"{out} already exists (pass --force to replace it)")
     cfg = {**PRESETS[preset], "torch_dtype": str(tdtype).removeprefix("torch."), "bos_token_id": 256,

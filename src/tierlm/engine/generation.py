@@ -33,8 +33,8 @@ class GenerationMetrics:
 
 @dataclass
 class RequestOutput:
-    prompt: str | None
-    prompt_token_ids: list[int]
+    prompt: str | None = None  # None when the prompt was given as token ids
+    prompt_token_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated part only, stop string excluded
     token_ids: list[int] = field(default_factory=list)  # generated part only
     finish_reason: str = ""  # "stop" (EOS or stop string) | "length"

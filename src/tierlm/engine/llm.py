@@ -52,7 +52,7 @@ class LLM:
                out: RequestOutput | None = None) -> Iterator[str]:
         """Yield text deltas as they are generated; pass `out` to read token ids and metrics afterwards."""
         text, ids = self._prompt_ids(prompt)
-        out = out if out is not None else RequestOutput(prompt=text, prompt_token_ids=ids)
+        out = out if out is not None else RequestOutput()
         out.prompt, out.prompt_token_ids = text, ids
         yield from generate_stream(self.runner, self.tokenizer, ids, sampling_params or SamplingParams(), out)
 
@@ -64,7 +64,7 @@ class LLM:
             prompts = [prompts]
         outputs = []
         for prompt in prompts:
-            out = RequestOutput(prompt=None, prompt_token_ids=[])
+            out = RequestOutput()
             for _ in self.stream(prompt, sampling_params, out):
                 pass
             outputs.append(out)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tierlm.config import STORAGE_DTYPES
 from tierlm.errors import ModelFormatError
 from tierlm.memory.directio import AlignedBuffer, DirectFile, align_up, drop_from_page_cache
 from tierlm.progress import progress_bar
@@ -24,7 +25,6 @@ from tierlm.weights.source import ModelSource
 
 STORE_VERSION = 1
 DATA_FILE, MANIFEST = "layers.bin", "manifest.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ChecksumError(ModelFormatError):
@@ -146,5 +146,5 @@ class OffloadStore:
             view = buf.view[t.offset:t.offset + t.nbytes]
             if verify and zlib.crc32(view) != t.crc32:
                 raise ChecksumError(f"{self.directory / DATA_FILE}: checksum mismatch in layer {i} tensor {t.name}")
-            out[t.name] = torch.frombuffer(view, dtype=_DTYPES[t.dtype]).view(t.shape)
+            out[t.name] = torch.frombuffer(view, dtype=STORAGE_DTYPES[t.dtype]).view(t.shape)
         return out
