@@ -5,13 +5,8 @@ import io
 import subprocess
 import sys
 
-from tierlm.cli import main
+from helpers import run_cli
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_generate_chat_answers_paris(capsys):

@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
+from helpers import cached_pages
 
 from tierlm.cli import main
-from tierlm.memory.calibrate import Profile, describe_profile, load_profile, save_profile
-from tierlm.memory.directio import ALIGN, AlignedBuffer, DirectFile, align_up, drop_from_page_cache
-
-
-def cached_pages(path) -> int:
-    """Resident pages of `path` per util-linux fincore."""
-    out = subprocess.run(["fincore", "--raw", "--noheadings", "--output", "PAGES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
+from tierlm.memory.calibrate import (
+    Profile,
+    describe_profile,
+    load_profile,
+    save_profile,
+)
+from tierlm.memory.directio import (
+    ALIGN,
+    AlignedBuffer,
+    DirectFile,
+    align_up,
+    drop_from_page_cache,
+)
 
 
 @pytest.fixture

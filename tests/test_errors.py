@@ -7,17 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
+from helpers import run_cli
 
 from tierlm.cli import main
 from tierlm.errors import ModelFormatError
 from tierlm.weights import open_model
 from tierlm.weights.embedded import embedded_model_path
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

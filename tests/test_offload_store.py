@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 import shutil
 
-from test_directio import cached_pages
-
 import pytest
 import torch
+from helpers import cached_pages
 
 from tierlm.memory.directio import ALIGN, AlignedBuffer
 from tierlm.memory.offload_store import DATA_FILE, MANIFEST, ChecksumError, OffloadStore

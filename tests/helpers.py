@@ -1,0 +1,20 @@
+"""Helpers shared by test modules (plain functions, imported explicitly)."""
+from __future__ import annotations
+
+import subprocess
+
+from tierlm.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def cached_pages(path) -> int:
+    """Resident pages of `path` per util-linux fincore."""
+    out = subprocess.run(["fincore", "--raw", "--noheadings", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
