@@ -18,3 +18,12 @@ def cached_pages(path) -> int:
     out = subprocess.run(["fincore", "--raw", "--noheadings", "--output", "PAGES", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
+
+
+def flip(path, offset: int) -> None:
+    """Corrupt one byte of `path` in place (bit-flip), as a failing disk would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

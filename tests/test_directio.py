@@ -9,6 +9,7 @@ from helpers import cached_pages
 
 from tierlm.cli import main
 from tierlm.memory.calibrate import (
+    PROFILE_VERSION,
     Profile,
     describe_profile,
     load_profile,
@@ -75,9 +76,9 @@ def test_calibrate_saves_and_reuses_profile(tmp_path, capsys):
 
 def test_profile_version_mismatch_is_ignored(tmp_path):
     path = tmp_path / "p.json"
-    save_profile(Profile(1.0, True, 2.0, {"float32": 3.0}), path)
+    save_profile(Profile(1.0, True, 2.0, {"float32": 3.0}, 1e-4), path)
     assert "1.00 GB/s" in describe_profile(load_profile(path))
-    path.write_text(path.read_text().replace('"version": 1', '"version": 999'))
+    path.write_text(path.read_text().replace(f'"version": {PROFILE_VERSION}', '"version": 999'))
     assert load_profile(path) is None
     path.write_text("{not json")
     assert load_profile(path) is None

@@ -16,7 +16,8 @@ class RecordingStore(WeightStore):
     """A store that logs acquire/release calls (a subclass, not a patched method)."""
 
     def __init__(self, inner: WeightStore):
-        super().__init__(inner.config, inner.globals, inner._layers, inner.tiers)
+        super().__init__(inner.config, inner.norm, inner.rope_freqs, inner._layers, inner.tiers,
+                         inner.head_weight, inner.embed_weight)
         self.log: list[tuple[str, int]] = []
 
     def acquire(self, i):
@@ -58,9 +59,8 @@ def test_runner_acquires_and_releases_every_layer_in_order(tiny_models):
     one_pass = [(op, i) for i in range(n) for op in ("acquire", "release")]
     assert store.log == one_pass * 3  # prefill + 2 decode steps (the 3rd token needs no forward)
     assert len(out.token_ids) == 3
-    assert store._acquired == set()
 
 
 def test_tied_embeddings_share_storage(tiny_models):
     store = WeightStore.load_resident(open_model(tiny_models["llama_gqa_tied"].path), torch.float32, progress=False)
-    assert store.globals.lm_head.data_ptr() == store.globals.embed.data_ptr()
+    assert store.head_weight.data_ptr() == store.embed_weight.data_ptr()

@@ -89,7 +89,7 @@ def test_config_parsed(tiny, tl_fp32):
 
 def test_rope_inv_freq_matches_hf(tiny, tl_fp32):
     llm = tl_fp32(tiny.name)
-    ours = tl_llama.rope_inv_freq(llm.config, llm.store.globals.rope_freqs)
+    ours = tl_llama.rope_inv_freq(llm.config, llm.store.rope_freqs)
     theirs = tiny.hf.model.rotary_emb.inv_freq.float()
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
 
@@ -154,7 +154,7 @@ def test_incremental_matches_full(tiny, tl_fp32):
 def test_bf16_runs_and_stays_close(tiny, tiny_models):
     """bf16 is not bit-compatible with anything here; check only that it runs and tracks fp32 loosely."""
     llm = LLM(str(tiny.path), dtype="bfloat16")
-    assert llm.store.globals.embed.dtype == torch.bfloat16
+    assert llm.store.embed_weight.dtype == torch.bfloat16
     ids = _ids(tiny.hf.config.vocab_size)
     ours = tl_logits(llm, ids)[0]
     ref = hf_logits(tiny.hf, ids)[0]
@@ -212,7 +212,7 @@ def test_gguf_loads_like_safetensors(name, gguf_case, tl_fp32, tiny_models):
     assert cfg.rms_norm_eps == pytest.approx(ref.rms_norm_eps, rel=1e-6)  # GGUF stores it as float32
     storage = llm.source.storage_types()
     assert set(storage) == {"Q8_0", "F32"}
-    rope_freqs = llm.store.globals.rope_freqs
+    rope_freqs = llm.store.rope_freqs
     if name == "llama3_rope":  # llama3 scaling arrives as the rope_freqs tensor, and is used
         assert rope_freqs is not None
         np.testing.assert_array_equal(rope_freqs.numpy(), llama3_rope_factors(tiny_models[name].hf.config))

@@ -14,7 +14,7 @@ HELP = "(/reset clears the history, /exit quits)"
 
 def _fit(llm: LLM, messages: list[dict[str, str]], reserve: int) -> list[int]:
     """Token ids of the rendered conversation, dropping the oldest turns until `reserve` tokens fit."""
-    budget = llm.config.max_position_embeddings - reserve
+    budget = llm.max_context - reserve
     while True:
         ids = llm.tokenizer.encode_chat(messages)
         first = 1 if messages and messages[0]["role"] == "system" else 0
@@ -44,12 +44,11 @@ def run_chat(llm: LLM, params: SamplingParams, system: str | None, stats: bool =
             print("[history cleared]", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
-        ids = _fit(llm, history, reserve=min(params.max_tokens, llm.config.max_position_embeddings // 2))
+        ids = _fit(llm, history, reserve=min(params.max_tokens, llm.max_context // 2))
         out = RequestOutput()
         for delta in llm.stream(ids, params, out):
             print(delta, end="", flush=True)
         print(flush=True)
         history.append({"role": "assistant", "content": out.text})
         if stats:
-            m = out.metrics
-            print(f"[TTFT {m.ttft_s * 1000:.0f} ms, {m.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+            print(llm.stats_text(out), file=sys.stderr)

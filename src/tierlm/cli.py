@@ -1,4 +1,4 @@
-"""Command line: `tierlm generate | chat | info`. Every user error is one line on stderr, exit code 2."""
+"""Command line: `tierlm generate | chat | info | plan | bench | calibrate | synth`. Every user error is one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -27,10 +27,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="memory budget, e.g. cpu=1GiB or cuda:0=4GiB,cpu=16GiB (default: no limit)")
+    p.add_argument("--offload-dir", default=None, help="where layers that do not fit are stored for streaming")
+    p.add_argument("--max-context", type=_positive_int, default=None,
+                   help="longest prompt + output (default: the model's; 4096 at most under a budget)")
+    p.add_argument("--ring-depth", type=_positive_int, default=None, help="streaming ring slots (default: planned)")
+    p.add_argument("--profile", default=None, help="bandwidth profile (default: the one `tierlm calibrate` saved)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _budget_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -67,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=_positive_int, default=1)
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="KV/activation dtype")
 
+    n = sub.add_parser("plan", help="where each layer would live under a budget, and the predicted speed")
+    n.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: embedded)")
+    n.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+    n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    n.add_argument("--plot", default=None, metavar="PNG", help="also draw the plan (needs matplotlib)")
+    _budget_args(n)
+
+    b = sub.add_parser("bench", help="time prefill and decode; compare with the planner's prediction")
+    b.add_argument("--prompt-tokens", type=_positive_int, default=32)
+    b.add_argument("--tokens", type=_positive_int, default=16, help="tokens to decode")
+    b.add_argument("--warmup", type=int, default=1, help="decode steps not counted (default 1)")
+    _model_args(b)
+
     y = sub.add_parser("synth", help="write a random-weight HF model at a real model's shapes")
     y.add_argument("out", help="output directory")
     y.add_argument("--preset", required=True, help="smollm2-135m, tinyllama-1.1b, llama-7b, llama-13b, ...")
@@ -78,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("calibrate", help="measure disk, RAM, GEMV (and CUDA H2D) bandwidth; save a profile")
     k.add_argument("--dir", default=".", help="directory on the disk to measure (use your --offload-dir)")
     k.add_argument("--size", default="1GiB", help="scratch file size for the disk test")
-    k.add_argument("--queue-depth", type=_positive_int, default=32, help="concurrent 4 MiB reads")
+    k.add_argument("--queue-depth", type=_positive_int, default=4, help="concurrent 8 MiB reads (the streamer uses 4)")
     k.add_argument("--profile", default=None, help="where to save (default ~/.cache/tierlm/profile.json)")
     k.add_argument("--force", action="store_true", help="re-measure even if a profile is saved")
     return parser
@@ -95,13 +120,9 @@ def _sampling(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from tierlm import LLM
 
-    return LLM(args.model, dtype=args.dtype, threads=args.threads)
-
-
-def _print_stats(out) -> None:
-    m = out.metrics
-    print(f"[{m.prompt_tokens} prompt tokens, {len(out.token_ids)} generated ({out.finish_reason}); "
-          f"TTFT {m.ttft_s * 1000:.0f} ms, decode {m.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return LLM(args.model, dtype=args.dtype, threads=args.threads, device=args.device, max_memory=args.max_memory,
+               offload_dir=args.offload_dir, max_context=args.max_context, ring_depth=args.ring_depth,
+               profile=args.profile)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -117,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(delta, end="", flush=True)
     print(out.text if args.no_stream else "", flush=True)
     if args.stats:
-        _print_stats(out)
+        print(llm.stats_text(out), file=sys.stderr)
     return 0
 
 
@@ -134,6 +155,48 @@ def cmd_info(args: argparse.Namespace) -> int:
     source = open_model(args.model)
     context = args.context or min(source.config.max_position_embeddings, 8192)
     print(describe(source, context, args.batch, 4 if args.dtype == "float32" else 2))
+    return 0
+
+
+def _profile_note(path: str | None, calibrated: bool) -> str:
+    from tierlm.memory.calibrate import default_profile_path
+
+    if calibrated:
+        return f"measured ({path or default_profile_path()})"
+    return "built-in defaults, uncalibrated: run `tierlm calibrate --dir OFFLOAD_DIR` for real predictions"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tierlm.config import resolve_dtype
+    from tierlm.memory.budget import MemoryBudget
+    from tierlm.memory.calibrate import load_profile_or_default
+    from tierlm.memory.planner import plan
+    from tierlm.memory.planning import plan_input
+    from tierlm.plan_report import describe_plan, plot_plan
+    from tierlm.weights import open_model
+
+    cfg = open_model(args.model).config
+    budget = MemoryBudget.parse(args.max_memory)
+    dtype = resolve_dtype(args.dtype)
+    ctx = min(args.max_context or 4096, cfg.max_position_embeddings)
+    profile, calibrated = load_profile_or_default(args.profile)
+    inp = plan_input(cfg, dtype, budget, ctx, profile, cuda=args.device.startswith("cuda"), ring_depth=args.ring_depth)
+    placement = plan(inp)
+    print(describe_plan(cfg, str(dtype).removeprefix("torch."), budget, inp, placement,
+                        _profile_note(args.profile, calibrated), ctx))
+    if args.plot:
+        plot_plan(cfg, inp, placement, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tierlm.bench import run_bench
+
+    llm = _load(args)
+    print(run_bench(llm, args.prompt_tokens, args.tokens, args.warmup, _profile_note(args.profile, llm.profile_calibrated)))
     return 0
 
 
@@ -163,7 +226,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"{directory}: not a directory")
     size = parse_size(args.size)
     if size < cal.REQUEST_BYTES:
-        raise UsageError(f"--size must be at least 4MiB, got {args.size}")
+        raise UsageError(f"--size must be at least 8MiB, got {args.size}")
     profile = None if args.force else cal.load_profile(path)
     if profile is None:
         profile = cal.calibrate(directory, size, args.queue_depth)
@@ -177,7 +240,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "synth": cmd_synth,
-    "calibrate": cmd_calibrate,
+    "calibrate": cmd_calibrate, "plan": cmd_plan, "bench": cmd_bench,
 }
 
 

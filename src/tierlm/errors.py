@@ -19,3 +19,7 @@ class UsageError(TierlmError):
 
 class ContextLengthError(TierlmError):
     """The prompt (plus requested tokens) does not fit the model's context window."""
+
+
+class BudgetError(TierlmError):
+    """The memory budget cannot hold the minimum the model needs (the message says how much that is)."""

@@ -7,7 +7,7 @@ stop string, so what is streamed is always a prefix of the final text.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -16,6 +16,7 @@ from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import Sampler, SamplingParams
 from tierlm.errors import ContextLengthError, UsageError
 from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory.stats import TierStats
 from tierlm.weights.tokenizer import Tokenizer
 
 
@@ -25,6 +26,7 @@ class GenerationMetrics:
     ttft_s: float = 0.0  # prefill + first sampled token
     decode_s: float = 0.0  # every later token
     decode_tokens: int = 0
+    tiers: TierStats = field(default_factory=TierStats)  # what this request moved between tiers
 
     @property
     def decode_tok_s(self) -> float:
@@ -68,9 +70,10 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
         raise UsageError("empty prompt")
     if min(prompt_ids) < 0 or max(prompt_ids) >= cfg.vocab_size:
         raise UsageError(f"prompt token ids must be in [0, {cfg.vocab_size})")
-    ctx = cfg.max_position_embeddings
+    ctx = runner.max_context
     if len(prompt_ids) >= ctx:
-        raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; the model's context is {ctx}")
+        what = "the model's context" if ctx == cfg.max_position_embeddings else "max_context"
+        raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; {what} is {ctx}")
     max_new = min(params.max_tokens, ctx - len(prompt_ids))
     eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
     sampler = Sampler(params)
@@ -78,6 +81,7 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
     kv = KVCache(cfg, batch=1, capacity=len(prompt_ids) + max_new, dtype=runner.dtype, device=runner.device)
     m = out.metrics
     m.prompt_tokens = len(prompt_ids)
+    before = replace(runner.store.stats)
     emitted = 0
     try:
         logits = runner.forward(torch.tensor([prompt_ids]), kv)  # [1, V]
@@ -111,3 +115,4 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
             yield out.text[emitted:]
     finally:
         kv.release()
+        m.tiers = runner.store.stats - before

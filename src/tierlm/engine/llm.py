@@ -11,7 +11,13 @@ from tierlm.engine.generation import RequestOutput, generate_stream
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
+from tierlm.memory.budget import MemoryBudget
+from tierlm.memory.calibrate import load_profile_or_default
+from tierlm.memory.planner import Placement, plan
+from tierlm.memory.planning import plan_input
+from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
+from tierlm.memory.tiers import Tier
 from tierlm.weights import open_model
 
 Prompt = str | Sequence[int]
@@ -23,23 +29,68 @@ class LLM:
 
     model: a GGUF file or HF directory; None = the embedded SmolLM2-135M-Instruct.
     dtype: "float32" | "bfloat16" | "auto" (fp32 on CPU). threads: torch intra-op threads (None = torch's default).
+    max_memory: {"cpu": "1GiB"} or {"cuda:0": "4GiB", "cpu": "16GiB"} (or "cpu=1GiB,..."): what weights,
+        ring buffers, KV cache and activations may use; the rest streams from `offload_dir`.
+    max_context: longest prompt + output served (default: the model's; 4096 at most under a budget).
+    profile: bandwidth profile path for the planner (default: the one `tierlm calibrate` saved).
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", *,
-                 threads: int | None = None, device: str = "cpu", progress: bool | None = None):
+                 threads: int | None = None, device: str = "cpu", progress: bool | None = None,
+                 max_memory: str | dict | MemoryBudget | None = None, offload_dir: str | Path | None = None,
+                 max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None):
         if threads is not None:
             if threads < 1:
                 raise UsageError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
             raise UsageError(f"device {device!r} is not available")
+        if max_context is not None and max_context < 2:
+            raise UsageError(f"max_context must be >= 2, got {max_context}")
+        if ring_depth is not None and ring_depth < 1:
+            raise UsageError(f"ring_depth must be >= 1, got {ring_depth}")
         self.dtype = resolve_dtype(dtype)
+        self.budget = MemoryBudget.parse(max_memory)
+        if self.budget.device is not None and not device.startswith("cuda"):
+            raise UsageError(f"max_memory names {self.budget.device_name} but the device is {device}")
         self.source = open_model(model)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        self.store = WeightStore.load_resident(self.source, self.dtype, device, progress)
-        self.source.close()  # every weight is resident now: unmap the file so its pages leave our RSS
-        self.runner = Runner(self.store, self.dtype, device)
+        cap = self.config.max_position_embeddings if not self.budget.limited else min(self.config.max_position_embeddings, 4096)
+        self.max_context = min(max_context or cap, self.config.max_position_embeddings)
+        self.profile, self.profile_calibrated = load_profile_or_default(profile)
+        self.plan: Placement | None = None
+        if not self.budget.limited:
+            self.store = WeightStore.load_resident(self.source, self.dtype, device, progress)
+        else:
+            inp = plan_input(self.config, self.dtype, self.budget, self.max_context, self.profile,
+                             cuda=device.startswith("cuda"), ring_depth=ring_depth)
+            self.plan = plan(inp)
+            if self.plan.ring_depth and offload_dir is None:
+                raise UsageError(f"the budget {self.budget} leaves {self.plan.count(Tier.DISK)} layers off memory: "
+                                 "pass offload_dir (--offload-dir) for the offload store")
+            self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
+                                                  Path(offload_dir) if offload_dir else None, progress)
+        self.source.close()  # what is resident is loaded: unmap the file so its pages leave our RSS
+        self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
+
+    def stats_text(self, out: RequestOutput) -> str:
+        """Two lines about one request: timing, then traffic per tier, I/O wait, overlap η, bandwidth, peak RSS."""
+        m = out.metrics
+        calibrated = self.profile.disk_read_gbps if self.profile_calibrated else None
+        return (f"[{m.prompt_tokens} prompt tokens, {len(out.token_ids)} generated ({out.finish_reason}); "
+                f"TTFT {m.ttft_s * 1000:.0f} ms, decode {m.decode_tok_s:.1f} tok/s]\n"
+                + describe_stats(m.tiers, m.tiers.forward_passes, calibrated))
+
+    def close(self) -> None:
+        """Stop the streamer's I/O threads and free its ring (also done when the process exits)."""
+        self.store.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -2,43 +2,69 @@
 
     for layer i: w = store.acquire(i) -> compute(i) -> store.release(i)
 
-Prefetch of layer i+k (host/disk tiers) slots into this loop; no module fetches weights by itself.
+Streamed layers are prefetched by the store's streamer (release(i) starts the load `ring_depth` ahead);
+no module fetches weights by itself. Long prompts are prefilled in chunks of `prefill_chunk` tokens so
+activation memory is bounded whatever the prompt; every run, resident or budgeted, chunks the same way,
+so a budgeted run computes exactly what a resident one does.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
 from tierlm.config import ModelConfig
 from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
 from tierlm.model import llama
 
 
 class Runner:
-    def __init__(self, store: WeightStore, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, store: WeightStore, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None):
         self.store = store
         self.config: ModelConfig = store.config
         self.dtype = dtype
         self.device = torch.device(device)
-        inv_freq = llama.rope_inv_freq(self.config, store.globals.rope_freqs)  # [hd/2]
-        # cos/sin for every position the model supports: [max_pos, hd] each (small: 8192×64×4 B = 2 MiB).
-        cos, sin = llama.rope_tables(inv_freq, self.config.max_position_embeddings, dtype)
+        self.prefill_chunk = prefill_chunk
+        # Positions this runner serves (prompt + generated); the planner reserved KV for this many.
+        self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        inv_freq = llama.rope_inv_freq(self.config, store.rope_freqs)  # [hd/2]
+        # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
+        cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] appended after kv.length cached tokens -> logits [B, V] (last position) or
         [B, T, V] with all_logits. Advances kv.length by T."""
+        t0 = time.perf_counter()
+        chunks = tokens.split(self.prefill_chunk, dim=1)
+        last = len(chunks) - 1
+        outs = [self._forward(c, kv, "all" if all_logits else "last" if k == last else "none")
+                for k, c in enumerate(chunks)]
+        stats = self.store.stats
+        stats.forward_s += time.perf_counter() - t0
+        stats.forward_passes += len(chunks)
+        return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]  # [B, T, V] | [B, V]
+
+    def _forward(self, tokens: torch.Tensor, kv: KVCache, logits: str) -> torch.Tensor | None:
+        """One chunk. logits: "all" -> [B, T, V]; "last" -> [B, 1, V]; "none" -> None."""
         start = kv.length
         t = tokens.shape[1]
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # [T, hd]
-        x = llama.embed(self.store.globals, tokens.to(self.device))  # [B, T, H]
+        x = self.store.embed(tokens, self.device)  # [B, T, H]
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
             x = llama.layer_forward(self.config, w, x, cos, sin, kv.layer(i), start)
             self.store.release(i)
         kv.length = start + t
-        if not all_logits:
+        if logits == "none":
+            return None  # an earlier prefill chunk: its KV is what matters, skip the head (and its I/O)
+        if logits == "last":
             x = x[:, -1:]  # only the last position feeds sampling: skip the [T, V] head matmul
-        logits = llama.head(self.config, self.store.globals, x)  # [B, T|1, V]
-        return logits if all_logits else logits[:, -1]
+        lm_head = self.store.acquire_head()
+        out = llama.head(self.config, self.store.norm, lm_head, x)  # [B, T|1, V] fp32
+        self.store.release_head()
+        return out

@@ -1,8 +1,10 @@
 """`tierlm calibrate`: measure this machine's tiers once and save a profile the planner reuses.
 
-Measures disk O_DIRECT read bandwidth (4 MiB requests, `queue_depth` reader threads), RAM bandwidth
-(a large tensor copy), GEMV throughput per dtype (weight bytes streamed per second in a decode-shaped
-matmul) and, with CUDA, pinned host->device bandwidth. Pure measurement; no model needed.
+Measures disk O_DIRECT read bandwidth (CHUNK_BYTES requests from `queue_depth` threads: the streamer's
+own pattern), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
+second in a decode-shaped matmul), the fixed cost of one decoder layer beyond its matmul bytes (dispatch,
+norms, attention on a tiny layer) and, with CUDA, pinned host->device bandwidth and CUDA GEMV.
+Pure measurement; no model needed.
 """
 from __future__ import annotations
 
@@ -17,11 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tierlm.config import ModelConfig
+from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
+from tierlm.memory.offload_store import CHUNK_BYTES
+from tierlm.model import llama
 from tierlm.progress import progress_bar
 
-PROFILE_VERSION = 1
-REQUEST_BYTES = 4 << 20
+PROFILE_VERSION = 2
+REQUEST_BYTES = CHUNK_BYTES
 
 
 @dataclass
@@ -29,7 +35,8 @@ class Profile:
     disk_read_gbps: float  # O_DIRECT sequential read, GB/s (1e9 bytes)
     disk_direct: bool  # False when the filesystem refused O_DIRECT (buffered + DONTNEED instead)
     ram_gbps: float  # bytes read + written per second by a large copy
-    gemv_gbps: dict[str, float]  # dtype -> weight bytes per second through F.linear with one token
+    gemv_gbps: dict[str, float]  # dtype ("cuda:dtype" on CUDA) -> weight bytes/s through F.linear, one token
+    layer_overhead_s: float  # one decoder layer's cost beyond its matmul bytes
     h2d_gbps: float | None = None  # pinned host -> CUDA
     threads: int = 1
     machine: dict[str, str] = field(default_factory=dict)
@@ -50,7 +57,7 @@ def _median_time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_disk(directory: Path, file_bytes: int, queue_depth: int = 32, progress: bool | None = None) -> tuple[float, bool]:
+def measure_disk(directory: Path, file_bytes: int, queue_depth: int = 4, progress: bool | None = None) -> tuple[float, bool]:
     """Write a scratch file, evict it from the page cache, read it back with O_DIRECT; GB/s."""
     path = directory / ".tierlm-calibrate.bin"
     chunk = os.urandom(REQUEST_BYTES)  # incompressible, so a compressing device cannot flatter itself
@@ -91,12 +98,34 @@ def measure_ram(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return 2 * nbytes / _median_time(lambda: dst.copy_(src), reps) / 1e9
 
 
-def measure_gemv(dtype: torch.dtype, rows: int = 8192, cols: int = 4096, reps: int = 7) -> float:
+def measure_gemv(dtype: torch.dtype, rows: int = 8192, cols: int = 4096, reps: int = 7, device: str = "cpu") -> float:
     """Weight bytes per second for x[1, cols] @ W[rows, cols]^T: decode's shape, memory-bound."""
-    w = torch.randn(rows, cols).to(dtype)
-    x = torch.randn(1, cols).to(dtype)
-    F.linear(x, w)
-    return w.numel() * w.element_size() / _median_time(lambda: F.linear(x, w), reps) / 1e9
+    w = torch.randn(rows, cols).to(device=device, dtype=dtype)
+    x = torch.randn(1, cols).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def run() -> None:
+        F.linear(x, w)
+        sync()
+
+    run()
+    return w.numel() * w.element_size() / _median_time(run, reps) / 1e9
+
+
+def measure_layer_overhead(reps: int = 50) -> float:
+    """Seconds per decode step of a tiny layer (hidden 64): what a layer costs besides streaming its bytes."""
+    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    shapes = {"attn_norm": (64,), "wq": (64, 64), "wk": (32, 64), "wv": (32, 64), "wo": (64, 64),
+              "ffn_norm": (64,), "w_gate": (128, 64), "w_up": (128, 64), "w_down": (64, 128)}
+    w = llama.LayerWeights(**{k: torch.randn(s) * 0.1 for k, s in shapes.items()})
+    cos, sin = llama.rope_tables(llama.rope_inv_freq(cfg, None), 64, torch.float32)
+    kv = KVCache(cfg, batch=1, capacity=64, dtype=torch.float32, device="cpu")
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        t = _median_time(lambda: llama.layer_forward(cfg, w, x, cos[:1], sin[:1], kv.layer(0), 0), reps)
+    kv.release()
+    return t
 
 
 def measure_h2d(nbytes: int = 256 << 20, reps: int = 5) -> float | None:
@@ -113,12 +142,16 @@ def measure_h2d(nbytes: int = 256 << 20, reps: int = 5) -> float | None:
     return nbytes / _median_time(copy, reps) / 1e9
 
 
-def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int = 32,
+def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int = 4,
               progress: bool | None = None) -> Profile:
     disk, direct = measure_disk(directory, disk_bytes, queue_depth, progress)
+    gemv = {"float32": measure_gemv(torch.float32), "bfloat16": measure_gemv(torch.bfloat16)}
+    if torch.cuda.is_available():
+        gemv |= {f"cuda:{d}": measure_gemv(dt, device="cuda") for d, dt in (("float32", torch.float32),
+                                                                           ("bfloat16", torch.bfloat16))}
     return Profile(
         disk_read_gbps=disk, disk_direct=direct, ram_gbps=measure_ram(),
-        gemv_gbps={"float32": measure_gemv(torch.float32), "bfloat16": measure_gemv(torch.bfloat16)},
+        gemv_gbps=gemv, layer_overhead_s=measure_layer_overhead(),
         h2d_gbps=measure_h2d(), threads=torch.get_num_threads(),
         machine={"cpu_count": str(os.cpu_count()), "platform": platform.platform(), "torch": torch.__version__,
                  "disk_dir": str(directory)},
@@ -127,11 +160,18 @@ def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int = 32,
 
 def describe_profile(p: Profile) -> str:
     disk = f"{p.disk_read_gbps:.2f} GB/s" + ("" if p.disk_direct else " (buffered + DONTNEED: O_DIRECT refused)")
-    rows = [("disk read (O_DIRECT, 4 MiB requests)", disk), ("RAM copy", f"{p.ram_gbps:.1f} GB/s")]
+    rows = [(f"disk read (O_DIRECT, {REQUEST_BYTES >> 20} MiB requests)", disk), ("RAM copy", f"{p.ram_gbps:.1f} GB/s")]
     rows += [(f"GEMV {d} (weight bytes)", f"{v:.1f} GB/s") for d, v in p.gemv_gbps.items()]
+    rows.append(("layer overhead (beyond matmul bytes)", f"{p.layer_overhead_s * 1e3:.2f} ms"))
     rows.append(("pinned host -> CUDA", f"{p.h2d_gbps:.1f} GB/s" if p.h2d_gbps else "no CUDA"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows) + f"\n({p.threads} threads)"
+
+
+# Used when no profile is saved: plans still work, predictions are marked uncalibrated.
+DEFAULT_PROFILE = Profile(disk_read_gbps=1.0, disk_direct=True, ram_gbps=10.0,
+                          gemv_gbps={"float32": 10.0, "bfloat16": 6.0, "cuda:float32": 1000.0, "cuda:bfloat16": 1000.0},
+                          layer_overhead_s=3e-4, h2d_gbps=20.0, machine={"source": "built-in defaults (uncalibrated)"})
 
 
 def save_profile(profile: Profile, path: Path) -> None:
@@ -150,3 +190,9 @@ def load_profile(path: Path) -> Profile | None:
         return Profile(**data)
     except (OSError, json.JSONDecodeError, TypeError):
         return None
+
+
+def load_profile_or_default(path: str | Path | None = None) -> tuple[Profile, bool]:
+    """(profile, calibrated): the saved profile, or the built-in defaults when none is saved."""
+    saved = load_profile(Path(path) if path else default_profile_path())
+    return (saved, True) if saved is not None else (DEFAULT_PROFILE, False)

@@ -11,6 +11,8 @@ import mmap
 import os
 from pathlib import Path
 
+import torch
+
 ALIGN = 4096
 
 
@@ -30,6 +32,10 @@ class AlignedBuffer:
         if self._map is None:
             raise ValueError("buffer is closed")
         return memoryview(self._map)
+
+    def tensor(self) -> torch.Tensor:
+        """The whole buffer as a uint8 tensor sharing its memory (a view: keep the buffer open while it lives)."""
+        return torch.frombuffer(self.view, dtype=torch.uint8)
 
     def close(self) -> None:
         # NOTE: raises BufferError while tensors viewing this memory are alive: freeing memory in use is a bug.

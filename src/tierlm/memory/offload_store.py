@@ -1,9 +1,11 @@
-"""The offload store: layers placed on DISK, written once to `offload_dir` in a layout made for streaming.
+"""The offload store: units placed off the compute device, written once to `offload_dir` for streaming.
 
-Layout of `layers.bin`: each layer's tensors are contiguous, every tensor starts 4 KiB-aligned, so one
-layer is one aligned O_DIRECT read into a ring buffer. `manifest.json` records shapes, dtypes, offsets,
-a CRC32 per tensor and a fingerprint of the source; it is written last, atomically (temp + rename), so a
-store without a manifest is incomplete and is rebuilt. A store whose fingerprint matches is reused.
+Layout of `layers.bin`: each unit's tensors are contiguous and every tensor starts 4 KiB-aligned, so one
+unit is one aligned extent read with O_DIRECT into a ring slot, and tensors are views of the slot.
+Integrity: a CRC32 per CHUNK_BYTES piece of each extent (the streamer reads in chunks and checks each as it
+lands, on the I/O threads). `manifest.json` records shapes, dtypes, offsets, checksums and a fingerprint of
+the source; it is written last, atomically (temp + rename), so a store without a manifest is incomplete
+and is rebuilt. A store whose fingerprint and unit list match is reused.
 """
 from __future__ import annotations
 
@@ -11,20 +13,21 @@ import hashlib
 import json
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from tierlm.config import STORAGE_DTYPES
 from tierlm.errors import ModelFormatError
-from tierlm.memory.directio import AlignedBuffer, DirectFile, align_up, drop_from_page_cache
+from tierlm.memory.directio import ALIGN, AlignedBuffer, DirectFile, align_up, drop_from_page_cache
+from tierlm.memory.units import EMBED, HEAD, unit_tensors
 from tierlm.progress import progress_bar
-from tierlm.weights.names import LAYER_TENSORS, layer_name
 from tierlm.weights.source import ModelSource
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 DATA_FILE, MANIFEST = "layers.bin", "manifest.json"
+CHUNK_BYTES = 8 << 20  # read and checksum granule: ≥4 MiB keeps the disk at full speed
 
 
 class ChecksumError(ModelFormatError):
@@ -33,20 +36,25 @@ class ChecksumError(ModelFormatError):
 
 @dataclass(frozen=True)
 class StoredTensor:
-    name: str  # leaf name inside the layer: "wq", "w_down", ...
+    name: str  # leaf name inside the unit: "wq", "w_down", "lm_head", ...
     dtype: str
     shape: list[int]
-    offset: int  # from the start of the layer's extent; multiple of ALIGN
+    offset: int  # from the start of the unit's extent; multiple of ALIGN
     nbytes: int
-    crc32: int
 
 
 @dataclass(frozen=True)
-class StoredLayer:
-    layer: int
+class StoredUnit:
+    name: str  # "layers.3", "head", "embed"
     offset: int  # in layers.bin; multiple of ALIGN
     nbytes: int  # extent, multiple of ALIGN
     tensors: list[StoredTensor]
+    chunk_crcs: list[int]  # CRC32 of extent[c*CHUNK_BYTES : (c+1)*CHUNK_BYTES]
+    row_crcs: list[int] = field(default_factory=list)  # embed/head: CRC32 of each matrix row (on-demand rows)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(offset within the extent, length) of every checksummed chunk."""
+        return [(c, min(CHUNK_BYTES, self.nbytes - c)) for c in range(0, self.nbytes, CHUNK_BYTES)]
 
 
 def source_fingerprint(source: ModelSource, dtype: torch.dtype) -> str:
@@ -60,91 +68,163 @@ def source_fingerprint(source: ModelSource, dtype: torch.dtype) -> str:
     return h.hexdigest()
 
 
+class _ChunkedCRC:
+    """CRC32 per CHUNK_BYTES of a byte stream, fed in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self.crcs: list[int] = []
+        self._crc, self._filled = 0, 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        data = memoryview(data)
+        while len(data):
+            take = min(CHUNK_BYTES - self._filled, len(data))
+            self._crc = zlib.crc32(data[:take], self._crc)
+            self._filled += take
+            data = data[take:]
+            if self._filled == CHUNK_BYTES:
+                self.crcs.append(self._crc)
+                self._crc, self._filled = 0, 0
+
+    def finish(self) -> list[int]:
+        if self._filled:
+            self.crcs.append(self._crc)
+        return self.crcs
+
+
 class OffloadStore:
-    def __init__(self, directory: Path, layers: dict[int, StoredLayer]):
+    def __init__(self, directory: Path, units: dict[str, StoredUnit]):
         self.directory = directory
-        self.layers = layers
+        self.units = units
 
     @property
-    def max_layer_bytes(self) -> int:
-        """Size of the largest layer extent: what one ring buffer must hold."""
-        return max((s.nbytes for s in self.layers.values()), default=0)
+    def path(self) -> Path:
+        return self.directory / DATA_FILE
 
     @classmethod
-    def open_or_build(cls, source: ModelSource, layers: list[int], dtype: torch.dtype, directory: Path,
+    def open_or_build(cls, source: ModelSource, units: list[str], dtype: torch.dtype, directory: Path,
                       progress: bool | None = None) -> "OffloadStore":
         fingerprint = source_fingerprint(source, dtype)
-        existing = cls._open(directory, fingerprint, layers)
-        return existing if existing is not None else cls._build(source, layers, dtype, directory, fingerprint, progress)
+        existing = cls._open(directory, fingerprint, units)
+        return existing if existing is not None else cls._build(source, units, dtype, directory, fingerprint, progress)
 
     @classmethod
-    def _open(cls, directory: Path, fingerprint: str, layers: list[int]) -> "OffloadStore | None":
+    def _open(cls, directory: Path, fingerprint: str, units: list[str]) -> "OffloadStore | None":
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
+            if manifest.get("version") != STORE_VERSION or manifest.get("fingerprint") != fingerprint:
+                return None
+            stored = {k: StoredUnit(**{**v, "tensors": [StoredTensor(**t) for t in v["tensors"]]})
+                      for k, v in manifest["units"].items()}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
-        if manifest.get("version") != STORE_VERSION or manifest.get("fingerprint") != fingerprint:
-            return None
-        stored = {int(k): StoredLayer(layer=v["layer"], offset=v["offset"], nbytes=v["nbytes"],
-                                      tensors=[StoredTensor(**t) for t in v["tensors"]])
-                  for k, v in manifest["layers"].items()}
         data = directory / DATA_FILE
-        if sorted(stored) != sorted(layers) or not data.is_file() or data.stat().st_size != manifest["data_bytes"]:
+        if sorted(stored) != sorted(units) or not data.is_file() or data.stat().st_size != manifest["data_bytes"]:
             return None
         return cls(directory, stored)
 
     @classmethod
-    def _build(cls, source: ModelSource, layers: list[int], dtype: torch.dtype, directory: Path,
+    def _build(cls, source: ModelSource, units: list[str], dtype: torch.dtype, directory: Path,
                fingerprint: str, progress: bool | None) -> "OffloadStore":
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until the manifest is back
         present = set(source.tensor_names())
-        stored: dict[int, StoredLayer] = {}
+        stored: dict[str, StoredUnit] = {}
         tmp = directory / (DATA_FILE + ".tmp")
-        bar = progress_bar(len(layers), "writing offload store", progress, unit="layer")
+        bar = progress_bar(len(units), "writing offload store", progress, unit="unit")
         offset = 0
         with tmp.open("wb") as f:
-            for i in layers:
-                tensors, pos = [], 0
-                for leaf in LAYER_TENSORS:
-                    if layer_name(i, leaf) not in present:
+            for name in units:
+                tensors, pos, crc, rows = [], 0, _ChunkedCRC(), []
+                for spec in unit_tensors(source.config, name):
+                    if spec.source_name not in present:
                         continue
-                    t = source.load(layer_name(i, leaf), dtype).contiguous()
-                    raw = t.view(torch.uint8).numpy().tobytes()
-                    f.write(raw + b"\0" * (align_up(len(raw)) - len(raw)))
-                    tensors.append(StoredTensor(leaf, str(dtype).removeprefix("torch."), list(t.shape), pos,
-                                                len(raw), zlib.crc32(raw)))
-                    pos += align_up(len(raw))
-                stored[i] = StoredLayer(i, offset, pos, tensors)
+                    t = source.load(spec.source_name, dtype).contiguous()
+                    if tuple(t.shape) != spec.shape:
+                        raise ModelFormatError(f"{source.path}: {spec.source_name} has shape {tuple(t.shape)}, "
+                                               f"the config implies {spec.shape}")
+                    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # 1-D: len() and slices are bytes
+                    pad = bytes(align_up(len(raw)) - len(raw))
+                    for piece in (raw, pad):
+                        f.write(piece)
+                        crc.update(piece)
+                    tensors.append(StoredTensor(spec.leaf, str(dtype).removeprefix("torch."), list(t.shape), pos, len(raw)))
+                    if name in (EMBED, HEAD):
+                        rb = len(raw) // t.shape[0]
+                        rows = [zlib.crc32(raw[r * rb:(r + 1) * rb]) for r in range(t.shape[0])]
+                    pos += len(raw) + len(pad)
+                    del t, raw
+                stored[name] = StoredUnit(name, offset, pos, tensors, crc.finish(), rows)
                 offset += pos
                 bar.update()
             f.flush()
             os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         bar.close()
         os.replace(tmp, directory / DATA_FILE)
         drop_from_page_cache(directory / DATA_FILE)  # written pages must not stay behind as a hidden RAM tier
         manifest = {"version": STORE_VERSION, "fingerprint": fingerprint, "data_bytes": offset,
-                    "layers": {str(i): asdict(s) for i, s in stored.items()}}
+                    "chunk_bytes": CHUNK_BYTES, "units": {k: asdict(s) for k, s in stored.items()}}
         mtmp = directory / (MANIFEST + ".tmp")
         mtmp.write_text(json.dumps(manifest))
         os.replace(mtmp, directory / MANIFEST)
         return cls(directory, stored)
 
-    def open_reader(self, direct: bool = True) -> DirectFile:
-        return DirectFile(self.directory / DATA_FILE, direct=direct)
+    def max_unit_bytes(self, names: list[str] | None = None) -> int:
+        """The largest extent among `names` (default all): what one ring slot must hold."""
+        return max((self.units[n].nbytes for n in (names or self.units)), default=0)
 
-    def read_layer(self, reader: DirectFile, i: int, buf: AlignedBuffer, verify: bool = False) -> dict[str, torch.Tensor]:
-        """Read layer i into `buf` (one aligned read); return tensors that are views of `buf`.
-        NOTE: the views are valid only while `buf` holds this layer (until the ring reuses it)."""
-        s = self.layers[i]
-        if buf.nbytes < s.nbytes:
-            raise ValueError(f"buffer of {buf.nbytes} B cannot hold layer {i} ({s.nbytes} B)")
-        if reader.read_into(buf.view, s.offset, s.nbytes) != s.nbytes:
-            raise ModelFormatError(f"{self.directory / DATA_FILE}: short read for layer {i} (file truncated?)")
+    def open_reader(self, direct: bool = True) -> DirectFile:
+        return DirectFile(self.path, direct=direct)
+
+    def read_chunk(self, reader: DirectFile, unit: str, chunk: tuple[int, int], buf: memoryview) -> None:
+        """Read one chunk of `unit` into buf[chunk offset:] and check its CRC (raises on a short read or a
+        mismatch). Thread-safe: preadv and crc32 release the GIL and touch disjoint bytes."""
+        s = self.units[unit]
+        at, n = chunk
+        if reader.read_into(buf[at:at + n], s.offset + at, n) != n:
+            raise ModelFormatError(f"{self.path}: short read in {unit} (file truncated?)")
+        if zlib.crc32(buf[at:at + n]) != s.chunk_crcs[at // CHUNK_BYTES]:
+            raise ChecksumError(f"{self.path}: checksum mismatch in {unit} bytes {at}..{at + n}")
+
+    def views(self, unit: str, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors of `unit` as views of `buf` (uint8, on any device), which holds the unit's extent.
+        NOTE: the views are valid only while `buf` holds this unit (until the ring reuses the slot)."""
         out = {}
-        for t in s.tensors:
-            view = buf.view[t.offset:t.offset + t.nbytes]
-            if verify and zlib.crc32(view) != t.crc32:
-                raise ChecksumError(f"{self.directory / DATA_FILE}: checksum mismatch in layer {i} tensor {t.name}")
-            out[t.name] = torch.frombuffer(view, dtype=STORAGE_DTYPES[t.dtype]).view(t.shape)
+        for t in self.units[unit].tensors:
+            flat = buf[t.offset:t.offset + t.nbytes].view(STORAGE_DTYPES[t.dtype])
+            out[t.name] = flat.view(t.shape)
         return out
+
+    def read_unit(self, reader: DirectFile, unit: str, buf: AlignedBuffer) -> dict[str, torch.Tensor]:
+        """Read and verify a whole unit into `buf` (synchronously); tensors are views of `buf`."""
+        s = self.units[unit]
+        if buf.nbytes < s.nbytes:
+            raise ValueError(f"buffer of {buf.nbytes} B cannot hold {unit} ({s.nbytes} B)")
+        for chunk in s.chunks():
+            self.read_chunk(reader, unit, chunk, buf.view)
+        return self.views(unit, buf.tensor())
+
+    def read_rows(self, reader: DirectFile, unit: str, ids: list[int], buf: AlignedBuffer) -> torch.Tensor:
+        """Rows `ids` of the embed/head matrix of `unit`, read on demand (each checked against its CRC and
+        re-read once on a mismatch) -> [len(ids), H]. `buf` must hold row_buffer_bytes()."""
+        s = self.units[unit]
+        t = s.tensors[0]
+        row_bytes = t.nbytes // t.shape[0]
+        out = torch.empty(len(ids), row_bytes, dtype=torch.uint8)
+        for k, r in enumerate(ids):
+            at = s.offset + t.offset + r * row_bytes
+            start = at - at % ALIGN
+            for attempt in (0, 1):
+                got = reader.read_into(buf.view, start, align_up(at + row_bytes) - start)
+                row = buf.view[at - start:at - start + row_bytes]
+                if got >= at - start + row_bytes and zlib.crc32(row) == s.row_crcs[r]:
+                    break
+                if attempt:
+                    raise ChecksumError(f"{self.path}: row {r} of {unit} is corrupt (after one re-read)")
+            out[k] = torch.frombuffer(row, dtype=torch.uint8)
+        return out.view(STORAGE_DTYPES[t.dtype]).view(len(ids), t.shape[1])
+
+    def row_buffer_bytes(self, unit: str) -> int:
+        t = self.units[unit].tensors[0]
+        return align_up(t.nbytes // t.shape[0]) + ALIGN

@@ -1,19 +1,31 @@
-"""WeightStore: the runner's only way to reach weights. Records the tier of every layer.
+"""WeightStore: the runner's only way to reach weights, whatever tier each unit lives on.
 
-In this version every layer is resident on DEVICE; the host and disk tiers plug in behind
-acquire()/release() without the runner changing. Invariant: a layer's tensors are valid from
-acquire(i) until release(i); the runner releases every layer it acquires, in order.
+    acquire(i) / release(i)   layer i's weights (resident, or streamed through the ring)
+    acquire_head() / release_head()   the lm_head matrix
+    embed(tokens)             embedding rows (resident gather, or on-demand row reads from disk)
+
+Invariant: a unit's tensors are valid from acquire until its release; the runner releases every unit it
+acquires, in order. Resident tensors are loaded from the model source; the rest come from the offload
+store. After loading, the source is closed and its pages evicted, so RSS holds only what the plan says.
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
+from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
+from tierlm.memory.offload_store import OffloadStore
+from tierlm.memory.planner import Placement
+from tierlm.memory.stats import TierStats
+from tierlm.memory.streamer import Streamer
 from tierlm.memory.tiers import Tier
+from tierlm.memory.units import EMBED, HEAD, layer_unit
+from tierlm.model.llama import LayerWeights
 from tierlm.progress import progress_bar
-from tierlm.model.llama import GlobalWeights, LayerWeights
 from tierlm.weights.names import layer_name
 from tierlm.weights.source import ModelSource
 
@@ -24,53 +36,165 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+@dataclass
+class _Rows:
+    """On-demand embedding rows from the offload store: one small aligned buffer, one reader."""
+
+    store: OffloadStore
+    unit: str
+    reader: DirectFile
+    buf: AlignedBuffer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.buf = AlignedBuffer(self.store.row_buffer_bytes(self.unit))
+
+    def close(self) -> None:
+        self.reader.close()
+        self.buf.close()
+
+
+def _evict_source(source: ModelSource) -> None:
+    """The source was read through the page cache; drop those pages so it is not a hidden tier."""
+    files = [source.path] if source.path.is_file() else sorted(source.path.glob("*.safetensors"))
+    for f in files:
+        drop_from_page_cache(f)
+
+
 class WeightStore:
-    def __init__(self, config: ModelConfig, globals_: GlobalWeights, layers: list[LayerWeights],
-                 tiers: list[Tier]):
+    def __init__(self, config: ModelConfig, norm: torch.Tensor, rope_freqs: torch.Tensor | None,
+                 layers: list[LayerWeights | None], tiers: list[Tier], head_weight: torch.Tensor | None,
+                 embed_weight: torch.Tensor | None, head_tier: Tier = Tier.DEVICE, embed_tier: Tier = Tier.DEVICE,
+                 streamer: Streamer | None = None, rows: _Rows | None = None, stats: TierStats | None = None):
         self.config = config
-        self.globals = globals_
-        self._layers = layers
+        self.norm = norm  # [H], always resident
+        self.rope_freqs = rope_freqs  # [hd/2] or None, fp32
+        self._layers = layers  # resident LayerWeights, None where streamed
         self.tiers = tiers  # tier of each layer, index = layer number
-        self._acquired: set[int] = set()
+        self.head_weight = head_weight  # [V, H] when resident
+        self.embed_weight = embed_weight  # [V, H] when resident (the same tensor as head_weight when tied)
+        self.head_tier, self.embed_tier = head_tier, embed_tier
+        self.streamer, self._rows = streamer, rows
+        self.stats = stats or TierStats()
 
     @classmethod
     def load_resident(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str = "cpu",
                       progress: bool | None = None) -> "WeightStore":
         """Read every tensor into `device` memory in `dtype` (dequantising as needed)."""
+        n = source.config.num_layers
+        return cls._load(source, dtype, torch.device(device), [Tier.DEVICE] * n, Tier.DEVICE, Tier.DEVICE, progress)
+
+    @classmethod
+    def load_planned(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str, plan: Placement,
+                     offload_dir: Path, progress: bool | None = None, direct: bool = True) -> "WeightStore":
+        """Resident units from the source; the rest written once to (or reused from) the offload store."""
+        return cls._load(source, dtype, torch.device(device), list(plan.layer_tiers), plan.head_tier,
+                         plan.embed_tier, progress, plan.ring_depth, offload_dir, direct)
+
+    @classmethod
+    def _load(cls, source: ModelSource, dtype: torch.dtype, device: torch.device, tiers: list[Tier], head_tier: Tier,
+              embed_tier: Tier, progress: bool | None, ring_depth: int = 0, offload_dir: Path | None = None,
+              direct: bool = True) -> "WeightStore":
         cfg = source.config
+        tied = cfg.tie_word_embeddings
+        if tied:
+            embed_tier = head_tier  # one matrix: rows come from wherever the head lives
+        # Streaming order = access order: layers, then the head. The embedding is never streamed whole.
+        schedule = [layer_unit(i) for i, t in enumerate(tiers) if t != Tier.DEVICE]
+        schedule += [HEAD] if head_tier != Tier.DEVICE else []
+        offloaded = schedule + ([EMBED] if not tied and embed_tier != Tier.DEVICE else [])
+        store = None
+        if offloaded:
+            if offload_dir is None:
+                raise ValueError("units placed off the device need an offload_dir")
+            store = OffloadStore.open_or_build(source, offloaded, dtype, offload_dir, progress)
+
         present = set(source.tensor_names())
-        bar = progress_bar(len(present), "loading weights", progress, unit="tensor")
+        resident = [i for i, t in enumerate(tiers) if t == Tier.DEVICE]
+        bar = progress_bar(len(resident) + 3, "loading weights", progress, unit="unit")
 
         def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor | None:
-            if name not in present:
-                return None
-            t = source.load(name, as_dtype).to(device)
+            return source.load(name, as_dtype).to(device) if name in present else None
+
+        layers: list[LayerWeights | None] = [None] * cfg.num_layers
+        for i in resident:
+            layers[i] = LayerWeights(**{f: get(layer_name(i, f)) for f in _LAYER_FIELDS})
             bar.update()
-            return t
-
-        embed = get("embed")
-        lm_head = embed if cfg.tie_word_embeddings else get("lm_head")
-        rope_freqs = get("rope_freqs", torch.float32)  # rope math stays fp32 whatever the compute dtype
-        globals_ = GlobalWeights(embed=embed, norm=get("norm"), lm_head=lm_head, rope_freqs=rope_freqs)
-        layers = [LayerWeights(**{f: get(layer_name(i, f)) for f in _LAYER_FIELDS}) for i in range(cfg.num_layers)]
+        head = get("embed" if tied else "lm_head") if head_tier == Tier.DEVICE else None
+        embed = head if tied else get("embed") if embed_tier == Tier.DEVICE else None
+        norm, rope_freqs = get("norm"), get("rope_freqs", torch.float32)  # rope math stays fp32
+        bar.update(3)
         bar.close()
-        return cls(cfg, globals_, layers, [Tier.DEVICE] * cfg.num_layers)
+        source.close()
+        if store is not None:
+            _evict_source(source)
+        streamer = rows = None
+        stats = TierStats()
+        if schedule:
+            host = {u: cls._pin(store, u) for u in schedule if cls._tier_of(u, tiers, head_tier) == Tier.HOST}
+            streamer = Streamer(store, schedule, ring_depth, stats, device, host, direct=direct)
+        if embed is None:
+            rows = _Rows(store, HEAD if tied else EMBED, store.open_reader(direct))
+        return cls(cfg, norm, rope_freqs, layers, tiers, head, embed, head_tier, embed_tier, streamer, rows, stats)
 
+    @staticmethod
+    def _tier_of(unit: str, tiers: list[Tier], head_tier: Tier) -> Tier:
+        return head_tier if unit == HEAD else tiers[int(unit.removeprefix("layers."))]
+
+    @staticmethod
+    def _pin(store: OffloadStore, unit: str) -> torch.Tensor:
+        """CUDA HOST tier: the unit's extent read once into pinned memory (copied to the device per use)."""
+        buf = AlignedBuffer(store.units[unit].nbytes)
+        with store.open_reader() as reader:
+            store.read_unit(reader, unit, buf)
+        pinned = buf.tensor().clone().pin_memory()
+        buf.close()
+        return pinned
+
+    # --- the runner's interface ------------------------------------------------------------------
     def acquire(self, i: int) -> LayerWeights:
         """Layer i's weights, valid until release(i)."""
-        self._acquired.add(i)
-        return self._layers[i]
+        if self._layers[i] is not None:
+            return self._layers[i]
+        return LayerWeights(**self.streamer.acquire(layer_unit(i)))
 
     def release(self, i: int) -> None:
-        self._acquired.discard(i)
+        if self._layers[i] is None:
+            self.streamer.release(layer_unit(i))
 
+    def acquire_head(self) -> torch.Tensor:
+        """lm_head [V, H], valid until release_head()."""
+        return self.head_weight if self.head_weight is not None else self.streamer.acquire(HEAD)["lm_head"]
+
+    def release_head(self) -> None:
+        if self.head_weight is None:
+            self.streamer.release(HEAD)
+
+    def embed(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """tokens [B, T] int64 -> [B, T, H] on `device`."""
+        if self.embed_weight is not None:
+            return F.embedding(tokens.to(device), self.embed_weight)
+        unique, inverse = torch.unique(tokens, return_inverse=True)  # read each distinct row once
+        rows = self._rows.store.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf)
+        self.stats.disk_bytes += rows.numel() * rows.element_size()
+        return rows.to(device)[inverse.to(device)]  # [B, T, H]
+
+    # --- accounting ------------------------------------------------------------------------------
     def layer_nbytes(self, i: int) -> int:
-        return sum(_nbytes(getattr(self._layers[i], f)) for f in _LAYER_FIELDS)
+        """Bytes of a resident layer (0 for a streamed one: it lives in the ring)."""
+        w = self._layers[i]
+        return 0 if w is None else sum(_nbytes(getattr(w, f)) for f in _LAYER_FIELDS)
 
     def nbytes_by_tier(self) -> dict[Tier, int]:
+        """Bytes held in memory per tier by resident weights (the ring and KV are counted elsewhere)."""
         out = {t: 0 for t in Tier}
-        for i, tier in enumerate(self.tiers):
-            out[tier] += self.layer_nbytes(i)
-        g = self.globals
-        out[Tier.DEVICE] += _nbytes(g.embed) + _nbytes(g.norm) + (0 if g.lm_head is g.embed else _nbytes(g.lm_head))
+        for i in range(len(self.tiers)):
+            out[Tier.DEVICE] += self.layer_nbytes(i)
+        head = _nbytes(self.head_weight)
+        out[Tier.DEVICE] += _nbytes(self.norm) + head + (0 if self.embed_weight is self.head_weight else _nbytes(self.embed_weight))
         return out
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+        if self._rows is not None:
+            self._rows.close()

@@ -33,14 +33,6 @@ class LayerWeights:
     bo: torch.Tensor | None = None  # [H]       (Llama with attention_bias)
 
 
-@dataclass
-class GlobalWeights:
-    embed: torch.Tensor  # [V, H]
-    norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]; the same storage as embed when tied
-    rope_freqs: torch.Tensor | None = None  # [hd/2] llama3 frequency divisors stored in GGUF
-
-
 def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
     """[hd/2] fp32 inverse frequencies, with linear or llama3 scaling applied (as HF rope_init_fn)."""
     hd = cfg.head_dim
@@ -122,11 +114,6 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     return x + F.linear(gate * F.linear(h, w.w_up), w.w_down)  # [B, T, H]
 
 
-def embed(g: GlobalWeights, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [B, T] int64 -> [B, T, H]."""
-    return F.embedding(tokens, g.embed)
-
-
-def head(cfg: ModelConfig, g: GlobalWeights, x: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H] -> logits [B, T, V] in fp32."""
-    return F.linear(rms_norm(x, g.norm, cfg.rms_norm_eps), g.lm_head).float()
+def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H], norm [H], lm_head [V, H] -> logits [B, T, V] in fp32."""
+    return F.linear(rms_norm(x, norm, cfg.rms_norm_eps), lm_head).float()

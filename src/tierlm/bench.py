@@ -1,0 +1,60 @@
+"""`tierlm bench`: prefill a synthetic prompt, decode N tokens, report measured vs the planner's prediction.
+
+Token ids are fixed (no tokenizer, EOS ignored) so any model, real or synthetic, runs the same work.
+The first `warmup` decode steps are not counted: they include the ring filling for the first time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from tierlm.config import format_size
+from tierlm.engine.llm import LLM
+from tierlm.errors import ContextLengthError
+from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory.stats import describe_stats
+from tierlm.memory.tiers import Tier
+
+
+def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tuple[float, list[float]]:
+    """(prefill seconds, seconds of each counted decode step). Greedy; same ids every run."""
+    cfg = llm.config
+    if prompt_tokens + tokens + warmup > llm.max_context:
+        raise ContextLengthError(f"{prompt_tokens} + {tokens + warmup} tokens exceed max_context {llm.max_context}")
+    ids = torch.arange(prompt_tokens).remainder(cfg.vocab_size - 1).add(1).unsqueeze(0)  # [1, P]
+    kv = KVCache(cfg, batch=1, capacity=prompt_tokens + tokens + warmup, dtype=llm.dtype, device=llm.runner.device)
+    try:
+        t = time.perf_counter()
+        logits = llm.runner.forward(ids, kv)  # [1, V]
+        prefill = time.perf_counter() - t
+        steps = []
+        for k in range(warmup + tokens):
+            nxt = logits.argmax(-1, keepdim=True)  # [1, 1]
+            t = time.perf_counter()
+            logits = llm.runner.forward(nxt, kv)
+            if k >= warmup:
+                steps.append(time.perf_counter() - t)
+    finally:
+        kv.release()
+    return prefill, steps
+
+
+def run_bench(llm: LLM, prompt_tokens: int, tokens: int, warmup: int, profile_note: str) -> str:
+    before = replace(llm.store.stats)
+    prefill, steps = measure_decode(llm, prompt_tokens, tokens, warmup)
+    moved = llm.store.stats - before
+    med = sorted(steps)[len(steps) // 2]
+    lines = [f"prefill {prompt_tokens} tokens: {prefill * 1e3:.0f} ms; decode {tokens} tokens "
+             f"(after {warmup} warm-up): median {med * 1e3:.1f} ms/token ({1 / med:.2f} tok/s)"]
+    p = llm.plan
+    if p is not None:
+        disk = p.count(Tier.DISK)
+        lines.append(f"plan: {len(p.layer_tiers) - disk} layers resident, {disk} on disk, head {p.head_tier.value}, "
+                     f"ring {p.ring_depth}; {format_size(p.disk_bytes_per_token)}/token from disk")
+        lines.append(f"predicted {p.token_s * 1e3:.1f} ms/token; measured/predicted = {med / p.token_s:.2f} "
+                     f"(profile: {profile_note})")
+    calibrated = llm.profile.disk_read_gbps if llm.profile_calibrated else None
+    lines.append(describe_stats(moved, moved.forward_passes, calibrated))
+    return "\n".join(lines)

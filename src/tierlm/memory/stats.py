@@ -1,0 +1,95 @@
+"""Counters for tiered weights: what moved from which tier, how long I/O took and how long compute waited.
+
+One `TierStats` per WeightStore; the streamer adds I/O, the runner adds forward time. Callers take a
+snapshot before and after a request and subtract: stats are cumulative and never reset behind anyone.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+from dataclasses import dataclass, fields
+
+from tierlm.config import format_size
+
+
+@dataclass
+class TierStats:
+    disk_bytes: int = 0  # read from the offload store (O_DIRECT or buffered + DONTNEED)
+    h2d_bytes: int = 0  # host -> CUDA copies of streamed units
+    units_streamed: int = 0
+    retries: int = 0  # chunks re-read after an error or checksum mismatch
+    io_busy_s: float = 0.0  # time the disk was busy (union of read intervals)
+    io_wait_s: float = 0.0  # time the runner waited for a unit to arrive
+    forward_s: float = 0.0  # wall time inside Runner.forward (compute + waits)
+    forward_passes: int = 0
+
+    def __sub__(self, other: "TierStats") -> "TierStats":
+        return TierStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.forward_s - self.io_wait_s, 0.0)
+
+    @property
+    def overlap(self) -> float:
+        """η = 1 − T_total / (ΣT_compute + ΣT_io): 0 = I/O and compute serialised; the best is
+        min(c, io) / (c + io), reached when the shorter one hides entirely behind the longer."""
+        serial = self.compute_s + self.io_busy_s
+        return 1.0 - self.forward_s / serial if serial > 0 else 0.0
+
+    @property
+    def disk_gbps(self) -> float:
+        return self.disk_bytes / self.io_busy_s / 1e9 if self.io_busy_s > 0 else 0.0
+
+
+class IntervalClock:
+    """Union length of [start, end) intervals reported from several I/O threads (reads overlap)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spans: list[tuple[float, float]] = []
+
+    def add(self, start: float, end: float) -> None:
+        with self._lock:
+            self._spans.append((start, end))
+
+    def drain(self) -> float:
+        """Busy seconds of the intervals reported since the last drain."""
+        with self._lock:
+            spans, self._spans = sorted(self._spans), []
+        busy, cur_start, cur_end = 0.0, None, None
+        for s, e in spans:
+            if cur_end is None or s > cur_end:
+                if cur_end is not None:
+                    busy += cur_end - cur_start
+                cur_start, cur_end = s, e
+            else:
+                cur_end = max(cur_end, e)
+        return busy + (cur_end - cur_start if cur_end is not None else 0.0)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def describe_stats(s: TierStats, tokens: int, calibrated_disk_gbps: float | None) -> str:
+    """One line for --stats: per-token traffic by tier, I/O wait, overlap, bandwidth, peak RSS."""
+    per = max(tokens, 1)
+    parts = [f"disk {format_size(s.disk_bytes / per)}/token"]
+    if s.h2d_bytes:
+        parts.append(f"host->device {format_size(s.h2d_bytes / per)}/token")
+    parts.append(f"I/O wait {s.io_wait_s / per * 1000:.0f} ms/token ({s.io_wait_s / s.forward_s:.0%} of forward)"
+                 if s.forward_s > 0 else "I/O wait 0 ms")
+    parts.append(f"overlap η={s.overlap:.2f}")
+    if s.disk_bytes:
+        bw = f"disk {s.disk_gbps:.2f} GB/s achieved"
+        if calibrated_disk_gbps:
+            bw += f" vs {calibrated_disk_gbps:.2f} calibrated ({s.disk_gbps / calibrated_disk_gbps:.0%})"
+        parts.append(bw)
+    if s.retries:
+        parts.append(f"{s.retries} chunk re-reads")
+    parts.append(f"peak RSS {format_size(peak_rss_bytes())}")
+    return "[" + "; ".join(parts) + "]"

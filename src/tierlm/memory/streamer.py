@@ -1,0 +1,151 @@
+"""The streamer: a ring of `depth` preallocated slots through which off-device units flow, in a fixed cyclic
+order (decode walks the layers the same way every token, so the next unit is always known).
+
+    acquire(u)  wait for u's chunks (read + CRC on the I/O threads) -> tensors viewing its slot
+    release(u)  the slot is free again -> the load `depth` places ahead is submitted at once
+
+The runner drives everything from its own thread; a pool of `io_threads` reads CHUNK_BYTES pieces with
+O_DIRECT (buffered + DONTNEED where refused) and checks each chunk's CRC as it lands. A failed or corrupt
+chunk is re-read once, then a clear ChecksumError; nothing waits forever on a read that already failed.
+With CUDA the slots are pinned host buffers and each unit is then copied on a side stream into a device
+slot; compute waits on an event, and a host slot is reused only after its copy finished.
+Invariant: at most `depth` loads are in flight or held, each in its own slot (slot = load number % depth).
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from tierlm.errors import ModelFormatError
+from tierlm.memory.directio import AlignedBuffer
+from tierlm.memory.offload_store import OffloadStore
+from tierlm.memory.stats import IntervalClock, TierStats
+
+
+class Streamer:
+    def __init__(self, store: OffloadStore, schedule: list[str], depth: int, stats: TierStats,
+                 device: torch.device, host_resident: dict[str, torch.Tensor] | None = None,
+                 io_threads: int = 4, direct: bool = True):
+        if depth < 1 or not schedule:
+            raise ValueError("a streamer needs depth >= 1 and a non-empty schedule")
+        self.store, self.schedule, self.depth, self.stats = store, schedule, depth, stats
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._host_resident = host_resident or {}  # CUDA HOST tier: pinned copies, no disk read
+        slot_bytes = store.max_unit_bytes([u for u in schedule if u not in self._host_resident]) \
+            if any(u not in self._host_resident for u in schedule) else 0
+        self._buffers: list[AlignedBuffer] = []
+        if self.cuda:
+            self._host_slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
+            dev_bytes = store.max_unit_bytes(schedule)
+            self._dev_slots = [torch.empty(dev_bytes, dtype=torch.uint8, device=device) for _ in range(depth)]
+            self._copy_stream = torch.cuda.Stream(device)
+            self._copied = [torch.cuda.Event() for _ in range(depth)]  # H2D into slot s finished
+            self._computed = [torch.cuda.Event() for _ in range(depth)]  # compute reading dev slot s finished
+        else:
+            self._buffers = [AlignedBuffer(slot_bytes) for _ in range(depth)]
+            self._host_slots = [b.tensor() for b in self._buffers]
+        self._reader = store.open_reader(direct)
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierlm-io")
+        self._clock = IntervalClock()
+        self._pending: dict[int, list[tuple[tuple[int, int], Future]]] = {}
+        self._next = 0  # load number the runner acquires next; load n streams schedule[n % len]
+        self._position = {u: k for k, u in enumerate(schedule)}
+        self._start(0)
+
+    # --- loads -----------------------------------------------------------------------------------
+    def _slot_view(self, n: int) -> memoryview:
+        return memoryview(self._host_slots[n % self.depth].numpy())
+
+    def _read_chunk(self, unit: str, chunk: tuple[int, int], view: memoryview) -> None:
+        t = time.perf_counter()
+        try:
+            self.store.read_chunk(self._reader, unit, chunk, view)
+        finally:
+            self._clock.add(t, time.perf_counter())
+
+    def _submit(self, n: int) -> None:
+        unit = self.schedule[n % len(self.schedule)]
+        if unit in self._host_resident:
+            self._pending[n] = []
+            return
+        if self.cuda:
+            self._copied[n % self.depth].synchronize()  # the host slot's previous H2D must be done
+        view = self._slot_view(n)
+        self._pending[n] = [(c, self._pool.submit(self._read_chunk, unit, c, view))
+                            for c in self.store.units[unit].chunks()]
+
+    def _start(self, position: int) -> None:
+        """(Re)start the cyclic stream so that the next acquire is schedule[position]."""
+        self._drain()
+        self._next = position
+        for n in range(position, position + self.depth):
+            self._submit(n)
+
+    def _drain(self) -> None:
+        for futures in self._pending.values():
+            for _, f in futures:
+                f.cancel()
+                if not f.cancelled():
+                    f.exception()  # wait: a read still running owns its slot
+        self._pending.clear()
+
+    def _wait(self, n: int, unit: str) -> None:
+        t = time.perf_counter()
+        view = self._slot_view(n)
+        for chunk, f in self._pending.pop(n):
+            try:
+                f.result()
+            except (OSError, ModelFormatError):
+                self.stats.retries += 1  # refetch once on this thread; a second failure is reported
+                try:
+                    self._read_chunk(unit, chunk, view)
+                except (OSError, ModelFormatError) as e:
+                    raise type(e)(f"{e} (after one re-read)") if isinstance(e, ModelFormatError) else \
+                        ModelFormatError(f"{self.store.path}: read error in {unit}: {e} (after one re-read)") from None
+        self.stats.io_wait_s += time.perf_counter() - t
+        self.stats.io_busy_s += self._clock.drain()
+
+    # --- the runner's interface ------------------------------------------------------------------
+    def acquire(self, unit: str) -> dict[str, torch.Tensor]:
+        """Tensors of `unit`, valid until release(unit). Units are expected in schedule order; any other
+        order (an interrupted forward pass) restarts the stream at `unit`."""
+        n = self._next
+        if self.schedule[n % len(self.schedule)] != unit:
+            self._start(self._position[unit])
+            n = self._next
+        self._wait(n, unit)
+        if unit not in self._host_resident:
+            self.stats.disk_bytes += self.store.units[unit].nbytes
+            self.stats.units_streamed += 1
+        if not self.cuda:
+            return self.store.views(unit, self._host_slots[n % self.depth])
+        s = n % self.depth
+        src = self._host_resident.get(unit, self._host_slots[s])
+        dev = self._dev_slots[s]
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._computed[s])  # compute on the slot's previous unit is done
+            dev[:src.numel()].copy_(src[:src.numel()], non_blocking=True)
+            self._copied[s].record(self._copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(self._copied[s])
+        self.stats.h2d_bytes += src.numel()
+        return self.store.views(unit, dev)
+
+    def release(self, unit: str) -> None:
+        n = self._next
+        if self.cuda:
+            self._computed[n % self.depth].record(torch.cuda.current_stream(self.device))
+        self._next = n + 1
+        self._submit(n + self.depth)
+
+    def close(self) -> None:
+        """Stop reading and free the slots. Tensors handed out must be dropped before (see AlignedBuffer)."""
+        self._drain()
+        self._pool.shutdown(wait=True)
+        self._reader.close()
+        self._host_slots = []
+        for b in self._buffers:
+            b.close()
+        self._buffers = []
