@@ -14,12 +14,13 @@ from tierlm.config import format_size
 from tierlm.engine.llm import LLM
 from tierlm.errors import ContextLengthError
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.memory.stats import describe_stats
+from tierlm.memory.stats import TierStats, describe_stats
 from tierlm.memory.tiers import Tier
 
 
-def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tuple[float, list[float]]:
-    """(prefill seconds, seconds of each counted decode step). Greedy; same ids every run."""
+def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tuple[float, list[float], TierStats]:
+    """(prefill seconds, seconds of each counted decode step, tier traffic of the counted steps).
+    Greedy; same ids every run."""
     cfg = llm.config
     if prompt_tokens + tokens + warmup > llm.max_context:
         raise ContextLengthError(f"{prompt_tokens} + {tokens + warmup} tokens exceed max_context {llm.max_context}")
@@ -31,6 +32,8 @@ def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tu
         prefill = time.perf_counter() - t
         steps = []
         for k in range(warmup + tokens):
+            if k == warmup:
+                before = replace(llm.store.stats)
             nxt = logits.argmax(-1, keepdim=True)  # [1, 1]
             t = time.perf_counter()
             logits = llm.runner.forward(nxt, kv)
@@ -38,13 +41,11 @@ def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tu
                 steps.append(time.perf_counter() - t)
     finally:
         kv.release()
-    return prefill, steps
+    return prefill, steps, llm.store.stats - before
 
 
 def run_bench(llm: LLM, prompt_tokens: int, tokens: int, warmup: int, profile_note: str) -> str:
-    before = replace(llm.store.stats)
-    prefill, steps = measure_decode(llm, prompt_tokens, tokens, warmup)
-    moved = llm.store.stats - before
+    prefill, steps, moved = measure_decode(llm, prompt_tokens, tokens, warmup)
     med = sorted(steps)[len(steps) // 2]
     lines = [f"prefill {prompt_tokens} tokens: {prefill * 1e3:.0f} ms; decode {tokens} tokens "
              f"(after {warmup} warm-up): median {med * 1e3:.1f} ms/token ({1 / med:.2f} tok/s)"]

@@ -70,7 +70,8 @@ class LLM:
                 raise UsageError(f"the budget {self.budget} leaves {self.plan.count(Tier.DISK)} layers off memory: "
                                  "pass offload_dir (--offload-dir) for the offload store")
             self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
-                                                  Path(offload_dir) if offload_dir else None, progress)
+                                                  Path(offload_dir) if offload_dir else None, progress,
+                                                  io_threads=self.profile.disk_queue_depth)
         self.source.close()  # what is resident is loaded: unmap the file so its pages leave our RSS
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
 

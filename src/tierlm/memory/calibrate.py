@@ -1,7 +1,8 @@
 """`tierlm calibrate`: measure this machine's tiers once and save a profile the planner reuses.
 
 Measures disk O_DIRECT read bandwidth (CHUNK_BYTES requests from `queue_depth` threads: the streamer's
-own pattern), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
+own pattern; without a chosen depth it tries QUEUE_DEPTHS and keeps the fastest, which the streamer then
+uses, because networked/virtual disks need many requests in flight to reach their bandwidth), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
 second in a decode-shaped matmul), the fixed cost of one decoder layer beyond its matmul bytes (dispatch,
 norms, attention on a tiny layer) and, with CUDA, pinned host->device bandwidth and CUDA GEMV.
 Pure measurement; no model needed.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,8 +28,9 @@ from tierlm.memory.offload_store import CHUNK_BYTES
 from tierlm.model import llama
 from tierlm.progress import progress_bar
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 REQUEST_BYTES = CHUNK_BYTES
+QUEUE_DEPTHS = (4, 16, 32)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Profile:
     ram_gbps: float  # bytes read + written per second by a large copy
     gemv_gbps: dict[str, float]  # dtype ("cuda:dtype" on CUDA) -> weight bytes/s through F.linear, one token
     layer_overhead_s: float  # one decoder layer's cost beyond its matmul bytes
+    disk_queue_depth: int = 4  # concurrent reads disk_read_gbps was measured with (the streamer's I/O threads)
     h2d_gbps: float | None = None  # pinned host -> CUDA
     threads: int = 1
     machine: dict[str, str] = field(default_factory=dict)
@@ -57,38 +61,53 @@ def _median_time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_disk(directory: Path, file_bytes: int, queue_depth: int = 4, progress: bool | None = None) -> tuple[float, bool]:
-    """Write a scratch file, evict it from the page cache, read it back with O_DIRECT; GB/s."""
+def read_bandwidth(path: Path, queue_depth: int, limit: int | None = None, tick=None) -> tuple[float, bool]:
+    """Read `path` (its first `limit` bytes) with O_DIRECT in REQUEST_BYTES requests, `queue_depth` in flight;
+    (GB/s, whether O_DIRECT was used). Also the benchmarks' in-run disk measurement."""
+    with DirectFile(path) as df:
+        n_req = max(1, min(limit or df.size, df.size) // REQUEST_BYTES)
+        bufs: list[AlignedBuffer] = []
+        mine = threading.local()  # one buffer per I/O thread: concurrent reads never share bytes
+
+        def read(k: int) -> int:
+            if not hasattr(mine, "buf"):
+                mine.buf = AlignedBuffer(REQUEST_BYTES)
+                bufs.append(mine.buf)
+            n = df.read_into(mine.buf.view, k * REQUEST_BYTES, REQUEST_BYTES)
+            if tick:
+                tick()
+            return n
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(queue_depth) as pool:
+            total = sum(pool.map(read, range(n_req)))
+        elapsed = time.perf_counter() - t
+        for b in bufs:
+            b.close()
+        return total / elapsed / 1e9, df.direct
+
+
+def measure_disk(directory: Path, file_bytes: int, queue_depth: int | None = None,
+                 progress: bool | None = None) -> tuple[float, bool, int]:
+    """Write a scratch file, evict it from the page cache, read it back with O_DIRECT at `queue_depth` (or
+    at each of QUEUE_DEPTHS, keeping the fastest); (GB/s, O_DIRECT used, queue depth)."""
     path = directory / ".tierlm-calibrate.bin"
     chunk = os.urandom(REQUEST_BYTES)  # incompressible, so a compressing device cannot flatter itself
     n_req = max(1, file_bytes // REQUEST_BYTES)
-    bar = progress_bar(2 * n_req, "calibrating disk", progress, unit="req")
+    depths = (queue_depth,) if queue_depth else QUEUE_DEPTHS
+    bar = progress_bar((1 + len(depths)) * n_req, "calibrating disk", progress, unit="req")
     try:
         with path.open("wb") as f:
             for _ in range(n_req):
                 f.write(chunk)
                 bar.update()
         drop_from_page_cache(path)
-        with DirectFile(path) as df:
-            bufs = [AlignedBuffer(REQUEST_BYTES) for _ in range(queue_depth)]
-
-            def read(k: int) -> int:
-                n = df.read_into(bufs[k % queue_depth].view, k * REQUEST_BYTES, REQUEST_BYTES)
-                bar.update()
-                return n
-
-            t = time.perf_counter()
-            # NOTE: at most queue_depth requests in flight, each into its own buffer (k % queue_depth).
-            with ThreadPoolExecutor(queue_depth) as pool:
-                total = sum(pool.map(read, range(n_req)))
-            elapsed = time.perf_counter() - t
-            for b in bufs:
-                b.close()
-            direct = df.direct
+        results = {qd: read_bandwidth(path, qd, tick=bar.update) for qd in depths}
     finally:
         bar.close()
         path.unlink(missing_ok=True)
-    return total / elapsed / 1e9, direct
+    best = max(results, key=lambda qd: results[qd][0])
+    return results[best][0], results[best][1], best
 
 
 def measure_ram(nbytes: int = 256 << 20, reps: int = 5) -> float:
@@ -142,16 +161,16 @@ def measure_h2d(nbytes: int = 256 << 20, reps: int = 5) -> float | None:
     return nbytes / _median_time(copy, reps) / 1e9
 
 
-def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int = 4,
+def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int | None = None,
               progress: bool | None = None) -> Profile:
-    disk, direct = measure_disk(directory, disk_bytes, queue_depth, progress)
+    disk, direct, queue_depth = measure_disk(directory, disk_bytes, queue_depth, progress)
     gemv = {"float32": measure_gemv(torch.float32), "bfloat16": measure_gemv(torch.bfloat16)}
     if torch.cuda.is_available():
         gemv |= {f"cuda:{d}": measure_gemv(dt, device="cuda") for d, dt in (("float32", torch.float32),
                                                                            ("bfloat16", torch.bfloat16))}
     return Profile(
         disk_read_gbps=disk, disk_direct=direct, ram_gbps=measure_ram(),
-        gemv_gbps=gemv, layer_overhead_s=measure_layer_overhead(),
+        gemv_gbps=gemv, layer_overhead_s=measure_layer_overhead(), disk_queue_depth=queue_depth,
         h2d_gbps=measure_h2d(), threads=torch.get_num_threads(),
         machine={"cpu_count": str(os.cpu_count()), "platform": platform.platform(), "torch": torch.__version__,
                  "disk_dir": str(directory)},
@@ -160,7 +179,7 @@ def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int = 4,
 
 def describe_profile(p: Profile) -> str:
     disk = f"{p.disk_read_gbps:.2f} GB/s" + ("" if p.disk_direct else " (buffered + DONTNEED: O_DIRECT refused)")
-    rows = [(f"disk read (O_DIRECT, {REQUEST_BYTES >> 20} MiB requests)", disk), ("RAM copy", f"{p.ram_gbps:.1f} GB/s")]
+    rows = [(f"disk read (O_DIRECT, {REQUEST_BYTES >> 20} MiB requests, {p.disk_queue_depth} in flight)", disk), ("RAM copy", f"{p.ram_gbps:.1f} GB/s")]
     rows += [(f"GEMV {d} (weight bytes)", f"{v:.1f} GB/s") for d, v in p.gemv_gbps.items()]
     rows.append(("layer overhead (beyond matmul bytes)", f"{p.layer_overhead_s * 1e3:.2f} ms"))
     rows.append(("pinned host -> CUDA", f"{p.h2d_gbps:.1f} GB/s" if p.h2d_gbps else "no CUDA"))

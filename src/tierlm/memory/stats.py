@@ -8,6 +8,7 @@ from __future__ import annotations
 import resource
 import sys
 import threading
+import time
 from dataclasses import dataclass, fields
 
 from tierlm.config import format_size
@@ -39,34 +40,48 @@ class TierStats:
         return 1.0 - self.forward_s / serial if serial > 0 else 0.0
 
     @property
+    def best_overlap(self) -> float:
+        """η when the shorter of compute and I/O hides entirely behind the longer."""
+        serial = self.compute_s + self.io_busy_s
+        return min(self.compute_s, self.io_busy_s) / serial if serial > 0 else 0.0
+
+    @property
     def disk_gbps(self) -> float:
         return self.disk_bytes / self.io_busy_s / 1e9 if self.io_busy_s > 0 else 0.0
 
 
-class IntervalClock:
-    """Union length of [start, end) intervals reported from several I/O threads (reads overlap)."""
+class BusyClock:
+    """Seconds during which at least one read was in flight, with reads overlapping on several I/O threads.
+    Counted exactly as they happen (a union of intervals summed per drain would count twice a read that
+    straddles a drain)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spans: list[tuple[float, float]] = []
+        self._active = 0
+        self._since = 0.0  # start of the current busy stretch (valid while _active > 0)
+        self._busy = 0.0
 
-    def add(self, start: float, end: float) -> None:
+    def begin(self) -> None:
         with self._lock:
-            self._spans.append((start, end))
+            if self._active == 0:
+                self._since = time.perf_counter()
+            self._active += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._busy += time.perf_counter() - self._since
 
     def drain(self) -> float:
-        """Busy seconds of the intervals reported since the last drain."""
+        """Busy seconds since the last drain (a stretch still running counts up to now)."""
         with self._lock:
-            spans, self._spans = sorted(self._spans), []
-        busy, cur_start, cur_end = 0.0, None, None
-        for s, e in spans:
-            if cur_end is None or s > cur_end:
-                if cur_end is not None:
-                    busy += cur_end - cur_start
-                cur_start, cur_end = s, e
-            else:
-                cur_end = max(cur_end, e)
-        return busy + (cur_end - cur_start if cur_end is not None else 0.0)
+            busy, self._busy = self._busy, 0.0
+            if self._active:
+                now = time.perf_counter()
+                busy += now - self._since
+                self._since = now
+            return busy
 
 
 def peak_rss_bytes() -> int:
@@ -83,7 +98,7 @@ def describe_stats(s: TierStats, tokens: int, calibrated_disk_gbps: float | None
         parts.append(f"host->device {format_size(s.h2d_bytes / per)}/token")
     parts.append(f"I/O wait {s.io_wait_s / per * 1000:.0f} ms/token ({s.io_wait_s / s.forward_s:.0%} of forward)"
                  if s.forward_s > 0 else "I/O wait 0 ms")
-    parts.append(f"overlap η={s.overlap:.2f}")
+    parts.append(f"overlap η={s.overlap:.2f} (best possible {s.best_overlap:.2f})")
     if s.disk_bytes:
         bw = f"disk {s.disk_gbps:.2f} GB/s achieved"
         if calibrated_disk_gbps:

@@ -1,11 +1,11 @@
 """The streamer: a ring of `depth` preallocated slots through which off-device units flow, in a fixed cyclic
 order (decode walks the layers the same way every token, so the next unit is always known).
 
-    acquire(u)  wait for u's chunks (read + CRC on the I/O threads) -> tensors viewing its slot
+    acquire(u)  wait for u's chunks (read + checksum on the I/O threads) -> tensors viewing its slot
     release(u)  the slot is free again -> the load `depth` places ahead is submitted at once
 
 The runner drives everything from its own thread; a pool of `io_threads` reads CHUNK_BYTES pieces with
-O_DIRECT (buffered + DONTNEED where refused) and checks each chunk's CRC as it lands. A failed or corrupt
+O_DIRECT (buffered + DONTNEED where refused) and verifies each chunk as it lands. A failed or corrupt
 chunk is re-read once, then a clear ChecksumError; nothing waits forever on a read that already failed.
 With CUDA the slots are pinned host buffers and each unit is then copied on a side stream into a device
 slot; compute waits on an event, and a host slot is reused only after its copy finished.
@@ -21,7 +21,7 @@ import torch
 from tierlm.errors import ModelFormatError
 from tierlm.memory.directio import AlignedBuffer
 from tierlm.memory.offload_store import OffloadStore
-from tierlm.memory.stats import IntervalClock, TierStats
+from tierlm.memory.stats import BusyClock, TierStats
 
 
 class Streamer:
@@ -49,7 +49,7 @@ class Streamer:
             self._host_slots = [b.tensor() for b in self._buffers]
         self._reader = store.open_reader(direct)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierlm-io")
-        self._clock = IntervalClock()
+        self._clock = BusyClock()
         self._pending: dict[int, list[tuple[tuple[int, int], Future]]] = {}
         self._next = 0  # load number the runner acquires next; load n streams schedule[n % len]
         self._position = {u: k for k, u in enumerate(schedule)}
@@ -60,11 +60,11 @@ class Streamer:
         return memoryview(self._host_slots[n % self.depth].numpy())
 
     def _read_chunk(self, unit: str, chunk: tuple[int, int], view: memoryview) -> None:
-        t = time.perf_counter()
+        self._clock.begin()
         try:
             self.store.read_chunk(self._reader, unit, chunk, view)
         finally:
-            self._clock.add(t, time.perf_counter())
+            self._clock.end()
 
     def _submit(self, n: int) -> None:
         unit = self.schedule[n % len(self.schedule)]
