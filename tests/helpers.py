@@ -27,3 +27,14 @@ def flip(path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A user error: exit code 2 and exactly one line on stderr naming each of `needles`."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tierlm: error: ")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]

@@ -7,22 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
-from helpers import run_cli
+from helpers import assert_one_line_error, run_cli
 
 from tierlm.cli import main
 from tierlm.errors import ModelFormatError
 from tierlm.weights import open_model
 from tierlm.weights.embedded import embedded_model_path
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tierlm: error: ")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _tiny_gguf(path: Path, arch: str = "llama", qtype: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:

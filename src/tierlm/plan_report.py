@@ -28,6 +28,11 @@ def _unit_rows(cfg: ModelConfig, inp: PlanInput, p: Placement) -> list[tuple[str
     return rows
 
 
+def _resident_bytes(inp: PlanInput, p: Placement) -> int:
+    """Resident weights: the planned compute-memory use minus ring, KV, activations and fixed buffers."""
+    return p.device_bytes - p.ring_depth * p.slot_bytes - inp.kv_bytes - inp.activation_bytes - inp.fixed_bytes
+
+
 def describe_plan(cfg: ModelConfig, dtype: str, budget: MemoryBudget, inp: PlanInput, p: Placement,
                   profile_note: str, max_context: int) -> str:
     rows = _unit_rows(cfg, inp, p)
@@ -36,7 +41,7 @@ def describe_plan(cfg: ModelConfig, dtype: str, budget: MemoryBudget, inp: PlanI
              f"context {max_context}", f"bandwidth profile: {profile_note}", ""]
     lines += [f"{'unit'.ljust(w)}  {'tier':<7} size", f"{'-' * w}  {'-' * 7} {'-' * 20}"]
     lines += [f"{a.ljust(w)}  {b:<7} {c}" for a, b, c in rows]
-    resident = p.device_bytes - p.ring_depth * p.slot_bytes - inp.kv_bytes - inp.activation_bytes - inp.fixed_bytes
+    resident = _resident_bytes(inp, p)
     where = "cuda" if inp.cuda else "cpu"
     limit = inp.device_budget if inp.cuda else inp.cpu_budget
     mem = [("resident weights", resident),
@@ -76,7 +81,7 @@ def plot_plan(cfg: ModelConfig, inp: PlanInput, p: Placement, path: Path) -> Non
     for tier, c in colors.items():
         ax1.bar(0, 0, color=c, label=tier.value)
     ax1.legend()
-    parts = [("resident", p.device_bytes - p.ring_depth * p.slot_bytes - inp.kv_bytes - inp.activation_bytes - inp.fixed_bytes),
+    parts = [("resident", _resident_bytes(inp, p)),
              ("ring", p.ring_depth * p.slot_bytes), ("KV", inp.kv_bytes), ("act+fixed", inp.activation_bytes + inp.fixed_bytes)]
     bottom = 0.0
     for name, b in parts:

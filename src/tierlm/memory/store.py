@@ -81,7 +81,7 @@ class WeightStore:
                       progress: bool | None = None) -> "WeightStore":
         """Read every tensor into `device` memory in `dtype` (dequantising as needed)."""
         n = source.config.num_layers
-        return cls._load(source, dtype, torch.device(device), [Tier.DEVICE] * n, Tier.DEVICE, Tier.DEVICE, progress)
+        return cls.load_placed(source, dtype, torch.device(device), [Tier.DEVICE] * n, Tier.DEVICE, Tier.DEVICE, progress)
 
     @classmethod
     def load_planned(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str, plan: Placement,
@@ -89,13 +89,15 @@ class WeightStore:
                      io_threads: int = 4) -> "WeightStore":
         """Resident units from the source; the rest written once to (or reused from) the offload store and
         streamed with `io_threads` concurrent reads (the queue depth calibration found fastest)."""
-        return cls._load(source, dtype, torch.device(device), list(plan.layer_tiers), plan.head_tier,
-                         plan.embed_tier, progress, plan.ring_depth, offload_dir, direct, io_threads)
+        return cls.load_placed(source, dtype, torch.device(device), list(plan.layer_tiers), plan.head_tier,
+                               plan.embed_tier, progress, plan.ring_depth, offload_dir, direct, io_threads)
 
     @classmethod
-    def _load(cls, source: ModelSource, dtype: torch.dtype, device: torch.device, tiers: list[Tier], head_tier: Tier,
-              embed_tier: Tier, progress: bool | None, ring_depth: int = 0, offload_dir: Path | None = None,
-              direct: bool = True, io_threads: int = 4) -> "WeightStore":
+    def load_placed(cls, source: ModelSource, dtype: torch.dtype, device: torch.device, tiers: list[Tier],
+                    head_tier: Tier, embed_tier: Tier, progress: bool | None, ring_depth: int = 0,
+                    offload_dir: Path | None = None, direct: bool = True, io_threads: int = 4) -> "WeightStore":
+        """An explicit placement: tier of every layer, of the head and of the embedding (tests force every mix
+        through here; load_planned passes the planner's)."""
         cfg = source.config
         tied = cfg.tie_word_embeddings
         if tied:

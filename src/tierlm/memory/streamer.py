@@ -111,9 +111,12 @@ class Streamer:
     # --- the runner's interface ------------------------------------------------------------------
     def acquire(self, unit: str) -> dict[str, torch.Tensor]:
         """Tensors of `unit`, valid until release(unit). Units are expected in schedule order; any other
-        order (an interrupted forward pass) restarts the stream at `unit`."""
+        order (an interrupted forward pass) restarts the stream at `unit`, invalidating tensors handed out
+        before."""
         n = self._next
-        if self.schedule[n % len(self.schedule)] != unit:
+        if self.schedule[n % len(self.schedule)] != unit or n not in self._pending:
+            # out of order, or load n was already acquired and never released (a pass abandoned mid-way
+            # or a failed read): start over, overwriting the abandoned slot
             self._start(self._position[unit])
             n = self._next
         self._wait(n, unit)
@@ -147,5 +150,10 @@ class Streamer:
         self._reader.close()
         self._host_slots = []
         for b in self._buffers:
-            b.close()
+            try:
+                b.close()
+            except BufferError:
+                # Views are still alive (say, in the traceback of a ChecksumError being reported); each holds
+                # the mapping, which is unmapped when the last of them goes.
+                pass
         self._buffers = []

@@ -4,12 +4,14 @@ Pickle checkpoints (.bin/.pt) are never loaded: they can execute code."""
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import ModelFormatError, UnsupportedModelError
@@ -70,6 +72,53 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
         raise ModelFormatError(f"{path}/config.json: bad or missing field ({e})") from None
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_NAMES = {t: name for name, t in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    key: str  # name in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+def _read_header(f: Path) -> dict[str, _Entry]:
+    """Parse a safetensors header (u64 length + JSON); every entry checked against the file size."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        raw = fh.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise ModelFormatError(f"{f}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{f}: not a safetensors file (header is not JSON: {e})") from None
+    out = {}
+    for key, e in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(v) for v in e["data_offsets"])
+            dtype, shape = e["dtype"], tuple(int(d) for d in e["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{f}: malformed header entry for {key}") from None
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedModelError(f"{f}: tensor {key} has dtype {dtype} (supported: {', '.join(_ST_DTYPES)})")
+        t = _ST_DTYPES[dtype]
+        nbytes = math.prod(shape) * t.itemsize
+        if not 0 <= begin <= end or end - begin != nbytes or 8 + n + end > size:
+            raise ModelFormatError(f"{f}: tensor {key} lies outside the file or has the wrong size (truncated?)")
+        out[key] = _Entry(f, key, t, shape, 8 + n + begin, nbytes)
+    return out
+
+
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -104,17 +153,17 @@ class SafetensorsSource(ModelSource):
         except json.JSONDecodeError as e:
             raise ModelFormatError(f"{path}/config.json: not valid JSON ({e})") from None
         self.config = config_from_hf(raw, path)
-        self._where: dict[str, tuple[Path, str]] = {}  # internal name -> (file, name in file)
+        self._where: dict[str, _Entry] = {}  # internal name -> where its bytes are
         self._dtypes: Counter[str] = Counter()
         for f in _shard_files(path):
             try:
-                with safe_open(f, framework="pt") as sf:
-                    for key in sf.keys():
-                        if (internal := hf_to_internal(key)) is not None:
-                            self._where[internal] = (f, key)
-                            self._dtypes[str(sf.get_slice(key).get_dtype())] += 1
-            except (SafetensorError, OSError) as e:
+                entries = _read_header(f)
+            except OSError as e:
                 raise ModelFormatError(f"{f}: not a readable safetensors file ({e})") from None
+            for key, e in entries.items():
+                if (internal := hf_to_internal(key)) is not None:
+                    self._where[internal] = e
+                    self._dtypes[_ST_NAMES[e.dtype]] += 1
         self.tokenizer = tokenizer_from_hf_dir(path)
         self.validate()
 
@@ -125,11 +174,24 @@ class SafetensorsSource(ModelSource):
         return dict(self._dtypes)
 
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        f, key = self._where[name]
+        """Read one tensor into fresh memory with pread, then drop its file pages from the page cache.
+        NOTE: not through a memory map: mapped pages count in RSS while mapped, so loading a 100 MiB tensor
+        would briefly cost 200 MiB against the budget (and leave the weights in the page cache)."""
+        e = self._where[name]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if e.nbytes else memoryview(b"")
         try:
-            with safe_open(f, framework="pt") as sf:
-                # copy=True: without it a same-dtype tensor stays a view of the file's memory map, and the
-                # page cache would silently hold weights the store claims to own.
-                return sf.get_tensor(key).to(dtype, copy=True)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelFormatError(f"{f}: cannot read tensor {key} ({e})") from None
+            fd = os.open(e.file, os.O_RDONLY)
+            try:
+                got = 0
+                while got < e.nbytes:
+                    n = os.preadv(fd, [buf[got:]], e.offset + got)
+                    if n <= 0:
+                        raise OSError("unexpected end of file")
+                    got += n
+                os.posix_fadvise(fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise ModelFormatError(f"{e.file}: cannot read tensor {e.key} ({err})") from None
+        return t if t.dtype == dtype else t.to(dtype)

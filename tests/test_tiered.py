@@ -1,0 +1,147 @@
+"""Tiered weights compute exactly what resident weights compute: every tier mix, ring depth and prefill
+chunking gives bit-identical logits (fp32, CPU) and the same greedy tokens; corruption is a clear error."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cached_pages, flip
+
+from tierlm import LLM, SamplingParams
+from tierlm.engine.runner import Runner
+from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory.offload_store import DATA_FILE, ChecksumError
+from tierlm.memory.store import WeightStore
+from tierlm.memory.tiers import Tier
+from tierlm.weights import open_model
+
+D, K = Tier.DEVICE, Tier.DISK
+PROMPT = [3, 17, 99, 42, 250, 7, 7, 301, 12, 64, 5]
+
+
+def _logits(store: WeightStore, prompt: list[int], steps: int, prefill_chunk: int = 512) -> list[torch.Tensor]:
+    """Prefill logits [T, V], then one [V] per greedy decode step."""
+    runner = Runner(store, torch.float32, prefill_chunk=prefill_chunk, max_context=64)
+    kv = KVCache(store.config, batch=1, capacity=64, dtype=torch.float32)
+    try:
+        out = [runner.forward(torch.tensor([prompt]), kv, all_logits=True)[0]]
+        for _ in range(steps):
+            nxt = out[-1].reshape(-1, out[-1].shape[-1])[-1].argmax().view(1, 1)  # greedy, [1, 1]
+            out.append(runner.forward(nxt, kv)[0])
+    finally:
+        kv.release()
+    return out
+
+
+def _placed(path, tmp_path, layers, head, embed, ring=2) -> WeightStore:
+    return WeightStore.load_placed(open_model(path), torch.float32, torch.device("cpu"), layers, head, embed,
+                                   progress=False, ring_depth=ring, offload_dir=tmp_path / "off")
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_models):
+    """Resident reference logits per model (prefill chunk 512, i.e. one pass)."""
+    cache = {}
+
+    def get(name: str) -> list[torch.Tensor]:
+        if name not in cache:
+            store = WeightStore.load_resident(open_model(tiny_models[name].path), torch.float32, progress=False)
+            cache[name] = _logits(store, PROMPT, steps=4)
+        return cache[name]
+    return get
+
+
+MIXES = {  # (layer tiers for a 2-layer model, head, embed, ring depth)
+    "all-disk": ([K, K], K, K, 2),
+    "mixed": ([D, K], D, D, 2),
+    "mixed-head-disk": ([K, D], K, D, 2),
+    "embed-rows-from-disk": ([D, D], D, K, 2),
+    "ring-1": ([K, K], K, K, 1),
+    "ring-3": ([K, K], D, K, 3),
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("name", ["llama3_rope", "qwen2"])
+def test_every_tier_mix_matches_resident_exactly(tiny_models, resident, tmp_path, name, mix):
+    layers, head, embed, ring = MIXES[mix]
+    store = _placed(tiny_models[name].path, tmp_path, layers, head, embed, ring)
+    try:
+        got = _logits(store, PROMPT, steps=4)
+        assert store.stats.disk_bytes > 0
+    finally:
+        store.close()
+    for g, r in zip(got, resident(name), strict=True):
+        assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("head", [D, K])
+def test_tied_embedding_rows_come_from_the_head_wherever_it_lives(tiny_models, resident, tmp_path, head):
+    store = _placed(tiny_models["llama_gqa_tied"].path, tmp_path, [K, D, K], head, D)
+    try:
+        assert store.embed_tier == head  # one matrix: the embedding follows the head
+        got = _logits(store, PROMPT, steps=3)
+    finally:
+        store.close()
+    for g, r in zip(got, resident("llama_gqa_tied")[:4], strict=True):
+        assert torch.equal(g, r)
+
+
+def test_chunked_prefill_through_the_ring_matches_resident(tiny_models, tmp_path):
+    """Prefill in chunks of 4 re-streams the layers per chunk; the result equals a resident chunked run and
+    the one-pass run (up to float reassociation across chunks: close, same argmax)."""
+    path = tiny_models["mistral_swa"].path
+    ref = _logits(WeightStore.load_resident(open_model(path), torch.float32, progress=False), PROMPT, 3, prefill_chunk=4)
+    store = _placed(path, tmp_path, [K, K], K, K, ring=2)
+    try:
+        got = _logits(store, PROMPT, steps=3, prefill_chunk=4)
+        assert store.stats.forward_passes == 3 + 3  # ceil(11 / 4) prefill chunks + 3 decode steps
+    finally:
+        store.close()
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g, r)
+
+
+def test_budgeted_llm_generates_the_resident_tokens(tiny_models, tmp_path):
+    path = tiny_models["llama3_rope"].path
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = LLM(path, progress=False).generate([PROMPT], params)[0].token_ids
+    # 2 layers of 197 KiB each, head and embed 128 KiB: 600 KiB leaves part of the model on disk
+    with LLM(path, progress=False, max_memory={"cpu": "600KiB"}, offload_dir=tmp_path / "off", max_context=64) as llm:
+        assert llm.plan is not None and llm.plan.count(Tier.DISK) >= 1
+        assert llm.plan.device_bytes <= 600 << 10
+        out = llm.generate([PROMPT], params)[0]
+        assert out.token_ids == want
+        assert out.metrics.tiers.disk_bytes > 0
+        assert "disk" in llm.stats_text(out) and "overlap η" in llm.stats_text(out)
+    data = tmp_path / "off" / DATA_FILE
+    assert cached_pages(data) == 0  # the store was read with O_DIRECT: the page cache is no hidden tier
+    for f in path.glob("*.safetensors"):
+        assert cached_pages(f) == 0  # the source was evicted after loading the resident part
+
+
+def test_corrupt_chunk_is_refetched_once_then_a_clear_error(tiny_models, tmp_path):
+    path = tiny_models["llama3_rope"].path
+    store = _placed(path, tmp_path, [K, K], D, D)
+    unit = store.streamer.store.units["layers.1"]
+    store.close()
+    flip(tmp_path / "off" / DATA_FILE, unit.offset + 100)
+    store = _placed(path, tmp_path, [K, K], D, D)  # reused (the manifest matches); the bytes are bad
+    try:
+        with pytest.raises(ChecksumError, match=r"layers\.1.*after one re-read"):
+            _logits(store, PROMPT, steps=1)
+        assert store.stats.retries >= 1
+    finally:
+        store.close()
+
+
+def test_interrupted_pass_restarts_the_stream(tiny_models, resident, tmp_path):
+    """A forward pass abandoned half-way (an exception in user code between layers) leaves the ring
+    mid-cycle; the next pass restarts it and computes the right thing."""
+    store = _placed(tiny_models["llama3_rope"].path, tmp_path, [K, K], K, D, ring=2)
+    try:
+        store.acquire(0)  # the runner never released it
+        got = _logits(store, PROMPT, steps=2)
+    finally:
+        store.close()
+    for g, r in zip(got, resident("llama3_rope")[:3], strict=True):
+        assert torch.equal(g, r)
