@@ -119,6 +119,18 @@ def _read_header(f: Path) -> dict[str, _Entry]:
     return out
 
 
+CONVERT_ELEMS = 1 << 21  # elements per piece when loading converts dtype (4 MiB of bf16)
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            raise OSError("unexpected end of file")
+        got += n
+
+
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -178,20 +190,24 @@ class SafetensorsSource(ModelSource):
         NOTE: not through a memory map: mapped pages count in RSS while mapped, so loading a 100 MiB tensor
         would briefly cost 200 MiB against the budget (and leave the weights in the page cache)."""
         e = self._where[name]
-        t = torch.empty(e.shape, dtype=e.dtype)
-        buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if e.nbytes else memoryview(b"")
+        out = torch.empty(e.shape, dtype=dtype)
+        flat = out.view(-1)
+        # Same dtype: read straight into the result. Otherwise read pieces of CONVERT_ELEMS elements into a
+        # small scratch and convert each into place, so a conversion never holds a second full copy.
+        step = flat.numel() if dtype == e.dtype else CONVERT_ELEMS
+        scratch = flat if dtype == e.dtype else torch.empty(min(step, flat.numel()), dtype=e.dtype)
         try:
             fd = os.open(e.file, os.O_RDONLY)
             try:
-                got = 0
-                while got < e.nbytes:
-                    n = os.preadv(fd, [buf[got:]], e.offset + got)
-                    if n <= 0:
-                        raise OSError("unexpected end of file")
-                    got += n
+                for start in range(0, flat.numel(), max(step, 1)):
+                    n = min(step, flat.numel() - start)
+                    part = scratch[:n] if scratch is not flat else flat
+                    _pread_exact(fd, memoryview(part.view(torch.uint8).numpy()), e.offset + start * e.dtype.itemsize)
+                    if part is not flat:
+                        flat[start:start + n] = part
                 os.posix_fadvise(fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
         except OSError as err:
             raise ModelFormatError(f"{e.file}: cannot read tensor {e.key} ({err})") from None
-        return t if t.dtype == dtype else t.to(dtype)
+        return out

@@ -1,0 +1,73 @@
+"""Honest budgets, measured on a real process: peak RSS of a budgeted run stays within the budget plus the
+runtime's fixed overhead (measured here, by a process that does everything but hold weights), and neither
+the offload store nor the model file is left in the page cache."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import cached_pages
+
+from tierlm.memory.offload_store import DATA_FILE
+from tierlm.synth import synth
+
+MiB = 1 << 20
+BUDGET = 300 * MiB  # the model is 513 MiB in float32: about half of it must stream
+
+# A child prints its own peak RSS last: VmHWM, the high-water mark of its own address space. (ru_maxrss
+# would not do: Linux carries it across exec, so a child forked from this big pytest process starts high.)
+_CHILD = r"""
+import sys
+mode, model = sys.argv[1], sys.argv[2]
+if mode == "overhead":
+    # everything a run does except holding weights: torch and tierlm imported, the model's config and
+    # tokenizer loaded, one decoder layer run (so the CPU kernels are initialised)
+    from tierlm.memory.calibrate import measure_layer_overhead
+    from tierlm.weights import open_model
+    source = open_model(model)
+    source.tokenizer.encode("hello")
+    source.close()
+    measure_layer_overhead(reps=3)
+else:
+    from tierlm.cli import main
+    code = main(sys.argv[3:])
+    assert code == 0, code
+status = open("/proc/self/status").read()
+print(int(status.split("VmHWM:")[1].split()[0]) * 1024)
+"""
+
+
+def _peak(*args: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return synth("smollm2-135m", tmp_path_factory.mktemp("rss") / "m", "bfloat16", seed=0, progress=False)
+
+
+def test_peak_rss_within_budget_plus_overhead(model, tmp_path):
+    overhead = _peak("overhead", str(model))
+    run = ["run", str(model), "generate", "--model", str(model), "--dtype", "float32", "--prompt", "hello",
+           "--max-tokens", "4", "--ignore-eos", "--no-stream", "--max-context", "64",
+           "--max-memory", f"cpu={BUDGET // MiB}MiB", "--offload-dir", str(tmp_path / "off")]
+    first = _peak(*run)  # builds the offload store
+    second = _peak(*run)  # reuses it
+    print(f"overhead {overhead / MiB:.0f} MiB, first {first / MiB:.0f} MiB, second {second / MiB:.0f} MiB")
+    for peak in (first, second):
+        assert peak - overhead <= BUDGET, (f"peak {peak / MiB:.0f} MiB = overhead {overhead / MiB:.0f} MiB "
+                                           f"+ {(peak - overhead) / MiB:.0f} MiB > budget {BUDGET / MiB:.0f} MiB")
+    assert cached_pages(tmp_path / "off" / DATA_FILE) == 0
+    for f in model.glob("*.safetensors"):
+        assert cached_pages(f) == 0
+
+
+def test_a_resident_run_would_not_fit(model, tmp_path):
+    """The check above can fail: without a budget the same run holds the whole model."""
+    overhead = _peak("overhead", str(model))
+    peak = _peak("run", str(model), "generate", "--model", str(model), "--dtype", "float32", "--prompt", "hello",
+                 "--max-tokens", "4", "--ignore-eos", "--no-stream", "--max-context", "64")
+    assert peak - overhead > BUDGET + 100 * MiB
