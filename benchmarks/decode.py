@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: silences transformers' GGUF-conversion bar
 import torch  # noqa: E402
+from _common import machine_info  # noqa: E402
 
 
 class TierlmEngine:
@@ -116,26 +116,6 @@ def leading_match(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _proc_field(path: str, key: str) -> str:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
-
-
-def machine_info() -> dict:
-    mem = _proc_field("/proc/meminfo", "MemTotal")
-    ram_gib = f"{int(mem.split()[0]) / 2**20:.1f} GiB" if mem != "?" else "?"
-    return {"cpu": _proc_field("/proc/cpuinfo", "model name"), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "ram": ram_gib, "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "python": platform.python_version(), "loadavg_1m_at_end": os.getloadavg()[0]}
 
 
 def report(summary: dict, machine: dict, n_prompt: int, args: argparse.Namespace) -> dict:

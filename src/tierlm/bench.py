@@ -6,6 +6,7 @@ The first `warmup` decode steps are not counted: they include the ring filling f
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -18,9 +19,11 @@ from tierlm.memory.stats import TierStats, describe_stats
 from tierlm.memory.tiers import Tier
 
 
-def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tuple[float, list[float], TierStats]:
+def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int,
+                   before_step: Callable[[], None] | None = None) -> tuple[float, list[float], TierStats]:
     """(prefill seconds, seconds of each counted decode step, tier traffic of the counted steps).
-    Greedy; same ids every run."""
+    Greedy; same ids every run. `before_step` runs untimed before each decode step (benchmarks evict
+    the page cache there)."""
     cfg = llm.config
     if prompt_tokens + tokens + warmup > llm.max_context:
         raise ContextLengthError(f"{prompt_tokens} + {tokens + warmup} tokens exceed max_context {llm.max_context}")
@@ -35,6 +38,8 @@ def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int) -> tu
             if k == warmup:
                 before = replace(llm.store.stats)
             nxt = logits.argmax(-1, keepdim=True)  # [1, 1]
+            if before_step is not None:
+                before_step()
             t = time.perf_counter()
             logits = llm.runner.forward(nxt, kv)
             if k >= warmup:

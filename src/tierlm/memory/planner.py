@@ -171,6 +171,12 @@ def _placement(inp: PlanInput, layers: tuple[Tier, ...], head: Tier, embed: Tier
                      h2d_bytes_per_token=h2d, io_s=io_s, compute_s=sum(u[2] for u in units), token_s=token_s)
 
 
+def predict(inp: PlanInput, p: Placement) -> Placement:
+    """The same placement re-costed under `inp` (say, with a disk bandwidth measured just now)."""
+    dev, host, slot = _memory(inp, p.layer_tiers, p.head_tier, p.embed_tier, p.ring_depth)
+    return _placement(inp, p.layer_tiers, p.head_tier, p.embed_tier, p.ring_depth, dev, host, slot)
+
+
 def minimum_bytes(inp: PlanInput, k: int = 2) -> tuple[int, int]:
     """Smallest (device_or_cpu, host) footprint: everything streamed from disk through a k-deep ring."""
     dev, host, _ = _memory(inp, (Tier.DISK,) * inp.num_layers, Tier.DISK, Tier.DISK, k)
