@@ -92,6 +92,8 @@ def peak_rss_bytes() -> int:
 
 def describe_stats(s: TierStats, tokens: int, calibrated_disk_gbps: float | None) -> str:
     """One line for --stats: per-token traffic by tier, I/O wait, overlap, bandwidth, peak RSS."""
+    if not s.disk_bytes and not s.h2d_bytes:
+        return f"[all weights resident; peak RSS {format_size(peak_rss_bytes())}]"
     per = max(tokens, 1)
     parts = [f"disk {format_size(s.disk_bytes / per)}/token"]
     if s.h2d_bytes:
