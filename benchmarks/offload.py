@@ -56,11 +56,6 @@ def _cached_bytes(paths: list[Path]) -> int:
     return sum(int(x) for x in out.split())
 
 
-def _peak_rss() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024
-
-
 class TierlmWorker:
     def __init__(self, a: argparse.Namespace, budget: str | None):
         from tierlm import LLM
@@ -107,8 +102,8 @@ class AccelerateWorker:
     @torch.inference_mode()
     def decode(self, prompt: int, tokens: int, before) -> tuple[list[float], int]:
         import time
-        vocab = self.model.config.vocab_size
-        ids = torch.arange(prompt).remainder(vocab - 1).add(1).unsqueeze(0)  # the ids tierlm's bench uses
+        from tierlm.bench import prompt_ids
+        ids = prompt_ids(self.model.config.vocab_size, prompt)  # the ids tierlm's bench uses
         out = self.model(ids, use_cache=True, logits_to_keep=1)
         steps = []
         for _ in range(tokens):
@@ -128,6 +123,8 @@ def worker(a: argparse.Namespace) -> None:
     budget = None if a.worker == "resident" else a.budget
     engine = AccelerateWorker(a, budget) if a.worker == "accelerate" else TierlmWorker(a, budget)
     # this engine's own files: the model, and its offload store / folder
+    from tierlm.memory.stats import peak_rss_bytes
+
     own = Path(a.offload_dir) / ("accelerate" if a.worker == "accelerate" else "layers.bin")
     files = [Path(a.model)] + ([own] if a.worker != "resident" else [])
     print(json.dumps({"ready": True, **engine.describe()}), flush=True)
@@ -145,7 +142,7 @@ def worker(a: argparse.Namespace) -> None:
         predicted = engine.predict(cmd["disk_gbps"]) if isinstance(engine, TierlmWorker) else None
         print(json.dumps({"steps": steps, "disk_bytes_per_token": disk, "cache_after_step": max(after_step[1:]),
                           "predicted_s": predicted,
-                          "cache_after_evict": max(after_evict), "peak_rss": _peak_rss()}), flush=True)
+                          "cache_after_evict": max(after_evict), "peak_rss": peak_rss_bytes()}), flush=True)
 
 
 # --- driver side -----------------------------------------------------------------------------------

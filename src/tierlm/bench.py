@@ -19,6 +19,11 @@ from tierlm.memory.stats import TierStats, describe_stats
 from tierlm.memory.tiers import Tier
 
 
+def prompt_ids(vocab_size: int, n: int) -> torch.Tensor:
+    """The fixed benchmark prompt: ids 1..n (wrapping below vocab_size) -> [1, n]."""
+    return torch.arange(n).remainder(vocab_size - 1).add(1).unsqueeze(0)
+
+
 def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int,
                    before_step: Callable[[], None] | None = None) -> tuple[float, list[float], TierStats]:
     """(prefill seconds, seconds of each counted decode step, tier traffic of the counted steps).
@@ -27,7 +32,7 @@ def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int,
     cfg = llm.config
     if prompt_tokens + tokens + warmup > llm.max_context:
         raise ContextLengthError(f"{prompt_tokens} + {tokens + warmup} tokens exceed max_context {llm.max_context}")
-    ids = torch.arange(prompt_tokens).remainder(cfg.vocab_size - 1).add(1).unsqueeze(0)  # [1, P]
+    ids = prompt_ids(cfg.vocab_size, prompt_tokens)  # [1, P]
     kv = KVCache(cfg, batch=1, capacity=prompt_tokens + tokens + warmup, dtype=llm.dtype, device=llm.runner.device)
     try:
         t = time.perf_counter()

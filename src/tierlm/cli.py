@@ -174,14 +174,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tierlm.memory.budget import MemoryBudget
     from tierlm.memory.calibrate import load_profile_or_default
     from tierlm.memory.planner import plan
-    from tierlm.memory.planning import plan_input
+    from tierlm.memory.planning import default_context, plan_input
     from tierlm.plan_report import describe_plan, plot_plan
     from tierlm.weights import open_model
 
     cfg = open_model(args.model).config
     budget = MemoryBudget.parse(args.max_memory)
     dtype = resolve_dtype(args.dtype)
-    ctx = min(args.max_context or 4096, cfg.max_position_embeddings)
+    ctx = default_context(cfg, budget, args.max_context)
     profile, calibrated = load_profile_or_default(args.profile)
     inp = plan_input(cfg, dtype, budget, ctx, profile, cuda=args.device.startswith("cuda"), ring_depth=args.ring_depth)
     placement = plan(inp)

@@ -14,7 +14,7 @@ from tierlm.errors import UsageError
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.planner import Placement, plan
-from tierlm.memory.planning import plan_input
+from tierlm.memory.planning import default_context, plan_input
 from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
@@ -56,8 +56,7 @@ class LLM:
         self.source = open_model(model)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        cap = self.config.max_position_embeddings if not self.budget.limited else min(self.config.max_position_embeddings, 4096)
-        self.max_context = min(max_context or cap, self.config.max_position_embeddings)
+        self.max_context = default_context(self.config, self.budget, max_context)
         self.profile, self.profile_calibrated = load_profile_or_default(profile)
         self.plan: Placement | None = None
         if not self.budget.limited:
@@ -72,7 +71,6 @@ class LLM:
             self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
                                                   Path(offload_dir) if offload_dir else None, progress,
                                                   io_threads=self.profile.disk_queue_depth)
-        self.source.close()  # what is resident is loaded: unmap the file so its pages leave our RSS
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
 
     def stats_text(self, out: RequestOutput) -> str:

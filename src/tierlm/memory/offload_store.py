@@ -61,7 +61,7 @@ class StoredUnit:
 def source_fingerprint(source: ModelSource, dtype: torch.dtype) -> str:
     """Identity of what the store was built from: path, size and mtime of every model file, and the dtype.
     Cheap (no full-file hash) yet changes when any file is replaced or edited."""
-    files = [source.path] if source.path.is_file() else sorted(source.path.glob("*.safetensors"))
+    files = source.files()
     h = hashlib.sha256(f"v{STORE_VERSION}|{dtype}".encode())
     for f in files:
         st = f.stat()

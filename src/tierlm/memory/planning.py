@@ -12,6 +12,13 @@ from tierlm.memory.planner import PlanInput
 from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_nbytes
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory whatever the prompt
+BUDGET_CONTEXT_CAP = 4096  # default context under a budget: the KV cache is reserved for all of it
+
+
+def default_context(cfg: ModelConfig, budget: MemoryBudget, max_context: int | None) -> int:
+    """Positions served: `max_context`, else the model's (at most BUDGET_CONTEXT_CAP under a budget)."""
+    cap = min(cfg.max_position_embeddings, BUDGET_CONTEXT_CAP) if budget.limited else cfg.max_position_embeddings
+    return min(max_context or cap, cfg.max_position_embeddings)
 
 
 def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_context: int, profile: Profile,

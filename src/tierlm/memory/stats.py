@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from tierlm.config import format_size
 
@@ -33,17 +34,20 @@ class TierStats:
         return max(self.forward_s - self.io_wait_s, 0.0)
 
     @property
+    def serial_s(self) -> float:
+        """Compute and I/O one after the other: what a run without any overlap would take."""
+        return self.compute_s + self.io_busy_s
+
+    @property
     def overlap(self) -> float:
         """η = 1 − T_total / (ΣT_compute + ΣT_io): 0 = I/O and compute serialised; the best is
         min(c, io) / (c + io), reached when the shorter one hides entirely behind the longer."""
-        serial = self.compute_s + self.io_busy_s
-        return 1.0 - self.forward_s / serial if serial > 0 else 0.0
+        return 1.0 - self.forward_s / self.serial_s if self.serial_s > 0 else 0.0
 
     @property
     def best_overlap(self) -> float:
         """η when the shorter of compute and I/O hides entirely behind the longer."""
-        serial = self.compute_s + self.io_busy_s
-        return min(self.compute_s, self.io_busy_s) / serial if serial > 0 else 0.0
+        return min(self.compute_s, self.io_busy_s) / self.serial_s if self.serial_s > 0 else 0.0
 
     @property
     def disk_gbps(self) -> float:
@@ -85,9 +89,14 @@ class BusyClock:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """Peak resident set of this process. On Linux VmHWM, the high-water mark of this address space:
+    ru_maxrss is carried across exec, so a process started from a big parent would report the parent's."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def describe_stats(s: TierStats, tokens: int, calibrated_disk_gbps: float | None) -> str:

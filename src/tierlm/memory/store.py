@@ -55,8 +55,7 @@ class _Rows:
 
 def _evict_source(source: ModelSource) -> None:
     """The source was read through the page cache; drop those pages so it is not a hidden tier."""
-    files = [source.path] if source.path.is_file() else sorted(source.path.glob("*.safetensors"))
-    for f in files:
+    for f in source.files():
         drop_from_page_cache(f)
 
 

@@ -94,14 +94,13 @@ class Streamer:
 
     def _wait(self, n: int, unit: str) -> None:
         t = time.perf_counter()
-        view = self._slot_view(n)
         for chunk, f in self._pending.pop(n):
             try:
                 f.result()
             except (OSError, ModelFormatError):
                 self.stats.retries += 1  # refetch once on this thread; a second failure is reported
                 try:
-                    self._read_chunk(unit, chunk, view)
+                    self._read_chunk(unit, chunk, self._slot_view(n))
                 except (OSError, ModelFormatError) as e:
                     raise type(e)(f"{e} (after one re-read)") if isinstance(e, ModelFormatError) else \
                         ModelFormatError(f"{self.store.path}: read error in {unit}: {e} (after one re-read)") from None

@@ -167,7 +167,8 @@ class SafetensorsSource(ModelSource):
         self.config = config_from_hf(raw, path)
         self._where: dict[str, _Entry] = {}  # internal name -> where its bytes are
         self._dtypes: Counter[str] = Counter()
-        for f in _shard_files(path):
+        self._files = _shard_files(path)
+        for f in self._files:
             try:
                 entries = _read_header(f)
             except OSError as e:
@@ -181,6 +182,9 @@ class SafetensorsSource(ModelSource):
 
     def tensor_names(self) -> list[str]:
         return list(self._where)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
 
     def storage_types(self) -> dict[str, int]:
         return dict(self._dtypes)

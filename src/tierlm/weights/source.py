@@ -31,6 +31,10 @@ class ModelSource(ABC):
     def storage_types(self) -> dict[str, int]:
         """How many tensors of each stored type ("Q4_1", "F32", "bfloat16", ...)."""
 
+    def files(self) -> list[Path]:
+        """The files the weights are read from (the GGUF file; the safetensors shards)."""
+        return [self.path]
+
     def close(self) -> None:  # noqa: B027 — a no-op default: sources that hold no mapping need nothing
         """Release file mappings; load() must not be called afterwards. Config and tokenizer stay valid."""
 
