@@ -37,9 +37,18 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="bandwidth profile (default: the one `tierlm calibrate` saved)")
 
 
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: float32, or bfloat16 activations with --quant)")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantisation: int8 (W8A16) or int4 (W4A16) (default: none)")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                   help="quantisation group along K (int8 default: per output channel; int4 default: 32)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+    _quant_args(p)
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _budget_args(p)
@@ -81,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("plan", help="where each layer would live under a budget, and the predicted speed")
     n.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: embedded)")
-    n.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+    _quant_args(n)
     n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     n.add_argument("--plot", default=None, metavar="PNG", help="also draw the plan (needs matplotlib)")
     _budget_args(n)
@@ -123,7 +132,7 @@ def _load(args: argparse.Namespace):
 
     return LLM(args.model, dtype=args.dtype, threads=args.threads, device=args.device, max_memory=args.max_memory,
                offload_dir=args.offload_dir, max_context=args.max_context, ring_depth=args.ring_depth,
-               profile=args.profile)
+               profile=args.profile, quant=args.quant, group_size=args.group_size)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -176,16 +185,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tierlm.memory.planner import plan
     from tierlm.memory.planning import default_context, plan_input
     from tierlm.plan_report import describe_plan, plot_plan
+    from tierlm.quant import QuantScheme
     from tierlm.weights import open_model
 
     cfg = open_model(args.model).config
     budget = MemoryBudget.parse(args.max_memory)
-    dtype = resolve_dtype(args.dtype)
+    quant = QuantScheme.parse(args.quant, args.group_size)
+    dtype = resolve_dtype(args.dtype, quant.enabled)
     ctx = default_context(cfg, budget, args.max_context)
     profile, calibrated = load_profile_or_default(args.profile)
-    inp = plan_input(cfg, dtype, budget, ctx, profile, cuda=args.device.startswith("cuda"), ring_depth=args.ring_depth)
+    inp = plan_input(cfg, dtype, budget, ctx, profile, cuda=args.device.startswith("cuda"), ring_depth=args.ring_depth,
+                     quant=quant)
     placement = plan(inp)
-    print(describe_plan(cfg, str(dtype).removeprefix("torch."), budget, inp, placement,
+    weights = str(dtype).removeprefix("torch.") + (f", weights {quant}" if quant.enabled else "")
+    print(describe_plan(cfg, weights, budget, inp, placement,
                         _profile_note(args.profile, calibrated), ctx))
     if args.plot:
         plot_plan(cfg, inp, placement, Path(args.plot))

@@ -79,17 +79,19 @@ class ModelConfig:
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # Dtypes tensors may be stored in (synth output, offload store); compute uses DTYPES only.
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "int8": torch.int8, "uint8": torch.uint8}  # the last two: quantised parts (quant/)
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """"auto" means fp32 on CPU: CPU bf16 matmul is not faster everywhere, and fp32 matches the oracle."""
+def resolve_dtype(name: str | torch.dtype, quantized: bool = False) -> torch.dtype:
+    """"auto" means fp32 on CPU (CPU bf16 matmul is not faster everywhere, and fp32 matches the oracle), and
+    bf16 for quantised weights: torch's fused int8/int4 CPU kernels run 5-10x faster with bf16 activations."""
     if isinstance(name, torch.dtype):
         if name in (torch.float32, torch.bfloat16):
             return name
         raise UsageError(f"unsupported dtype {name} (use float32 or bfloat16)")
     if name == "auto":
-        return torch.float32
+        return torch.bfloat16 if quantized else torch.float32
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r} (use float32, bfloat16 or auto)")
     return DTYPES[name]

@@ -18,6 +18,7 @@ from tierlm.memory.planning import default_context, plan_input
 from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
+from tierlm.quant import QuantScheme
 from tierlm.weights import open_model
 
 Prompt = str | Sequence[int]
@@ -33,12 +34,15 @@ class LLM:
         ring buffers, KV cache and activations may use; the rest streams from `offload_dir`.
     max_context: longest prompt + output served (default: the model's; 4096 at most under a budget).
     profile: bandwidth profile path for the planner (default: the one `tierlm calibrate` saved).
+    quant: "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per channel,
+        int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", *,
                  threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                  max_memory: str | dict | MemoryBudget | None = None, offload_dir: str | Path | None = None,
-                 max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None):
+                 max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None,
+                 quant: str | QuantScheme = "none", group_size: int | None = None):
         if threads is not None:
             if threads < 1:
                 raise UsageError(f"threads must be >= 1, got {threads}")
@@ -49,7 +53,8 @@ class LLM:
             raise UsageError(f"max_context must be >= 2, got {max_context}")
         if ring_depth is not None and ring_depth < 1:
             raise UsageError(f"ring_depth must be >= 1, got {ring_depth}")
-        self.dtype = resolve_dtype(dtype)
+        self.quant = QuantScheme.parse(quant, group_size)
+        self.dtype = resolve_dtype(dtype, self.quant.enabled)
         self.budget = MemoryBudget.parse(max_memory)
         if self.budget.device is not None and not device.startswith("cuda"):
             raise UsageError(f"max_memory names {self.budget.device_name} but the device is {device}")
@@ -60,17 +65,17 @@ class LLM:
         self.profile, self.profile_calibrated = load_profile_or_default(profile)
         self.plan: Placement | None = None
         if not self.budget.limited:
-            self.store = WeightStore.load_resident(self.source, self.dtype, device, progress)
+            self.store = WeightStore.load_resident(self.source, self.dtype, device, progress, self.quant)
         else:
             inp = plan_input(self.config, self.dtype, self.budget, self.max_context, self.profile,
-                             cuda=device.startswith("cuda"), ring_depth=ring_depth)
+                             cuda=device.startswith("cuda"), ring_depth=ring_depth, quant=self.quant)
             self.plan = plan(inp)
             if self.plan.ring_depth and offload_dir is None:
                 raise UsageError(f"the budget {self.budget} leaves {self.plan.count(Tier.DISK)} layers off memory: "
                                  "pass offload_dir (--offload-dir) for the offload store")
             self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
                                                   Path(offload_dir) if offload_dir else None, progress,
-                                                  io_threads=self.profile.disk_queue_depth)
+                                                  io_threads=self.profile.disk_queue_depth, quant=self.quant)
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
 
     def stats_text(self, out: RequestOutput) -> str:

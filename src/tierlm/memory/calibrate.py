@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
 from tierlm.kvcache.contiguous import KVCache
@@ -27,8 +26,10 @@ from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cac
 from tierlm.memory.offload_store import CHUNK_BYTES
 from tierlm.model import llama
 from tierlm.progress import progress_bar
+from tierlm.quant import QuantScheme, quantize
+from tierlm.quant import kernels
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 REQUEST_BYTES = CHUNK_BYTES
 QUEUE_DEPTHS = (4, 16, 32)
 
@@ -38,7 +39,7 @@ class Profile:
     disk_read_gbps: float  # O_DIRECT sequential read, GB/s (1e9 bytes)
     disk_direct: bool  # False when the filesystem refused O_DIRECT (buffered + DONTNEED instead)
     ram_gbps: float  # bytes read + written per second by a large copy
-    gemv_gbps: dict[str, float]  # dtype ("cuda:dtype" on CUDA) -> weight bytes/s through F.linear, one token
+    gemv_gbps: dict[str, float]  # dtype ("cuda:dtype" on CUDA) or quant kind -> weight bytes/s, one token
     layer_overhead_s: float  # one decoder layer's cost beyond its matmul bytes
     disk_queue_depth: int = 4  # concurrent reads disk_read_gbps was measured with (the streamer's I/O threads)
     h2d_gbps: float | None = None  # pinned host -> CUDA
@@ -117,26 +118,35 @@ def measure_ram(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return 2 * nbytes / _median_time(lambda: dst.copy_(src), reps) / 1e9
 
 
-def measure_gemv(dtype: torch.dtype, rows: int = 8192, cols: int = 4096, reps: int = 7, device: str = "cpu") -> float:
-    """Weight bytes per second for x[1, cols] @ W[rows, cols]^T: decode's shape, memory-bound."""
-    w = torch.randn(rows, cols).to(device=device, dtype=dtype)
+def measure_gemv(dtype: torch.dtype, rows: int = 8192, cols: int = 4096, reps: int = 7, device: str = "cpu",
+                 quant: str = "none") -> float:
+    """Weight bytes per second for x[1, cols] @ W[rows, cols]^T: decode's shape, memory-bound. With `quant`
+    ("int8" | "int4"), W is quantised and goes through the fused kernel with `dtype` activations; the bytes
+    counted are the packed ones (what the planner's unit sizes count)."""
+    w = torch.randn(rows, cols) * 0.02
     x = torch.randn(1, cols).to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    if quant != "none":
+        qt = kernels.prepare(quantize(w, QuantScheme.parse(quant)).to(device), dtype)
+        nbytes = qt.nbytes
+    else:
+        qt = w.to(device=device, dtype=dtype)
+        nbytes = qt.numel() * qt.element_size()
 
     def run() -> None:
-        F.linear(x, w)
+        kernels.linear(x, qt)
         sync()
 
     run()
-    return w.numel() * w.element_size() / _median_time(run, reps) / 1e9
+    return nbytes / _median_time(run, reps) / 1e9
 
 
 def measure_layer_overhead(reps: int = 50) -> float:
     """Seconds per decode step of a tiny layer (hidden 64): what a layer costs besides streaming its bytes."""
     cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
-    shapes = {"attn_norm": (64,), "wq": (64, 64), "wk": (32, 64), "wv": (32, 64), "wo": (64, 64),
-              "ffn_norm": (64,), "w_gate": (128, 64), "w_up": (128, 64), "w_down": (64, 128)}
+    shapes = {"attn_norm": (64,), "wqkv": (128, 64), "wo": (64, 64), "ffn_norm": (64,), "w_gateup": (256, 64),
+              "w_down": (64, 128)}
     w = llama.LayerWeights(**{k: torch.randn(s) * 0.1 for k, s in shapes.items()})
     cos, sin = llama.rope_tables(llama.rope_inv_freq(cfg, None), 64, torch.float32)
     kv = KVCache(cfg, batch=1, capacity=64, dtype=torch.float32, device="cpu")
@@ -165,6 +175,7 @@ def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int | Non
               progress: bool | None = None) -> Profile:
     disk, direct, queue_depth = measure_disk(directory, disk_bytes, queue_depth, progress)
     gemv = {"float32": measure_gemv(torch.float32), "bfloat16": measure_gemv(torch.bfloat16)}
+    gemv |= {q: measure_gemv(torch.bfloat16, quant=q) for q in ("int8", "int4")}  # bf16 activations (W8A16/W4A16)
     if torch.cuda.is_available():
         gemv |= {f"cuda:{d}": measure_gemv(dt, device="cuda") for d, dt in (("float32", torch.float32),
                                                                            ("bfloat16", torch.bfloat16))}
@@ -189,7 +200,8 @@ def describe_profile(p: Profile) -> str:
 
 # Used when no profile is saved: plans still work, predictions are marked uncalibrated.
 DEFAULT_PROFILE = Profile(disk_read_gbps=1.0, disk_direct=True, ram_gbps=10.0,
-                          gemv_gbps={"float32": 10.0, "bfloat16": 6.0, "cuda:float32": 1000.0, "cuda:bfloat16": 1000.0},
+                          gemv_gbps={"float32": 10.0, "bfloat16": 6.0, "int8": 15.0, "int4": 6.0,
+                                     "cuda:float32": 1000.0, "cuda:bfloat16": 1000.0},
                           layer_overhead_s=3e-4, h2d_gbps=20.0, machine={"source": "built-in defaults (uncalibrated)"})
 
 

@@ -24,9 +24,12 @@ from tierlm.errors import ModelFormatError
 from tierlm.memory.directio import ALIGN, AlignedBuffer, DirectFile, align_up, drop_from_page_cache
 from tierlm.memory.units import EMBED, HEAD, unit_tensors
 from tierlm.progress import progress_bar
+from tierlm.quant.scheme import QuantScheme
+from tierlm.quant.tensor import PARTS, QuantTensor
 from tierlm.weights.source import ModelSource
+from tierlm.weights.unit_load import load_unit_tensor
 
-STORE_VERSION = 3
+STORE_VERSION = 4
 DATA_FILE, MANIFEST = "layers.bin", "manifest.json"
 CHUNK_BYTES = 8 << 20  # read and checksum granule: ≥4 MiB keeps the disk at full speed
 
@@ -51,18 +54,19 @@ class StoredUnit:
     nbytes: int  # extent, multiple of ALIGN
     tensors: list[StoredTensor]
     chunk_sums: list[int]  # XXH3-64 of extent[c*CHUNK_BYTES : (c+1)*CHUNK_BYTES]
-    row_sums: list[int] = field(default_factory=list)  # embed/head: XXH3-64 of each matrix row (on-demand rows)
+    row_sums: list[int] = field(default_factory=list)  # dense embed/head: XXH3-64 of each row (on-demand rows)
+    quant: dict[str, dict] = field(default_factory=dict)  # leaf -> QuantTensor.meta(); its parts are "leaf.part"
 
     def chunks(self) -> list[tuple[int, int]]:
         """(offset within the extent, length) of every checksummed chunk."""
         return [(c, min(CHUNK_BYTES, self.nbytes - c)) for c in range(0, self.nbytes, CHUNK_BYTES)]
 
 
-def source_fingerprint(source: ModelSource, dtype: torch.dtype) -> str:
-    """Identity of what the store was built from: path, size and mtime of every model file, and the dtype.
-    Cheap (no full-file hash) yet changes when any file is replaced or edited."""
+def source_fingerprint(source: ModelSource, dtype: torch.dtype, quant: QuantScheme = QuantScheme()) -> str:
+    """Identity of what the store was built from: path, size and mtime of every model file, the dtype and the
+    quant scheme. Cheap (no full-file hash) yet changes when any file is replaced or edited."""
     files = source.files()
-    h = hashlib.sha256(f"v{STORE_VERSION}|{dtype}".encode())
+    h = hashlib.sha256(f"v{STORE_VERSION}|{dtype}|{quant}".encode())
     for f in files:
         st = f.stat()
         h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -109,10 +113,12 @@ class OffloadStore:
 
     @classmethod
     def open_or_build(cls, source: ModelSource, units: list[str], dtype: torch.dtype, directory: Path,
-                      progress: bool | None = None) -> "OffloadStore":
-        fingerprint = source_fingerprint(source, dtype)
+                      progress: bool | None = None, quant: QuantScheme = QuantScheme()) -> "OffloadStore":
+        fingerprint = source_fingerprint(source, dtype, quant)
         existing = cls._open(directory, fingerprint, units)
-        return existing if existing is not None else cls._build(source, units, dtype, directory, fingerprint, progress)
+        if existing is not None:
+            return existing
+        return cls._build(source, units, dtype, quant, directory, fingerprint, progress)
 
     @classmethod
     def _open(cls, directory: Path, fingerprint: str, units: list[str]) -> "OffloadStore | None":
@@ -130,8 +136,8 @@ class OffloadStore:
         return cls(directory, stored)
 
     @classmethod
-    def _build(cls, source: ModelSource, units: list[str], dtype: torch.dtype, directory: Path,
-               fingerprint: str, progress: bool | None) -> "OffloadStore":
+    def _build(cls, source: ModelSource, units: list[str], dtype: torch.dtype, quant: QuantScheme,
+               directory: Path, fingerprint: str, progress: bool | None) -> "OffloadStore":
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)  # the store is incomplete until the manifest is back
         present = set(source.tensor_names())
@@ -141,26 +147,31 @@ class OffloadStore:
         offset = 0
         with tmp.open("wb") as f:
             for name in units:
-                tensors, pos, sums, rows = [], 0, _ChunkedSum(), []
+                tensors, pos, sums, rows, metas = [], 0, _ChunkedSum(), [], {}
                 for spec in unit_tensors(source.config, name):
-                    if spec.source_name not in present:
+                    value = load_unit_tensor(source, spec, dtype, quant, present)
+                    if value is None:
                         continue
-                    t = source.load(spec.source_name, dtype).contiguous()
-                    if tuple(t.shape) != spec.shape:
-                        raise ModelFormatError(f"{source.path}: {spec.source_name} has shape {tuple(t.shape)}, "
-                                               f"the config implies {spec.shape}")
-                    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # 1-D: len() and slices are bytes
-                    pad = bytes(align_up(len(raw)) - len(raw))
-                    for piece in (raw, pad):
-                        f.write(piece)
-                        sums.update(piece)
-                    tensors.append(StoredTensor(spec.leaf, str(dtype).removeprefix("torch."), list(t.shape), pos, len(raw)))
-                    if name in (EMBED, HEAD):
-                        rb = len(raw) // t.shape[0]
-                        rows = [checksum(raw[r * rb:(r + 1) * rb]) for r in range(t.shape[0])]
-                    pos += len(raw) + len(pad)
-                    del t, raw
-                stored[name] = StoredUnit(name, offset, pos, tensors, sums.finish(), rows)
+                    if isinstance(value, QuantTensor):
+                        metas[spec.leaf] = value.meta()
+                        parts = {f"{spec.leaf}.{k}": v for k, v in value.parts().items()}
+                    else:
+                        parts = {spec.leaf: value}
+                    for leaf, t in parts.items():
+                        raw = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # 1-D: bytes
+                        pad = bytes(align_up(len(raw)) - len(raw))
+                        for piece in (raw, pad):
+                            f.write(piece)
+                            sums.update(piece)
+                        tensors.append(StoredTensor(leaf, str(t.dtype).removeprefix("torch."), list(t.shape), pos,
+                                                    len(raw)))
+                        if name in (EMBED, HEAD) and not metas:
+                            rb = len(raw) // t.shape[0]
+                            rows = [checksum(raw[r * rb:(r + 1) * rb]) for r in range(t.shape[0])]
+                        pos += len(raw) + len(pad)
+                        del raw
+                    del value, parts
+                stored[name] = StoredUnit(name, offset, pos, tensors, sums.finish(), rows, metas)
                 offset += pos
                 bar.update()
             f.flush()
@@ -193,13 +204,17 @@ class OffloadStore:
         if checksum(buf[at:at + n]) != s.chunk_sums[at // CHUNK_BYTES]:
             raise ChecksumError(f"{self.path}: checksum mismatch in {unit} bytes {at}..{at + n}")
 
-    def views(self, unit: str, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Tensors of `unit` as views of `buf` (uint8, on any device), which holds the unit's extent.
+    def views(self, unit: str, buf: torch.Tensor) -> dict[str, torch.Tensor | QuantTensor]:
+        """Tensors of `unit` as views of `buf` (uint8, on any device), which holds the unit's extent; quantised
+        matrices are reassembled from their parts.
         NOTE: the views are valid only while `buf` holds this unit (until the ring reuses the slot)."""
-        out = {}
-        for t in self.units[unit].tensors:
-            flat = buf[t.offset:t.offset + t.nbytes].view(STORAGE_DTYPES[t.dtype])
-            out[t.name] = flat.view(t.shape)
+        s = self.units[unit]
+        flat: dict[str, torch.Tensor] = {}
+        for t in s.tensors:
+            flat[t.name] = buf[t.offset:t.offset + t.nbytes].view(STORAGE_DTYPES[t.dtype]).view(t.shape)
+        out: dict[str, torch.Tensor | QuantTensor] = {k: v for k, v in flat.items() if "." not in k}
+        for leaf, meta in s.quant.items():
+            out[leaf] = QuantTensor.from_parts(meta, {p: flat[f"{leaf}.{p}"] for p in PARTS if f"{leaf}.{p}" in flat})
         return out
 
     def read_unit(self, reader: DirectFile, unit: str, buf: AlignedBuffer) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
@@ -23,17 +22,27 @@ from tierlm.memory.planner import Placement
 from tierlm.memory.stats import TierStats
 from tierlm.memory.streamer import Streamer
 from tierlm.memory.tiers import Tier
-from tierlm.memory.units import EMBED, HEAD, layer_unit
-from tierlm.model.llama import LayerWeights
+from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_tensors
+from tierlm.model.llama import LayerWeights, Matrix
 from tierlm.progress import progress_bar
-from tierlm.weights.names import layer_name
+from tierlm.quant import kernels
+from tierlm.quant.scheme import QuantScheme
+from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
+from tierlm.weights.unit_load import load_unit_tensor
 
 _LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
 
 
-def _nbytes(t: torch.Tensor | None) -> int:
+def _nbytes(t: torch.Tensor | QuantTensor | None) -> int:
+    if isinstance(t, QuantTensor):
+        return t.nbytes + _nbytes(t.kernel_scales)
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def _ready(views: dict, dtype: torch.dtype) -> dict:
+    """Quantised matrices among `views` prepared for the fused kernels (activations in `dtype`)."""
+    return {k: kernels.prepare(v, dtype) if isinstance(v, QuantTensor) else v for k, v in views.items()}
 
 
 @dataclass
@@ -61,55 +70,63 @@ def _evict_source(source: ModelSource) -> None:
 
 class WeightStore:
     def __init__(self, config: ModelConfig, norm: torch.Tensor, rope_freqs: torch.Tensor | None,
-                 layers: list[LayerWeights | None], tiers: list[Tier], head_weight: torch.Tensor | None,
-                 embed_weight: torch.Tensor | None, head_tier: Tier = Tier.DEVICE, embed_tier: Tier = Tier.DEVICE,
-                 streamer: Streamer | None = None, rows: _Rows | None = None, stats: TierStats | None = None):
+                 layers: list[LayerWeights | None], tiers: list[Tier], head_weight: Matrix | None,
+                 embed_weight: Matrix | None, head_tier: Tier = Tier.DEVICE, embed_tier: Tier = Tier.DEVICE,
+                 streamer: Streamer | None = None, rows: _Rows | None = None, stats: TierStats | None = None,
+                 dtype: torch.dtype = torch.float32, quant: QuantScheme = QuantScheme()):
         self.config = config
+        self.dtype = dtype  # compute (activation) dtype: quantised matrices are prepared for it
+        self.quant = quant
         self.norm = norm  # [H], always resident
         self.rope_freqs = rope_freqs  # [hd/2] or None, fp32
         self._layers = layers  # resident LayerWeights, None where streamed
         self.tiers = tiers  # tier of each layer, index = layer number
-        self.head_weight = head_weight  # [V, H] when resident
-        self.embed_weight = embed_weight  # [V, H] when resident (the same tensor as head_weight when tied)
+        self.head_weight = head_weight  # [V, H] when resident (quantised under a quant scheme)
+        self.embed_weight = embed_weight  # [V, H] when resident (the same matrix as head_weight when tied)
         self.head_tier, self.embed_tier = head_tier, embed_tier
         self.streamer, self._rows = streamer, rows
         self.stats = stats or TierStats()
 
     @classmethod
     def load_resident(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str = "cpu",
-                      progress: bool | None = None) -> "WeightStore":
-        """Read every tensor into `device` memory in `dtype` (dequantising as needed)."""
+                      progress: bool | None = None, quant: QuantScheme = QuantScheme()) -> "WeightStore":
+        """Read every tensor into `device` memory in `dtype` (dequantising as needed), or quantised."""
         n = source.config.num_layers
-        return cls.load_placed(source, dtype, torch.device(device), [Tier.DEVICE] * n, Tier.DEVICE, Tier.DEVICE, progress)
+        return cls.load_placed(source, dtype, torch.device(device), [Tier.DEVICE] * n, Tier.DEVICE, Tier.DEVICE,
+                               progress, quant=quant)
 
     @classmethod
     def load_planned(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str, plan: Placement,
                      offload_dir: Path, progress: bool | None = None, direct: bool = True,
-                     io_threads: int = 4) -> "WeightStore":
+                     io_threads: int = 4, quant: QuantScheme = QuantScheme()) -> "WeightStore":
         """Resident units from the source; the rest written once to (or reused from) the offload store and
         streamed with `io_threads` concurrent reads (the queue depth calibration found fastest)."""
         return cls.load_placed(source, dtype, torch.device(device), list(plan.layer_tiers), plan.head_tier,
-                               plan.embed_tier, progress, plan.ring_depth, offload_dir, direct, io_threads)
+                               plan.embed_tier, progress, plan.ring_depth, offload_dir, direct, io_threads, quant)
 
     @classmethod
     def load_placed(cls, source: ModelSource, dtype: torch.dtype, device: torch.device, tiers: list[Tier],
                     head_tier: Tier, embed_tier: Tier, progress: bool | None, ring_depth: int = 0,
-                    offload_dir: Path | None = None, direct: bool = True, io_threads: int = 4) -> "WeightStore":
+                    offload_dir: Path | None = None, direct: bool = True, io_threads: int = 4,
+                    quant: QuantScheme = QuantScheme()) -> "WeightStore":
         """An explicit placement: tier of every layer, of the head and of the embedding (tests force every mix
         through here; load_planned passes the planner's)."""
         cfg = source.config
         tied = cfg.tie_word_embeddings
         if tied:
             embed_tier = head_tier  # one matrix: rows come from wherever the head lives
+        # A tied head streamed under quantisation cannot serve rows from its packed form on disk: the
+        # embedding then gets a dense unit of its own in the store (rows read on demand).
+        rows_unit = EMBED if not tied or quant.enabled else HEAD
         # Streaming order = access order: layers, then the head. The embedding is never streamed whole.
         schedule = [layer_unit(i) for i, t in enumerate(tiers) if t != Tier.DEVICE]
         schedule += [HEAD] if head_tier != Tier.DEVICE else []
-        offloaded = schedule + ([EMBED] if not tied and embed_tier != Tier.DEVICE else [])
+        offloaded = schedule + ([EMBED] if rows_unit == EMBED and embed_tier != Tier.DEVICE else [])
         store = None
         if offloaded:
             if offload_dir is None:
                 raise ValueError("units placed off the device need an offload_dir")
-            store = OffloadStore.open_or_build(source, offloaded, dtype, offload_dir, progress)
+            store = OffloadStore.open_or_build(source, offloaded, dtype, offload_dir, progress, quant)
 
         present = set(source.tensor_names())
         resident = [i for i, t in enumerate(tiers) if t == Tier.DEVICE]
@@ -118,12 +135,16 @@ class WeightStore:
         def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor | None:
             return source.load(name, as_dtype).to(device) if name in present else None
 
+        def unit(name: str) -> dict[str, Matrix | None]:
+            out = {t.leaf: load_unit_tensor(source, t, dtype, quant, present) for t in unit_tensors(cfg, name)}
+            return _ready({k: None if v is None else v.to(device) for k, v in out.items()}, dtype)
+
         layers: list[LayerWeights | None] = [None] * cfg.num_layers
         for i in resident:
-            layers[i] = LayerWeights(**{f: get(layer_name(i, f)) for f in _LAYER_FIELDS})
+            layers[i] = LayerWeights(**unit(layer_unit(i)))
             bar.update()
-        head = get("embed" if tied else "lm_head") if head_tier == Tier.DEVICE else None
-        embed = head if tied else get("embed") if embed_tier == Tier.DEVICE else None
+        head = unit(HEAD)["lm_head"] if head_tier == Tier.DEVICE else None
+        embed = head if tied and head is not None else unit(EMBED)["embed"] if embed_tier == Tier.DEVICE else None
         norm, rope_freqs = get("norm"), get("rope_freqs", torch.float32)  # rope math stays fp32
         bar.update(3)
         bar.close()
@@ -136,8 +157,9 @@ class WeightStore:
             host = {u: cls._pin(store, u) for u in schedule if cls._tier_of(u, tiers, head_tier) == Tier.HOST}
             streamer = Streamer(store, schedule, ring_depth, stats, device, host, io_threads, direct)
         if embed is None:
-            rows = _Rows(store, HEAD if tied else EMBED, store.open_reader(direct))
-        return cls(cfg, norm, rope_freqs, layers, tiers, head, embed, head_tier, embed_tier, streamer, rows, stats)
+            rows = _Rows(store, rows_unit, store.open_reader(direct))
+        return cls(cfg, norm, rope_freqs, layers, tiers, head, embed, head_tier, embed_tier, streamer, rows, stats,
+                   dtype, quant)
 
     @staticmethod
     def _tier_of(unit: str, tiers: list[Tier], head_tier: Tier) -> Tier:
@@ -158,15 +180,17 @@ class WeightStore:
         """Layer i's weights, valid until release(i)."""
         if self._layers[i] is not None:
             return self._layers[i]
-        return LayerWeights(**self.streamer.acquire(layer_unit(i)))
+        return LayerWeights(**_ready(self.streamer.acquire(layer_unit(i)), self.dtype))
 
     def release(self, i: int) -> None:
         if self._layers[i] is None:
             self.streamer.release(layer_unit(i))
 
-    def acquire_head(self) -> torch.Tensor:
+    def acquire_head(self) -> Matrix:
         """lm_head [V, H], valid until release_head()."""
-        return self.head_weight if self.head_weight is not None else self.streamer.acquire(HEAD)["lm_head"]
+        if self.head_weight is not None:
+            return self.head_weight
+        return _ready(self.streamer.acquire(HEAD), self.dtype)["lm_head"]
 
     def release_head(self) -> None:
         if self.head_weight is None:
@@ -175,7 +199,7 @@ class WeightStore:
     def embed(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
         """tokens [B, T] int64 -> [B, T, H] on `device`."""
         if self.embed_weight is not None:
-            return F.embedding(tokens.to(device), self.embed_weight)
+            return kernels.embedding_rows(self.embed_weight, tokens.to(device), self.dtype)
         unique, inverse = torch.unique(tokens, return_inverse=True)  # read each distinct row once
         rows = self._rows.store.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf)
         self.stats.disk_bytes += rows.numel() * rows.element_size()

@@ -1,19 +1,24 @@
 """Units of placement: the pieces the planner places and the streamer moves, each as one aligned extent.
 
-  layers.{i}  one decoder layer (norms, projections, biases)
+  layers.{i}  one decoder layer (norms, fused projections, biases)
   head        the lm_head matrix [V, H] (the embedding matrix when tied)
-  embed       the embedding matrix [V, H] when untied (rows can be read on demand from disk)
+  embed       the embedding matrix [V, H] when untied, or tied under quantisation (rows read on demand)
 
-The final norm and rope tables are tiny and always resident. Sizes are exact: each tensor starts 4 KiB-aligned,
-as in the offload store, so the planner's bytes are the bytes that move.
+Inside a layer, q/k/v are one matrix `wqkv` and gate/up one matrix `w_gateup` (rows concatenated): one
+matmul instead of three and two. A quantised matrix is stored as its parts (qweight, scales, mins), each a
+tensor of its own. The final norm and rope tables are tiny and always resident. Sizes are exact: each
+stored tensor starts 4 KiB-aligned, as in the offload store, so the planner's bytes are the bytes that move.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import torch
 
 from tierlm.config import ModelConfig
 from tierlm.memory.directio import align_up
+from tierlm.quant.scheme import QuantScheme
+from tierlm.quant.tensor import dense_or_parts_nbytes
 
 HEAD, EMBED = "head", "embed"
 
@@ -24,29 +29,38 @@ def layer_unit(i: int) -> str:
 
 @dataclass(frozen=True)
 class UnitTensor:
-    leaf: str  # name inside the unit: "wq", "lm_head", "embed"
-    source_name: str  # internal tensor name in the model source: "layers.3.wq", "embed"
+    leaf: str  # name inside the unit: "wqkv", "lm_head", "embed"
+    source_names: tuple[str, ...]  # internal names in the model source, rows concatenated in this order
     shape: tuple[int, ...]
 
+    def scheme(self, quant: QuantScheme) -> QuantScheme:
+        return quant.for_matrix(self.leaf, self.shape)
 
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Leaf -> shape of every tensor a layer of this config has, in storage order."""
-    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    shapes: dict[str, tuple[int, ...]] = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h)}
-    if cfg.attention_bias:  # Qwen2 has q/k/v biases; Llama with attention_bias also bo (absent ones are skipped)
-        shapes |= {"bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (h,)}
-    return shapes | {"wo": (h, q), "ffn_norm": (h,), "w_gate": (i, h), "w_up": (i, h), "w_down": (h, i)}
+
+def layer_tensors(cfg: ModelConfig, i: int) -> list[UnitTensor]:
+    """Every tensor a layer of this config has, in storage order (absent optional biases are skipped later)."""
+    h, inter, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+
+    def t(leaf: str, shape: tuple[int, ...], *parts: str) -> UnitTensor:
+        return UnitTensor(leaf, tuple(f"layers.{i}.{p}" for p in (parts or (leaf,))), shape)
+
+    out = [t("attn_norm", (h,)), t("wqkv", (q + 2 * kv, h), "wq", "wk", "wv")]
+    if cfg.attention_bias:  # Qwen2 has q/k/v biases; Llama with attention_bias also bo
+        out += [t("bqkv", (q + 2 * kv,), "bq", "bk", "bv"), t("bo", (h,))]
+    return out + [t("wo", (h, q)), t("ffn_norm", (h,)), t("w_gateup", (2 * inter, h), "w_gate", "w_up"),
+                  t("w_down", (h, inter))]
 
 
 def unit_tensors(cfg: ModelConfig, unit: str) -> list[UnitTensor]:
     matrix = (cfg.vocab_size, cfg.hidden_size)
     if unit == HEAD:
-        return [UnitTensor("lm_head", "embed" if cfg.tie_word_embeddings else "lm_head", matrix)]
+        return [UnitTensor("lm_head", ("embed" if cfg.tie_word_embeddings else "lm_head",), matrix)]
     if unit == EMBED:
-        return [UnitTensor("embed", "embed", matrix)]
-    i = int(unit.removeprefix("layers."))
-    return [UnitTensor(leaf, f"layers.{i}.{leaf}", s) for leaf, s in layer_shapes(cfg).items()]
+        return [UnitTensor("embed", ("embed",), matrix)]
+    return layer_tensors(cfg, int(unit.removeprefix("layers.")))
 
 
-def unit_nbytes(cfg: ModelConfig, unit: str, itemsize: int) -> int:
-    return sum(align_up(math.prod(t.shape) * itemsize) for t in unit_tensors(cfg, unit))
+def unit_nbytes(cfg: ModelConfig, unit: str, dtype: torch.dtype, quant: QuantScheme = QuantScheme()) -> int:
+    """Bytes of the unit's extent: every stored tensor (or quantised part) 4 KiB-aligned."""
+    return sum(align_up(b) for t in unit_tensors(cfg, unit)
+               for b in dense_or_parts_nbytes(t.scheme(quant), t.shape, dtype))

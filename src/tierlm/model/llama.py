@@ -14,22 +14,22 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
+from tierlm.quant.kernels import linear
+from tierlm.quant.tensor import QuantTensor
+
+
+Matrix = torch.Tensor | QuantTensor  # dense, or weight-only int8/int4 (quant/); kernels.linear takes both
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    wq: torch.Tensor  # [nh*hd, H]
-    wk: torch.Tensor  # [nkv*hd, H]
-    wv: torch.Tensor  # [nkv*hd, H]
-    wo: torch.Tensor  # [H, nh*hd]
+    wqkv: Matrix  # [(nh + 2*nkv)*hd, H]: q, k, v rows stacked (one matmul)
+    wo: Matrix  # [H, nh*hd]
     ffn_norm: torch.Tensor  # [H]
-    w_gate: torch.Tensor  # [I, H]
-    w_up: torch.Tensor  # [I, H]
-    w_down: torch.Tensor  # [H, I]
-    bq: torch.Tensor | None = None  # [nh*hd]   (Qwen2)
-    bk: torch.Tensor | None = None  # [nkv*hd]
-    bv: torch.Tensor | None = None  # [nkv*hd]
+    w_gateup: Matrix  # [2*I, H]: gate rows then up rows (one matmul)
+    w_down: Matrix  # [H, I]
+    bqkv: torch.Tensor | None = None  # [(nh + 2*nkv)*hd]   (Qwen2)
     bo: torch.Tensor | None = None  # [H]       (Llama with attention_bias)
 
 
@@ -99,21 +99,23 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # [B, T, H]
-    q = F.linear(h, w.wq, w.bq).view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
-    k = F.linear(h, w.wk, w.bk).view(b, t, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
-    v = F.linear(h, w.wv, w.bv).view(b, t, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+    qkv = linear(h, w.wqkv, w.bqkv)  # [B, T, (nh + 2*nkv)*hd]
+    q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+    q = q.view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+    k = k.view(b, t, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+    v = v.view(b, t, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv.update(start_pos, k, v)  # [B, nkv, S, hd] each, S = start_pos + T
     mask = attention_mask(start_pos, t, k_all.shape[2], cfg.sliding_window, x.device)  # [T, S] | None
     attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # [B, nh, T, hd]
     attn = attn.transpose(1, 2).reshape(b, t, nh * hd)  # [B, T, nh*hd]
-    x = x + F.linear(attn, w.wo, w.bo)  # [B, T, H]
+    x = x + linear(attn, w.wo, w.bo)  # [B, T, H]
 
     h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)  # [B, T, H]
-    gate = F.silu(F.linear(h, w.w_gate))  # [B, T, I]
-    return x + F.linear(gate * F.linear(h, w.w_up), w.w_down)  # [B, T, H]
+    gate, up = linear(h, w.w_gateup).chunk(2, dim=-1)  # [B, T, I] each
+    return x + linear(F.silu(gate) * up, w.w_down)  # [B, T, H]
 
 
-def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: Matrix, x: torch.Tensor) -> torch.Tensor:
     """x [B, T, H], norm [H], lm_head [V, H] -> logits [B, T, V] in fp32."""
-    return F.linear(rms_norm(x, norm, cfg.rms_norm_eps), lm_head).float()
+    return linear(rms_norm(x, norm, cfg.rms_norm_eps), lm_head).float()

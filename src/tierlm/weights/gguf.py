@@ -12,6 +12,9 @@ from gguf.quants import dequantize
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import ModelFormatError, UnsupportedModelError
+from tierlm.quant import int4, int8
+from tierlm.quant.scheme import QuantScheme
+from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.gguf_file import GGUFFile
 from tierlm.weights.names import gguf_to_internal
 from tierlm.weights.source import ModelSource
@@ -100,20 +103,45 @@ class GGUFSource(ModelSource):
     def storage_types(self) -> dict[str, int]:
         return dict(Counter(t.qtype.name for t in self._tensors.values()))
 
+    def _unpermute_rows(self, name: str, w: np.ndarray) -> np.ndarray:
+        if self.meta.get("general.architecture") in _PERMUTED_QK:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("wq", "bq"):
+                return _unpermute(w, self.config.num_heads)
+            if leaf in ("wk", "bk"):
+                return _unpermute(w, self.config.num_kv_heads)
+        return w
+
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = self._tensors[name]
         try:
             w = dequantize(self._file.raw(t), t.qtype).astype(np.float32, copy=False)
         except (ValueError, OSError) as e:
             raise ModelFormatError(f"{self.path}: cannot read tensor {t.name} ({e})") from None
-        cfg = self.config
-        if self.meta.get("general.architecture") in _PERMUTED_QK:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("wq", "bq"):
-                w = _unpermute(w, cfg.num_heads)
-            elif leaf in ("wk", "bk"):
-                w = _unpermute(w, cfg.num_kv_heads)
+        w = self._unpermute_rows(name, w)
         # F32 tensors come back as read-only views of the memory map: copy so the store owns its memory.
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, dtype=np.float32, order="C")
         return torch.from_numpy(w).to(dtype)
+
+    def load_exact(self, name: str, scheme: QuantScheme) -> QuantTensor | None:
+        """Q4_0/Q4_1 blocks as int4 g=32 and Q8_0 blocks as int8 g=32, bit for bit (see quant/); None when the
+        stored type does not map onto `scheme` without loss."""
+        t = self._tensors[name]
+        kind = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8"}.get(t.qtype)
+        if kind is None or scheme != QuantScheme(kind, 32) or len(t.shape) != 2:
+            return None
+        n, k = t.shape
+        block = self._file.raw(t).reshape(n, k // 32, -1)  # [N, K/32, bytes per block]
+        d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [N, K/32]
+        if kind == "int8":
+            q = block[..., 2:34].copy().view(np.int8).reshape(n, k)
+            d, q = self._unpermute_rows(name, d), self._unpermute_rows(name, q)
+            return int8.from_blocks(torch.from_numpy(np.ascontiguousarray(d)), torch.from_numpy(np.ascontiguousarray(q)))
+        m = block[..., 2:4].copy().view(np.float16)[..., 0] if t.qtype == Q.Q4_1 else None
+        qs = block[..., -16:]  # [N, K/32, 16]: element j in the low nibble of byte j, element j+16 in the high one
+        q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k)
+        d, q = self._unpermute_rows(name, d), self._unpermute_rows(name, q)
+        m = None if m is None else self._unpermute_rows(name, m)
+        as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        return int4.from_blocks(as_t(d), as_t(m), as_t(q))

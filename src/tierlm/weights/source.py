@@ -9,6 +9,8 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError
+from tierlm.quant.scheme import QuantScheme
+from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.names import check_complete
 from tierlm.weights.tokenizer import Tokenizer
 
@@ -26,6 +28,10 @@ class ModelSource(ABC):
     @abstractmethod
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """One tensor by internal name, dequantised to `dtype`, [out, in] orientation."""
+
+    def load_exact(self, name: str, scheme: QuantScheme) -> QuantTensor | None:
+        """The tensor already quantised as `scheme`, without loss, when the stored format allows (GGUF)."""
+        return None
 
     @abstractmethod
     def storage_types(self) -> dict[str, int]:
