@@ -67,7 +67,7 @@ def test_calibrate_saves_and_reuses_profile(tmp_path, capsys):
     first = capsys.readouterr().out
     assert "saved" in first and "GB/s" in first
     p = load_profile(profile)
-    assert p is not None and p.disk_read_gbps > 0 and p.ram_gbps > 0 and set(p.gemv_gbps) == {"float32", "bfloat16"}
+    assert p is not None and p.disk_read_gbps > 0 and p.ram_gbps > 0 and set(p.gemv_gbps) == {"float32", "bfloat16", "int8", "int4"}
     assert not list(tmp_path.glob(".tierlm-calibrate*"))  # scratch file removed
     assert main(args) == 0
     assert "saved earlier" in capsys.readouterr().out

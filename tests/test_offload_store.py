@@ -35,10 +35,11 @@ def test_round_trip_is_exact_and_aligned(model_dir, tmp_path, dtype):
             assert s.offset % ALIGN == 0 and s.nbytes % ALIGN == 0
             assert all(t.offset % ALIGN == 0 for t in s.tensors)
             got = store.read_unit(reader, layer_unit(i), buf)
-            assert set(got) == {"attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "ffn_norm", "w_gate",
-                                "w_up", "w_down"}
+            assert set(got) == {"attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w_gateup", "w_down"}
+            fused = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gateup": ("w_gate", "w_up")}
             for leaf, t in got.items():
-                assert torch.equal(t, source.load(layer_name(i, leaf), dtype))
+                want = torch.cat([source.load(layer_name(i, p), dtype) for p in fused.get(leaf, (leaf,))])
+                assert torch.equal(t, want)
         assert torch.equal(store.read_unit(reader, HEAD, buf)["lm_head"], source.load("lm_head", dtype))
         embed = source.load("embed", dtype)
         rows = AlignedBuffer(store.row_buffer_bytes(EMBED))

@@ -98,8 +98,11 @@ def test_qwen2_biases_are_loaded(tiny_models, tl_fp32):
     w = tl_fp32("qwen2").store.acquire(0)
     try:
         attn = tiny_models["qwen2"].hf.model.layers[0].self_attn
-        for ours, theirs in ((w.bq, attn.q_proj.bias), (w.bk, attn.k_proj.bias), (w.bv, attn.v_proj.bias)):
-            assert ours is not None and theirs.abs().max() > 0.1
+        q, kv = attn.q_proj.bias.numel(), attn.k_proj.bias.numel()
+        assert w.bqkv is not None
+        for ours, theirs in ((w.bqkv[:q], attn.q_proj.bias), (w.bqkv[q:q + kv], attn.k_proj.bias),
+                             (w.bqkv[q + kv:], attn.v_proj.bias)):
+            assert theirs.abs().max() > 0.1
             torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)
     finally:
         tl_fp32("qwen2").store.release(0)

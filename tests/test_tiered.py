@@ -18,10 +18,11 @@ D, K = Tier.DEVICE, Tier.DISK
 PROMPT = [3, 17, 99, 42, 250, 7, 7, 301, 12, 64, 5]
 
 
-def _logits(store: WeightStore, prompt: list[int], steps: int, prefill_chunk: int = 512) -> list[torch.Tensor]:
+def _logits(store: WeightStore, prompt: list[int], steps: int, prefill_chunk: int = 512,
+            dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Prefill logits [T, V], then one [V] per greedy decode step."""
-    runner = Runner(store, torch.float32, prefill_chunk=prefill_chunk, max_context=64)
-    kv = KVCache(store.config, batch=1, capacity=64, dtype=torch.float32)
+    runner = Runner(store, dtype, prefill_chunk=prefill_chunk, max_context=64)
+    kv = KVCache(store.config, batch=1, capacity=64, dtype=dtype)
     try:
         out = [runner.forward(torch.tensor([prompt]), kv, all_logits=True)[0]]
         for _ in range(steps):

@@ -1,4 +1,4 @@
-"""Command line: `tierlm generate | chat | info | plan | bench | calibrate | synth`. Every user error is one line on stderr, exit code 2."""
+"""Command line: `tierlm generate | chat | info | plan | bench | eval-ppl | calibrate | synth`. Every user error is one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=_positive_int, default=16, help="tokens to decode")
     b.add_argument("--warmup", type=int, default=1, help="decode steps not counted (default 1)")
     _model_args(b)
+
+    e = sub.add_parser("eval-ppl", help="sliding-window perplexity of a text, one row per weight scheme")
+    e.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--quant", default="none", help="comma list of none, int8, int4[-gN], int8-gN "
+                   "(e.g. none,int8,int4); the first is the reference for the deltas")
+    e.add_argument("--window", type=_positive_int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=_positive_int, default=256, help="tokens between windows (default 256)")
+    e.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: float32, bf16 activations for quantised rows)")
+    e.add_argument("--threads", type=_positive_int, default=None)
 
     y = sub.add_parser("synth", help="write a random-weight HF model at a real model's shapes")
     y.add_argument("out", help="output directory")
@@ -206,6 +218,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scheme_label(text: str) -> tuple[str, int | None]:
+    """"int4-g64" -> ("int4", 64); "int8" -> ("int8", None)."""
+    kind, _, group = text.strip().partition("-g")
+    try:
+        return kind, int(group) if group else None
+    except ValueError:
+        raise UsageError(f"bad quant {text!r} (use e.g. int8, int8-g32, int4, int4-g128)") from None
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tierlm import LLM
+    from tierlm.eval_ppl import describe, perplexity
+    from tierlm.quant import QuantScheme
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read text {args.text}: {e}") from None
+    schemes = [QuantScheme.parse(*_scheme_label(q)) for q in args.quant.split(",")]
+    results, ids = [], None
+    for scheme in schemes:
+        with LLM(args.model, dtype=args.dtype, threads=args.threads, quant=scheme,
+                 max_context=args.window) as llm:
+            if ids is None:
+                ids = llm.tokenizer.encode(text)[:args.max_tokens]
+                if len(ids) < 2:
+                    raise UsageError(f"{args.text} has fewer than 2 tokens")
+            label = "fp32" if not scheme.enabled and llm.dtype.itemsize == 4 else str(scheme)
+            results.append(perplexity(llm, ids, min(args.window, len(ids)), args.stride, label))
+        print(describe(results[-1:] if len(results) == 1 else results[:1] + results[-1:]), flush=True)
+    if len(results) > 2:
+        print(describe(results))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tierlm.bench import run_bench
 
@@ -254,7 +303,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "synth": cmd_synth,
-    "calibrate": cmd_calibrate, "plan": cmd_plan, "bench": cmd_bench,
+    "calibrate": cmd_calibrate, "plan": cmd_plan, "bench": cmd_bench, "eval-ppl": cmd_eval_ppl,
 }
 
 

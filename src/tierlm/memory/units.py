@@ -32,9 +32,12 @@ class UnitTensor:
     leaf: str  # name inside the unit: "wqkv", "lm_head", "embed"
     source_names: tuple[str, ...]  # internal names in the model source, rows concatenated in this order
     shape: tuple[int, ...]
+    # A tied embedding stored apart from its quantised head: the head's quantised values, dense, so rows read
+    # from disk equal rows dequantised from the resident head bit for bit.
+    dequantized: bool = False
 
     def scheme(self, quant: QuantScheme) -> QuantScheme:
-        return quant.for_matrix(self.leaf, self.shape)
+        return quant.for_matrix("lm_head" if self.dequantized else self.leaf, self.shape)
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list[UnitTensor]:
@@ -56,11 +59,11 @@ def unit_tensors(cfg: ModelConfig, unit: str) -> list[UnitTensor]:
     if unit == HEAD:
         return [UnitTensor("lm_head", ("embed" if cfg.tie_word_embeddings else "lm_head",), matrix)]
     if unit == EMBED:
-        return [UnitTensor("embed", ("embed",), matrix)]
+        return [UnitTensor("embed", ("embed",), matrix, dequantized=cfg.tie_word_embeddings)]
     return layer_tensors(cfg, int(unit.removeprefix("layers.")))
 
 
 def unit_nbytes(cfg: ModelConfig, unit: str, dtype: torch.dtype, quant: QuantScheme = QuantScheme()) -> int:
     """Bytes of the unit's extent: every stored tensor (or quantised part) 4 KiB-aligned."""
     return sum(align_up(b) for t in unit_tensors(cfg, unit)
-               for b in dense_or_parts_nbytes(t.scheme(quant), t.shape, dtype))
+               for b in dense_or_parts_nbytes(QuantScheme() if t.dequantized else t.scheme(quant), t.shape, dtype))

@@ -9,9 +9,9 @@ import torch
 
 from tierlm.quant import int4, int8
 from tierlm.quant.scheme import QuantScheme
-from tierlm.quant.tensor import QuantTensor
+from tierlm.quant.tensor import QuantBlocks, QuantTensor
 
-__all__ = ["QuantScheme", "QuantTensor", "quantize"]
+__all__ = ["QuantBlocks", "QuantScheme", "QuantTensor", "from_blocks", "quantize"]
 
 
 def quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantTensor:
@@ -21,3 +21,8 @@ def quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantTensor:
     if scheme.kind == "int4":
         return int4.quantize(w, scheme.group_size)
     raise ValueError(f"cannot quantize with scheme {scheme}")
+
+
+def from_blocks(b: QuantBlocks) -> QuantTensor:
+    """Pack GGUF-style blocks (g=32) without changing a single dense value."""
+    return int8.from_blocks(b.scales, b.q) if b.kind == "int8" else int4.from_blocks(b.scales, b.mins, b.q)

@@ -57,12 +57,10 @@ def quantize(w: torch.Tensor, group_size: int = 32) -> QuantTensor:
     return QuantTensor("int4", (n, k), group_size, pack(q.reshape(n, k)), scale, mins)
 
 
-def from_blocks(d: torch.Tensor, m: torch.Tensor | None, q: torch.Tensor) -> QuantTensor:
-    """GGUF Q4_1 (w = d*q + m) or Q4_0 (w = d*(q - 8), i.e. m = -8d) without loss.
-    d, m fp16 [N, K/32]; q uint8 [N, K] values 0..15."""
+def from_blocks(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> QuantTensor:
+    """GGUF Q4_1 (w = d*q + m; Q4_0 comes as m = -8d) without loss. d, m fp16 [N, K/32]; q uint8 [N, K] 0..15."""
     n, k = q.shape
-    mins = (-8 * d.float()).to(torch.float16) if m is None else m  # -8d is exact in fp16 (a power of two)
-    return QuantTensor("int4", (n, k), 32, pack(q), d.contiguous(), mins.contiguous())
+    return QuantTensor("int4", (n, k), 32, pack(q), d.contiguous(), m.contiguous())
 
 
 def _dense(q: torch.Tensor, t: QuantTensor, rows: torch.Tensor | slice) -> torch.Tensor:

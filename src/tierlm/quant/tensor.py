@@ -80,13 +80,20 @@ def dense_or_parts_nbytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: to
     return [math.prod(s) * d.itemsize for s, d in part_specs(scheme, shape).values()]
 
 
-def concat_rows(ts: list[QuantTensor]) -> QuantTensor:
-    """Stack matrices of the same kind, group and K by rows (fused q/k/v and gate/up). Every part is
-    row-major in N (the int4 layout in whole 64-row blocks), so this is a concatenation of each part."""
-    first = ts[0]
-    if len(ts) == 1:
-        return first
-    if any((t.kind, t.group_size, t.shape[1]) != (first.kind, first.group_size, first.shape[1]) for t in ts):
-        raise ValueError("concat_rows needs matrices of one kind, group size and K")
-    parts = {k: torch.cat([t.parts()[k] for t in ts]) for k in first.parts()}
-    return QuantTensor.from_parts({**first.meta(), "shape": [sum(t.shape[0] for t in ts), first.shape[1]]}, parts)
+@dataclass(frozen=True)
+class QuantBlocks:
+    """A quantised matrix before packing (what GGUF blocks give): rows can still be concatenated freely.
+    int4: q uint8 [N, K] in 0..15, w = q * scales + mins; int8: q int8 [N, K], w = q * scales. g = 32."""
+
+    kind: str
+    scales: torch.Tensor  # fp16 [N, K/32]
+    mins: torch.Tensor | None  # fp16 [N, K/32] (int4)
+    q: torch.Tensor  # [N, K]
+
+    @staticmethod
+    def concat(blocks: list["QuantBlocks"]) -> "QuantBlocks":
+        first = blocks[0]
+        if any(b.kind != first.kind for b in blocks):
+            raise ValueError("cannot concatenate blocks of different kinds")
+        cat = lambda f: None if getattr(first, f) is None else torch.cat([getattr(b, f) for b in blocks])  # noqa: E731
+        return QuantBlocks(first.kind, cat("scales"), cat("mins"), cat("q"))

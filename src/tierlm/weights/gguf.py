@@ -12,9 +12,8 @@ from gguf.quants import dequantize
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import ModelFormatError, UnsupportedModelError
-from tierlm.quant import int4, int8
 from tierlm.quant.scheme import QuantScheme
-from tierlm.quant.tensor import QuantTensor
+from tierlm.quant.tensor import QuantBlocks
 from tierlm.weights.gguf_file import GGUFFile
 from tierlm.weights.names import gguf_to_internal
 from tierlm.weights.source import ModelSource
@@ -124,9 +123,9 @@ class GGUFSource(ModelSource):
             w = np.array(w, dtype=np.float32, order="C")
         return torch.from_numpy(w).to(dtype)
 
-    def load_exact(self, name: str, scheme: QuantScheme) -> QuantTensor | None:
-        """Q4_0/Q4_1 blocks as int4 g=32 and Q8_0 blocks as int8 g=32, bit for bit (see quant/); None when the
-        stored type does not map onto `scheme` without loss."""
+    def load_blocks(self, name: str, scheme: QuantScheme) -> QuantBlocks | None:
+        """Q4_0/Q4_1 blocks as int4 g=32 and Q8_0 blocks as int8 g=32, unpacked but bit for bit (see quant/);
+        None when the stored type does not map onto `scheme` without loss."""
         t = self._tensors[name]
         kind = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8"}.get(t.qtype)
         if kind is None or scheme != QuantScheme(kind, 32) or len(t.shape) != 2:
@@ -134,14 +133,13 @@ class GGUFSource(ModelSource):
         n, k = t.shape
         block = self._file.raw(t).reshape(n, k // 32, -1)  # [N, K/32, bytes per block]
         d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [N, K/32]
+        m = block[..., 2:4].copy().view(np.float16)[..., 0] if t.qtype == Q.Q4_1 else None
         if kind == "int8":
             q = block[..., 2:34].copy().view(np.int8).reshape(n, k)
-            d, q = self._unpermute_rows(name, d), self._unpermute_rows(name, q)
-            return int8.from_blocks(torch.from_numpy(np.ascontiguousarray(d)), torch.from_numpy(np.ascontiguousarray(q)))
-        m = block[..., 2:4].copy().view(np.float16)[..., 0] if t.qtype == Q.Q4_1 else None
-        qs = block[..., -16:]  # [N, K/32, 16]: element j in the low nibble of byte j, element j+16 in the high one
-        q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k)
-        d, q = self._unpermute_rows(name, d), self._unpermute_rows(name, q)
-        m = None if m is None else self._unpermute_rows(name, m)
-        as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        return int4.from_blocks(as_t(d), as_t(m), as_t(q))
+        else:  # [N, K/32, 16] bytes: element j in the low nibble of byte j, element j+16 in the high one
+            qs = block[..., -16:]
+            q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k)
+        if t.qtype == Q.Q4_0:
+            m = (-8 * d.astype(np.float32)).astype(np.float16)  # w = d*(q-8) = d*q + (-8d); -8d is exact
+        as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(self._unpermute_rows(name, a)))  # noqa: E731
+        return QuantBlocks(kind, as_t(d), as_t(m), as_t(q))

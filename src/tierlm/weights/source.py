@@ -10,7 +10,7 @@ import torch
 from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError
 from tierlm.quant.scheme import QuantScheme
-from tierlm.quant.tensor import QuantTensor
+from tierlm.quant.tensor import QuantBlocks
 from tierlm.weights.names import check_complete
 from tierlm.weights.tokenizer import Tokenizer
 
@@ -29,8 +29,9 @@ class ModelSource(ABC):
     def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """One tensor by internal name, dequantised to `dtype`, [out, in] orientation."""
 
-    def load_exact(self, name: str, scheme: QuantScheme) -> QuantTensor | None:
-        """The tensor already quantised as `scheme`, without loss, when the stored format allows (GGUF)."""
+    def load_blocks(self, name: str, scheme: QuantScheme) -> QuantBlocks | None:
+        """The tensor already quantised as `scheme` (unpacked), without loss, when the stored format allows
+        (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
         return None
 
     @abstractmethod

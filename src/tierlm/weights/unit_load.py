@@ -9,9 +9,9 @@ import torch
 
 from tierlm.errors import ModelFormatError
 from tierlm.memory.units import UnitTensor
-from tierlm.quant import quantize
+from tierlm.quant import QuantBlocks, from_blocks, quantize
 from tierlm.quant.scheme import QuantScheme
-from tierlm.quant.tensor import QuantTensor, concat_rows
+from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
 
 
@@ -39,18 +39,19 @@ def _dense(source: ModelSource, spec: UnitTensor, names: list[str], dtype: torch
 def load_unit_tensor(source: ModelSource, spec: UnitTensor, dtype: torch.dtype, quant: QuantScheme,
                      present: set[str]) -> torch.Tensor | QuantTensor | None:
     """The tensor `spec` in `dtype`, or quantised under `quant`; None when the source has none of its pieces
-    (optional biases)."""
+    (optional biases). A `dequantized` spec comes back dense: the quantised values in `dtype`."""
     names = [n for n in spec.source_names if n in present]
     if not names:
         return None
-    scheme = spec.scheme(quant)
+    scheme = spec.scheme(quant)  # NOTE: a dequantized spec (a tied embedding) takes its head's scheme
     if not scheme.enabled:
         return _dense(source, spec, names, dtype).contiguous()
-    exact = [source.load_exact(n, scheme) for n in names]
-    if all(e is not None for e in exact):
-        out = concat_rows(exact)
-        if out.shape != spec.shape:
-            raise ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {out.shape}, "
-                                   f"the config implies {spec.shape}")
-        return out
-    return quantize(_dense(source, spec, names, torch.float32), scheme)
+    blocks = [source.load_blocks(n, scheme) for n in names]
+    if all(b is not None for b in blocks):
+        out = from_blocks(QuantBlocks.concat(blocks))
+    else:
+        out = quantize(_dense(source, spec, names, torch.float32), scheme)
+    if out.shape != spec.shape:
+        raise ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {out.shape}, "
+                               f"the config implies {spec.shape}")
+    return out.dequantize(dtype) if spec.dequantized else out
