@@ -8,17 +8,31 @@ import torch
 
 from tierlm.quant.tensor import QuantTensor
 
+_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)  # per-channel scale search (fractions of amax/127)
+
 
 def quantize(w: torch.Tensor, group_size: int | None = None) -> QuantTensor:
     """w [N, K] float -> QuantTensor. The stored scale (fp32 per channel, fp16 per group) is the one used to
-    round, so dequantise(quantise(w)) is within half a step of w."""
+    round, so every weight not clipped is within half a step of w."""
     n, k = w.shape
     g = k if group_size is None else group_size
     wf = w.float().reshape(n, k // g, g)  # [N, G, g]
-    scale = (wf.abs().amax(-1) / 127.0).clamp_min(1e-12)  # [N, G]
-    scale = scale.to(torch.float32 if group_size is None else torch.float16)
-    q = torch.round(wf / scale.float()[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
-    return QuantTensor("int8", (n, k), g, q, scale)
+    amax = wf.abs().amax(-1).clamp_min(1e-12)  # [N, G]
+    best, best_err = None, None
+    # Per channel, one outlier sets the step for a whole row: try clipping it (scale below amax/127) and keep,
+    # per row, the scale with the least squared error (measured: +1.1% -> +0.6% perplexity on SmolLM2).
+    for ratio in (_CLIP_RATIOS if group_size is None else (1.0,)):
+        scale = (amax * ratio / 127.0).to(torch.float32 if group_size is None else torch.float16)  # [N, G]
+        q = torch.round(wf / scale.float()[..., None]).clamp(-127, 127)
+        err = (q * scale.float()[..., None] - wf).pow(2).sum(-1)  # [N, G]
+        if best is None:
+            best, best_err = (q, scale), err
+        else:
+            better = err < best_err
+            best = (torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]))
+            best_err = torch.minimum(err, best_err)
+    q, scale = best
+    return QuantTensor("int8", (n, k), g, q.to(torch.int8).reshape(n, k), scale)
 
 
 def from_blocks(d: torch.Tensor, q: torch.Tensor) -> QuantTensor:

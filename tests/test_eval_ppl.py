@@ -1,0 +1,69 @@
+"""Perplexity: the sliding-window arithmetic, the CLI table, and quality bounds of the quantised schemes on
+the embedded model (real weights) and on a tiny random model requantised from fp32."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run_cli
+
+from tierlm import LLM
+from tierlm.eval_ppl import perplexity, windows
+
+TEXT = Path(__file__).parent / "data" / "english.txt"
+
+
+def test_windows_score_every_token_once_with_context():
+    for n, window, stride in ((10, 4, 2), (1000, 512, 256), (513, 512, 512), (3, 8, 4)):
+        ws = windows(n, window, stride)
+        scored = [p for _, end, first in ws for p in range(first, end)]
+        assert scored == list(range(1, n))  # each token but the first, once, in order
+        assert all(end - begin <= window for begin, end, _ in ws)
+        assert all(first - begin >= min(window - stride, first) for begin, _, first in ws)
+
+
+def _ppl(model, quant, ids, window=512, stride=256, dtype="auto"):
+    with LLM(model, quant=quant, dtype=dtype, progress=False, max_context=window) as llm:
+        return perplexity(llm, ids, window, stride, quant, progress=False).ppl
+
+
+@pytest.mark.slow
+def test_quantised_perplexity_bounds_on_the_embedded_model():
+    """fp32 = the GGUF's own dequantised weights. int4 g=32 maps its Q4_1 blocks without loss (bf16
+    activations and the int8 head are what changes); int8 group-wise is within +1%. int8 per channel,
+    requantised from the 4-bit grid, misses the +1% aim on this model: +1.02% on the whole text, +1.7% on
+    these 1024 tokens (one scale per 576-wide row cannot follow 32-wide Q4_1 groups); +2% is asserted so
+    that a regression still fails (see README)."""
+    with LLM(None, progress=False) as llm:
+        ids = llm.tokenizer.encode(TEXT.read_text())[:1024]
+    ref = _ppl(None, "none", ids)
+    assert 5 < ref < 60  # a real model on real English
+    assert _ppl(None, "int4", ids) <= ref * 1.01
+    from tierlm.quant import QuantScheme
+    assert _ppl(None, QuantScheme("int8", 128), ids) <= ref * 1.01
+    assert _ppl(None, "int8", ids) <= ref * 1.02
+
+
+def test_requantised_bounds_on_a_tiny_model(tiny_models):
+    path = tiny_models["llama3_rope"].path
+    with LLM(path, progress=False) as llm:
+        ids = llm.tokenizer.encode(TEXT.read_text())[:300]
+    ref = _ppl(path, "none", ids, window=128, stride=64)
+    assert _ppl(path, "int8", ids, window=128, stride=64) <= ref * 1.01
+    assert _ppl(path, "int4", ids, window=128, stride=64) <= ref * 1.08
+
+
+def test_cli_prints_the_table(tiny_models, capsys):
+    code, out, _ = run_cli(capsys, "eval-ppl", "--model", str(tiny_models["llama3_rope"].path), "--text", str(TEXT),
+                           "--quant", "none,int8,int4-g64", "--window", "64", "--stride", "32", "--max-tokens", "100")
+    assert code == 0
+    table = out.strip().splitlines()[-4:]
+    assert table[0].split()[:3] == ["weights", "ppl", "vs"]
+    assert [row.split()[0] for row in table[1:]] == ["fp32", "int8-channel", "int4-g64"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval-ppl", "--text", str(tmp_path / "missing.txt"))
+    assert_one_line_error(code, err, "missing.txt")
+    code, _, err = run_cli(capsys, "eval-ppl", "--text", str(TEXT), "--quant", "int4-gx")
+    assert_one_line_error(code, err, "int4-gx")
