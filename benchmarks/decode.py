@@ -1,9 +1,15 @@
-"""Decode benchmark: tierlm vs HF transformers fp32 on the embedded SmolLM2-135M-Instruct Q4_1 GGUF.
+"""Decode benchmark: tierlm (fp32, int8, int4) vs llama.cpp and HF transformers fp32 on the embedded
+SmolLM2-135M-Instruct Q4_1 GGUF.
 
-Run from the repository root (transformers must be installed: `pip install -e ".[bench]"`):
+Run from the repository root (anchors: `pip install -e ".[bench]"`; llama-cpp-python compiles for ~6 min on
+2 cores, so build its wheel once: `pip wheel --no-deps -w wheels llama-cpp-python`, then install the wheel):
 
     .venv/bin/python benchmarks/decode.py                       # defaults: 128 new tokens, 1 warm-up, 5 reps
     .venv/bin/python benchmarks/decode.py --threads 2 --reps 9 --json out/decode.json
+    .venv/bin/python benchmarks/decode.py --engines tierlm-int4,llama.cpp
+
+tierlm-int4 runs the file's Q4_1 blocks as int4 g=32 without loss (the Q8_0 head as int8 per channel);
+llama.cpp runs the same file as it is. Both get the same prompt token ids and thread count.
 
 Method (the team's BENCHMARKS.md): all engines are loaded once into this process, then run
 ALTERNATING (tierlm, hf, tierlm, hf, ...). `--warmup` rounds run first and are not counted; `--reps`
@@ -16,9 +22,9 @@ Timing matches tierlm's own metrics (src/tierlm/engine/generation.py):
   decode = each later token's forward + argmax; tok/s = (max_tokens - 1) / decode time.
 Detokenization is not timed in either engine.
 
-Ratios are oriented so that > 1 means tierlm is better: tok/s tierlm/hf, TTFT hf/tierlm.
-To add an engine (e.g. llama.cpp), write a class with `name` and `run(prompt_ids, max_tokens)` returning
-(ttft_s, decode_tok_s, token_ids) and append it in `make_engines`.
+Ratios are oriented so that > 1 means tierlm is better: tok/s tierlm/anchor, TTFT anchor/tierlm; every
+tierlm variant is compared with every anchor. An engine is a class with `name` and
+`run(prompt_ids, max_tokens)` returning (ttft_s, decode_tok_s, token_ids), listed in ENGINES.
 """
 from __future__ import annotations
 
@@ -35,10 +41,10 @@ from _common import machine_info  # noqa: E402
 
 
 class TierlmEngine:
-    def __init__(self, threads: int, dtype: str = "float32"):
+    def __init__(self, threads: int, quant: str = "none"):
         from tierlm import LLM
-        self.name = "tierlm" if dtype == "float32" else "tierlm-bf16"
-        self.llm = LLM(model=None, dtype=dtype, threads=threads, progress=False)
+        self.name = "tierlm-fp32" if quant == "none" else f"tierlm-{quant}"
+        self.llm = LLM(model=None, threads=threads, progress=False, quant=quant)
 
     def run(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
         from tierlm import SamplingParams
@@ -75,14 +81,52 @@ class HFEngine:
         return ttft, (max_tokens - 1) / decode_s if decode_s > 0 else 0.0, tokens
 
 
-def make_engines(threads: int, bf16: bool = False) -> list:
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python on the same GGUF: eval() the prompt, then one token per eval(),
+    greedy by argmax over the last position's logits (what tierlm times: forward + argmax). The logits are
+    read from the llama.cpp context itself: with logits_all=False, llama-cpp-python 0.3 no longer copies
+    them into `scores`."""
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str, threads: int):
+        from llama_cpp import Llama
+        self.llm = Llama(gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False)
+
+    def _argmax(self) -> int:
+        import numpy as np
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
+
+    def run(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(prompt_ids)
+        token = self._argmax()
+        ttft = time.perf_counter() - t0
+        tokens, decode_s = [token], 0.0
+        for _ in range(max_tokens - 1):
+            t0 = time.perf_counter()
+            self.llm.eval([token])
+            token = self._argmax()
+            decode_s += time.perf_counter() - t0
+            tokens.append(token)
+        return ttft, (max_tokens - 1) / decode_s if decode_s > 0 else 0.0, tokens
+
+
+ENGINES = ("tierlm-fp32", "tierlm-int8", "tierlm-int4", "llama.cpp", "hf-fp32")
+
+
+def make_engines(names: list[str], threads: int) -> list:
     from tierlm.weights.embedded import embedded_model_path
-    extra = [TierlmEngine(threads, "bfloat16")] if bf16 else []
-    return [TierlmEngine(threads), HFEngine(str(embedded_model_path())), *extra]
+    path = str(embedded_model_path())
+    make = {"tierlm-fp32": lambda: TierlmEngine(threads), "tierlm-int8": lambda: TierlmEngine(threads, "int8"),
+            "tierlm-int4": lambda: TierlmEngine(threads, "int4"), "llama.cpp": lambda: LlamaCppEngine(path, threads),
+            "hf-fp32": lambda: HFEngine(path)}
+    return [make[n]() for n in names]
 
 
-def prompt_ids(engine: TierlmEngine, prompt: str) -> list[int]:
-    return engine.llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+def prompt_ids(prompt: str) -> list[int]:
+    from tierlm.weights import open_model
+    return open_model(None).tokenizer.encode_chat([{"role": "user", "content": prompt}])
 
 
 def run_alternating(engines: list, ids: list[int], max_tokens: int, warmup: int, reps: int) -> dict:
@@ -92,7 +136,7 @@ def run_alternating(engines: list, ids: list[int], max_tokens: int, warmup: int,
         for e in engines:
             ttft, tok_s, toks = e.run(ids, max_tokens)
             tag = "warm-up" if r < warmup else f"rep {r - warmup + 1}/{reps}"
-            print(f"  {tag:>9} {e.name:<8} ttft {ttft * 1e3:7.1f} ms  decode {tok_s:6.1f} tok/s", flush=True)
+            print(f"  {tag:>9} {e.name:<12} ttft {ttft * 1e3:7.1f} ms  decode {tok_s:6.1f} tok/s", flush=True)
             if r >= warmup:
                 runs[e.name].append((ttft, tok_s, toks))
     return runs
@@ -124,21 +168,23 @@ def report(summary: dict, machine: dict, n_prompt: int, args: argparse.Namespace
           f" | load avg {machine['loadavg_1m_at_end']:.2f} (1 min, at end)")
     print(f"prompt {n_prompt} tokens, {args.max_tokens} new tokens (greedy, EOS ignored), "
           f"{args.warmup} warm-up round(s) dropped, {args.reps} counted per engine")
-    print(f"\n{'engine':<10}{'TTFT ms (median)':>18}{'decode tok/s (median)':>24}")
+    print(f"\n{'engine':<14}{'TTFT ms (median)':>18}{'decode tok/s (median)':>24}")
     for name, s in summary.items():
-        print(f"{name:<10}{s['ttft_ms_median']:>18.1f}{s['decode_tok_s_median']:>24.1f}")
-    base, ratios, matches = summary["tierlm"], {}, {}
-    for name, ref in summary.items():  # every other engine against tierlm
-        if name == "tierlm":
-            continue
-        ratios[name] = {"decode_tok_s_tierlm_over": base["decode_tok_s_median"] / ref["decode_tok_s_median"],
-                        "ttft_over_tierlm": ref["ttft_ms_median"] / base["ttft_ms_median"]}
-        matches[name] = leading_match(base["token_ids"], ref["token_ids"])
-        same = sum(x == y for x, y in zip(base["token_ids"], ref["token_ids"]))
-        print(f"\nvs {name}: decode tok/s tierlm/{name} {ratios[name]['decode_tok_s_tierlm_over']:.2f}x, "
-              f"TTFT {name}/tierlm {ratios[name]['ttft_over_tierlm']:.2f}x  (>1 = tierlm better)")
-        print(f"  greedy tokens: {matches[name]}/{args.max_tokens} leading tokens match "
-              f"({same} equal position-wise)")
+        print(f"{name:<14}{s['ttft_ms_median']:>18.1f}{s['decode_tok_s_median']:>24.1f}")
+    ratios, matches = {}, {}
+    ours = [n for n in summary if n.startswith("tierlm")]
+    print(f"\n{'tierlm':<14}{'vs':<10}{'decode x':>10}{'TTFT x':>9}  leading greedy tokens equal  (>1 = tierlm better)")
+    for mine in ours:
+        base = summary[mine]
+        for name, ref in summary.items():  # every tierlm variant against every anchor
+            if name.startswith("tierlm"):
+                continue
+            key = f"{mine}/{name}"
+            ratios[key] = {"decode_tok_s_tierlm_over": base["decode_tok_s_median"] / ref["decode_tok_s_median"],
+                           "ttft_over_tierlm": ref["ttft_ms_median"] / base["ttft_ms_median"]}
+            matches[key] = leading_match(base["token_ids"], ref["token_ids"])
+            print(f"{mine:<14}{name:<10}{ratios[key]['decode_tok_s_tierlm_over']:>9.2f}x"
+                  f"{ratios[key]['ttft_over_tierlm']:>8.2f}x  {matches[key]}/{args.max_tokens}")
     print("deterministic across reps: " + ", ".join(f"{n}={s['deterministic']}" for n, s in summary.items()))
     return {"machine": machine, "prompt_tokens": n_prompt, "max_tokens": args.max_tokens, "warmup": args.warmup,
             "reps": args.reps, "engines": summary, "ratios": ratios, "leading_tokens_match": matches,
@@ -152,14 +198,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="counted rounds")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds run first")
     ap.add_argument("--prompt", default="What is the capital of France?", help="user message (chat-formatted)")
-    ap.add_argument("--bf16", action="store_true", help="also run tierlm with bf16 compute")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list from {', '.join(ENGINES)}")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
     if args.threads < 1 or args.max_tokens < 2 or args.reps < 1 or args.warmup < 0:
         ap.error("need --threads >= 1, --max-tokens >= 2, --reps >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)  # process-wide: one setting for every engine
-    engines = make_engines(args.threads, args.bf16)
-    ids = prompt_ids(engines[0], args.prompt)
+    names = args.engines.split(",")
+    if not set(names) <= set(ENGINES):
+        ap.error(f"unknown engine in {args.engines!r} (choose from {', '.join(ENGINES)})")
+    engines = make_engines(names, args.threads)
+    ids = prompt_ids(args.prompt)
     runs = run_alternating(engines, ids, args.max_tokens, args.warmup, args.reps)
     result = report(summarize(runs), machine_info(), len(ids), args)
     if args.json:

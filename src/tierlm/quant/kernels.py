@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tierlm.quant import int4
 from tierlm.quant.tensor import QuantTensor
 
-PREFILL_ROWS = 32  # at or above this many rows, dequantise + fp32 GEMM (measured crossover: 21..128 rows)
+PREFILL_ROWS = 128  # at or above this many rows, dequantise + fp32 GEMM (measured crossover: ~128 rows)
 
 
 def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
