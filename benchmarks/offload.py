@@ -9,8 +9,11 @@ by this process: per round, the disk is measured, then each engine decodes `--to
 prefill of `--prompt-tokens`. The first round is a warm-up and is not counted; medians over the rest.
 
   tierlm     LLM(model, max_memory={"cpu": budget}, offload_dir=...): planned placement, O_DIRECT ring.
+  tierlm-int8 / tierlm-int4   the same budget with quantised weights (W8A16 / W4A16 g=32): the store and the
+             ring hold packed bytes (its own store under OFFLOAD_DIR/int8 | int4).
   accelerate from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...).
-  resident   tierlm with no budget (the whole model in RAM): the compute floor of a token.
+  resident   tierlm with no budget (the whole model in RAM): the compute floor of a token
+             (resident-int8 / resident-int4: the floor of the quantised rows).
   disk       O_DIRECT read of tierlm's offload store file with the streamer's queue depth (GB/s).
 
 Page cache: before EVERY decode step both engines' files (model, offload store, offload folder) are
@@ -18,7 +21,8 @@ evicted with posix_fadvise(DONTNEED), untimed, so neither engine is served from 
 Accelerate reads through the page cache; tierlm reads with O_DIRECT. The bytes each engine pulled into the
 page cache during a step are measured (fincore) and reported.
 
-Roofline per token = max(bytes tierlm streams ÷ disk GB/s, resident compute s/token), both measured here.
+Roofline per token = max(bytes a tierlm row streams ÷ disk GB/s, its resident compute s/token), both measured
+here (a quantised row uses its own resident row: resident-int8 / resident-int4; without it, I/O only).
 Ratios are oriented so that > 1 means tierlm is better.
 """
 from __future__ import annotations
@@ -56,11 +60,22 @@ def _cached_bytes(paths: list[Path]) -> int:
     return sum(int(x) for x in out.split())
 
 
+def _quant(kind: str) -> str:
+    """"tierlm-int4" -> "int4"; "tierlm" / "resident" -> "none"."""
+    return kind.split("-", 1)[1] if "-" in kind else "none"
+
+
+def _offload_dir(a: argparse.Namespace, kind: str) -> Path:
+    q = _quant(kind)
+    return Path(a.offload_dir) / q if q != "none" else Path(a.offload_dir)
+
+
 class TierlmWorker:
-    def __init__(self, a: argparse.Namespace, budget: str | None):
+    def __init__(self, a: argparse.Namespace, budget: str | None, quant: str = "none"):
         from tierlm import LLM
-        self.llm = LLM(a.model, dtype="float32", max_memory={"cpu": budget} if budget else None,
-                       offload_dir=a.offload_dir if budget else None, max_context=a.prompt_tokens + 64, progress=False)
+        self.llm = LLM(a.model, max_memory={"cpu": budget} if budget else None, quant=quant,
+                       offload_dir=_offload_dir(a, a.worker) if budget else None, max_context=a.prompt_tokens + 64,
+                       progress=False)
 
     def decode(self, prompt: int, tokens: int, before) -> tuple[list[float], int]:
         from tierlm.bench import measure_decode
@@ -77,7 +92,7 @@ class TierlmWorker:
         if llm.plan is None:
             return None
         profile = replace(llm.profile, disk_read_gbps=disk_gbps)
-        inp = plan_input(llm.config, llm.dtype, llm.budget, llm.max_context, profile, cuda=False)
+        inp = plan_input(llm.config, llm.dtype, llm.budget, llm.max_context, profile, cuda=False, quant=llm.quant)
         return predict(inp, llm.plan).token_s
 
     def describe(self) -> dict:
@@ -120,13 +135,14 @@ class AccelerateWorker:
 
 
 def worker(a: argparse.Namespace) -> None:
-    budget = None if a.worker == "resident" else a.budget
-    engine = AccelerateWorker(a, budget) if a.worker == "accelerate" else TierlmWorker(a, budget)
+    resident = a.worker.startswith("resident")
+    budget = None if resident else a.budget
+    engine = AccelerateWorker(a, budget) if a.worker == "accelerate" else TierlmWorker(a, budget, _quant(a.worker))
     # this engine's own files: the model, and its offload store / folder
     from tierlm.memory.stats import peak_rss_bytes
 
-    own = Path(a.offload_dir) / ("accelerate" if a.worker == "accelerate" else "layers.bin")
-    files = [Path(a.model)] + ([own] if a.worker != "resident" else [])
+    own = Path(a.offload_dir) / "accelerate" if a.worker == "accelerate" else _offload_dir(a, a.worker) / "layers.bin"
+    files = [Path(a.model)] + ([own] if not resident else [])
     print(json.dumps({"ready": True, **engine.describe()}), flush=True)
     for line in sys.stdin:
         after_step, after_evict = [], []
@@ -234,15 +250,19 @@ def report(a, workers: dict, times: dict, disk: list[float], predicted: list[flo
               f"page cache after a step {e['page_cache_mib_after_step']:5.0f} MiB "
               f"(after eviction {e['page_cache_mib_after_evict']:4.0f} MiB)"
               + (f"  disk {e['disk_bytes_per_token'] / 2**30:.2f} GiB/token" if e["disk_bytes_per_token"] else ""))
-    if "tierlm" in med:
-        streamed = res["engines"]["tierlm"]["disk_bytes_per_token"]
+    for k in (k for k in med if k.startswith("tierlm")):
+        streamed = res["engines"][k]["disk_bytes_per_token"]
         io_s = streamed / (gbps * 1e9)
-        roof = max(io_s, med.get("resident", 0.0))
-        res["roofline_s"] = roof
-        res["tierlm_vs_roofline"] = roof / med["tierlm"]
-        print(f"roofline max({streamed / 2**30:.2f} GiB ÷ {gbps:.2f} GB/s = {io_s:.3f} s, resident compute "
-              f"{med.get('resident', float('nan')):.3f} s) = {roof:.3f} s/token -> tierlm at {roof / med['tierlm']:.0%}"
-              f" of the roofline")
+        floor = med.get("resident" + k.removeprefix("tierlm"), 0.0)  # 0 when its resident row did not run
+        roof = max(io_s, floor)
+        res.setdefault("rows", {})[k] = row = {"roofline_s": roof, "vs_roofline": roof / med[k]}
+        print(f"{k}: roofline max({streamed / 2**30:.2f} GiB ÷ {gbps:.2f} GB/s = {io_s:.3f} s, resident compute "
+              f"{floor:.3f} s) = {roof:.3f} s/token -> at {roof / med[k]:.0%} of the roofline", end="")
+        if "accelerate" in med:
+            row["speedup_vs_accelerate"] = med["accelerate"] / med[k]
+            print(f"; {med['accelerate'] / med[k]:.2f}× faster than Accelerate", end="")
+        print()
+    if "tierlm" in med:
         pred = workers["tierlm"].info.get("predicted_s")
         if pred:
             res["predicted_s_saved_profile"] = pred
@@ -250,9 +270,6 @@ def report(a, workers: dict, times: dict, disk: list[float], predicted: list[flo
             print(f"planner predicted {pred:.3f} s/token with the saved profile (measured/predicted = "
                   f"{med['tierlm'] / pred:.2f}); {now:.3f} s/token with this run's disk bandwidth "
                   f"(measured/predicted = {med['tierlm'] / now:.2f})")
-        if "accelerate" in med:
-            res["speedup_vs_accelerate"] = med["accelerate"] / med["tierlm"]
-            print(f"tierlm vs Accelerate: {med['accelerate'] / med['tierlm']:.2f}× faster per token")
     return res
 
 

@@ -139,12 +139,14 @@ class WeightStore:
             out = {t.leaf: load_unit_tensor(source, t, dtype, quant, present) for t in unit_tensors(cfg, name)}
             return _ready({k: None if v is None else v.to(device) for k, v in out.items()}, dtype)
 
+        # The head first: quantising it holds its whole matrix in fp32 for a moment (262 MiB for TinyLlama), and
+        # that transient must come while little else is resident, or it lands on top of every layer.
+        head = unit(HEAD)["lm_head"] if head_tier == Tier.DEVICE else None
+        embed = head if tied and head is not None else unit(EMBED)["embed"] if embed_tier == Tier.DEVICE else None
         layers: list[LayerWeights | None] = [None] * cfg.num_layers
         for i in resident:
             layers[i] = LayerWeights(**unit(layer_unit(i)))
             bar.update()
-        head = unit(HEAD)["lm_head"] if head_tier == Tier.DEVICE else None
-        embed = head if tied and head is not None else unit(EMBED)["embed"] if embed_tier == Tier.DEVICE else None
         norm, rope_freqs = get("norm"), get("rope_freqs", torch.float32)  # rope math stays fp32
         bar.update(3)
         bar.close()

@@ -11,18 +11,38 @@ from tierlm.quant import int4, int8
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantBlocks, QuantTensor
 
-__all__ = ["QuantBlocks", "QuantScheme", "QuantTensor", "from_blocks", "quantize"]
+__all__ = ["QuantBlocks", "QuantScheme", "QuantTensor", "from_blocks", "quantize", "quantize_blocks"]
+
+
+ROW_CHUNK = 256  # rows quantised at a time: bounds the fp32 temporaries (the clip search makes several)
+
+
+def quantize_blocks(w: torch.Tensor, scheme: QuantScheme) -> QuantBlocks:
+    """w [N, K] float -> unpacked quantised rows under `scheme`, ROW_CHUNK rows at a time."""
+    n, k = w.shape
+    qs, scales, mins = [], [], []
+    for r in range(0, n, ROW_CHUNK):
+        rows = w[r:r + ROW_CHUNK]
+        if scheme.kind == "int8":
+            q, s = int8.quantize_unpacked(rows, scheme.group_size)
+        elif scheme.kind == "int4":
+            q, s, m = int4.quantize_unpacked(rows, scheme.group_size)
+            mins.append(m)
+        else:
+            raise ValueError(f"cannot quantize with scheme {scheme}")
+        qs.append(q)
+        scales.append(s)
+    return QuantBlocks(scheme.kind, scheme.group_size or k, torch.cat(scales), torch.cat(mins) if mins else None,
+                       torch.cat(qs))
+
+
+def from_blocks(b: QuantBlocks) -> QuantTensor:
+    """Pack unpacked rows (GGUF blocks or quantize_blocks') without changing a single dense value."""
+    if b.kind == "int8":
+        return int8.from_blocks(b.scales, b.q, b.group_size)
+    return int4.from_blocks(b.scales, b.mins, b.q, b.group_size)
 
 
 def quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantTensor:
     """w [N, K] float -> packed matrix under `scheme` (int8 per channel or group-wise, int4 group-wise)."""
-    if scheme.kind == "int8":
-        return int8.quantize(w, scheme.group_size)
-    if scheme.kind == "int4":
-        return int4.quantize(w, scheme.group_size)
-    raise ValueError(f"cannot quantize with scheme {scheme}")
-
-
-def from_blocks(b: QuantBlocks) -> QuantTensor:
-    """Pack GGUF-style blocks (g=32) without changing a single dense value."""
-    return int8.from_blocks(b.scales, b.q) if b.kind == "int8" else int4.from_blocks(b.scales, b.mins, b.q)
+    return from_blocks(quantize_blocks(w, scheme))

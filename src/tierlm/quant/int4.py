@@ -45,22 +45,30 @@ def layout_matches_torch() -> bool:
         return False
 
 
-def quantize(w: torch.Tensor, group_size: int = 32) -> QuantTensor:
-    """w [N, K] float -> QuantTensor (min/max per group, 16 levels). Stored fp16 scale and min are the ones
-    used to round, so each weight is within half a step (plus fp16 rounding of the min) of w."""
+def quantize_unpacked(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q uint8 [N, K] in 0..15, scale fp16 [N, G], min fp16 [N, G]): min/max per group,
+    16 levels. The stored fp16 scale and min are the ones used to round, so each weight is within half a step
+    (plus fp16 rounding of the min) of w."""
     n, k = w.shape
     wf = w.float().reshape(n, k // group_size, group_size)  # [N, G, g]
     lo, hi = wf.amin(-1), wf.amax(-1)  # [N, G]
     scale = ((hi - lo) / 15.0).clamp_min(1e-8).to(torch.float16)
     mins = lo.to(torch.float16)
     q = torch.round((wf - mins.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
-    return QuantTensor("int4", (n, k), group_size, pack(q.reshape(n, k)), scale, mins)
+    return q.to(torch.uint8).reshape(n, k), scale, mins
 
 
-def from_blocks(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> QuantTensor:
-    """GGUF Q4_1 (w = d*q + m; Q4_0 comes as m = -8d) without loss. d, m fp16 [N, K/32]; q uint8 [N, K] 0..15."""
+def quantize(w: torch.Tensor, group_size: int = 32) -> QuantTensor:
+    """w [N, K] float -> QuantTensor (see quantize_unpacked); N a multiple of 64."""
+    q, scale, mins = quantize_unpacked(w, group_size)
+    return from_blocks(scale, mins, q, group_size)
+
+
+def from_blocks(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, group_size: int = 32) -> QuantTensor:
+    """w = d*q + m per group: GGUF Q4_1 (Q4_0 comes as m = -8d) without loss, or quantize_unpacked's.
+    d, m fp16 [N, K/g]; q uint8 [N, K] in 0..15; N a multiple of 64."""
     n, k = q.shape
-    return QuantTensor("int4", (n, k), 32, pack(q), d.contiguous(), m.contiguous())
+    return QuantTensor("int4", (n, k), group_size, pack(q), d.contiguous(), m.contiguous())
 
 
 def _dense(q: torch.Tensor, t: QuantTensor, rows: torch.Tensor | slice) -> torch.Tensor:

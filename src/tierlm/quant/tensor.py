@@ -82,18 +82,22 @@ def dense_or_parts_nbytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: to
 
 @dataclass(frozen=True)
 class QuantBlocks:
-    """A quantised matrix before packing (what GGUF blocks give): rows can still be concatenated freely.
-    int4: q uint8 [N, K] in 0..15, w = q * scales + mins; int8: q int8 [N, K], w = q * scales. g = 32."""
+    """A quantised matrix before packing (GGUF blocks, or rows quantised a chunk at a time): rows can still be
+    concatenated freely. int4: q uint8 [N, K] in 0..15, w = q * scales + mins; int8: q int8 [N, K],
+    w = q * scales."""
 
     kind: str
-    scales: torch.Tensor  # fp16 [N, K/32]
-    mins: torch.Tensor | None  # fp16 [N, K/32] (int4)
+    group_size: int  # K for int8 per channel
+    scales: torch.Tensor  # [N, K/g]
+    mins: torch.Tensor | None  # [N, K/g] (int4)
     q: torch.Tensor  # [N, K]
 
     @staticmethod
     def concat(blocks: list["QuantBlocks"]) -> "QuantBlocks":
         first = blocks[0]
-        if any(b.kind != first.kind for b in blocks):
-            raise ValueError("cannot concatenate blocks of different kinds")
+        if any((b.kind, b.group_size) != (first.kind, first.group_size) for b in blocks):
+            raise ValueError("cannot concatenate blocks of different kinds or group sizes")
+        if len(blocks) == 1:
+            return first
         cat = lambda f: None if getattr(first, f) is None else torch.cat([getattr(b, f) for b in blocks])  # noqa: E731
-        return QuantBlocks(first.kind, cat("scales"), cat("mins"), cat("q"))
+        return QuantBlocks(first.kind, first.group_size, cat("scales"), cat("mins"), cat("q"))

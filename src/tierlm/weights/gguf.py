@@ -142,4 +142,4 @@ class GGUFSource(ModelSource):
         if t.qtype == Q.Q4_0:
             m = (-8 * d.astype(np.float32)).astype(np.float16)  # w = d*(q-8) = d*q + (-8d); -8d is exact
         as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(self._unpermute_rows(name, a)))  # noqa: E731
-        return QuantBlocks(kind, as_t(d), as_t(m), as_t(q))
+        return QuantBlocks(kind, 32, as_t(d), as_t(m), as_t(q))

@@ -2,14 +2,15 @@
 a quant scheme, quantised — without loss straight from GGUF blocks where the math allows (Q4_0/Q4_1 -> int4
 g=32, Q8_0 -> int8 g=32), else from the dequantised values.
 
-Peak memory while loading: the output plus one piece (pieces are copied into a preallocated output)."""
+Peak memory while loading: the output plus one dense piece (pieces are copied into a preallocated output, or
+quantised one at a time, ROW_CHUNK rows at a time)."""
 from __future__ import annotations
 
 import torch
 
 from tierlm.errors import ModelFormatError
 from tierlm.memory.units import UnitTensor
-from tierlm.quant import QuantBlocks, from_blocks, quantize
+from tierlm.quant import QuantBlocks, from_blocks, quantize_blocks
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
@@ -46,11 +47,13 @@ def load_unit_tensor(source: ModelSource, spec: UnitTensor, dtype: torch.dtype, 
     scheme = spec.scheme(quant)  # NOTE: a dequantized spec (a tied embedding) takes its head's scheme
     if not scheme.enabled:
         return _dense(source, spec, names, dtype).contiguous()
-    blocks = [source.load_blocks(n, scheme) for n in names]
-    if all(b is not None for b in blocks):
-        out = from_blocks(QuantBlocks.concat(blocks))
-    else:
-        out = quantize(_dense(source, spec, names, torch.float32), scheme)
+    # Piece by piece (rows are quantised independently, so this equals quantising the fused matrix): only one
+    # piece is ever dense in fp32. Pieces are packed together, as the int4 layout needs whole 64-row blocks.
+    blocks = []
+    for name in names:
+        b = source.load_blocks(name, scheme)
+        blocks.append(b if b is not None else quantize_blocks(source.load(name, torch.float32), scheme))
+    out = from_blocks(QuantBlocks.concat(blocks))
     if out.shape != spec.shape:
         raise ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {out.shape}, "
                                f"the config implies {spec.shape}")
