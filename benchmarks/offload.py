@@ -207,8 +207,9 @@ def main() -> None:
 
     kinds = a.engines.split(",")
     workers = {k: Worker(k, a) for k in kinds}  # tierlm first: it builds the offload store
-    store = Path(a.offload_dir) / "layers.bin"
-    qd = workers["tierlm"].info.get("queue_depth", 16) if "tierlm" in workers else 16
+    first = next((k for k in kinds if k.startswith("tierlm")), None)
+    store = _offload_dir(a, first or "tierlm") / "layers.bin"  # the disk is measured on a store a row streams
+    qd = workers[first].info.get("queue_depth", 16) if first else 16
     times: dict[str, list[float]] = {k: [] for k in kinds}
     disk, predicted, last = [], [], {}
     for r in range(a.reps + 1):
