@@ -58,12 +58,6 @@ def quantize_unpacked(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tens
     return q.to(torch.uint8).reshape(n, k), scale, mins
 
 
-def quantize(w: torch.Tensor, group_size: int = 32) -> QuantTensor:
-    """w [N, K] float -> QuantTensor (see quantize_unpacked); N a multiple of 64."""
-    q, scale, mins = quantize_unpacked(w, group_size)
-    return from_blocks(scale, mins, q, group_size)
-
-
 def from_blocks(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, group_size: int = 32) -> QuantTensor:
     """w = d*q + m per group: GGUF Q4_1 (Q4_0 comes as m = -8d) without loss, or quantize_unpacked's.
     d, m fp16 [N, K/g]; q uint8 [N, K] in 0..15; N a multiple of 64."""

@@ -35,12 +35,6 @@ def quantize_unpacked(w: torch.Tensor, group_size: int | None = None) -> tuple[t
     return q.to(torch.int8).reshape(n, k), scale
 
 
-def quantize(w: torch.Tensor, group_size: int | None = None) -> QuantTensor:
-    """w [N, K] float -> QuantTensor (see quantize_unpacked)."""
-    q, scale = quantize_unpacked(w, group_size)
-    return from_blocks(scale, q, w.shape[1] if group_size is None else group_size)
-
-
 def from_blocks(d: torch.Tensor, q: torch.Tensor, group_size: int = 32) -> QuantTensor:
     """w = d * q per group: GGUF Q8_0 (d fp16 [N, K/32], q int8 [N, K]) without loss, or quantize_unpacked's."""
     n, k = q.shape

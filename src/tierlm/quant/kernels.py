@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from tierlm.quant import int4
+from tierlm.quant import int4, int8
 from tierlm.quant.tensor import QuantTensor
 
 PREFILL_ROWS = 128  # at or above this many rows, dequantise + fp32 GEMM (measured crossover: ~128 rows)
@@ -65,7 +65,6 @@ def embedding_rows(w: torch.Tensor | QuantTensor, tokens: torch.Tensor, dtype: t
     """tokens [B, T] -> [B, T, H] rows of an embedding matrix, dense or quantised (a tied, quantised head)."""
     if isinstance(w, torch.Tensor):
         return F.embedding(tokens, w)
-    from tierlm.quant import int8
     unique, inverse = torch.unique(tokens, return_inverse=True)  # dequantise each distinct row once
     rows = (int8 if w.kind == "int8" else int4).dequantize_rows(w, unique)  # [U, H] fp32
     return rows.to(dtype)[inverse]

@@ -32,10 +32,6 @@ class QuantTensor:
     mins: torch.Tensor | None = None  # int4 only: [N, K/g]
     kernel_scales: torch.Tensor | None = None  # int8: [N] in the activation dtype; int4: [K/g, N, 2]
 
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.kind, None if self.group_size == self.shape[1] and self.kind == "int8" else self.group_size)
-
     def parts(self) -> dict[str, torch.Tensor]:
         """Stored parts by name (qweight, scales[, mins])."""
         out = {"qweight": self.qweight, "scales": self.scales}
