@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
+from tierlm.config import attention_dtype
 from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.estimate import kv_bytes, weight_bytes
 from tierlm.memory.store import WeightStore
@@ -64,3 +65,19 @@ def test_runner_acquires_and_releases_every_layer_in_order(tiny_models):
 def test_tied_embeddings_share_storage(tiny_models):
     store = WeightStore.load_resident(open_model(tiny_models["llama_gqa_tied"].path), torch.float32, progress=False)
     assert store.head_weight.data_ptr() == store.embed_weight.data_ptr()
+
+
+def test_bf16_run_keeps_kv_in_the_attention_dtype(tiny_models):
+    """On a CPU without native bf16, a bf16 run's KV cache (and attention) is fp32, and the planner counts
+    fp32 KV bytes; where bf16 is native (or on CUDA) the KV stays bf16."""
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expect = torch.bfloat16 if native else torch.float32
+    assert attention_dtype(torch.bfloat16, cuda=False) == expect
+    assert attention_dtype(torch.bfloat16, cuda=True) == torch.bfloat16
+    assert attention_dtype(torch.float32, cuda=False) == torch.float32
+    llm = LLM(tiny_models["llama_gqa_tied"].path, dtype="bfloat16", progress=False)
+    kv = llm.runner.new_kv(16)
+    assert kv.buffer.dtype == expect
+    assert kv.nbytes == kv_bytes(llm.config, 16, 1, torch.finfo(expect).bits // 8)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4

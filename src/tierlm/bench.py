@@ -14,7 +14,6 @@ import torch
 from tierlm.config import format_size
 from tierlm.engine.llm import LLM
 from tierlm.errors import ContextLengthError
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.stats import TierStats, describe_stats
 from tierlm.memory.tiers import Tier
 
@@ -33,7 +32,7 @@ def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int,
     if prompt_tokens + tokens + warmup > llm.max_context:
         raise ContextLengthError(f"{prompt_tokens} + {tokens + warmup} tokens exceed max_context {llm.max_context}")
     ids = prompt_ids(cfg.vocab_size, prompt_tokens)  # [1, P]
-    kv = KVCache(cfg, batch=1, capacity=prompt_tokens + tokens + warmup, dtype=llm.dtype, device=llm.runner.device)
+    kv = llm.runner.new_kv(prompt_tokens + tokens + warmup)
     try:
         t = time.perf_counter()
         logits = llm.runner.forward(ids, kv)  # [1, V]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.errors import UsageError
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.progress import progress_bar
 
 
@@ -55,7 +54,7 @@ def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progre
     bar = progress_bar(len(plan), f"perplexity {label}", progress, unit="window")
     t0 = time.perf_counter()
     for begin, end, first in plan:
-        kv = KVCache(llm.config, batch=1, capacity=end - begin, dtype=runner.dtype, device=runner.device)
+        kv = runner.new_kv(end - begin)
         try:
             logits = runner.forward(torch.tensor([ids[begin:end]]), kv, all_logits=True)[0]  # [T, V] fp32
         finally:

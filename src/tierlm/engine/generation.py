@@ -15,7 +15,6 @@ import torch
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import Sampler, SamplingParams
 from tierlm.errors import ContextLengthError, UsageError
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.stats import TierStats
 from tierlm.weights.tokenizer import Tokenizer
 
@@ -78,7 +77,7 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
     eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
     sampler = Sampler(params)
     t0 = time.perf_counter()  # TTFT counts the KV allocation too
-    kv = KVCache(cfg, batch=1, capacity=len(prompt_ids) + max_new, dtype=runner.dtype, device=runner.device)
+    kv = runner.new_kv(len(prompt_ids) + max_new)
     m = out.metrics
     m.prompt_tokens = len(prompt_ids)
     before = replace(runner.store.stats)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tierlm.config import ModelConfig
+from tierlm.config import ModelConfig, attention_dtype
 from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
@@ -28,12 +28,17 @@ class Runner:
         self.dtype = dtype
         self.device = torch.device(device)
         self.prefill_chunk = prefill_chunk
+        self.kv_dtype = attention_dtype(dtype, self.device.type == "cuda")
         # Positions this runner serves (prompt + generated); the planner reserved KV for this many.
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         inv_freq = llama.rope_inv_freq(self.config, store.rope_freqs)  # [hd/2]
         # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
         cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+
+    def new_kv(self, capacity: int, batch: int = 1) -> KVCache:
+        """A KV cache for `batch` sequences of up to `capacity` tokens, in this runner's KV dtype and device."""
+        return KVCache(self.config, batch=batch, capacity=capacity, dtype=self.kv_dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:

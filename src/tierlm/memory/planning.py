@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tierlm.config import ModelConfig
+from tierlm.config import ModelConfig, attention_dtype
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import Profile
 from tierlm.memory.directio import ALIGN, align_up
@@ -34,7 +34,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         layer_bytes=unit_nbytes(cfg, layer_unit(0), dtype, quant),
         head_bytes=unit_nbytes(cfg, HEAD, dtype, quant),
         embed_bytes=0 if cfg.tie_word_embeddings else unit_nbytes(cfg, EMBED, dtype, quant),
-        kv_bytes=kv_bytes(cfg, max_context, 1, item),
+        kv_bytes=kv_bytes(cfg, max_context, 1, torch.finfo(attention_dtype(dtype, cuda)).bits // 8),
         activation_bytes=activation_bytes(cfg, min(PREFILL_CHUNK, max_context), 1, item).total,
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer,
         cuda=cuda,

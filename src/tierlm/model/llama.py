@@ -102,10 +102,12 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     # q and k heads are adjacent: one rope application for both (fewer small ops per decode step)
     qk = apply_rope(qkv[:, :nh + nkv], cos, sin)  # [B, nh+nkv, T, hd]
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
-    k_all, v_all = kv.update(start_pos, k, v)  # [B, nkv, S, hd] each, S = start_pos + T
+    k_all, v_all = kv.update(start_pos, k, v)  # [B, nkv, S, hd] each, S = start_pos + T, in the KV dtype
     mask = attention_mask(start_pos, t, k_all.shape[2], cfg.sliding_window, x.device)  # [T, S] | None
-    attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # [B, nh, T, hd]
-    attn = attn.transpose(1, 2).reshape(b, t, nh * hd)  # [B, T, nh*hd]
+    # attention runs in the KV dtype (fp32 for a bf16 run on CPUs without native bf16: config.attention_dtype)
+    attn = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=mask,
+                                          enable_gqa=nkv != nh)  # [B, nh, T, hd]
+    attn = attn.transpose(1, 2).reshape(b, t, nh * hd).to(x.dtype)  # [B, T, nh*hd]
     x = x + linear(attn, w.wo, w.bo)  # [B, T, H]
 
     h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)  # [B, T, H]
