@@ -106,10 +106,10 @@ def test_budgeted_llm_generates_the_resident_tokens(tiny_models, tmp_path):
     path = tiny_models["llama3_rope"].path
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     want = LLM(path, progress=False).generate([PROMPT], params)[0].token_ids
-    # 2 layers of 197 KiB each, head and embed 128 KiB: 600 KiB leaves part of the model on disk
-    with LLM(path, progress=False, max_memory={"cpu": "600KiB"}, offload_dir=tmp_path / "off", max_context=64) as llm:
+    # 2 layers of 197 KiB each, head and embed 128 KiB: 660 KiB leaves part of the model on disk
+    with LLM(path, progress=False, max_memory={"cpu": "660KiB"}, offload_dir=tmp_path / "off", max_context=64) as llm:
         assert llm.plan is not None and llm.plan.count(Tier.DISK) >= 1
-        assert llm.plan.device_bytes <= 600 << 10
+        assert llm.plan.device_bytes <= 660 << 10
         out = llm.generate([PROMPT], params)[0]
         assert out.token_ids == want
         assert out.metrics.tiers.disk_bytes > 0

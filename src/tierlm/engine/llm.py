@@ -89,6 +89,7 @@ class LLM:
     def close(self) -> None:
         """Stop the streamer's I/O threads and free its ring (also done when the process exits)."""
         self.store.close()
+        self.runner.close()
 
     def __enter__(self) -> "LLM":
         return self

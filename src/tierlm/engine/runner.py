@@ -17,6 +17,7 @@ from tierlm.config import ModelConfig, attention_dtype
 from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
+from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama
 
 
@@ -35,6 +36,17 @@ class Runner:
         # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
         cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+        # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
+        # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
+        self.workspace = self._plan_workspace(min(prefill_chunk, self.max_context))
+
+    def _plan_workspace(self, rows: int) -> Workspace:
+        buffers = llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype)
+        return Workspace(plan_workspace(buffers), self.device)
+
+    def close(self) -> None:
+        """Free the workspace (the store and KV caches have their own release)."""
+        self.workspace.release()
 
     def new_kv(self, capacity: int, batch: int = 1) -> KVCache:
         """A KV cache for `batch` sequences of up to `capacity` tokens, in this runner's KV dtype and device."""
@@ -59,10 +71,14 @@ class Runner:
         start = kv.length
         t = tokens.shape[1]
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # [T, hd]
-        x = self.store.embed(tokens, self.device)  # [B, T, H]
+        rows = tokens.numel()
+        if rows > self.workspace.plan.specs["h_attn"].nbytes // (self.config.hidden_size * self.dtype.itemsize):
+            self.workspace.release()  # a batch wider than planned (batched prefill): plan once more, larger
+            self.workspace = self._plan_workspace(rows)
+        x = self.store.embed(tokens, self.device)  # [B, T, H] fresh: the residual stream, updated in place
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
-            x = llama.layer_forward(self.config, w, x, cos, sin, kv.layer(i), start)
+            x = llama.layer_forward(self.config, w, x, cos, sin, kv.layer(i), start, self.workspace)
             self.store.release(i)
         kv.length = start + t
         if logits == "none":
@@ -70,6 +86,6 @@ class Runner:
         if logits == "last":
             x = x[:, -1:]  # only the last position feeds sampling: skip the [T, V] head matmul
         lm_head = self.store.acquire_head()
-        out = llama.head(self.config, self.store.norm, lm_head, x)  # [B, T|1, V] fp32
+        out = llama.head(self.config, self.store.norm, lm_head, x, self.workspace)  # [B, T|1, V] fp32
         self.store.release_head()
         return out

@@ -22,6 +22,7 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.memory.offload_store import CHUNK_BYTES
 from tierlm.model import llama
@@ -151,9 +152,11 @@ def measure_layer_overhead(reps: int = 50) -> float:
     cos, sin = llama.rope_tables(llama.rope_inv_freq(cfg, None), 64, torch.float32)
     kv = KVCache(cfg, batch=1, capacity=64, dtype=torch.float32, device="cpu")
     x = torch.randn(1, 1, 64)
-    with torch.inference_mode():
-        t = _median_time(lambda: llama.layer_forward(cfg, w, x, cos[:1], sin[:1], kv.layer(0), 0), reps)
+    ws = Workspace(plan_workspace(llama.workspace_buffers(cfg, 1, torch.float32, torch.float32)))
+    with torch.inference_mode():  # layer_forward updates its input in place: give it a fresh copy each time
+        t = _median_time(lambda: llama.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], kv.layer(0), 0, ws), reps)
     kv.release()
+    ws.release()
     return t
 
 

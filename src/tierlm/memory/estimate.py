@@ -48,7 +48,7 @@ def kv_bytes(cfg: ModelConfig, context: int, batch: int, dtype_bytes: int) -> in
 
 @dataclass(frozen=True)
 class ActivationBytes:
-    hidden: int  # residual stream + normed copy [B, S, H] ×2
+    hidden: int  # residual stream [B, S, H] (normed copies live in the workspace, planned separately)
     qkv: int  # [B, S, (nh + 2·nkv)·hd]
     attn_out: int  # [B, S, nh·hd]
     ffn: int  # gate and up [B, S, I] ×2
@@ -60,10 +60,12 @@ class ActivationBytes:
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, dtype_bytes: int) -> ActivationBytes:
-    """Peak live activations of one layer during a prefill of `seq` tokens (layers run one at a time)."""
+    """Tensors that torch's kernels allocate in one layer during a prefill of `seq` tokens (layers run one at
+    a time): the residual stream and the matmul/attention outputs. Every other intermediate lives in the
+    workspace arena (memory/workspace.py), whose size is planned exactly."""
     bs = batch * seq * dtype_bytes
     return ActivationBytes(
-        hidden=2 * bs * cfg.hidden_size,
+        hidden=bs * cfg.hidden_size,
         qkv=bs * (cfg.q_size + 2 * cfg.kv_size),
         attn_out=bs * cfg.q_size,
         ffn=2 * bs * cfg.intermediate_size,

@@ -10,6 +10,8 @@ from tierlm.memory.directio import ALIGN, align_up
 from tierlm.memory.estimate import activation_bytes, kv_bytes
 from tierlm.memory.planner import PlanInput
 from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_nbytes
+from tierlm.memory.workspace import plan_workspace
+from tierlm.model.llama import workspace_buffers
 from tierlm.quant.scheme import QuantScheme
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory whatever the prompt
@@ -26,6 +28,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
                cuda: bool, ring_depth: int | None = None, quant: QuantScheme = QuantScheme()) -> PlanInput:
     """Unit sizes are the stored (packed, under `quant`) bytes: what sits in RAM and what moves per token."""
     item = torch.finfo(dtype).bits // 8
+    kv_dtype, rows = attention_dtype(dtype, cuda), min(PREFILL_CHUNK, max_context)
     rope_tables = 2 * max_context * cfg.head_dim * item  # cos + sin [max_context, hd]
     row_buffer = align_up(cfg.hidden_size * item) + ALIGN  # on-demand embedding rows
     prefix = "cuda:" if cuda else ""
@@ -34,8 +37,10 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         layer_bytes=unit_nbytes(cfg, layer_unit(0), dtype, quant),
         head_bytes=unit_nbytes(cfg, HEAD, dtype, quant),
         embed_bytes=0 if cfg.tie_word_embeddings else unit_nbytes(cfg, EMBED, dtype, quant),
-        kv_bytes=kv_bytes(cfg, max_context, 1, torch.finfo(attention_dtype(dtype, cuda)).bits // 8),
-        activation_bytes=activation_bytes(cfg, min(PREFILL_CHUNK, max_context), 1, item).total,
+        kv_bytes=kv_bytes(cfg, max_context, 1, kv_dtype.itemsize),
+        # kernel outputs (estimated) + the workspace arena the runner reserves (planned exactly)
+        activation_bytes=activation_bytes(cfg, rows, 1, item).total + plan_workspace(
+            workspace_buffers(cfg, rows, dtype, kv_dtype)).nbytes,
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer,
         cuda=cuda,
         cpu_budget=budget.cpu,

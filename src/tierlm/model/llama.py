@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
+from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.quant.kernels import linear
 from tierlm.quant.tensor import QuantTensor
 
@@ -63,20 +64,33 @@ def rope_tables(inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype) 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., H] -> [..., H]; variance in fp32 whatever the compute dtype (as HF LlamaRMSNorm)."""
-    # torch.rms_norm computes x * rsqrt(mean(x^2) + eps) as HF does (bit-identical in fp32), in one op
-    return weight * torch.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  x32: torch.Tensor, sq32: torch.Tensor, var32: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of x [..., H] written into `out` [..., H] through scratch (x32, sq32 [..., H], var32 [..., 1] fp32):
+    variance in fp32 whatever the compute dtype, the same operations as HF LlamaRMSNorm (x*x is pow(x, 2) bit
+    for bit), so fp32 results equal HF's exactly."""
+    xf = x if x.dtype == torch.float32 else x32.copy_(x)
+    torch.mean(torch.mul(xf, xf, out=sq32), dim=-1, keepdim=True, out=var32)  # [..., 1]
+    torch.mul(xf, var32.add_(eps).rsqrt_(), out=sq32)  # normalised, fp32
+    return out.copy_(sq32).mul_(weight)  # weight * normalised.to(dtype), as HF
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def norm_in_workspace(ws: Workspace, prefix: str, out: str, x: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """rms_norm_into with buffers `out` and `{prefix}_x32|sq32|var32` of the workspace: x [B, T, H] -> [B, T, H]."""
+    f32 = torch.float32
+    return rms_norm_into(ws.view(out, x.shape, x.dtype), x, weight, eps, ws.view(f"{prefix}_x32", x.shape, f32),
+                         ws.view(f"{prefix}_sq32", x.shape, f32), ws.view(f"{prefix}_var32", (*x.shape[:-1], 1), f32))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+               tmp: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [T, hd] -> out [B, heads, T, hd] = x*cos + rotate_half(x)*sin (HF's
+    formula; -(a*b) equals (-a)*b exactly, so the sign moves after the product bit for bit). tmp: scratch like out."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos/sin [T, hd] -> [B, heads, T, hd]."""
-    return x * cos + _rotate_half(x) * sin
+    torch.mul(x[..., half:], sin[:, :half], out=tmp[..., :half]).neg_()
+    torch.mul(x[..., :half], sin[:, half:], out=tmp[..., half:])
+    return torch.mul(x, cos, out=out).add_(tmp)
 
 
 def attention_mask(start_pos: int, t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -91,30 +105,54 @@ def attention_mask(start_pos: int, t: int, s: int, window: int | None, device: t
     return mask
 
 
+# Workspace buffers of one layer step, by op index (see layer_forward): (name, width per row, dtype, first, last).
+# "act" is the compute dtype, "kv" the attention dtype. Kernel outputs (the matmuls, SDPA) are not here:
+# torch's fused kernels have no out= form.
+def workspace_buffers(cfg: ModelConfig, rows: int, act: torch.dtype, kv: torch.dtype) -> list[BufferSpec]:
+    """The activation buffers of a layer step over `rows` = B*T token rows, with lifetimes for plan_workspace."""
+    h, qk, q = cfg.hidden_size, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim, cfg.q_size
+    f32 = torch.float32
+    table = [("attn_x32", h, f32, 0, 0), ("attn_sq32", h, f32, 0, 0), ("attn_var32", 1, f32, 0, 0),
+             ("h_attn", h, act, 0, 1),  # op 1: the qkv matmul
+             ("rope_tmp", qk, act, 2, 2), ("qk", qk, act, 2, 4),  # op 3: KV write, op 4: attention
+             ("q_kv", q, kv, 3, 4),  # q in the attention dtype
+             ("attn", q, act, 5, 6),  # op 5: heads back to rows, op 6: the wo matmul
+             ("ffn_x32", h, f32, 7, 7), ("ffn_sq32", h, f32, 7, 7), ("ffn_var32", 1, f32, 7, 7),
+             ("h_ffn", h, act, 7, 8),  # op 8: the gate/up matmul
+             ("ffn_act", cfg.intermediate_size, act, 9, 10)]  # op 9: silu(gate)*up, op 10: the down matmul
+    return [BufferSpec(n, rows * width * dt.itemsize, a, b) for n, width, dt, a, b in table]
+
+
 def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  kv, start_pos: int) -> torch.Tensor:
-    """One decoder layer. x [B, T, H] -> [B, T, H]. `kv` stores this layer's K/V (see kvcache/)."""
+                  kv, start_pos: int, ws: Workspace) -> torch.Tensor:
+    """One decoder layer. x [B, T, H] is the residual stream: updated in place and returned. `kv` stores this
+    layer's K/V (see kvcache/); `ws` holds the intermediates (workspace_buffers, planned for >= B*T rows)."""
     b, t, _ = x.shape
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
 
-    h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # [B, T, H]
-    qkv = linear(h, w.wqkv, w.bqkv).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh+2*nkv, T, hd]
-    # q and k heads are adjacent: one rope application for both (fewer small ops per decode step)
-    qk = apply_rope(qkv[:, :nh + nkv], cos, sin)  # [B, nh+nkv, T, hd]
+    h = norm_in_workspace(ws, "attn", "h_attn", x, w.attn_norm, eps)  # op 0: [B, T, H]
+    qkv = linear(h, w.wqkv, w.bqkv).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)  # op 1: [B, nh+2*nkv, T, hd]
+    # op 2: q and k heads are adjacent: one rope application for both (fewer small ops per decode step)
+    shape = (b, nh + nkv, t, hd)
+    qk = apply_rope(qkv[:, :nh + nkv], cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
-    k_all, v_all = kv.update(start_pos, k, v)  # [B, nkv, S, hd] each, S = start_pos + T, in the KV dtype
+    k_all, v_all = kv.update(start_pos, k, v)  # op 3: [B, nkv, S, hd] each, S = start_pos + T, in the KV dtype
+    if q.dtype != k_all.dtype:  # attention runs in the KV dtype (config.attention_dtype)
+        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
     mask = attention_mask(start_pos, t, k_all.shape[2], cfg.sliding_window, x.device)  # [T, S] | None
-    # attention runs in the KV dtype (fp32 for a bf16 run on CPUs without native bf16: config.attention_dtype)
-    attn = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=mask,
-                                          enable_gqa=nkv != nh)  # [B, nh, T, hd]
-    attn = attn.transpose(1, 2).reshape(b, t, nh * hd).to(x.dtype)  # [B, T, nh*hd]
-    x = x + linear(attn, w.wo, w.bo)  # [B, T, H]
+    attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
+    rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]
+    x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo))  # op 6: [B, T, H]
 
-    h = rms_norm(x, w.ffn_norm, cfg.rms_norm_eps)  # [B, T, H]
-    gate, up = linear(h, w.w_gateup).chunk(2, dim=-1)  # [B, T, I] each
-    return x + linear(F.silu(gate) * up, w.w_down)  # [B, T, H]
+    h = norm_in_workspace(ws, "ffn", "h_ffn", x, w.ffn_norm, eps)  # op 7: [B, T, H]
+    gate, up = linear(h, w.w_gateup).chunk(2, dim=-1)  # op 8: [B, T, I] each
+    act = torch.mul(F.silu(gate, inplace=True), up, out=ws.view("ffn_act", gate.shape, x.dtype))  # op 9: [B, T, I]
+    return x.add_(linear(act, w.w_down))  # op 10: [B, T, H]
 
 
-def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: Matrix, x: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H], norm [H], lm_head [V, H] -> logits [B, T, V] in fp32."""
-    return linear(rms_norm(x, norm, cfg.rms_norm_eps), lm_head).float()
+def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: Matrix, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """x [B, T, H], norm [H], lm_head [V, H] -> logits [B, T, V] in fp32. Runs after every layer op, so it
+    may use the attention-norm buffers of the workspace."""
+    h = norm_in_workspace(ws, "attn", "h_attn", x, norm, cfg.rms_norm_eps)  # [B, T, H]
+    return linear(h, lm_head).float()
