@@ -77,7 +77,7 @@ def test_bf16_run_keeps_kv_in_the_attention_dtype(tiny_models):
     assert attention_dtype(torch.float32, cuda=False) == torch.float32
     llm = LLM(tiny_models["llama_gqa_tied"].path, dtype="bfloat16", progress=False)
     kv = llm.runner.new_kv(16)
-    assert kv.buffer.dtype == expect
+    assert kv.paged.pool.k.dtype == expect
     assert kv.nbytes == kv_bytes(llm.config, 16, 1, torch.finfo(expect).bits // 8)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == 4

@@ -14,7 +14,8 @@ import time
 import torch
 
 from tierlm.config import ModelConfig, attention_dtype
-from tierlm.kvcache.contiguous import KVCache
+from tierlm.errors import ContextLengthError
+from tierlm.kvcache.paged import SequenceKV
 from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
@@ -48,14 +49,15 @@ class Runner:
         """Free the workspace (the store and KV caches have their own release)."""
         self.workspace.release()
 
-    def new_kv(self, capacity: int, batch: int = 1) -> KVCache:
-        """A KV cache for `batch` sequences of up to `capacity` tokens, in this runner's KV dtype and device."""
-        return KVCache(self.config, batch=batch, capacity=capacity, dtype=self.kv_dtype, device=self.device)
+    def new_kv(self, capacity: int) -> SequenceKV:
+        """A paged KV cache for one sequence of up to `capacity` tokens, in this runner's KV dtype and device."""
+        return SequenceKV(self.config, capacity, self.kv_dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """tokens [B, T] appended after kv.length cached tokens -> logits [B, V] (last position) or
-        [B, T, V] with all_logits. Advances kv.length by T."""
+    def forward(self, tokens: torch.Tensor, kv, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] appended to the sequences of `kv` (a SequenceKV, a paged Batch or a contiguous KVCache:
+        anything with step(tokens) -> a step, see kvcache/) -> logits [B, V] (last position) or [B, T, V]
+        with all_logits."""
         t0 = time.perf_counter()
         chunks = tokens.split(self.prefill_chunk, dim=1)
         last = len(chunks) - 1
@@ -66,11 +68,13 @@ class Runner:
         stats.forward_passes += len(chunks)
         return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]  # [B, T, V] | [B, V]
 
-    def _forward(self, tokens: torch.Tensor, kv: KVCache, logits: str) -> torch.Tensor | None:
+    def _forward(self, tokens: torch.Tensor, kv, logits: str) -> torch.Tensor | None:
         """One chunk. logits: "all" -> [B, T, V]; "last" -> [B, 1, V]; "none" -> None."""
-        start = kv.length
-        t = tokens.shape[1]
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]  # [T, hd]
+        step = kv.step(tokens)
+        pos = step.positions  # [B, T]
+        if int(pos.max()) >= self.max_context:
+            raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, hd]
         rows = tokens.numel()
         if rows > self.workspace.plan.specs["h_attn"].nbytes // (self.config.hidden_size * self.dtype.itemsize):
             self.workspace.release()  # a batch wider than planned (batched prefill): plan once more, larger
@@ -78,9 +82,9 @@ class Runner:
         x = self.store.embed(tokens, self.device)  # [B, T, H] fresh: the residual stream, updated in place
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
-            x = llama.layer_forward(self.config, w, x, cos, sin, kv.layer(i), start, self.workspace)
+            x = llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace)
             self.store.release(i)
-        kv.length = start + t
+        step.finish()
         if logits == "none":
             return None  # an earlier prefill chunk: its KV is what matters, skip the head (and its I/O)
         if logits == "last":

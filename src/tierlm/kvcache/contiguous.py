@@ -1,7 +1,9 @@
 """A contiguous KV cache: one preallocated buffer for a batch of sequences that grow together.
 
-Lifetime: created by the engine for one generation (capacity = prompt + max new tokens), released after.
-The paged cache (a later issue) replaces it behind the same `layer(i).update(start_pos, k, v)` interface.
+Lifetime: created for one generation (capacity = prompt + max new tokens), released after. The paged cache
+(paged.py) is what the engine uses; this one is the simple reference it is tested against, and serves
+calibration. Both hand the runner a step object: `positions` [B, T], `layer(i).update(k, v)` ->
+(k_all, v_all, mask), `finish()`.
 """
 from __future__ import annotations
 
@@ -11,39 +13,66 @@ from tierlm.config import ModelConfig
 from tierlm.errors import ContextLengthError
 
 
+def causal_mask(start_pos: int, t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Bool [T, S], True where query (start_pos + i) may attend key j; None when no masking is needed."""
+    if t == 1 and (window is None or s <= window):
+        return None  # one new token attends everything cached
+    q_pos = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
+    mask = k_pos <= q_pos  # [T, S]
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
 class LayerKV:
-    """View of one layer's slice of the cache."""
+    """View of one layer's slice of the cache for one step."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k = k  # [B, nkv, capacity, hd]
-        self.v = v  # [B, nkv, capacity, hd]
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, step: "ContiguousStep"):
+        self.k, self.v, self.step = k, v, step  # k, v [B, nkv, capacity, hd]
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, nkv, T, hd] at start_pos; return views [B, nkv, start_pos+T, hd]."""
-        end = start_pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ContextLengthError(f"KV cache full: {end} tokens > capacity {self.k.shape[2]}")
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B, nkv, T, hd] at the step's start; return views [B, nkv, start+T, hd] and the mask."""
+        start, end = self.step.start, self.step.end
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end], self.step.mask
+
+
+class ContiguousStep:
+    def __init__(self, cache: "KVCache", b: int, t: int):
+        self.cache, self.start, self.end = cache, cache.length, cache.length + t
+        dev = cache.buffer.device
+        self.positions = torch.arange(self.start, self.end, device=dev).expand(b, t)  # [B, T]
+        self.mask = causal_mask(self.start, t, self.end, cache.sliding_window, dev)  # [T, S] | None
+
+    def layer(self, i: int) -> LayerKV:
+        buf = self.cache.buffer
+        return LayerKV(buf[i, 0], buf[i, 1], self)
+
+    def finish(self) -> None:
+        self.cache.length = self.end
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        self.capacity = capacity
+        self.capacity, self.sliding_window = capacity, cfg.sliding_window
         # [layers, 2 (k, v), B, nkv, capacity, hd]; empty(), not zeros(): slots are written before read.
         self.buffer: torch.Tensor | None = torch.empty(
             (cfg.num_layers, 2, batch, cfg.num_kv_heads, capacity, cfg.head_dim), dtype=dtype, device=device)
-        self._layers = [LayerKV(self.buffer[i, 0], self.buffer[i, 1]) for i in range(cfg.num_layers)]
         self.length = 0  # tokens whose K/V are stored (same for every sequence in the batch)
 
     @property
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
 
-    def layer(self, i: int) -> LayerKV:
-        return self._layers[i]
+    def step(self, tokens: torch.Tensor) -> ContiguousStep:
+        """A forward step appending tokens [B, T]."""
+        end = self.length + tokens.shape[1]
+        if end > self.capacity:
+            raise ContextLengthError(f"KV cache full: {end} tokens > capacity {self.capacity}")
+        return ContiguousStep(self, tokens.shape[0], tokens.shape[1])
 
     def release(self) -> None:
-        self.buffer, self._layers = None, []
+        self.buffer = None

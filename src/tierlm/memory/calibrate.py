@@ -153,8 +153,9 @@ def measure_layer_overhead(reps: int = 50) -> float:
     kv = KVCache(cfg, batch=1, capacity=64, dtype=torch.float32, device="cpu")
     x = torch.randn(1, 1, 64)
     ws = Workspace(plan_workspace(llama.workspace_buffers(cfg, 1, torch.float32, torch.float32)))
+    step = kv.step(torch.zeros((1, 1), dtype=torch.long))  # position 0, never finished: every rep redoes it
     with torch.inference_mode():  # layer_forward updates its input in place: give it a fresh copy each time
-        t = _median_time(lambda: llama.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], kv.layer(0), 0, ws), reps)
+        t = _median_time(lambda: llama.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], step.layer(0), ws), reps)
     kv.release()
     ws.release()
     return t

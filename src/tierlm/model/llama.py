@@ -85,24 +85,12 @@ def norm_in_workspace(ws: Workspace, prefix: str, out: str, x: torch.Tensor, wei
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
                tmp: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos/sin [T, hd] -> out [B, heads, T, hd] = x*cos + rotate_half(x)*sin (HF's
-    formula; -(a*b) equals (-a)*b exactly, so the sign moves after the product bit for bit). tmp: scratch like out."""
+    """x [B, heads, T, hd]; cos/sin [B, 1, T, hd] or [T, hd] -> out [B, heads, T, hd] = x*cos + rotate_half(x)*sin
+    (HF's formula; -(a*b) equals (-a)*b exactly, so the sign moves after the product bit for bit). tmp: scratch."""
     half = x.shape[-1] // 2
-    torch.mul(x[..., half:], sin[:, :half], out=tmp[..., :half]).neg_()
-    torch.mul(x[..., :half], sin[:, half:], out=tmp[..., half:])
+    torch.mul(x[..., half:], sin[..., :half], out=tmp[..., :half]).neg_()
+    torch.mul(x[..., :half], sin[..., half:], out=tmp[..., half:])
     return torch.mul(x, cos, out=out).add_(tmp)
-
-
-def attention_mask(start_pos: int, t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Bool [T, S], True where query (start_pos + i) may attend key j; None when no masking is needed."""
-    if t == 1 and (window is None or s <= window):
-        return None  # one new token attends everything cached
-    q_pos = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # [T, 1]
-    k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
-    mask = k_pos <= q_pos  # [T, S]
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return mask
 
 
 # Workspace buffers of one layer step, by op index (see layer_forward): (name, width per row, dtype, first, last).
@@ -124,9 +112,10 @@ def workspace_buffers(cfg: ModelConfig, rows: int, act: torch.dtype, kv: torch.d
 
 
 def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  kv, start_pos: int, ws: Workspace) -> torch.Tensor:
-    """One decoder layer. x [B, T, H] is the residual stream: updated in place and returned. `kv` stores this
-    layer's K/V (see kvcache/); `ws` holds the intermediates (workspace_buffers, planned for >= B*T rows)."""
+                  kv, ws: Workspace) -> torch.Tensor:
+    """One decoder layer. x [B, T, H] is the residual stream: updated in place and returned. cos, sin
+    [B, 1, T, hd] at each token's position. `kv` is this layer's view of the step (kvcache/: update(k, v));
+    `ws` holds the intermediates (workspace_buffers, planned for >= B*T rows)."""
     b, t, _ = x.shape
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = cfg.rms_norm_eps
@@ -137,10 +126,11 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     shape = (b, nh + nkv, t, hd)
     qk = apply_rope(qkv[:, :nh + nkv], cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
-    k_all, v_all = kv.update(start_pos, k, v)  # op 3: [B, nkv, S, hd] each, S = start_pos + T, in the KV dtype
+    # op 3: store k, v; read back every stored key [B, nkv, S, hd] in the attention dtype, and the mask
+    # ([T, S] or [B, 1, T, S]: causal, sliding window, padding of shorter sequences; None when nothing is hidden)
+    k_all, v_all, mask = kv.update(k, v)
     if q.dtype != k_all.dtype:  # attention runs in the KV dtype (config.attention_dtype)
         q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
-    mask = attention_mask(start_pos, t, k_all.shape[2], cfg.sliding_window, x.device)  # [T, S] | None
     attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]
     x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo))  # op 6: [B, T, H]

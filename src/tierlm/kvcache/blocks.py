@@ -1,0 +1,125 @@
+"""The block manager of the paged KV cache: which pool block holds which tokens. Pure bookkeeping, no tensors.
+
+A block holds `block_size` consecutive tokens of one sequence. Blocks are ref-counted: a block shared by
+several sequences (a common prefix) is freed when its last user lets go. A freed block that is *full and
+hashed* stays findable by its hash (prefix caching) until it is reused for something else.
+
+Free list: one O(1) LRU queue (an OrderedDict) of blocks with refcount 0. Freed blocks join its tail;
+allocation takes the head, i.e. the block freed longest ago; a cached block taken from the queue loses its
+hash. Uncached free blocks are taken before cached ones (they go to the head on release), so the
+prefix cache keeps as much as the pool can hold.
+
+Prefix hashing (as vLLM's automatic prefix caching): a full block's hash is a chain,
+sha256(parent hash | salt | its tokens), so equal hashes mean equal whole prefixes, and the salt keeps
+caches of different models (or weight schemes) apart. A hit also compares the stored tokens, so a hash
+collision can never serve wrong KV.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+ROOT_HASH = b"\0" * 16
+
+
+def block_hash(parent: bytes, tokens: tuple[int, ...], salt: bytes) -> bytes:
+    """16-byte chained hash of a full block: stable across processes (sessions on disk rely on it)."""
+    h = hashlib.sha256(parent)
+    h.update(salt)
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()[:16]
+
+
+@dataclass
+class BlockCounters:
+    evictions: int = 0  # cached blocks reused for other tokens
+    hit_tokens: int = 0  # prompt tokens served from cached blocks
+    queried_tokens: int = 0  # prompt tokens looked up
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, salt: bytes = b"", caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
+        self.num_blocks, self.block_size, self.salt, self.caching = num_blocks, block_size, salt, caching
+        self.refcount = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU: head first
+        self.hash_of: dict[int, bytes] = {}  # full, hashed block -> its chain hash
+        self.tokens_of: dict[int, tuple[int, ...]] = {}  # its tokens (collision check)
+        self.by_hash: dict[bytes, int] = {}
+        self.counters = BlockCounters()
+
+    # --- allocation --------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated now (free ones, cached or not)."""
+        return len(self.free)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a cached prefix."""
+        return sum(1 for b in self.free if b in self.hash_of)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise MemoryError("no free KV block")
+        block, _ = self.free.popitem(last=False)
+        if block in self.hash_of:  # reusing a cached block: its prefix is no longer findable
+            self._forget(block)
+            self.counters.evictions += 1
+        self.refcount[block] = 1
+        return block
+
+    def release(self, block: int) -> None:
+        assert self.refcount[block] > 0, f"block {block} released more often than taken"
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self.free[block] = None  # tail: reused last
+            if block not in self.hash_of:
+                self.free.move_to_end(block, last=False)  # nothing cached in it: reuse it first
+
+    def release_all(self, blocks: list[int]) -> None:
+        # last block first: a sequence's tail is the least likely part to be shared, so it is evicted first
+        for b in reversed(blocks):
+            self.release(b)
+
+    # --- prefix cache ------------------------------------------------------------------------------
+    def register(self, block: int, parent: bytes, tokens: tuple[int, ...]) -> bytes:
+        """Mark a block just filled with `tokens` (after `parent`) as cached; returns its hash."""
+        h = block_hash(parent, tokens, self.salt)
+        if self.caching and h not in self.by_hash:
+            self.by_hash[h], self.hash_of[block], self.tokens_of[block] = block, h, tokens
+        return h
+
+    def lookup(self, parent: bytes, tokens: tuple[int, ...]) -> tuple[int | None, bytes]:
+        """A cached block holding exactly `tokens` after `parent`, taken (refcount + 1), and the chain hash."""
+        h = block_hash(parent, tokens, self.salt)
+        block = self.by_hash.get(h) if self.caching else None
+        if block is None or self.tokens_of.get(block) != tokens:
+            return None, h  # a miss, or a hash collision: never serve it
+        if self.refcount[block] == 0:
+            del self.free[block]
+        self.refcount[block] += 1
+        return block, h
+
+    def match_prefix(self, tokens: list[int]) -> tuple[list[int], bytes]:
+        """Take the cached blocks of the longest cached prefix of `tokens`, leaving at least one token to
+        compute (its logits are needed). Returns the blocks and the hash of the last one."""
+        bs, parent, blocks = self.block_size, ROOT_HASH, []
+        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
+            block, h = self.lookup(parent, tuple(tokens[start:start + bs]))
+            if block is None:
+                break
+            blocks.append(block)
+            parent = h
+        self.counters.queried_tokens += len(tokens)
+        self.counters.hit_tokens += len(blocks) * bs
+        return blocks, parent
+
+    def _forget(self, block: int) -> None:
+        h = self.hash_of.pop(block)
+        self.tokens_of.pop(block)
+        if self.by_hash.get(h) == block:
+            del self.by_hash[h]
