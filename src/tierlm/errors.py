@@ -23,3 +23,7 @@ class ContextLengthError(TierlmError):
 
 class BudgetError(TierlmError):
     """The memory budget cannot hold the minimum the model needs (the message says how much that is)."""
+
+
+class KVCacheFullError(BudgetError):
+    """A request needs more KV blocks than the whole KV pool holds (raise kv_memory)."""

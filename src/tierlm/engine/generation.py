@@ -14,7 +14,8 @@ import torch
 
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import Sampler, SamplingParams
-from tierlm.errors import ContextLengthError, UsageError
+from tierlm.errors import ContextLengthError, KVCacheFullError, UsageError
+from tierlm.kvcache.paged import PagedKV, Sequence
 from tierlm.memory.stats import TierStats
 from tierlm.weights.tokenizer import Tokenizer
 
@@ -42,7 +43,7 @@ class RequestOutput:
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
 
 
-def _find_stop(text: str, stops: list[str]) -> int:
+def find_stop(text: str, stops: list[str]) -> int:
     """Index where the earliest stop string begins, or -1."""
     hits = [i for s in stops if (i := text.find(s)) >= 0]
     return min(hits) if hits else -1
@@ -61,9 +62,11 @@ def _safe_len(text: str, stops: list[str]) -> int:
     return end
 
 
-def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                    out: RequestOutput) -> Iterator[str]:
-    """Yield text deltas; fills `out` (text, token_ids, finish_reason, metrics) as it goes."""
+def generate_stream(runner: Runner, tokenizer: Tokenizer, kv: PagedKV, prompt_ids: list[int],
+                    params: SamplingParams, out: RequestOutput) -> Iterator[str]:
+    """Yield text deltas; fills `out` (text, token_ids, finish_reason, metrics) as it goes. The prompt's
+    longest cached prefix in `kv` is reused (its prefill skipped); the sequence's blocks are returned at the
+    end, its full blocks staying cached for later requests."""
     cfg = runner.config
     if not prompt_ids:
         raise UsageError("empty prompt")
@@ -76,14 +79,19 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
     max_new = min(params.max_tokens, ctx - len(prompt_ids))
     eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
     sampler = Sampler(params)
-    t0 = time.perf_counter()  # TTFT counts the KV allocation too
-    kv = runner.new_kv(len(prompt_ids) + max_new)
+    if len(prompt_ids) + max_new > kv.manager.num_blocks * kv.block_size:
+        raise KVCacheFullError(f"{len(prompt_ids)} prompt + {max_new} new tokens need more KV than the pool's "
+                               f"{kv.manager.num_blocks * kv.block_size} tokens: raise kv_memory (--kv-memory)")
+    t0 = time.perf_counter()
+    seq = Sequence(tokens=list(prompt_ids))
+    kv.admit(seq)  # cached prefix blocks: prefill starts after them
+    batch = kv.batch([seq])
     m = out.metrics
     m.prompt_tokens = len(prompt_ids)
     before = replace(runner.store.stats)
     emitted = 0
     try:
-        logits = runner.forward(torch.tensor([prompt_ids]), kv)  # [1, V]
+        logits = runner.forward(torch.tensor([seq.tokens[seq.num_computed:]]), batch)  # [1, V]
         for step in range(max_new):
             token = int(sampler(logits)[0])
             now = time.perf_counter()
@@ -96,8 +104,9 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
                 out.finish_reason = "stop"
                 break
             out.token_ids.append(token)
+            seq.tokens.append(token)
             text = tokenizer.decode(out.token_ids)
-            if (cut := _find_stop(text, params.stop)) >= 0:
+            if (cut := find_stop(text, params.stop)) >= 0:
                 out.text, out.finish_reason = text[:cut], "stop"
                 break
             out.text = text
@@ -109,9 +118,9 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int],
                 out.finish_reason = "length"
                 break
             t0 = time.perf_counter()
-            logits = runner.forward(torch.tensor([[token]]), kv)
+            logits = runner.forward(torch.tensor([[token]]), batch)
         if len(out.text) > emitted:
             yield out.text[emitted:]
     finally:
-        kv.release()
+        kv.free(seq)
         m.tiers = runner.store.stats - before

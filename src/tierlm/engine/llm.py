@@ -1,18 +1,22 @@
 """The Python API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from tierlm.config import resolve_dtype
+from tierlm.config import format_size, parse_size, resolve_dtype
 from tierlm.engine.generation import RequestOutput, generate_stream
 from tierlm.engine.runner import Runner
+from tierlm.engine.scheduler import Scheduler, make_requests
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
+from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE, PagedKV, block_nbytes
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
+from tierlm.memory.offload_store import source_fingerprint
 from tierlm.memory.planner import Placement, plan
 from tierlm.memory.planning import default_context, plan_input
 from tierlm.memory.stats import describe_stats
@@ -36,13 +40,18 @@ class LLM:
     profile: bandwidth profile path for the planner (default: the one `tierlm calibrate` saved).
     quant: "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per channel,
         int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss.
+    kv_memory: the paged KV pool, e.g. "2GiB" (default: one sequence of max_context tokens, or what the
+        planner reserved under max_memory). kv_dtype: "auto" (the attention dtype) or "int8" (per token & head
+        scales). block_size: tokens per KV block. enable_prefix_caching: reuse the KV of shared prompt prefixes.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", *,
                  threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                  max_memory: str | dict | MemoryBudget | None = None, offload_dir: str | Path | None = None,
                  max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None,
-                 quant: str | QuantScheme = "none", group_size: int | None = None):
+                 quant: str | QuantScheme = "none", group_size: int | None = None,
+                 kv_memory: str | int | None = None, kv_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
+                 enable_prefix_caching: bool = True):
         if threads is not None:
             if threads < 1:
                 raise UsageError(f"threads must be >= 1, got {threads}")
@@ -64,12 +73,14 @@ class LLM:
         self.max_context = default_context(self.config, self.budget, max_context)
         self.profile, self.profile_calibrated = load_profile_or_default(profile)
         self.plan: Placement | None = None
+        self.planned_kv_bytes: int | None = None
         if not self.budget.limited:
             self.store = WeightStore.load_resident(self.source, self.dtype, device, progress, self.quant)
         else:
             inp = plan_input(self.config, self.dtype, self.budget, self.max_context, self.profile,
                              cuda=device.startswith("cuda"), ring_depth=ring_depth, quant=self.quant)
             self.plan = plan(inp)
+            self.planned_kv_bytes = inp.kv_bytes
             if self.plan.ring_depth and offload_dir is None:
                 raise UsageError(f"the budget {self.budget} leaves {self.plan.count(Tier.DISK)} layers off memory: "
                                  "pass offload_dir (--offload-dir) for the offload store")
@@ -77,6 +88,27 @@ class LLM:
                                                   Path(offload_dir) if offload_dir else None, progress,
                                                   io_threads=self.profile.disk_queue_depth, quant=self.quant)
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
+        self.kv = self._make_kv(kv_memory, kv_dtype, block_size, enable_prefix_caching)
+
+    def _make_kv(self, kv_memory: str | int | None, kv_dtype: str, block_size: int, caching: bool) -> PagedKV:
+        if kv_dtype not in ("auto", "int8"):
+            raise UsageError(f"kv_dtype must be auto or int8, got {kv_dtype!r}")
+        if block_size < 1:
+            raise UsageError(f"block_size must be >= 1, got {block_size}")
+        int8 = kv_dtype == "int8"
+        per_block = block_nbytes(self.config, block_size, self.runner.kv_dtype, int8)
+        if kv_memory is not None:
+            pool = parse_size(kv_memory)
+        elif self.planned_kv_bytes is not None:
+            pool = self.planned_kv_bytes  # what the planner reserved for the KV cache under max_memory
+        else:
+            pool = -(-self.max_context // block_size) * per_block  # one sequence of max_context tokens
+        if pool < per_block:
+            raise UsageError(f"kv_memory {format_size(pool)} is below one KV block ({format_size(per_block)})")
+        # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)
+        salt = f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}".encode()
+        return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
+                       device=self.runner.device, int8=int8, caching=caching, salt=salt)
 
     def stats_text(self, out: RequestOutput) -> str:
         """Two lines about one request: timing, then traffic per tier, I/O wait, overlap η, bandwidth, peak RSS."""
@@ -90,6 +122,7 @@ class LLM:
         """Stop the streamer's I/O threads and free its ring (also done when the process exits)."""
         self.store.close()
         self.runner.close()
+        self.kv.release()
 
     def __enter__(self) -> "LLM":
         return self
@@ -110,21 +143,29 @@ class LLM:
         text, ids = self._prompt_ids(prompt)
         out = out if out is not None else RequestOutput()
         out.prompt, out.prompt_token_ids = text, ids
-        yield from generate_stream(self.runner, self.tokenizer, ids, sampling_params or SamplingParams(), out)
+        yield from generate_stream(self.runner, self.tokenizer, self.kv, ids, sampling_params or SamplingParams(), out)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (strings or token-id lists). Requests run one after another here;
-        batched scheduling arrives with the paged KV cache."""
+        """Generate for each prompt (strings or token-id lists). Several prompts run together: the scheduler
+        admits them while KV blocks last and decodes them as one batch; outputs come back in prompt order."""
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
-        outputs = []
-        for prompt in prompts:
+        params = sampling_params or SamplingParams()
+        if len(prompts) == 1:
             out = RequestOutput()
-            for _ in self.stream(prompt, sampling_params, out):
+            for _ in self.stream(prompts[0], params, out):
                 pass
-            outputs.append(out)
-        return outputs
+            return [out]
+        parsed = [self._prompt_ids(p) for p in prompts]
+        requests = make_requests([ids for _, ids in parsed], params, self.max_context, self.config.vocab_size)
+        before = replace(self.store.stats)
+        Scheduler(self.runner, self.tokenizer, self.kv).run(requests)
+        moved = self.store.stats - before
+        for (text, _), r in zip(parsed, requests):
+            r.out.prompt = text
+            r.out.metrics.tiers = moved  # the batch's traffic, shared by its requests
+        return [r.out for r in requests]
 
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:

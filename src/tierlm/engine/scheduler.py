@@ -1,0 +1,151 @@
+"""Batched generation over the paged KV cache: admit, prefill, decode together, preempt when blocks run out.
+
+    loop:
+      admit waiting requests in order while their blocks fit (a prefix-cache hit takes cached blocks and
+        skips their prefill); prefill each admitted prompt alone, in the runner's chunks; sample its first token
+      decode every running sequence as one batch [B, 1]; sample each row with its own request's sampler
+      before a decode step, every running sequence must have room for one more token: when the pool is
+        short, the most recently admitted sequence is preempted (its blocks freed, full ones stay cached)
+        and re-queued first; on re-admission it recomputes prompt + generated tokens (the prefix cache
+        usually serves most of it). Nothing is lost or emitted twice: generated tokens live in the request.
+
+Invariants: a request is in exactly one of waiting, running, finished; a running sequence's blocks hold
+exactly its num_computed tokens; outputs come back in input order.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from tierlm.engine.generation import RequestOutput, find_stop
+from tierlm.engine.runner import Runner
+from tierlm.engine.sampler import Sampler, SamplingParams
+from tierlm.errors import ContextLengthError, KVCacheFullError, UsageError
+from tierlm.kvcache.paged import PagedKV, Sequence
+from tierlm.weights.tokenizer import Tokenizer
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    out: RequestOutput
+    max_new: int
+    sampler: Sampler = field(init=False)
+    seq: Sequence = field(init=False)
+    done: bool = False
+
+    def __post_init__(self):
+        self.sampler = Sampler(self.params)
+        self.seq = Sequence(tokens=list(self.prompt_ids))
+
+
+@dataclass
+class SchedulerCounters:
+    steps: int = 0  # decode steps
+    batch_rows: int = 0  # sum of batch sizes over decode steps
+    preemptions: int = 0
+    recomputed_tokens: int = 0  # tokens prefilled again after a preemption (prefix-cache hits excluded)
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: PagedKV, max_batch: int = 64):
+        self.runner, self.tokenizer, self.kv, self.max_batch = runner, tokenizer, kv, max_batch
+        self.counters = SchedulerCounters()
+
+    def run(self, requests: list[Request]) -> None:
+        for r in requests:
+            if len(r.prompt_ids) + r.max_new > self.kv.manager.num_blocks * self.kv.block_size:
+                raise KVCacheFullError(
+                    f"a request needs {len(r.prompt_ids) + r.max_new} tokens of KV; the pool holds "
+                    f"{self.kv.manager.num_blocks * self.kv.block_size}: raise kv_memory (--kv-memory)")
+        waiting: deque[Request] = deque(requests)
+        running: list[Request] = []
+        t0 = time.perf_counter()
+        while waiting or running:
+            while waiting and len(running) < self.max_batch and self._admit(waiting[0], t0):
+                r = waiting.popleft()
+                if not r.done:
+                    running.append(r)
+            running = [r for r in running if not r.done]
+            if not running:
+                if waiting:  # nothing runs and the head of the queue does not fit: cannot happen after the check above
+                    raise KVCacheFullError("the KV pool cannot hold the next request")
+                break
+            while sum(self.kv.blocks_needed(r.seq, 1) for r in running) > self.kv.manager.num_free:
+                victim = running.pop()  # the most recently admitted
+                self.kv.free(victim.seq)
+                waiting.appendleft(victim)
+                self.counters.preemptions += 1
+            if not running:
+                continue
+            ts = time.perf_counter()
+            tokens = torch.tensor([[r.seq.tokens[-1]] for r in running])  # [B, 1]
+            logits = self.runner.forward(tokens, self.kv.batch([r.seq for r in running]))  # [B, V]
+            self.counters.steps += 1
+            self.counters.batch_rows += len(running)
+            for i, r in enumerate(running):
+                self._accept(r, int(r.sampler(logits[i:i + 1])[0]))
+                m = r.out.metrics
+                m.decode_s += time.perf_counter() - ts
+                m.decode_tokens += 1
+                if r.done:
+                    self.kv.free(r.seq)
+            running = [r for r in running if not r.done]
+        for r in requests:
+            if r.out.finish_reason != "stop" or not r.params.stop:
+                r.out.text = self.tokenizer.decode(r.out.token_ids)
+
+    def _admit(self, r: Request, t0: float) -> bool:
+        """Prefill r if its blocks fit now (taking cached prefix blocks first); False leaves it waiting."""
+        kv = self.kv
+        kv.admit(r.seq)
+        todo = len(r.seq.tokens) - r.seq.num_computed
+        if kv.blocks_needed(r.seq, todo + 1) > kv.manager.num_free:  # +1: room for its first decode step
+            kv.free(r.seq)
+            return False
+        if r.out.token_ids:  # re-admitted after preemption
+            self.counters.recomputed_tokens += todo
+        logits = self.runner.forward(torch.tensor([r.seq.tokens[r.seq.num_computed:]]), kv.batch([r.seq]))
+        first = not r.out.token_ids
+        self._accept(r, int(r.sampler(logits)[0]))
+        if first:
+            r.out.metrics.ttft_s = time.perf_counter() - t0
+        if r.done:
+            kv.free(r.seq)
+        return True
+
+    def _accept(self, r: Request, token: int) -> None:
+        """Record a sampled token; mark the request done on EOS, a stop string or its length limit."""
+        out, p = r.out, r.params
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            out.finish_reason, r.done = "stop", True
+            return
+        out.token_ids.append(token)
+        r.seq.tokens.append(token)
+        if p.stop:
+            text = self.tokenizer.decode(out.token_ids)
+            if (cut := find_stop(text, p.stop)) >= 0:
+                out.text, out.finish_reason, r.done = text[:cut], "stop", True
+                return
+        if len(out.token_ids) >= r.max_new:
+            out.finish_reason, r.done = "length", True
+
+
+def make_requests(prompts: list[list[int]], params: SamplingParams, max_context: int,
+                  vocab_size: int) -> list[Request]:
+    reqs = []
+    for ids in prompts:
+        if not ids:
+            raise UsageError("empty prompt")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise UsageError(f"prompt token ids must be in [0, {vocab_size})")
+        if len(ids) >= max_context:
+            raise ContextLengthError(f"prompt is {len(ids)} tokens; max_context is {max_context}")
+        out = RequestOutput(prompt_token_ids=list(ids))
+        out.metrics.prompt_tokens = len(ids)
+        reqs.append(Request(list(ids), params, out, min(params.max_tokens, max_context - len(ids))))
+    return reqs

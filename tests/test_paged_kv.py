@@ -1,0 +1,139 @@
+"""The paged KV cache: same logits as the contiguous cache, prefix hits change nothing but the work done,
+batched generation equals one-by-one, preemption loses nothing, int8 KV stays close."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierlm import LLM, SamplingParams
+from tierlm.errors import KVCacheFullError
+from tierlm.kvcache.blocks import ROOT_HASH, BlockManager
+from tierlm.kvcache.contiguous import KVCache
+from tierlm.kvcache.paged import PagedKV, Sequence
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def _prompts(n: int, vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_paged_logits_equal_contiguous(tiny, block_size):
+    """Chunked prefill (chunks of 7) then decode steps: every logit bit-identical (sliding window included)."""
+    llm = LLM(tiny.path, progress=False)
+    runner = llm.runner
+    runner.prefill_chunk = 7
+    ids = torch.tensor([_prompts(1, seed=3)[0] + list(range(5, 30))])  # [1, T]
+    contiguous = KVCache(llm.config, batch=1, capacity=64, dtype=runner.kv_dtype)
+    paged = PagedKV(llm.config, num_blocks=64 // block_size + 1, block_size=block_size, dtype=runner.kv_dtype)
+    seq = Sequence(tokens=ids[0].tolist())
+    want = runner.forward(ids, contiguous, all_logits=True)
+    got = runner.forward(ids, paged.batch([seq]), all_logits=True)
+    assert torch.equal(got, want)
+    for tok in (7, 8, 9):
+        seq.tokens.append(tok)
+        step = torch.tensor([[tok]])
+        assert torch.equal(runner.forward(step, paged.batch([seq])), runner.forward(step, contiguous))
+
+
+def test_block_manager_lru_refcount_and_collisions():
+    m = BlockManager(num_blocks=3, block_size=2, salt=b"s")
+    a, b = m.allocate(), m.allocate()
+    h = m.register(a, ROOT_HASH, (1, 2))
+    m.release(a)  # cached and free
+    m.release(b)  # uncached and free: reused before the cached block
+    assert m.num_free == 3 and m.num_cached_free == 1
+    assert m.allocate() == b
+    got, _ = m.lookup(ROOT_HASH, (1, 2))  # a hit takes the block back from the free list
+    assert got == a and m.refcount[a] == 1 and m.num_free == 1
+    m.release(a)
+    m.tokens_of[a] = (9, 9)  # as if another prefix had hashed to h: the token check refuses it
+    assert m.lookup(ROOT_HASH, (1, 2))[0] is None and m.by_hash[h] == a
+    m.tokens_of[a] = (1, 2)
+    m.allocate()  # the never-used block goes first ...
+    assert m.counters.evictions == 0
+    assert m.allocate() == a and m.counters.evictions == 1  # ... then the cached one, which is forgotten
+    assert m.lookup(ROOT_HASH, (1, 2))[0] is None
+    with pytest.raises(MemoryError):
+        m.allocate()
+    # a prefix match always leaves the last token to compute: 4 tokens, block 2 -> only the first block
+    m2 = BlockManager(num_blocks=4, block_size=2)
+    blocks = [m2.allocate(), m2.allocate()]
+    parent = m2.register(blocks[0], ROOT_HASH, (1, 2))
+    m2.register(blocks[1], parent, (3, 4))
+    got, last = m2.match_prefix([1, 2, 3, 4])
+    assert got == [blocks[0]] and last == parent
+
+
+def test_prefix_hit_skips_prefill_and_changes_nothing(tiny_models):
+    path = tiny_models["qwen2"].path
+    shared = list(range(3, 60))  # 57 tokens: 3 full blocks of 16
+    prompts = [shared + [70, 71], shared + [90]]
+    cold = LLM(path, progress=False, enable_prefix_caching=False)
+    want = [cold.generate([p], GREEDY)[0].token_ids for p in prompts]
+    llm = LLM(path, progress=False)
+    got = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    assert got == want
+    c = llm.kv.manager.counters
+    assert c.hit_tokens == 48  # the second prompt reused the 3 full blocks of the first
+    assert cold.kv.manager.counters.hit_tokens == 0
+
+
+def test_batch_equals_one_by_one(tiny_models):
+    llm = LLM(tiny_models["llama_gqa_tied"].path, progress=False)
+    prompts = _prompts(6)
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=12, ignore_eos=True, seed=7)
+    for p in (GREEDY, params):
+        one = [llm.generate([x], p)[0].token_ids for x in prompts]
+        batch = llm.generate(prompts, p)
+        assert [o.token_ids for o in batch] == one
+        assert all(o.finish_reason == "length" for o in batch)
+
+
+def test_preemption_keeps_outputs_intact(tiny_models):
+    """A pool of 16 blocks of 4 tokens cannot hold 6 growing sequences: some are preempted, recomputed, and
+    every output still equals the one-by-one run."""
+    path = tiny_models["llama_gqa_tied"].path
+    prompts = _prompts(6, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    ref = LLM(path, progress=False, enable_prefix_caching=False)
+    one = [ref.generate([x], params)[0].token_ids for x in prompts]
+    llm = LLM(path, progress=False, block_size=4, kv_memory=16 * _block_bytes(path, block_size=4))
+    from tierlm.engine.scheduler import Scheduler, make_requests
+    reqs = make_requests(prompts, params, llm.max_context, llm.config.vocab_size)
+    sched = Scheduler(llm.runner, llm.tokenizer, llm.kv)
+    sched.run(reqs)
+    assert [r.out.token_ids for r in reqs] == one
+    assert sched.counters.preemptions > 0
+    assert llm.kv.manager.num_free == llm.kv.manager.num_blocks  # every block returned
+
+
+def _block_bytes(path, block_size: int) -> int:
+    from tierlm.kvcache.paged import block_nbytes
+    from tierlm.weights import open_model
+    return block_nbytes(open_model(path).config, block_size, torch.float32, False)
+
+
+def test_request_larger_than_the_pool_is_a_clear_error(tiny_models):
+    path = tiny_models["qwen2"].path
+    llm = LLM(path, progress=False, block_size=4, kv_memory=2 * _block_bytes(path, 4))
+    with pytest.raises(KVCacheFullError, match="kv_memory"):
+        llm.generate([[5] * 6], GREEDY)
+    with pytest.raises(KVCacheFullError, match="kv_memory"):
+        llm.generate([[5] * 6, [6] * 3], GREEDY)
+
+
+def test_int8_kv_is_close_and_smaller(tiny_models):
+    path = tiny_models["mistral"].path
+    ref, q = LLM(path, progress=False), LLM(path, progress=False, kv_dtype="int8")
+    assert q.kv.pool.k.dtype == torch.int8
+    assert q.kv.nbytes / q.kv.manager.num_blocks < 0.3 * ref.kv.nbytes / ref.kv.manager.num_blocks
+    ids = torch.tensor([_prompts(1, seed=5)[0]])
+    a = ref.runner.forward(ids, ref.runner.new_kv(64), all_logits=True)
+    seq = Sequence(tokens=ids[0].tolist())
+    b = q.runner.forward(ids, q.kv.batch([seq]), all_logits=True)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
