@@ -44,7 +44,8 @@ class TierlmEngine:
     def __init__(self, threads: int, quant: str = "none"):
         from tierlm import LLM
         self.name = "tierlm-fp32" if quant == "none" else f"tierlm-{quant}"
-        self.llm = LLM(model=None, threads=threads, progress=False, quant=quant)
+        # prefix caching off: every rep prefills the whole prompt, as llama.cpp does after reset()
+        self.llm = LLM(model=None, threads=threads, progress=False, quant=quant, enable_prefix_caching=False)
 
     def run(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
         from tierlm import SamplingParams

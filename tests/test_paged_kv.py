@@ -41,12 +41,12 @@ def test_paged_logits_equal_contiguous(tiny, block_size):
 
 def test_block_manager_lru_refcount_and_collisions():
     m = BlockManager(num_blocks=3, block_size=2, salt=b"s")
-    a, b = m.allocate(), m.allocate()
+    (a, _), (b, _) = m.allocate(), m.allocate()
     h = m.register(a, ROOT_HASH, (1, 2))
     m.release(a)  # cached and free
     m.release(b)  # uncached and free: reused before the cached block
     assert m.num_free == 3 and m.num_cached_free == 1
-    assert m.allocate() == b
+    assert m.allocate() == (b, None)
     got, _ = m.lookup(ROOT_HASH, (1, 2))  # a hit takes the block back from the free list
     assert got == a and m.refcount[a] == 1 and m.num_free == 1
     m.release(a)
@@ -55,13 +55,14 @@ def test_block_manager_lru_refcount_and_collisions():
     m.tokens_of[a] = (1, 2)
     m.allocate()  # the never-used block goes first ...
     assert m.counters.evictions == 0
-    assert m.allocate() == a and m.counters.evictions == 1  # ... then the cached one, which is forgotten
+    block, evicted = m.allocate()  # ... then the cached one, which is forgotten (and reported for a lower tier)
+    assert block == a and m.counters.evictions == 1 and evicted.hash == h and evicted.tokens == (1, 2)
     assert m.lookup(ROOT_HASH, (1, 2))[0] is None
     with pytest.raises(MemoryError):
         m.allocate()
     # a prefix match always leaves the last token to compute: 4 tokens, block 2 -> only the first block
     m2 = BlockManager(num_blocks=4, block_size=2)
-    blocks = [m2.allocate(), m2.allocate()]
+    blocks = [m2.allocate()[0], m2.allocate()[0]]
     parent = m2.register(blocks[0], ROOT_HASH, (1, 2))
     m2.register(blocks[1], parent, (3, 4))
     got, last = m2.match_prefix([1, 2, 3, 4])
@@ -77,9 +78,8 @@ def test_prefix_hit_skips_prefill_and_changes_nothing(tiny_models):
     llm = LLM(path, progress=False)
     got = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
     assert got == want
-    c = llm.kv.manager.counters
-    assert c.hit_tokens == 48  # the second prompt reused the 3 full blocks of the first
-    assert cold.kv.manager.counters.hit_tokens == 0
+    assert llm.kv.hit_tokens == 48  # the second prompt reused the 3 full blocks of the first
+    assert cold.kv.hit_tokens == 0
 
 
 def test_batch_equals_one_by_one(tiny_models):
@@ -112,9 +112,9 @@ def test_preemption_keeps_outputs_intact(tiny_models):
 
 
 def _block_bytes(path, block_size: int) -> int:
-    from tierlm.kvcache.paged import block_nbytes
+    from tierlm.kvcache.pool import block_nbytes
     from tierlm.weights import open_model
-    return block_nbytes(open_model(path).config, block_size, torch.float32, False)
+    return block_nbytes(open_model(path).config, block_size, torch.float32)
 
 
 def test_request_larger_than_the_pool_is_a_clear_error(tiny_models):
@@ -137,3 +137,34 @@ def test_int8_kv_is_close_and_smaller(tiny_models):
     b = q.runner.forward(ids, q.kv.batch([seq]), all_logits=True)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_stats_count_blocks_hits_and_waste(tiny_models):
+    path = tiny_models["qwen2"].path
+    llm = LLM(path, progress=False, block_size=8)
+    shared = list(range(3, 40))  # 37 tokens: 4 full blocks of 8
+    llm.generate([shared + [50]], GREEDY)
+    s = llm.kv_stats()
+    assert s.used == 0 and s.cached == 5 and s.free == s.blocks - 5  # 38 + 10 tokens -> 6 blocks, 5 full
+    assert s.hit_tokens == 0 and s.queried_tokens == 38
+    llm.generate([shared + [60]], GREEDY)
+    s = llm.kv_stats()
+    assert s.hit_tokens == 32 and s.hit_rate == pytest.approx(32 / 76)
+    # waste while sequences hold blocks: one sequence of 13 tokens in 2 blocks of 8 -> 3 of 16 slots empty
+    from tierlm.kvcache.paged import Sequence as Seq
+    seq = Seq(tokens=list(range(100, 113)))
+    llm.kv.admit(seq)
+    llm.runner.forward(torch.tensor([seq.tokens]), llm.kv.batch([seq]))
+    assert llm.kv_stats().used == 2 and llm.kv_stats().waste == pytest.approx(3 / 16)
+    llm.kv.free(seq)
+    assert "prefix hits 32/" in llm.kv_stats().describe()
+
+
+def test_cli_kv_flags(capsys, tiny_models):
+    from tierlm.cli import main
+    code = main(["generate", "--model", str(tiny_models["qwen2"].path), "--prompt", "hello there", "--max-tokens", "3",
+                 "--kv-dtype", "int8", "--block-size", "4", "--kv-memory", "1MiB", "--stats", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert code == 0 and "KV (int8, " in err and "blocks of 4 tokens" in err
+    code = main(["generate", "--model", str(tiny_models["qwen2"].path), "--prompt", "hi", "--kv-memory", "1KiB"])
+    assert code == 2 and "below one KV block" in capsys.readouterr().err

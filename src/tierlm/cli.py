@@ -37,6 +37,15 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="bandwidth profile (default: the one `tierlm calibrate` saved)")
 
 
+def _kv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="paged KV pool, e.g. 2GiB (default: one sequence of max-context tokens)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                   help="KV cache format (auto: the attention dtype; int8: per token & head scales)")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of shared prompt prefixes")
+
+
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: float32, or bfloat16 activations with --quant)")
@@ -52,6 +61,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _budget_args(p)
+    _kv_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -144,7 +154,8 @@ def _load(args: argparse.Namespace):
 
     return LLM(args.model, dtype=args.dtype, threads=args.threads, device=args.device, max_memory=args.max_memory,
                offload_dir=args.offload_dir, max_context=args.max_context, ring_depth=args.ring_depth,
-               profile=args.profile, quant=args.quant, group_size=args.group_size)
+               profile=args.profile, quant=args.quant, group_size=args.group_size, kv_memory=args.kv_memory,
+               kv_dtype=args.kv_dtype, block_size=args.block_size, enable_prefix_caching=not args.no_prefix_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

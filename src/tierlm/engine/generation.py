@@ -91,7 +91,9 @@ def generate_stream(runner: Runner, tokenizer: Tokenizer, kv: PagedKV, prompt_id
     before = replace(runner.store.stats)
     emitted = 0
     try:
-        logits = runner.forward(torch.tensor([seq.tokens[seq.num_computed:]]), batch)  # [1, V]
+        todo = seq.tokens[seq.num_computed:]
+        logits = runner.forward(torch.tensor([todo]), batch)  # [1, V]
+        kv.note_prefill(len(todo), time.perf_counter() - t0)
         for step in range(max_new):
             token = int(sampler(logits)[0])
             now = time.perf_counter()

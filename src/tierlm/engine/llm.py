@@ -13,7 +13,10 @@ from tierlm.engine.runner import Runner
 from tierlm.engine.scheduler import Scheduler, make_requests
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
-from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE, PagedKV, block_nbytes
+from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE, PagedKV
+from tierlm.kvcache.persist import save_prefix_cache
+from tierlm.kvcache.pool import block_nbytes
+from tierlm.kvcache.stats import KVStats
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.offload_store import source_fingerprint
@@ -41,8 +44,12 @@ class LLM:
     quant: "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per channel,
         int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss.
     kv_memory: the paged KV pool, e.g. "2GiB" (default: one sequence of max_context tokens, or what the
-        planner reserved under max_memory). kv_dtype: "auto" (the attention dtype) or "int8" (per token & head
-        scales). block_size: tokens per KV block. enable_prefix_caching: reuse the KV of shared prompt prefixes.
+        planner reserved under max_memory). kv_dtype: "auto" (the attention dtype), "float32", "bfloat16" or
+        "int8" (per token & head scales): what the pool stores; attention reads it back in its own dtype.
+        block_size: tokens per KV block. enable_prefix_caching: reuse the KV of shared prompt prefixes.
+        kv_host_memory: a host-RAM tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
+        RAM already); kv_offload_dir: a disk tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
+        kv_compress: "none" or "zstd" for blocks on disk.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", *,
@@ -51,7 +58,8 @@ class LLM:
                  max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None,
                  quant: str | QuantScheme = "none", group_size: int | None = None,
                  kv_memory: str | int | None = None, kv_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, kv_host_memory: str | int = 0,
+                 kv_offload_dir: str | Path | None = None, kv_compress: str = "none"):
         if threads is not None:
             if threads < 1:
                 raise UsageError(f"threads must be >= 1, got {threads}")
@@ -88,15 +96,20 @@ class LLM:
                                                   Path(offload_dir) if offload_dir else None, progress,
                                                   io_threads=self.profile.disk_queue_depth, quant=self.quant)
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
-        self.kv = self._make_kv(kv_memory, kv_dtype, block_size, enable_prefix_caching)
+        if kv_offload_dir is None and offload_dir is not None:
+            kv_offload_dir = Path(offload_dir) / "kv"
+        self.kv = self._make_kv(kv_memory, kv_dtype, block_size, enable_prefix_caching, parse_size(kv_host_memory),
+                                Path(kv_offload_dir) if kv_offload_dir is not None else None, kv_compress)
 
-    def _make_kv(self, kv_memory: str | int | None, kv_dtype: str, block_size: int, caching: bool) -> PagedKV:
-        if kv_dtype not in ("auto", "int8"):
-            raise UsageError(f"kv_dtype must be auto or int8, got {kv_dtype!r}")
+    def _make_kv(self, kv_memory: str | int | None, kv_dtype: str, block_size: int, caching: bool,
+                 host_bytes: int, disk_dir: Path | None, codec: str) -> PagedKV:
+        stores = {"auto": self.runner.kv_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+        if kv_dtype not in stores:
+            raise UsageError(f"kv_dtype must be one of {', '.join(stores)}, got {kv_dtype!r}")
         if block_size < 1:
             raise UsageError(f"block_size must be >= 1, got {block_size}")
-        int8 = kv_dtype == "int8"
-        per_block = block_nbytes(self.config, block_size, self.runner.kv_dtype, int8)
+        store = stores[kv_dtype]
+        per_block = block_nbytes(self.config, block_size, store)
         if kv_memory is not None:
             pool = parse_size(kv_memory)
         elif self.planned_kv_bytes is not None:
@@ -108,7 +121,18 @@ class LLM:
         # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)
         salt = f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}".encode()
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
-                       device=self.runner.device, int8=int8, caching=caching, salt=salt)
+                       device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
+                       disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps)
+
+    def save_prefix_cache(self, directory: str | Path) -> int:
+        """Write every cached KV block (pool, host and disk tiers) to `directory`, skipping blocks already
+        there (incremental); returns the blocks written. Files are checksummed and written atomically."""
+        return save_prefix_cache(self.kv, Path(directory))
+
+    def load_prefix_cache(self, directory: str | Path) -> int:
+        """Make the blocks saved in `directory` restorable on a prefix hit (read lazily, verified on read);
+        returns the blocks found. Refused when they were saved by another model or KV format."""
+        return self.kv.tiers.add_dir(Path(directory))
 
     def stats_text(self, out: RequestOutput) -> str:
         """Two lines about one request: timing, then traffic per tier, I/O wait, overlap η, bandwidth, peak RSS."""
@@ -116,7 +140,11 @@ class LLM:
         calibrated = self.profile.disk_read_gbps if self.profile_calibrated else None
         return (f"[{m.prompt_tokens} prompt tokens, {len(out.token_ids)} generated ({out.finish_reason}); "
                 f"TTFT {m.ttft_s * 1000:.0f} ms, decode {m.decode_tok_s:.1f} tok/s]\n"
-                + describe_stats(m.tiers, m.tiers.forward_passes, calibrated))
+                + describe_stats(m.tiers, m.tiers.forward_passes, calibrated) + "\n" + self.kv.stats().describe())
+
+    def kv_stats(self) -> KVStats:
+        """The paged KV cache now: blocks used / cached / free, prefix hit rate, evictions, preemptions, waste."""
+        return self.kv.stats()
 
     def close(self) -> None:
         """Stop the streamer's I/O threads and free its ring (also done when the process exits)."""

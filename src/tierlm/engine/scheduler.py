@@ -49,6 +49,13 @@ class SchedulerCounters:
     batch_rows: int = 0  # sum of batch sizes over decode steps
     preemptions: int = 0
     recomputed_tokens: int = 0  # tokens prefilled again after a preemption (prefix-cache hits excluded)
+    waste_sum: float = 0.0  # slot waste (KVStats.waste) before each decode step, summed
+    decode_s: float = 0.0  # wall time of the batched decode steps (forward + sampling)
+    max_running: int = 0  # most sequences decoded together
+
+    @property
+    def mean_waste(self) -> float:
+        return self.waste_sum / self.steps if self.steps else 0.0
 
 
 class Scheduler:
@@ -80,20 +87,24 @@ class Scheduler:
                 self.kv.free(victim.seq)
                 waiting.appendleft(victim)
                 self.counters.preemptions += 1
+                self.kv.preemptions += 1
             if not running:
                 continue
+            self.counters.waste_sum += self.kv.stats().waste
             ts = time.perf_counter()
             tokens = torch.tensor([[r.seq.tokens[-1]] for r in running])  # [B, 1]
             logits = self.runner.forward(tokens, self.kv.batch([r.seq for r in running]))  # [B, V]
-            self.counters.steps += 1
-            self.counters.batch_rows += len(running)
+            c = self.counters
+            c.steps, c.batch_rows, c.max_running = c.steps + 1, c.batch_rows + len(running), max(c.max_running, len(running))
             for i, r in enumerate(running):
                 self._accept(r, int(r.sampler(logits[i:i + 1])[0]))
-                m = r.out.metrics
-                m.decode_s += time.perf_counter() - ts
-                m.decode_tokens += 1
                 if r.done:
                     self.kv.free(r.seq)
+            elapsed = time.perf_counter() - ts
+            c.decode_s += elapsed
+            for r in running:  # each request waited for the whole step
+                r.out.metrics.decode_s += elapsed
+                r.out.metrics.decode_tokens += 1
             running = [r for r in running if not r.done]
         for r in requests:
             if r.out.finish_reason != "stop" or not r.params.stop:
@@ -109,7 +120,10 @@ class Scheduler:
             return False
         if r.out.token_ids:  # re-admitted after preemption
             self.counters.recomputed_tokens += todo
+            kv.recomputed_tokens += todo
+        tp = time.perf_counter()
         logits = self.runner.forward(torch.tensor([r.seq.tokens[r.seq.num_computed:]]), kv.batch([r.seq]))
+        kv.note_prefill(todo, time.perf_counter() - tp)
         first = not r.out.token_ids
         self._accept(r, int(r.sampler(logits)[0]))
         if first:

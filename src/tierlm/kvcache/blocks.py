@@ -32,11 +32,21 @@ def block_hash(parent: bytes, tokens: tuple[int, ...], salt: bytes) -> bytes:
     return h.digest()[:16]
 
 
+@dataclass(frozen=True)
+class Evicted:
+    hash: bytes
+    parent: bytes
+    tokens: tuple[int, ...]
+
+
 @dataclass
 class BlockCounters:
     evictions: int = 0  # cached blocks reused for other tokens
-    hit_tokens: int = 0  # prompt tokens served from cached blocks
-    queried_tokens: int = 0  # prompt tokens looked up
+
+
+def matchable(n: int, block_size: int) -> int:
+    """Tokens of an n-token prompt that a prefix hit may cover: whole blocks, never the last token."""
+    return (n - 1) // block_size * block_size
 
 
 class BlockManager:
@@ -48,6 +58,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU: head first
         self.hash_of: dict[int, bytes] = {}  # full, hashed block -> its chain hash
         self.tokens_of: dict[int, tuple[int, ...]] = {}  # its tokens (collision check)
+        self.parent_of: dict[int, bytes] = {}  # the hash of the block before it (a lower tier re-links by it)
         self.by_hash: dict[bytes, int] = {}
         self.counters = BlockCounters()
 
@@ -62,15 +73,23 @@ class BlockManager:
         """Free blocks that still hold a cached prefix."""
         return sum(1 for b in self.free if b in self.hash_of)
 
-    def allocate(self) -> int:
+    def allocate(self) -> tuple[int, Evicted | None]:
+        """A block for new tokens (refcount 1) and, when it was a cached block, what it held (for a lower tier)."""
         if not self.free:
             raise MemoryError("no free KV block")
         block, _ = self.free.popitem(last=False)
-        if block in self.hash_of:  # reusing a cached block: its prefix is no longer findable
+        evicted = None
+        if block in self.hash_of:  # reusing a cached block: its prefix is no longer findable here
+            evicted = Evicted(self.hash_of[block], self.parent_of[block], self.tokens_of[block])
             self._forget(block)
             self.counters.evictions += 1
         self.refcount[block] = 1
-        return block
+        return block, evicted
+
+    def adopt(self, block: int, h: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
+        """Mark a just-allocated block, filled from a lower tier, as the cached block for hash h."""
+        if self.caching and h not in self.by_hash:
+            self.by_hash[h], self.hash_of[block], self.parent_of[block], self.tokens_of[block] = block, h, parent, tokens
 
     def release(self, block: int) -> None:
         assert self.refcount[block] > 0, f"block {block} released more often than taken"
@@ -89,8 +108,7 @@ class BlockManager:
     def register(self, block: int, parent: bytes, tokens: tuple[int, ...]) -> bytes:
         """Mark a block just filled with `tokens` (after `parent`) as cached; returns its hash."""
         h = block_hash(parent, tokens, self.salt)
-        if self.caching and h not in self.by_hash:
-            self.by_hash[h], self.hash_of[block], self.tokens_of[block] = block, h, tokens
+        self.adopt(block, h, parent, tokens)
         return h
 
     def lookup(self, parent: bytes, tokens: tuple[int, ...]) -> tuple[int | None, bytes]:
@@ -108,18 +126,17 @@ class BlockManager:
         """Take the cached blocks of the longest cached prefix of `tokens`, leaving at least one token to
         compute (its logits are needed). Returns the blocks and the hash of the last one."""
         bs, parent, blocks = self.block_size, ROOT_HASH, []
-        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
+        for start in range(0, matchable(len(tokens), bs), bs):
             block, h = self.lookup(parent, tuple(tokens[start:start + bs]))
             if block is None:
                 break
             blocks.append(block)
             parent = h
-        self.counters.queried_tokens += len(tokens)
-        self.counters.hit_tokens += len(blocks) * bs
         return blocks, parent
 
     def _forget(self, block: int) -> None:
         h = self.hash_of.pop(block)
         self.tokens_of.pop(block)
+        self.parent_of.pop(block)
         if self.by_hash.get(h) == block:
             del self.by_hash[h]

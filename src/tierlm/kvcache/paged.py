@@ -1,35 +1,33 @@
-"""The paged KV cache: one preallocated pool of fixed-size blocks, block tables per sequence.
+"""The paged KV cache: a pool of fixed-size blocks (pool.py), block tables per sequence, a block manager
+(blocks.py) with prefix caching, and tiers below the pool (tiers.py) for evicted cached blocks.
 
-    pool k, v: [layers, nkv, num_blocks, block_size, hd]   (int8 KV: int8 values + fp16 scales
-                                                            [layers, nkv, num_blocks, block_size], per token & head)
-    sequence:  block table [b0, b1, ...]: token p lives in block table[p // block_size], slot p % block_size
+    sequence: block table [b0, b1, ...]: token p lives in block table[p // block_size], slot p % block_size
 
-Attention reads K/V through the table: on CPU the step gathers the sequence's blocks into [B, nkv, S, hd]
-(index_select over the block axis, one copy per layer), masks padding and future positions, and runs SDPA.
-The pool is reserved with empty() (pages are committed as blocks are first used) and a block is zeroed
-when it is allocated: a masked read of a never-written slot must be finite, because a masked score times a
-NaN value is still NaN. Tables of shorter sequences are padded with their own first block (finite, masked).
+Admission (admit): a sequence takes the cached blocks of its longest cached prefix from the pool, then,
+block by block, restores what the host/disk tiers hold when restoring is predicted cheaper than
+recomputing; prefill starts after the last block found. Allocation (begin) takes free blocks; a cached
+block taken for new tokens is first handed to the tiers.
 
 Lifetimes: the pool is reserved by PagedKV(...) and freed by release(); blocks are taken and returned
-through the BlockManager (blocks.py) as sequences grow and finish.
+through the BlockManager as sequences grow and finish (free()).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from tierlm.config import ModelConfig
 from tierlm.errors import ContextLengthError
-from tierlm.kvcache.blocks import ROOT_HASH, BlockManager
+from tierlm.kvcache.block_file import StoredBlock
+from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, block_hash, matchable
+from tierlm.kvcache.pool import KVPool
+from tierlm.kvcache.stats import KVStats
+from tierlm.kvcache.step import PagedStep
+from tierlm.kvcache.tiers import KVTiers
 
 DEFAULT_BLOCK_SIZE = 16
-
-
-def block_nbytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype, int8: bool) -> int:
-    """Bytes of one block across every layer, K and V (int8: 1 B per value + a 2 B scale per token & head)."""
-    per_token_head = cfg.head_dim * (1 if int8 else dtype.itemsize) + (2 if int8 else 0)
-    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * per_token_head
 
 
 @dataclass(eq=False)
@@ -42,72 +40,22 @@ class Sequence:
     num_hashed: int = 0  # blocks registered in the prefix cache
 
 
-class KVPool:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", int8: bool = False):
-        self.block_size, self.dtype, self.int8 = block_size, dtype, int8
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-        store = torch.int8 if int8 else dtype
-        self.k: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
-        self.v: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
-        if int8:  # per token and head: [layers, nkv, num_blocks, block_size]; fp16 (2 B) keeps int8 KV at
-            # 66 B per token & head for hd 64, 1.94x smaller than bf16 (fp32 scales would give 1.88x)
-            self.k_scale: torch.Tensor | None = torch.empty(shape[:-1], dtype=torch.float16, device=device)
-            self.v_scale: torch.Tensor | None = torch.empty(shape[:-1], dtype=torch.float16, device=device)
-
-    @property
-    def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        n = 2 * self.k.numel() * self.k.element_size()
-        return n + (2 * self.k_scale.numel() * 2 if self.int8 else 0)
-
-    def zero(self, block: int) -> None:
-        for t in (self.k, self.v, *((self.k_scale, self.v_scale) if self.int8 else ())):
-            t[:, :, block].zero_()
-
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots [N] (block * block_size + offset); k, v [nkv, N, hd]."""
-        for pool, scale, x in ((self.k, getattr(self, "k_scale", None), k), (self.v, getattr(self, "v_scale", None), v)):
-            flat = pool[layer].flatten(1, 2)  # [nkv, num_blocks*block_size, hd] (a view)
-            if self.int8:
-                # symmetric, per token and head; the scale is rounded to fp16 *before* quantising, so values
-                # are quantised against exactly the scale that is stored
-                s = (x.float().abs().amax(dim=-1).clamp_min(1e-4) / 127).half()  # [nkv, N]
-                q = torch.round(x.float() / s.float()[..., None]).clamp_(-127, 127).to(torch.int8)
-                flat.index_copy_(1, slots, q)
-                scale[layer].flatten(1, 2).index_copy_(1, slots, s)
-            else:
-                flat.index_copy_(1, slots, x.to(pool.dtype))
-
-    def gather(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tables [B, nb] block ids -> k, v [B, nkv, length, hd] (in the compute dtype) for positions < length."""
-        out = []
-        for pool, scale in ((self.k, getattr(self, "k_scale", None)), (self.v, getattr(self, "v_scale", None))):
-            b, nb = tables.shape
-            x = pool[layer].index_select(1, tables.flatten())  # [nkv, B*nb, bs, hd]
-            if self.int8:
-                s = scale[layer].index_select(1, tables.flatten())  # [nkv, B*nb, bs]
-                x = (x.to(self.dtype) * s[..., None].to(self.dtype))
-            x = x.view(x.shape[0], b, nb * self.block_size, x.shape[-1]).transpose(0, 1)  # [B, nkv, nb*bs, hd]
-            out.append(x[:, :, :length])
-        return out[0], out[1]
-
-    def release(self) -> None:
-        self.k = self.v = None
-        if self.int8:
-            self.k_scale = self.v_scale = None
-
-
 class PagedKV:
     """The pool plus its block manager: what schedulers and the runner use."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", int8: bool = False,
-                 caching: bool = True, salt: bytes = b""):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 store: torch.dtype | None = None, caching: bool = True, salt: bytes = b"",
+                 host_bytes: int = 0, disk_dir: Path | None = None, codec: str = "none", disk_gbps: float = 1.0):
         self.config, self.block_size, self.device = cfg, block_size, torch.device(device)
-        self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, int8)
+        self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store)
         self.manager = BlockManager(num_blocks, block_size, salt, caching)
+        store_name = str(self.pool.store).removeprefix("torch.")
+        self.tiers = KVTiers(store_name, salt, host_bytes, disk_dir, codec, disk_gbps)
+        self.live: set[Sequence] = set()  # sequences holding blocks (admitted, not yet freed)
+        self.preemptions = self.recomputed_tokens = 0  # counted by the scheduler, reported by stats()
+        self.hit_tokens = self.restored_tokens = self.queried_tokens = 0
+        self.prefill_s_per_token: float | None = None  # measured (note_prefill): the recompute side of restore-or-recompute
 
     @property
     def nbytes(self) -> int:
@@ -119,15 +67,55 @@ class PagedKV:
         return max(0, need - len(seq.blocks))
 
     def admit(self, seq: Sequence) -> None:
-        """Attach the cached blocks of seq's longest cached prefix (prefill then starts after them)."""
+        """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers."""
         assert not seq.blocks
-        seq.blocks, seq.parent_hash = self.manager.match_prefix(seq.tokens)
-        seq.num_computed = seq.num_hashed = len(seq.blocks)
-        seq.num_computed *= self.block_size
+        bs = self.block_size
+        seq.blocks, parent = self.manager.match_prefix(seq.tokens)
+        self.live.add(seq)
+        hits = len(seq.blocks)
+        if self.manager.caching and self.tiers.enabled:
+            for start in range(hits * bs, matchable(len(seq.tokens), bs), bs):
+                tokens = tuple(seq.tokens[start:start + bs])
+                h = block_hash(parent, tokens, self.manager.salt)
+                tier = self.tiers.where(h)
+                if tier is None or self.manager.num_free == 0:
+                    break
+                recompute_s = bs * self.prefill_s_per_token if self.prefill_s_per_token else float("inf")
+                if self.tiers.restore_s(tier, self.pool.block_bytes) > recompute_s:
+                    self.tiers.counters.recompute_chosen += 1
+                    break
+                stored = self.tiers.take(h, tokens)
+                if stored is None:  # corrupt (deleted, counted) or another prefix: recompute from here
+                    break
+                block = self._allocate()
+                self.pool.write_block(block, stored.payload)
+                self.manager.adopt(block, h, parent, tokens)
+                seq.blocks.append(block)
+                parent = h
+        seq.parent_hash, seq.num_hashed, seq.num_computed = parent, len(seq.blocks), len(seq.blocks) * bs
+        self.queried_tokens += len(seq.tokens)
+        self.hit_tokens += hits * bs
+        self.restored_tokens += (len(seq.blocks) - hits) * bs
+
+    def note_prefill(self, tokens: int, seconds: float) -> None:
+        """A measured prefill: keeps the per-token recompute cost that restore decisions compare against."""
+        if tokens >= self.block_size:
+            rate = seconds / tokens
+            p = self.prefill_s_per_token
+            self.prefill_s_per_token = rate if p is None else 0.7 * p + 0.3 * rate
+
+    def _allocate(self) -> int:
+        """A zeroed block for new tokens; a cached block taken for them goes to the tiers first."""
+        block, evicted = self.manager.allocate()
+        if evicted is not None and (self.tiers.host_bytes or self.tiers.disk_dir is not None):
+            self.tiers.put(StoredBlock(evicted.hash, evicted.parent, evicted.tokens, self.pool.read_block(block)))
+        self.pool.zero(block)
+        return block
 
     def free(self, seq: Sequence) -> None:
         """Return seq's blocks; its full, hashed ones stay cached until reused."""
         self.manager.release_all(seq.blocks)
+        self.live.discard(seq)
         seq.blocks, seq.num_computed, seq.num_hashed, seq.parent_hash = [], 0, 0, ROOT_HASH
 
     def batch(self, seqs: list[Sequence]) -> "Batch":
@@ -139,64 +127,28 @@ class PagedKV:
             if s.num_computed + t > len(s.tokens):
                 raise ValueError("a step past the sequence's known tokens")
             for _ in range(self.blocks_needed(s, t)):
-                s.blocks.append(block := self.manager.allocate())
-                self.pool.zero(block)
+                s.blocks.append(self._allocate())
         return PagedStep(self, seqs, t)
+
+    def stats(self) -> KVStats:
+        """A snapshot: blocks by state, prefix hits, evictions, preemptions, waste over the live sequences."""
+        man = self.manager
+        filled: dict[int, int] = {}  # block -> tokens it holds (the fullest owner, for a shared block)
+        for s in self.live:
+            for j, b in enumerate(s.blocks):
+                filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_computed - j * self.block_size))
+        used = man.num_blocks - man.num_free
+        cached = man.num_cached_free
+        c = man.counters
+        return KVStats(block_size=self.block_size, blocks=man.num_blocks, used=used, cached=cached,
+                       free=man.num_free - cached, block_bytes=self.nbytes // man.num_blocks if self.nbytes else 0,
+                       hit_tokens=self.hit_tokens, restored_tokens=self.restored_tokens,
+                       queried_tokens=self.queried_tokens, evictions=c.evictions, tiers=self.tiers.counters,
+                       preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
+                       filled_slots=sum(filled.values()), store=str(self.pool.store).removeprefix("torch."))
 
     def release(self) -> None:
         self.pool.release()
-
-
-class PagedStep:
-    """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
-
-    def __init__(self, kv: PagedKV, seqs: list[Sequence], t: int):
-        self.kv, self.seqs, self.t = kv, seqs, t
-        dev, bs = kv.device, kv.block_size
-        starts = torch.tensor([s.num_computed for s in seqs])  # [B]
-        self.positions = (starts[:, None] + torch.arange(t)).to(dev)  # [B, T]
-        pos = self.positions.cpu()
-        tables = [s.blocks for s in seqs]
-        slots = torch.stack([torch.tensor(tb)[pos[i] // bs] * bs + pos[i] % bs for i, tb in enumerate(tables)])
-        self.slots = slots.flatten().to(dev)  # [B*T], sequence-major
-        self.length = int(pos[:, -1].max()) + 1  # S: keys read per sequence (padded to the longest)
-        nb = -(-self.length // bs)
-        self.tables = torch.tensor([tb[:nb] + tb[:1] * (nb - len(tb[:nb])) for tb in tables], device=dev)  # [B, nb]
-        window = kv.config.sliding_window
-        k_pos = torch.arange(self.length, device=dev)  # [S]
-        if len(seqs) == 1 and t == 1 and (window is None or self.length <= window):
-            self.mask = None  # one new token of one sequence attends everything stored
-        else:
-            q_pos = self.positions[:, :, None]  # [B, T, 1]
-            mask = k_pos <= q_pos  # [B, T, S]: causal, and hides padding beyond each sequence's length
-            if window is not None:
-                mask &= k_pos > q_pos - window
-            self.mask = mask[:, None]  # [B, 1, T, S]
-
-    def layer(self, i: int) -> "PagedStep.Layer":
-        return PagedStep.Layer(self, i)
-
-    class Layer:
-        def __init__(self, step: "PagedStep", i: int):
-            self.step, self.i = step, i
-
-        def update(self, k: torch.Tensor, v: torch.Tensor):
-            """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], mask [B, 1, T, S] | None)."""
-            st = self.step
-            pool = st.kv.pool
-            pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
-            k_all, v_all = pool.gather(self.i, st.tables, st.length)
-            return k_all, v_all, st.mask
-
-    def finish(self) -> None:
-        """The step's K/V are stored: advance each sequence and register its newly full blocks."""
-        bs, man = self.kv.block_size, self.kv.manager
-        for s in self.seqs:
-            s.num_computed += self.t
-            while (s.num_hashed + 1) * bs <= s.num_computed:
-                b = s.num_hashed
-                s.parent_hash = man.register(s.blocks[b], s.parent_hash, tuple(s.tokens[b * bs:(b + 1) * bs]))
-                s.num_hashed += 1
 
 
 class Batch:
@@ -215,9 +167,9 @@ class SequenceKV:
     `capacity` tokens at most; tokens are appended as the runner steps (`length` = tokens stored)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 block_size: int = DEFAULT_BLOCK_SIZE, int8: bool = False):
+                 block_size: int = DEFAULT_BLOCK_SIZE, store: torch.dtype | None = None):
         self.capacity = capacity
-        self.paged = PagedKV(cfg, -(-capacity // block_size), block_size, dtype=dtype, device=device, int8=int8,
+        self.paged = PagedKV(cfg, -(-capacity // block_size), block_size, dtype=dtype, device=device, store=store,
                              caching=False)
         self.seq = Sequence(tokens=[])
 

@@ -1,0 +1,161 @@
+"""KV cache benchmark: prefix-cache TTFT, slot waste, sequences per KV budget, batched decode throughput.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/kv.py                        # embedded SmolLM2-135M, fp32, 3 reps
+    .venv/bin/python benchmarks/kv.py --quant int8 --reps 5 --json out/kv.json
+    .venv/bin/python benchmarks/kv.py --model /work/models/tinyllama-fp32 --sections a,c
+
+Sections (each prints its own table; > 1 ratios are better for the variant named first):
+  a  TTFT of a request whose 2,000-token prefix is shared with an earlier one: cold (prefix caching off,
+     the whole prompt prefilled) vs device hit (the prefix's blocks reused); ALTERNATING cold/hit, medians.
+     Target: hit <= 0.1x cold. Host and disk tiers are not built yet: those rows say so.
+  b  slot waste of the paged pool (allocated-but-unused token slots / allocated), averaged over the decode
+     steps of 16 sequences of 100-600 tokens. Target < 2%.
+  c  most sequences decoded together under one fixed KV budget (--kv-memory, default 64MiB), prompts of
+     100 tokens + 28 new, pool stored as float32 / bfloat16 / int8. Target int8 >= 1.9x bfloat16.
+  d  aggregate decode tok/s with 16 sequences decoded together vs one alone, 64 new tokens each,
+     ALTERNATING single/batch, medians. Target >= 6x.
+
+Prompts are windows of tests/data/english.txt (public domain), tokenized once; greedy, EOS ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import machine_info
+
+from tierlm import LLM, SamplingParams
+from tierlm.engine.scheduler import Scheduler, make_requests
+
+TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "english.txt"
+
+
+def corpus(llm: LLM, n: int) -> list[int]:
+    ids = llm.tokenizer.encode(TEXT.read_text())
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def windows(ids: list[int], count: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (count,), generator=g).tolist()
+    return [ids[s:s + length] for s in starts]
+
+
+def run_batch(llm: LLM, prompts: list[list[int]], max_tokens: int, max_batch: int = 256):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = make_requests(prompts, params, llm.max_context, llm.config.vocab_size)
+    sched = Scheduler(llm.runner, llm.tokenizer, llm.kv, max_batch=max_batch)
+    sched.run(reqs)
+    return sched.counters, reqs
+
+
+def section_a(args, common: dict) -> dict:
+    hit_llm = LLM(args.model, **common)
+    cold_llm = LLM(args.model, **common, enable_prefix_caching=False)
+    ids = corpus(hit_llm, args.prefix + 200)
+    prefix = ids[:args.prefix]
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    hit_llm.generate([prefix + ids[args.prefix:args.prefix + 10]], one)  # fills the cache
+    cold, hit = [], []
+    for rep in range(args.reps + 1):
+        suffix = ids[args.prefix + 10 + rep * 8:args.prefix + 18 + rep * 8]  # a new question each time
+        c = cold_llm.generate([prefix + suffix], one)[0].metrics.ttft_s
+        h = hit_llm.generate([prefix + suffix], one)[0].metrics.ttft_s
+        if rep:  # the first round warms up
+            cold.append(c)
+            hit.append(h)
+    res = {"prefix_tokens": args.prefix, "cold_ms": 1000 * statistics.median(cold),
+           "device_hit_ms": 1000 * statistics.median(hit)}
+    res["hit_over_cold"] = res["device_hit_ms"] / res["cold_ms"]
+    print(f"\n(a) TTFT, {args.prefix}-token shared prefix + 8 new tokens (median of {args.reps})")
+    print(f"  cold (prefill all)   {res['cold_ms']:9.1f} ms")
+    print(f"  device hit           {res['device_hit_ms']:9.1f} ms   {res['hit_over_cold']:.3f}x cold "
+          f"(target <= 0.1x)   hit rate {hit_llm.kv_stats().hit_rate:.0%}")
+    print("  host hit / disk hit  not built (KV tiers: issue 5 item 4)")
+    return res
+
+
+def section_b(args, common: dict) -> dict:
+    llm = LLM(args.model, **common)
+    ids = corpus(llm, 4000)
+    g = torch.Generator().manual_seed(1)
+    prompts = [w for n in torch.randint(100, 600, (16,), generator=g).tolist() for w in windows(ids, 1, n, seed=n)]
+    counters, _ = run_batch(llm, prompts, max_tokens=32)
+    res = {"mean_waste": counters.mean_waste, "sequences": 16, "block_size": llm.kv.block_size}
+    print(f"\n(b) slot waste, 16 sequences of 100-600 tokens + 32 new, block {llm.kv.block_size}: "
+          f"{100 * counters.mean_waste:.2f}% (mean over {counters.steps} decode steps; target < 2%)")
+    return res
+
+
+def section_c(args, common: dict) -> dict:
+    res = {}
+    print(f"\n(c) sequences decoded together under kv_memory={args.kv_memory} (100-token prompts + 28 new)")
+    for store in ("float32", "bfloat16", "int8"):
+        llm = LLM(args.model, **common, kv_memory=args.kv_memory, kv_dtype=store)
+        ids = corpus(llm, 4000)
+        blocks = llm.kv.manager.num_blocks
+        per_seq = -(-128 // llm.kv.block_size)
+        prompts = windows(ids, blocks // per_seq + 8, 100, seed=2)  # more than fit: the pool is the limit
+        counters, _ = run_batch(llm, prompts, max_tokens=28)
+        res[store] = {"blocks": blocks, "max_running": counters.max_running, "preemptions": counters.preemptions}
+        print(f"  {store:9s} {blocks:6d} blocks   {counters.max_running:4d} sequences together   "
+              f"{counters.preemptions} preemptions")
+        llm.close()
+    res["int8_over_bf16"] = res["int8"]["max_running"] / res["bfloat16"]["max_running"]
+    print(f"  int8 / bfloat16: {res['int8_over_bf16']:.2f}x (target >= 1.9x)")
+    return res
+
+
+def section_d(args, common: dict) -> dict:
+    llm = LLM(args.model, **common)
+    ids = corpus(llm, 4000)
+    prompts = windows(ids, 16, 64, seed=3)
+    single, batch = [], []
+    for rep in range(args.reps + 1):
+        c1, _ = run_batch(llm, prompts[:1], max_tokens=64)
+        c16, reqs = run_batch(llm, prompts, max_tokens=64)
+        if rep:
+            single.append(63 / c1.decode_s)
+            batch.append(sum(len(r.out.token_ids) - 1 for r in reqs) / c16.decode_s)
+    res = {"single_tok_s": statistics.median(single), "batch16_tok_s": statistics.median(batch)}
+    res["ratio"] = res["batch16_tok_s"] / res["single_tok_s"]
+    print(f"\n(d) aggregate decode, 64 new tokens each (median of {args.reps})")
+    print(f"  1 sequence    {res['single_tok_s']:8.1f} tok/s")
+    print(f"  16 sequences  {res['batch16_tok_s']:8.1f} tok/s   {res['ratio']:.2f}x (target >= 6x)")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prefix", type=int, default=2000, help="shared prefix tokens for (a)")
+    ap.add_argument("--kv-memory", default="64MiB", help="KV budget for (c)")
+    ap.add_argument("--sections", default="a,b,c,d")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    common = dict(progress=False, quant=args.quant, max_context=4096)
+    t0 = time.perf_counter()
+    results = {"machine": machine_info(), "model": args.model or "embedded SmolLM2-135M-Instruct Q4_1",
+               "quant": args.quant}
+    for name in args.sections.split(","):
+        results[name] = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}[name](args, common)
+    m = results["machine"]
+    print(f"\nmachine: {m['cpu']} | {m['cores']} cores | {args.threads} threads | torch {m['torch']} | "
+          f"{time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""One KV block on disk: a self-describing, checksummed file written atomically.
+
+    "TLKVBLK1" | u32 header length | header (JSON) | payload
+    header: {"hash", "parent", "tokens", "store", "nbytes" (payload before compression), "codec", "xxh3"}
+
+The checksum (XXH3-64) covers the header fields and the stored payload, so a flipped bit anywhere is
+caught on read; a torn write cannot be seen because files are written to a temporary name, fsync'ed and
+renamed into place. The payload is the block's raw bytes (pool.read_block), optionally zstd-compressed.
+A block directory also holds `manifest.json` with the salt (model and KV format identity): blocks saved
+by another model or format are refused, never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from tierlm.errors import ModelFormatError, UsageError
+
+MAGIC = b"TLKVBLK1"
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class CorruptBlockError(Exception):
+    """A block file failed its checksum or is truncated (the caller recomputes the block)."""
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    hash: bytes
+    parent: bytes
+    tokens: tuple[int, ...]
+    payload: bytes  # uncompressed
+
+
+def _codec(name: str):
+    if name == "none":
+        return None
+    if name == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise UsageError("kv_compress='zstd' needs the zstandard package: pip install zstandard") from None
+        return zstandard
+    raise UsageError(f"unknown KV compression {name!r} (use none or zstd)")
+
+
+def _digest(meta: dict, data: bytes) -> int:
+    h = xxhash.xxh3_64()
+    h.update(json.dumps({k: meta[k] for k in sorted(meta) if k != "xxh3"}, sort_keys=True).encode())
+    h.update(data)
+    return h.intdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "none") -> int:
+    """Write one block file (named by its hash); returns the bytes written."""
+    mod = _codec(codec)
+    data = block.payload if mod is None else mod.ZstdCompressor(level=3).compress(block.payload)
+    meta = {"hash": block.hash.hex(), "parent": block.parent.hex(), "tokens": list(block.tokens), "store": store,
+            "nbytes": len(block.payload), "codec": codec}
+    meta["xxh3"] = _digest(meta, data)
+    header = json.dumps(meta).encode()
+    blob = MAGIC + struct.pack("<I", len(header)) + header + data
+    atomic_write(directory / f"{block.hash.hex()}.kvb", blob)
+    return len(blob)
+
+
+def read_block(path: Path, store: str) -> StoredBlock:
+    """Read and verify one block file; CorruptBlockError when it does not check out."""
+    try:
+        blob = path.read_bytes()
+        if blob[:8] != MAGIC:
+            raise CorruptBlockError(f"{path.name}: not a KV block file")
+        (n,) = struct.unpack_from("<I", blob, 8)
+        meta = json.loads(blob[12:12 + n])
+        data = blob[12 + n:]
+        if meta["xxh3"] != _digest(meta, data) or meta["store"] != store or meta["hash"] != path.stem:
+            raise CorruptBlockError(f"{path.name}: checksum or format mismatch")
+        mod = _codec(meta["codec"])
+        payload = data if mod is None else mod.ZstdDecompressor().decompress(data, max_output_size=meta["nbytes"])
+        if len(payload) != meta["nbytes"]:
+            raise CorruptBlockError(f"{path.name}: payload is {len(payload)} bytes, header says {meta['nbytes']}")
+        return StoredBlock(bytes.fromhex(meta["hash"]), bytes.fromhex(meta["parent"]), tuple(meta["tokens"]), payload)
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise CorruptBlockError(f"{path.name}: {e}") from None
+
+
+def open_block_dir(directory: Path, salt: bytes, create: bool) -> Path:
+    """Check (or create) a block directory's manifest: the salt must be ours."""
+    manifest = directory / MANIFEST
+    want = {"version": MANIFEST_VERSION, "salt": xxhash.xxh3_128_hexdigest(salt)}
+    if manifest.exists():
+        try:
+            got = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelFormatError(f"{manifest}: unreadable KV manifest ({e})") from None
+        if got != want:
+            raise UsageError(f"{directory} holds KV blocks of another model or KV format; use another directory")
+    elif create:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(manifest, json.dumps(want).encode())
+    else:
+        raise UsageError(f"{directory} is not a saved KV cache (no {MANIFEST})")
+    return directory

@@ -1,0 +1,61 @@
+"""One forward step over paged sequences: positions for rope, K/V writes into the pool, gathered reads.
+
+Attention reads K/V through the block tables: on CPU the step gathers each sequence's blocks into
+[B, nkv, S, hd] (index_select over the block axis, one copy per layer), masks padding and future positions,
+and the model runs SDPA on that. Tables of shorter sequences are padded with their own first block
+(finite, masked).
+"""
+from __future__ import annotations
+
+import torch
+
+class PagedStep:
+    """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
+
+    def __init__(self, kv: "PagedKV", seqs: list[Sequence], t: int):
+        self.kv, self.seqs, self.t = kv, seqs, t
+        dev, bs = kv.device, kv.block_size
+        starts = torch.tensor([s.num_computed for s in seqs])  # [B]
+        self.positions = (starts[:, None] + torch.arange(t)).to(dev)  # [B, T]
+        pos = self.positions.cpu()
+        tables = [s.blocks for s in seqs]
+        slots = torch.stack([torch.tensor(tb)[pos[i] // bs] * bs + pos[i] % bs for i, tb in enumerate(tables)])
+        self.slots = slots.flatten().to(dev)  # [B*T], sequence-major
+        self.length = int(pos[:, -1].max()) + 1  # S: keys read per sequence (padded to the longest)
+        nb = -(-self.length // bs)
+        self.tables = torch.tensor([tb[:nb] + tb[:1] * (nb - len(tb[:nb])) for tb in tables], device=dev)  # [B, nb]
+        window = kv.config.sliding_window
+        k_pos = torch.arange(self.length, device=dev)  # [S]
+        if len(seqs) == 1 and t == 1 and (window is None or self.length <= window):
+            self.mask = None  # one new token of one sequence attends everything stored
+        else:
+            q_pos = self.positions[:, :, None]  # [B, T, 1]
+            mask = k_pos <= q_pos  # [B, T, S]: causal, and hides padding beyond each sequence's length
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self.mask = mask[:, None]  # [B, 1, T, S]
+
+    def layer(self, i: int) -> "PagedStep.Layer":
+        return PagedStep.Layer(self, i)
+
+    class Layer:
+        def __init__(self, step: "PagedStep", i: int):
+            self.step, self.i = step, i
+
+        def update(self, k: torch.Tensor, v: torch.Tensor):
+            """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], mask [B, 1, T, S] | None)."""
+            st = self.step
+            pool = st.kv.pool
+            pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
+            k_all, v_all = pool.gather(self.i, st.tables, st.length)
+            return k_all, v_all, st.mask
+
+    def finish(self) -> None:
+        """The step's K/V are stored: advance each sequence and register its newly full blocks."""
+        bs, man = self.kv.block_size, self.kv.manager
+        for s in self.seqs:
+            s.num_computed += self.t
+            while (s.num_hashed + 1) * bs <= s.num_computed:
+                b = s.num_hashed
+                s.parent_hash = man.register(s.blocks[b], s.parent_hash, tuple(s.tokens[b * bs:(b + 1) * bs]))
+                s.num_hashed += 1
