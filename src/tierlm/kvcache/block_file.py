@@ -5,7 +5,8 @@
 
 The checksum (XXH3-64) covers the header fields and the stored payload, so a flipped bit anywhere is
 caught on read; a torn write cannot be seen because files are written to a temporary name, fsync'ed and
-renamed into place. The payload is the block's raw bytes (pool.read_block), optionally zstd-compressed.
+renamed into place. Written and read files are dropped from the OS page cache: the disk tier is disk, not
+a hidden RAM tier. The payload is the block's raw bytes (pool.read_block), optionally zstd-compressed.
 A block directory also holds `manifest.json` with the salt (model and KV format identity): blocks saved
 by another model or format are refused, never loaded.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import xxhash
 
 from tierlm.errors import ModelFormatError, UsageError
+from tierlm.memory.directio import drop_from_page_cache
 
 MAGIC = b"TLKVBLK1"
 MANIFEST = "manifest.json"
@@ -75,7 +77,9 @@ def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "n
     meta["xxh3"] = _digest(meta, data)
     header = json.dumps(meta).encode()
     blob = MAGIC + struct.pack("<I", len(header)) + header + data
-    atomic_write(directory / f"{block.hash.hex()}.kvb", blob)
+    path = directory / f"{block.hash.hex()}.kvb"
+    atomic_write(path, blob)
+    drop_from_page_cache(path)
     return len(blob)
 
 
@@ -83,6 +87,7 @@ def read_block(path: Path, store: str) -> StoredBlock:
     """Read and verify one block file; CorruptBlockError when it does not check out."""
     try:
         blob = path.read_bytes()
+        drop_from_page_cache(path)
         if blob[:8] != MAGIC:
             raise CorruptBlockError(f"{path.name}: not a KV block file")
         (n,) = struct.unpack_from("<I", blob, 8)
