@@ -97,3 +97,34 @@ def test_zstd_blocks_round_trip(tiny_models, tmp_path):
         llm.generate([p], GREEDY)
     assert llm.generate([A + [60]], GREEDY)[0].token_ids == want[0]
     assert llm.kv.tiers.counters.disk_restores > 0
+
+
+def test_chat_session_resumes_without_prefilling_again(tiny_models, tmp_path, monkeypatch, capsys):
+    import io
+
+    from tierlm.chat_repl import run_chat
+    from tierlm.session import session_dir
+    path = tiny_models["llama_gqa_tied"].path
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    where = session_dir("demo", tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("tell me about paging\nand about caches\n"))
+    assert run_chat(LLM(path, progress=False, block_size=4), params, "be brief", session=where) == 0
+    err = capsys.readouterr().err
+    assert "session demo saved:" in err and (where / "history.json").exists()
+    saved = len(list((where / "kv").glob("*.kvb")))
+    assert saved > 0
+    # a new process (a new LLM): the next turn's prompt starts with the saved conversation
+    llm = LLM(path, progress=False, block_size=4)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one more question\n"))
+    assert run_chat(llm, params, "be brief", session=where) == 0
+    err = capsys.readouterr().err
+    assert "resumed session demo: 2 turns" in err
+    history = __import__("json").loads((where / "history.json").read_text())
+    # everything the first session prefilled for its second turn comes back from disk (whole blocks); only
+    # the re-rendered last reply and the new question are computed
+    turn2 = llm.tokenizer.encode_chat(history[:4])
+    assert llm.kv.restored_tokens >= (len(turn2) - 1) // 4 * 4 > 0
+    assert llm.kv.hit_tokens == 0  # nothing was in this fresh pool
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    with pytest.raises(UsageError, match="session name"):
+        session_dir("../etc", tmp_path)

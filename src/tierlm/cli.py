@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive chat with history")
     c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--session", default=None, metavar="NAME",
+                   help="keep the conversation and its KV cache on disk under NAME; resume it next time")
+    c.add_argument("--session-dir", default=None, help="where sessions live (default ~/.cache/tierlm/sessions)")
     _model_args(c)
     _sampling_args(c, default_temperature=0.7)
 
@@ -178,7 +181,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from tierlm.chat_repl import run_chat
 
-    return run_chat(_load(args), _sampling(args), args.system, stats=args.stats)
+    from tierlm.session import session_dir
+
+    session = session_dir(args.session, args.session_dir) if args.session else None
+    return run_chat(_load(args), _sampling(args), args.system, stats=args.stats, session=session)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
