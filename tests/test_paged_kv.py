@@ -168,3 +168,25 @@ def test_cli_kv_flags(capsys, tiny_models):
     assert code == 0 and "KV (int8, " in err and "blocks of 4 tokens" in err
     code = main(["generate", "--model", str(tiny_models["qwen2"].path), "--prompt", "hi", "--kv-memory", "1KiB"])
     assert code == 2 and "below one KV block" in capsys.readouterr().err
+
+
+def test_sliding_window_frees_blocks_outside_the_window(tiny_models):
+    """Mistral with window 8, blocks of 4: a sequence holds at most 4 blocks however long it grows, and its
+    logits equal the contiguous cache's (which keeps everything) step for step."""
+    llm = LLM(tiny_models["mistral_swa"].path, progress=False)
+    runner = llm.runner
+    runner.prefill_chunk = 5
+    paged = PagedKV(llm.config, num_blocks=12, block_size=4, dtype=runner.kv_dtype)
+    contiguous = KVCache(llm.config, batch=1, capacity=80, dtype=runner.kv_dtype)
+    ids = list(range(3, 23))
+    seq = Sequence(tokens=list(ids))
+    assert torch.equal(runner.forward(torch.tensor([ids]), paged.batch([seq]), all_logits=True),
+                       runner.forward(torch.tensor([ids]), contiguous, all_logits=True))
+    for tok in range(30, 70):  # 60 tokens in all: 15 blocks' worth through a pool of 12
+        seq.tokens.append(tok)
+        step = torch.tensor([[tok]])
+        assert torch.equal(runner.forward(step, paged.batch([seq])), runner.forward(step, contiguous))
+        assert len(seq.held) <= 4
+    assert seq.num_dropped == (60 - 8 + 1) // 4  # every block whose last key is <= 60 - 8
+    paged.free(seq)
+    assert paged.manager.num_free == 12

@@ -24,7 +24,7 @@ from tierlm.kvcache.block_file import StoredBlock
 from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, block_hash, matchable
 from tierlm.kvcache.pool import KVPool
 from tierlm.kvcache.stats import KVStats
-from tierlm.kvcache.step import PagedStep
+from tierlm.kvcache.step import DROPPED, PagedStep
 from tierlm.kvcache.tiers import KVTiers
 
 DEFAULT_BLOCK_SIZE = 16
@@ -38,6 +38,12 @@ class Sequence:
     num_computed: int = 0
     parent_hash: bytes = ROOT_HASH  # chain hash of the last registered (full) block
     num_hashed: int = 0  # blocks registered in the prefix cache
+    num_dropped: int = 0  # leading blocks freed because a sliding window hides them (table entries DROPPED)
+
+    @property
+    def held(self) -> list[int]:
+        """The blocks this sequence holds (not the dropped ones)."""
+        return [b for b in self.blocks if b != DROPPED]
 
 
 class PagedKV:
@@ -114,9 +120,9 @@ class PagedKV:
 
     def free(self, seq: Sequence) -> None:
         """Return seq's blocks; its full, hashed ones stay cached until reused."""
-        self.manager.release_all(seq.blocks)
+        self.manager.release_all(seq.held)
         self.live.discard(seq)
-        seq.blocks, seq.num_computed, seq.num_hashed, seq.parent_hash = [], 0, 0, ROOT_HASH
+        seq.blocks, seq.num_computed, seq.num_hashed, seq.num_dropped, seq.parent_hash = [], 0, 0, 0, ROOT_HASH
 
     def batch(self, seqs: list[Sequence]) -> "Batch":
         return Batch(self, seqs)
@@ -136,6 +142,8 @@ class PagedKV:
         filled: dict[int, int] = {}  # block -> tokens it holds (the fullest owner, for a shared block)
         for s in self.live:
             for j, b in enumerate(s.blocks):
+                if b == DROPPED:
+                    continue
                 filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_computed - j * self.block_size))
         used = man.num_blocks - man.num_free
         cached = man.num_cached_free

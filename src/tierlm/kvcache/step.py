@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+DROPPED = -1  # a block-table entry whose block a sliding window freed
+
+
 class PagedStep:
     """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
 
@@ -23,7 +26,10 @@ class PagedStep:
         self.slots = slots.flatten().to(dev)  # [B*T], sequence-major
         self.length = int(pos[:, -1].max()) + 1  # S: keys read per sequence (padded to the longest)
         nb = -(-self.length // bs)
-        self.tables = torch.tensor([tb[:nb] + tb[:1] * (nb - len(tb[:nb])) for tb in tables], device=dev)  # [B, nb]
+        # [B, nb]: padding, and blocks a sliding window dropped (DROPPED), read the sequence's newest block:
+        # finite values, every one of them masked
+        self.tables = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
+                                    for tb in tables], device=dev)
         window = kv.config.sliding_window
         k_pos = torch.arange(self.length, device=dev)  # [S]
         if len(seqs) == 1 and t == 1 and (window is None or self.length <= window):
@@ -51,11 +57,18 @@ class PagedStep:
             return k_all, v_all, st.mask
 
     def finish(self) -> None:
-        """The step's K/V are stored: advance each sequence and register its newly full blocks."""
-        bs, man = self.kv.block_size, self.kv.manager
+        """The step's K/V are stored: advance each sequence, register its newly full blocks, and, under a
+        sliding window W, free the blocks no later query can see (every key <= num_computed - W): they stay
+        cached for prefix hits, but the sequence no longer holds them."""
+        bs, man, window = self.kv.block_size, self.kv.manager, self.kv.config.sliding_window
         for s in self.seqs:
             s.num_computed += self.t
             while (s.num_hashed + 1) * bs <= s.num_computed:
                 b = s.num_hashed
                 s.parent_hash = man.register(s.blocks[b], s.parent_hash, tuple(s.tokens[b * bs:(b + 1) * bs]))
                 s.num_hashed += 1
+            while window is not None and s.num_dropped < s.num_hashed and \
+                    (s.num_dropped + 1) * bs - 1 <= s.num_computed - window:
+                man.release(s.blocks[s.num_dropped])
+                s.blocks[s.num_dropped] = DROPPED
+                s.num_dropped += 1
