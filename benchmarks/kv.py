@@ -18,6 +18,8 @@ Sections (each prints its own table; > 1 ratios are better for the variant named
      100 tokens + 28 new, pool stored as float32 / bfloat16 / int8. Target int8 >= 1.9x bfloat16.
   d  aggregate decode tok/s with 16 sequences decoded together vs one alone, 64 new tokens each,
      ALTERNATING single/batch, medians. Target >= 6x.
+  e  KV format quality (float32, bfloat16, int8): perplexity delta on the shipped text, and leading greedy
+     tokens equal to the float32-KV run on 5 chat questions.
 
 Prompts are windows of tests/data/english.txt (public domain), tokenized once; greedy, EOS ignored.
 """
@@ -155,6 +157,33 @@ def section_d(args, common: dict) -> dict:
     return res
 
 
+QUESTIONS = ["What is the capital of France? Answer in one sentence.", "Write a short poem about the sea.",
+             "Explain what a KV cache is.", "List three fruits.", "Who wrote Hamlet?"]
+
+
+def section_e(args, common: dict) -> dict:
+    """Perplexity of each KV format, and how many leading greedy tokens (of 128) match the fp32-KV run on
+    five chat questions (a chaotic measure: one near-tie flips everything after it)."""
+    from tierlm.eval_ppl import perplexity
+    print("\n(e) KV format quality: perplexity on tests/data/english.txt (window 512, stride 256); leading greedy "
+          "tokens equal to the float32-KV run, 5 chat questions x 128 tokens")
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    res, ref_tokens = {}, None
+    for store in ("float32", "bfloat16", "int8"):
+        llm = LLM(args.model, **common, kv_dtype=store, enable_prefix_caching=False)
+        ppl = perplexity(llm, llm.tokenizer.encode(TEXT.read_text()), 512, 256, store, progress=False).ppl
+        tokens = [llm.generate([llm.tokenizer.encode_chat([{"role": "user", "content": q}])], params)[0].token_ids
+                  for q in QUESTIONS]
+        ref_tokens = ref_tokens or tokens
+        leading = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 128) for x, y in zip(ref_tokens, tokens)]
+        res[store] = {"ppl": ppl, "leading_equal": leading, "block_bytes": llm.kv.pool.block_bytes}
+        base = res["float32"]["ppl"]
+        print(f"  {store:9s} ppl {ppl:8.3f} ({100 * (ppl / base - 1):+.2f}%)   leading tokens equal {leading}   "
+              f"{llm.kv.pool.block_bytes / 1024:.0f} KiB per block")
+        llm.close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
@@ -163,7 +192,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prefix", type=int, default=2000, help="shared prefix tokens for (a)")
     ap.add_argument("--kv-memory", default="64MiB", help="KV budget for (c)")
-    ap.add_argument("--sections", default="a,b,c,d")
+    ap.add_argument("--sections", default="a,b,c,d,e")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,7 +201,7 @@ def main() -> None:
     results = {"machine": machine_info(), "model": args.model or "embedded SmolLM2-135M-Instruct Q4_1",
                "quant": args.quant}
     for name in args.sections.split(","):
-        results[name] = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}[name](args, common)
+        results[name] = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}[name](args, common)
     m = results["machine"]
     print(f"\nmachine: {m['cpu']} | {m['cores']} cores | {args.threads} threads | torch {m['torch']} | "
           f"{time.perf_counter() - t0:.0f} s")

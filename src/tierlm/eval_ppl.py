@@ -1,6 +1,6 @@
 """Perplexity over a text with a sliding window (HF's "perplexity of fixed-length models" recipe).
 
-Windows of `window` tokens advance by `stride`; each window is one fresh forward pass (its own KV cache) and
+The KV cache is stored as the LLM's kv_dtype (so int8 KV is scored too). Windows of `window` tokens advance by `stride`; each window is one fresh forward pass (its own KV cache) and
 scores only the tokens the previous window did not, each with at least window - stride tokens of context
 (except at the start). PPL = exp(mean NLL over all scored tokens). The first token of the text is never
 scored (nothing predicts it).
@@ -54,7 +54,7 @@ def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progre
     bar = progress_bar(len(plan), f"perplexity {label}", progress, unit="window")
     t0 = time.perf_counter()
     for begin, end, first in plan:
-        kv = runner.new_kv(end - begin)
+        kv = runner.new_kv(end - begin, store=llm.kv.pool.store)  # the LLM's KV format (kv_dtype)
         try:
             logits = runner.forward(torch.tensor([ids[begin:end]]), kv, all_logits=True)[0]  # [T, V] fp32
         finally:
@@ -73,8 +73,8 @@ def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progre
 def describe(results: list[PplResult]) -> str:
     """A table: one row per scheme, with the change against the first row (the reference)."""
     ref = results[0].ppl
-    lines = [f"{'weights':<12} {'ppl':>9} {'vs ' + results[0].label:>12} {'tokens':>7} {'weight MiB':>11} {'s':>7}"]
+    lines = [f"{'weights':<16} {'ppl':>9} {'vs ' + results[0].label:>12} {'tokens':>7} {'weight MiB':>11} {'s':>7}"]
     for r in results:
-        lines.append(f"{r.label:<12} {r.ppl:9.3f} {100 * (r.ppl / ref - 1):+11.2f}% {r.tokens:7d} "
+        lines.append(f"{r.label:<16} {r.ppl:9.3f} {100 * (r.ppl / ref - 1):+11.2f}% {r.tokens:7d} "
                      f"{r.weight_bytes / 2**20:11.1f} {r.seconds:7.1f}")
     return "\n".join(lines)

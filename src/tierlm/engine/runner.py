@@ -49,9 +49,10 @@ class Runner:
         """Free the workspace (the store and KV caches have their own release)."""
         self.workspace.release()
 
-    def new_kv(self, capacity: int) -> SequenceKV:
-        """A paged KV cache for one sequence of up to `capacity` tokens, in this runner's KV dtype and device."""
-        return SequenceKV(self.config, capacity, self.kv_dtype, self.device)
+    def new_kv(self, capacity: int, store: torch.dtype | None = None) -> SequenceKV:
+        """A paged KV cache for one sequence of up to `capacity` tokens, read in this runner's KV dtype on its
+        device; `store`: what the pool holds (default the same; bf16, or int8 with scales)."""
+        return SequenceKV(self.config, capacity, self.kv_dtype, self.device, store=store)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv, all_logits: bool = False) -> torch.Tensor:
