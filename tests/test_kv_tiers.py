@@ -3,6 +3,7 @@ outputs; a corrupted block is recomputed; saved prefix caches load lazily and on
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tierlm import LLM, SamplingParams
 from tierlm.errors import UsageError
@@ -14,12 +15,15 @@ B = list(range(100, 133))
 C = list(range(200, 233))
 
 
+def _per_block(path) -> int:
+    from tierlm.weights import open_model
+    return block_nbytes(open_model(path).config, 4, torch.float32)
+
+
 def _small(path, tmp_path, **kw) -> LLM:
     """A pool of 12 blocks of 4 tokens: one 39-token request fills it, so the next evicts the previous."""
-    from tierlm.weights import open_model
-    per_block = block_nbytes(open_model(path).config, 4, __import__("torch").float32)
     kw.setdefault("kv_offload_dir", tmp_path / "kv")
-    return LLM(path, progress=False, block_size=4, kv_memory=12 * per_block, **kw), per_block
+    return LLM(path, progress=False, block_size=4, kv_memory=12 * _per_block(path), **kw)
 
 
 def _reference(path, prompts) -> list[list[int]]:
@@ -30,8 +34,7 @@ def _reference(path, prompts) -> list[list[int]]:
 def test_evicted_blocks_go_host_then_disk_and_restore_identically(tiny_models, tmp_path):
     path = tiny_models["llama_gqa_tied"].path
     want = _reference(path, [A + [50], B + [50], C + [50], A + [60]])
-    probe, per_block = _small(path, tmp_path / "probe")
-    llm, _ = _small(path, tmp_path, kv_host_memory=4 * per_block)
+    llm = _small(path, tmp_path, kv_host_memory=4 * _per_block(path))
     got = [llm.generate([p], GREEDY)[0].token_ids for p in (A + [50], B + [50], C + [50])]
     t = llm.kv.tiers.counters
     assert t.host_puts > 0 and t.disk_writes > 0  # A's blocks left the pool for host, then spilled to disk
@@ -45,7 +48,7 @@ def test_evicted_blocks_go_host_then_disk_and_restore_identically(tiny_models, t
 def test_corrupted_block_is_detected_and_recomputed(tiny_models, tmp_path):
     path = tiny_models["qwen2"].path
     want = _reference(path, [A + [50], B + [50], C + [50], A + [60]])
-    llm, _ = _small(path, tmp_path)  # no host tier: evictions go straight to disk
+    llm = _small(path, tmp_path)  # no host tier: evictions go straight to disk
     for p in (A + [50], B + [50], C + [50]):
         llm.generate([p], GREEDY)
     files = sorted((tmp_path / "kv").glob("*.kvb"))
@@ -80,7 +83,7 @@ def test_save_and_load_prefix_cache(tiny_models, tmp_path):
 
 def test_restore_or_recompute_by_cost(tiny_models, tmp_path):
     path = tiny_models["qwen2"].path
-    llm, _ = _small(path, tmp_path)
+    llm = _small(path, tmp_path)
     for p in (A + [50], B + [50], C + [50]):
         llm.generate([p], GREEDY)
     llm.kv.tiers.disk_gbps = 1e-9  # a disk so slow that recomputing is predicted cheaper
@@ -92,7 +95,7 @@ def test_zstd_blocks_round_trip(tiny_models, tmp_path):
     pytest.importorskip("zstandard")
     path = tiny_models["qwen2"].path
     want = _reference(path, [A + [60]])
-    llm, _ = _small(path, tmp_path, kv_compress="zstd")
+    llm = _small(path, tmp_path, kv_compress="zstd")
     for p in (A + [50], B + [50], C + [50]):
         llm.generate([p], GREEDY)
     assert llm.generate([A + [60]], GREEDY)[0].token_ids == want[0]
@@ -128,3 +131,20 @@ def test_chat_session_resumes_without_prefilling_again(tiny_models, tmp_path, mo
     assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
     with pytest.raises(UsageError, match="session name"):
         session_dir("../etc", tmp_path)
+
+
+def test_preempted_sequences_come_back_from_the_host_tier(tiny_models, tmp_path):
+    """Preemption frees a sequence's blocks; its full blocks stay cached, move to the host tier when the pool
+    needs them, and are restored (not recomputed) when it is re-admitted: swap by cost, block by block."""
+    from tierlm.engine.scheduler import Scheduler, make_requests
+    path = tiny_models["llama_gqa_tied"].path
+    prompts = [list(range(5 + 40 * i, 15 + 40 * i)) for i in range(6)]  # 10 tokens + 14 new: 6 blocks each
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    ref = LLM(path, progress=False, enable_prefix_caching=False)
+    want = [ref.generate([p], params)[0].token_ids for p in prompts]
+    llm = _small(path, tmp_path, kv_host_memory=64 * _per_block(path))
+    reqs = make_requests(prompts, params, llm.max_context, llm.config.vocab_size)
+    sched = Scheduler(llm.runner, llm.tokenizer, llm.kv)
+    sched.run(reqs)
+    assert [r.out.token_ids for r in reqs] == want
+    assert sched.counters.preemptions > 0 and llm.kv.tiers.counters.host_restores > 0

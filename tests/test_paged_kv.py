@@ -190,3 +190,16 @@ def test_sliding_window_frees_blocks_outside_the_window(tiny_models):
     assert seq.num_dropped == (60 - 8 + 1) // 4  # every block whose last key is <= 60 - 8
     paged.free(seq)
     assert paged.manager.num_free == 12
+
+
+def test_batch_stops_on_eos_and_stop_strings_like_one_by_one(tiny_models):
+    llm = LLM(tiny_models["qwen2"].path, progress=False)
+    prompts = _prompts(5, seed=9)
+    free_run = llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    stop = free_run.text[2:5] or "e"  # a string the first prompt's continuation contains
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop=[stop])
+    one = [llm.generate([p], params)[0] for p in prompts]
+    batch = llm.generate(prompts, params)
+    assert [(o.text, o.token_ids, o.finish_reason) for o in batch] == \
+           [(o.text, o.token_ids, o.finish_reason) for o in one]
+    assert batch[0].finish_reason == "stop" and stop not in batch[0].text

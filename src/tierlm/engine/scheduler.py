@@ -37,6 +37,7 @@ class Request:
     sampler: Sampler = field(init=False)
     seq: Sequence = field(init=False)
     done: bool = False
+    stopped_by_string: bool = False
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
@@ -107,7 +108,7 @@ class Scheduler:
                 r.out.metrics.decode_tokens += 1
             running = [r for r in running if not r.done]
         for r in requests:
-            if r.out.finish_reason != "stop" or not r.params.stop:
+            if not r.stopped_by_string:  # a stop string already cut the text
                 r.out.text = self.tokenizer.decode(r.out.token_ids)
 
     def _admit(self, r: Request, t0: float) -> bool:
@@ -143,7 +144,7 @@ class Scheduler:
         if p.stop:
             text = self.tokenizer.decode(out.token_ids)
             if (cut := find_stop(text, p.stop)) >= 0:
-                out.text, out.finish_reason, r.done = text[:cut], "stop", True
+                out.text, out.finish_reason, r.done, r.stopped_by_string = text[:cut], "stop", True, True
                 return
         if len(out.token_ids) >= r.max_new:
             out.finish_reason, r.done = "length", True
