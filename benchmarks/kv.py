@@ -63,6 +63,7 @@ def section_a(args, common: dict) -> dict:
     """Each rep: a new 8-token question after the shared prefix, asked of four engines whose caches hold the
     prefix in a different place: nowhere (cold), the pool, the host tier, the disk tier."""
     import tempfile
+
     from tierlm.kvcache.pool import block_nbytes
     probe = LLM(args.model, **common)
     ids = corpus(probe, args.prefix * 2 + 400)

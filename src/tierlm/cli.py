@@ -182,7 +182,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tierlm.chat_repl import run_chat
-
     from tierlm.session import session_dir
 
     session = session_dir(args.session, args.session_dir) if args.session else None

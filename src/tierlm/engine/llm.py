@@ -10,8 +10,8 @@ import torch
 from tierlm.config import format_size, parse_size, resolve_dtype
 from tierlm.engine.generation import RequestOutput, generate_stream
 from tierlm.engine.runner import Runner
-from tierlm.engine.scheduler import Scheduler, make_requests
 from tierlm.engine.sampler import SamplingParams
+from tierlm.engine.scheduler import Scheduler, make_requests
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE, PagedKV
 from tierlm.kvcache.persist import save_prefix_cache

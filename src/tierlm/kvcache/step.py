@@ -7,7 +7,12 @@ and the model runs SDPA on that. Tables of shorter sequences are padded with the
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # paged.py imports this module
+    from tierlm.kvcache.paged import PagedKV, Sequence
 
 DROPPED = -1  # a block-table entry whose block a sliding window freed
 
@@ -15,7 +20,7 @@ DROPPED = -1  # a block-table entry whose block a sliding window freed
 class PagedStep:
     """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
 
-    def __init__(self, kv: "PagedKV", seqs: list[Sequence], t: int):
+    def __init__(self, kv: PagedKV, seqs: list[Sequence], t: int):
         self.kv, self.seqs, self.t = kv, seqs, t
         dev, bs = kv.device, kv.block_size
         starts = torch.tensor([s.num_computed for s in seqs])  # [B]

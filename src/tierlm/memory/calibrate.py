@@ -22,13 +22,12 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.memory.offload_store import CHUNK_BYTES
+from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama
 from tierlm.progress import progress_bar
-from tierlm.quant import QuantScheme, quantize
-from tierlm.quant import kernels
+from tierlm.quant import QuantScheme, kernels, quantize
 
 PROFILE_VERSION = 4
 REQUEST_BYTES = CHUNK_BYTES
