@@ -53,7 +53,7 @@ def windows(ids: list[int], count: int, length: int, seed: int = 0) -> list[list
 
 def run_batch(llm: LLM, prompts: list[list[int]], max_tokens: int, max_batch: int = 256):
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    reqs = make_requests(prompts, params, llm.max_context, llm.config.vocab_size)
+    reqs = make_requests(prompts, params, llm.runner, llm.kv)
     sched = Scheduler(llm.runner, llm.tokenizer, llm.kv, max_batch=max_batch)
     sched.run(reqs)
     return sched.counters, reqs

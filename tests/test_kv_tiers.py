@@ -143,7 +143,7 @@ def test_preempted_sequences_come_back_from_the_host_tier(tiny_models, tmp_path)
     ref = LLM(path, progress=False, enable_prefix_caching=False)
     want = [ref.generate([p], params)[0].token_ids for p in prompts]
     llm = _small(path, tmp_path, kv_host_memory=64 * _per_block(path))
-    reqs = make_requests(prompts, params, llm.max_context, llm.config.vocab_size)
+    reqs = make_requests(prompts, params, llm.runner, llm.kv)
     sched = Scheduler(llm.runner, llm.tokenizer, llm.kv)
     sched.run(reqs)
     assert [r.out.token_ids for r in reqs] == want

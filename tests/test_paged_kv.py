@@ -103,7 +103,7 @@ def test_preemption_keeps_outputs_intact(tiny_models):
     one = [ref.generate([x], params)[0].token_ids for x in prompts]
     llm = LLM(path, progress=False, block_size=4, kv_memory=16 * _block_bytes(path, block_size=4))
     from tierlm.engine.scheduler import Scheduler, make_requests
-    reqs = make_requests(prompts, params, llm.max_context, llm.config.vocab_size)
+    reqs = make_requests(prompts, params, llm.runner, llm.kv)
     sched = Scheduler(llm.runner, llm.tokenizer, llm.kv)
     sched.run(reqs)
     assert [r.out.token_ids for r in reqs] == one

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from tierlm.config import ModelConfig
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import Sampler, SamplingParams
 from tierlm.errors import ContextLengthError, KVCacheFullError, UsageError
@@ -62,26 +63,33 @@ def _safe_len(text: str, stops: list[str]) -> int:
     return end
 
 
+def check_request(cfg: ModelConfig, max_context: int, kv: PagedKV, prompt_ids: list[int],
+                  params: SamplingParams) -> int:
+    """Refuse a prompt that cannot run (empty, ids out of the vocabulary, longer than the context, more KV
+    than the whole pool); return how many tokens it may generate."""
+    if not prompt_ids:
+        raise UsageError("empty prompt")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= cfg.vocab_size:
+        raise UsageError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+    if len(prompt_ids) >= max_context:
+        what = "the model's context" if max_context == cfg.max_position_embeddings else "max_context"
+        raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; {what} is {max_context}")
+    max_new = min(params.max_tokens, max_context - len(prompt_ids))
+    pool_tokens = kv.manager.num_blocks * kv.block_size
+    if len(prompt_ids) + max_new > pool_tokens:
+        raise KVCacheFullError(f"{len(prompt_ids)} prompt + {max_new} new tokens need more KV than the pool's "
+                               f"{pool_tokens} tokens: raise kv_memory (--kv-memory)")
+    return max_new
+
+
 def generate_stream(runner: Runner, tokenizer: Tokenizer, kv: PagedKV, prompt_ids: list[int],
                     params: SamplingParams, out: RequestOutput) -> Iterator[str]:
     """Yield text deltas; fills `out` (text, token_ids, finish_reason, metrics) as it goes. The prompt's
     longest cached prefix in `kv` is reused (its prefill skipped); the sequence's blocks are returned at the
     end, its full blocks staying cached for later requests."""
-    cfg = runner.config
-    if not prompt_ids:
-        raise UsageError("empty prompt")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= cfg.vocab_size:
-        raise UsageError(f"prompt token ids must be in [0, {cfg.vocab_size})")
-    ctx = runner.max_context
-    if len(prompt_ids) >= ctx:
-        what = "the model's context" if ctx == cfg.max_position_embeddings else "max_context"
-        raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; {what} is {ctx}")
-    max_new = min(params.max_tokens, ctx - len(prompt_ids))
+    max_new = check_request(runner.config, runner.max_context, kv, prompt_ids, params)
     eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
     sampler = Sampler(params)
-    if len(prompt_ids) + max_new > kv.manager.num_blocks * kv.block_size:
-        raise KVCacheFullError(f"{len(prompt_ids)} prompt + {max_new} new tokens need more KV than the pool's "
-                               f"{kv.manager.num_blocks * kv.block_size} tokens: raise kv_memory (--kv-memory)")
     t0 = time.perf_counter()
     seq = Sequence(tokens=list(prompt_ids))
     kv.admit(seq)  # cached prefix blocks: prefill starts after them

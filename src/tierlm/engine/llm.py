@@ -186,7 +186,7 @@ class LLM:
                 pass
             return [out]
         parsed = [self._prompt_ids(p) for p in prompts]
-        requests = make_requests([ids for _, ids in parsed], params, self.max_context, self.config.vocab_size)
+        requests = make_requests([ids for _, ids in parsed], params, self.runner, self.kv)
         before = replace(self.store.stats)
         Scheduler(self.runner, self.tokenizer, self.kv).run(requests)
         moved = self.store.stats - before

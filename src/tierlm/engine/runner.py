@@ -39,11 +39,12 @@ class Runner:
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
-        self.workspace = self._plan_workspace(min(prefill_chunk, self.max_context))
+        self._plan_workspace(min(prefill_chunk, self.max_context))
 
-    def _plan_workspace(self, rows: int) -> Workspace:
+    def _plan_workspace(self, rows: int) -> None:
+        """(Re)plan the arena for steps of up to `rows` token rows (B*T)."""
         buffers = llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype)
-        return Workspace(plan_workspace(buffers), self.device)
+        self.workspace, self.workspace_rows = Workspace(plan_workspace(buffers), self.device), rows
 
     def close(self) -> None:
         """Free the workspace (the store and KV caches have their own release)."""
@@ -77,9 +78,9 @@ class Runner:
             raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, hd]
         rows = tokens.numel()
-        if rows > self.workspace.plan.specs["h_attn"].nbytes // (self.config.hidden_size * self.dtype.itemsize):
-            self.workspace.release()  # a batch wider than planned (batched prefill): plan once more, larger
-            self.workspace = self._plan_workspace(rows)
+        if rows > self.workspace_rows:
+            self.workspace.release()  # a batch wider than planned: plan once more, larger
+            self._plan_workspace(rows)
         x = self.store.embed(tokens, self.device)  # [B, T, H] fresh: the residual stream, updated in place
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)

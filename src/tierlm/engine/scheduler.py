@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tierlm.engine.generation import RequestOutput, find_stop
+from tierlm.engine.generation import RequestOutput, check_request, find_stop
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import Sampler, SamplingParams
-from tierlm.errors import ContextLengthError, KVCacheFullError, UsageError
+from tierlm.errors import KVCacheFullError
 from tierlm.kvcache.paged import PagedKV, Sequence
 from tierlm.weights.tokenizer import Tokenizer
 
@@ -65,11 +65,7 @@ class Scheduler:
         self.counters = SchedulerCounters()
 
     def run(self, requests: list[Request]) -> None:
-        for r in requests:
-            if len(r.prompt_ids) + r.max_new > self.kv.manager.num_blocks * self.kv.block_size:
-                raise KVCacheFullError(
-                    f"a request needs {len(r.prompt_ids) + r.max_new} tokens of KV; the pool holds "
-                    f"{self.kv.manager.num_blocks * self.kv.block_size}: raise kv_memory (--kv-memory)")
+        """Requests come from make_requests: each fits the whole pool alone, so the queue always drains."""
         waiting: deque[Request] = deque(requests)
         running: list[Request] = []
         t0 = time.perf_counter()
@@ -91,7 +87,7 @@ class Scheduler:
                 self.kv.preemptions += 1
             if not running:
                 continue
-            self.counters.waste_sum += self.kv.stats().waste
+            self.counters.waste_sum += self.kv.waste()
             ts = time.perf_counter()
             tokens = torch.tensor([[r.seq.tokens[-1]] for r in running])  # [B, 1]
             logits = self.runner.forward(tokens, self.kv.batch([r.seq for r in running]))  # [B, V]
@@ -150,17 +146,12 @@ class Scheduler:
             out.finish_reason, r.done = "length", True
 
 
-def make_requests(prompts: list[list[int]], params: SamplingParams, max_context: int,
-                  vocab_size: int) -> list[Request]:
+def make_requests(prompts: list[list[int]], params: SamplingParams, runner: Runner, kv: PagedKV) -> list[Request]:
+    """Requests for a batch, each checked as a single request is (check_request)."""
     reqs = []
     for ids in prompts:
-        if not ids:
-            raise UsageError("empty prompt")
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            raise UsageError(f"prompt token ids must be in [0, {vocab_size})")
-        if len(ids) >= max_context:
-            raise ContextLengthError(f"prompt is {len(ids)} tokens; max_context is {max_context}")
+        max_new = check_request(runner.config, runner.max_context, kv, ids, params)
         out = RequestOutput(prompt_token_ids=list(ids))
         out.metrics.prompt_tokens = len(ids)
-        reqs.append(Request(list(ids), params, out, min(params.max_tokens, max_context - len(ids))))
+        reqs.append(Request(list(ids), params, out, max_new))
     return reqs

@@ -11,18 +11,7 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.errors import ContextLengthError
-
-
-def causal_mask(start_pos: int, t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Bool [T, S], True where query (start_pos + i) may attend key j; None when no masking is needed."""
-    if t == 1 and (window is None or s <= window):
-        return None  # one new token attends everything cached
-    q_pos = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # [T, 1]
-    k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
-    mask = k_pos <= q_pos  # [T, S]
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return mask
+from tierlm.kvcache.step import attention_mask
 
 
 class LayerKV:
@@ -44,7 +33,7 @@ class ContiguousStep:
         self.cache, self.start, self.end = cache, cache.length, cache.length + t
         dev = cache.buffer.device
         self.positions = torch.arange(self.start, self.end, device=dev).expand(b, t)  # [B, T]
-        self.mask = causal_mask(self.start, t, self.end, cache.sliding_window, dev)  # [T, S] | None
+        self.mask = attention_mask(self.positions, self.end, cache.sliding_window)  # [B, 1, T, S] | None
 
     def layer(self, i: int) -> LayerKV:
         buf = self.cache.buffer

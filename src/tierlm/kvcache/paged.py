@@ -56,8 +56,7 @@ class PagedKV:
         self.config, self.block_size, self.device = cfg, block_size, torch.device(device)
         self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store)
         self.manager = BlockManager(num_blocks, block_size, salt, caching)
-        store_name = str(self.pool.store).removeprefix("torch.")
-        self.tiers = KVTiers(store_name, salt, host_bytes, disk_dir, codec, disk_gbps)
+        self.tiers = KVTiers(str(self.pool.store).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps)
         self.live: set[Sequence] = set()  # sequences holding blocks (admitted, not yet freed)
         self.preemptions = self.recomputed_tokens = 0  # counted by the scheduler, reported by stats()
         self.hit_tokens = self.restored_tokens = self.queried_tokens = 0
@@ -136,24 +135,32 @@ class PagedKV:
                 s.blocks.append(self._allocate())
         return PagedStep(self, seqs, t)
 
+    def filled_slots(self) -> int:
+        """Token slots holding a token, over the blocks live sequences hold (a shared block counts once, as
+        full as its fullest owner)."""
+        filled: dict[int, int] = {}
+        for s in self.live:
+            for j, b in enumerate(s.blocks):
+                if b != DROPPED:
+                    filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_computed - j * self.block_size))
+        return sum(filled.values())
+
+    def waste(self) -> float:
+        """Allocated-but-unused token slots / allocated slots, over the blocks live sequences hold."""
+        used = self.manager.num_blocks - self.manager.num_free
+        return 1 - self.filled_slots() / (used * self.block_size) if used else 0.0
+
     def stats(self) -> KVStats:
         """A snapshot: blocks by state, prefix hits, evictions, preemptions, waste over the live sequences."""
         man = self.manager
-        filled: dict[int, int] = {}  # block -> tokens it holds (the fullest owner, for a shared block)
-        for s in self.live:
-            for j, b in enumerate(s.blocks):
-                if b == DROPPED:
-                    continue
-                filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_computed - j * self.block_size))
         used = man.num_blocks - man.num_free
         cached = man.num_cached_free
-        c = man.counters
         return KVStats(block_size=self.block_size, blocks=man.num_blocks, used=used, cached=cached,
-                       free=man.num_free - cached, block_bytes=self.nbytes // man.num_blocks if self.nbytes else 0,
+                       free=man.num_free - cached, block_bytes=self.pool.block_bytes,
                        hit_tokens=self.hit_tokens, restored_tokens=self.restored_tokens,
-                       queried_tokens=self.queried_tokens, evictions=c.evictions, tiers=self.tiers.counters,
+                       queried_tokens=self.queried_tokens, evictions=man.counters.evictions, tiers=self.tiers.counters,
                        preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
-                       filled_slots=sum(filled.values()), store=str(self.pool.store).removeprefix("torch."))
+                       filled_slots=self.filled_slots(), store=self.tiers.store)
 
     def release(self) -> None:
         self.pool.release()

@@ -29,30 +29,33 @@ class KVPool:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", store: torch.dtype | None = None):
         store = store or dtype
-        self.block_size, self.dtype, self.store, self.int8 = block_size, dtype, store, store == torch.int8
-        int8 = self.int8
+        self.block_size, self.num_blocks, self.dtype, self.store = block_size, num_blocks, dtype, store
+        self.int8 = store == torch.int8
+        self.block_bytes = block_nbytes(cfg, block_size, store)  # every layer's K and V (and scales) of a block
         shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
         self.k: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
         self.v: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
-        if int8:  # per token and head: [layers, nkv, num_blocks, block_size]; fp16 (2 B) keeps int8 KV at
-            # 66 B per token & head for hd 64, 1.94x smaller than bf16 (fp32 scales would give 1.88x)
-            self.k_scale: torch.Tensor | None = torch.empty(shape[:-1], dtype=torch.float16, device=device)
-            self.v_scale: torch.Tensor | None = torch.empty(shape[:-1], dtype=torch.float16, device=device)
+        # int8: scales per token and head, [layers, nkv, num_blocks, block_size]; fp16 (2 B) keeps int8 KV at
+        # 66 B per token & head for hd 64, 1.94x smaller than bf16 (fp32 scales would give 1.88x)
+        scale = (lambda: torch.empty(shape[:-1], dtype=torch.float16, device=device)) if self.int8 else (lambda: None)
+        self.k_scale: torch.Tensor | None = scale()
+        self.v_scale: torch.Tensor | None = scale()
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """K, V, and the int8 scales when there are any: everything a block spans, in payload order."""
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
 
     @property
     def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        n = 2 * self.k.numel() * self.k.element_size()
-        return n + (2 * self.k_scale.numel() * 2 if self.int8 else 0)
+        return 0 if self.k is None else self.num_blocks * self.block_bytes
 
     def zero(self, block: int) -> None:
-        for t in (self.k, self.v, *((self.k_scale, self.v_scale) if self.int8 else ())):
+        for t in self._tensors():
             t[:, :, block].zero_()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots [N] (block * block_size + offset); k, v [nkv, N, hd]."""
-        for pool, scale, x in ((self.k, getattr(self, "k_scale", None), k), (self.v, getattr(self, "v_scale", None), v)):
+        for pool, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             flat = pool[layer].flatten(1, 2)  # [nkv, num_blocks*block_size, hd] (a view)
             if self.int8:
                 # symmetric, per token and head; the scale is rounded to fp16 *before* quantising, so values
@@ -64,14 +67,15 @@ class KVPool:
             else:
                 flat.index_copy_(1, slots, x.to(pool.dtype))
 
-    def gather(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tables [B, nb] block ids -> k, v [B, nkv, length, hd] (in the compute dtype) for positions < length."""
+    def gather(self, layer: int, ids: torch.Tensor, b: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B*nb] block ids (B tables of nb, flattened) -> k, v [B, nkv, length, hd] in the compute dtype,
+        positions < length."""
         out = []
-        for pool, scale in ((self.k, getattr(self, "k_scale", None)), (self.v, getattr(self, "v_scale", None))):
-            b, nb = tables.shape
-            x = pool[layer].index_select(1, tables.flatten())  # [nkv, B*nb, bs, hd]
+        nb = ids.numel() // b
+        for pool, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = pool[layer].index_select(1, ids)  # [nkv, B*nb, bs, hd]
             if self.int8:
-                s = scale[layer].index_select(1, tables.flatten())  # [nkv, B*nb, bs]
+                s = scale[layer].index_select(1, ids)  # [nkv, B*nb, bs]
                 x = x.to(self.dtype) * s[..., None].to(self.dtype)
             elif x.dtype != self.dtype:
                 x = x.to(self.dtype)
@@ -80,17 +84,10 @@ class KVPool:
         return out[0], out[1]
 
     def release(self) -> None:
-        self.k = self.v = None
-        if self.int8:
-            self.k_scale = self.v_scale = None
+        self.k = self.v = self.k_scale = self.v_scale = None
 
     def _parts(self, block: int) -> list[torch.Tensor]:
-        parts = [self.k[:, :, block], self.v[:, :, block]]  # [layers, nkv, bs, hd] each
-        return parts + ([self.k_scale[:, :, block], self.v_scale[:, :, block]] if self.int8 else [])
-
-    @property
-    def block_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self._parts(0))
+        return [t[:, :, block] for t in self._tensors()]  # [layers, nkv, bs(, hd)] each
 
     def read_block(self, block: int) -> bytes:
         """Every layer's K and V (and scales) of one block, as raw bytes."""

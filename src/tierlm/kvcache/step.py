@@ -17,6 +17,21 @@ if TYPE_CHECKING:  # paged.py imports this module
 DROPPED = -1  # a block-table entry whose block a sliding window freed
 
 
+def attention_mask(positions: torch.Tensor, s: int, window: int | None) -> torch.Tensor | None:
+    """Bool [B, 1, T, S], True where the query at positions[b, i] may see key j (j <= position, and within
+    the window); None when nothing is hidden: one sequence, one new token (callers read S = its position + 1
+    keys), all of them in its window."""
+    b, t = positions.shape
+    if b == 1 and t == 1 and (window is None or s <= window):
+        return None
+    k_pos = torch.arange(s, device=positions.device)  # [S]
+    q_pos = positions[:, :, None]  # [B, T, 1]
+    mask = k_pos <= q_pos  # [B, T, S]
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask[:, None]
+
+
 class PagedStep:
     """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
 
@@ -33,18 +48,10 @@ class PagedStep:
         nb = -(-self.length // bs)
         # [B, nb]: padding, and blocks a sliding window dropped (DROPPED), read the sequence's newest block:
         # finite values, every one of them masked
-        self.tables = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
-                                    for tb in tables], device=dev)
-        window = kv.config.sliding_window
-        k_pos = torch.arange(self.length, device=dev)  # [S]
-        if len(seqs) == 1 and t == 1 and (window is None or self.length <= window):
-            self.mask = None  # one new token of one sequence attends everything stored
-        else:
-            q_pos = self.positions[:, :, None]  # [B, T, 1]
-            mask = k_pos <= q_pos  # [B, T, S]: causal, and hides padding beyond each sequence's length
-            if window is not None:
-                mask &= k_pos > q_pos - window
-            self.mask = mask[:, None]  # [B, 1, T, S]
+        self.block_ids = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
+                                       for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
+        # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
+        self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
 
     def layer(self, i: int) -> "PagedStep.Layer":
         return PagedStep.Layer(self, i)
@@ -58,7 +65,7 @@ class PagedStep:
             st = self.step
             pool = st.kv.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
-            k_all, v_all = pool.gather(self.i, st.tables, st.length)
+            k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.length)
             return k_all, v_all, st.mask
 
     def finish(self) -> None:
