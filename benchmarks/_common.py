@@ -25,3 +25,37 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "ram": ram_gib, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
             "python": platform.python_version(), "loadavg_1m_at_end": os.getloadavg()[0]}
+
+
+def disk_info(path: str) -> str:
+    """The block device under `path`: name, size, rotational flag and filesystem, e.g. "vda 252 GiB
+    (virtio, rotational=1, ext4)". Best effort: "?" parts where /sys does not say."""
+    try:
+        st = os.stat(path)
+        dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        sys_dev = os.path.realpath(f"/sys/dev/block/{dev}")
+        if os.path.exists(os.path.join(sys_dev, "partition")):
+            sys_dev = os.path.dirname(sys_dev)  # a partition: its disk holds queue/ and device/
+        name = os.path.basename(sys_dev)
+
+        def read(rel: str) -> str:
+            try:
+                with open(os.path.join(sys_dev, rel)) as f:
+                    return f.read().strip()
+            except OSError:
+                return "?"
+
+        size = read("size")
+        size = f"{int(size) * 512 / 2**30:.0f} GiB" if size.isdigit() else "?"
+        driver = os.path.basename(os.path.realpath(os.path.join(sys_dev, "device", "driver")))
+        fs = "?"
+        with open("/proc/self/mountinfo") as f:  # the longest mount point containing path
+            best = ""
+            for line in f:
+                left, right = line.split(" - ")
+                mnt = left.split()[4]
+                if os.path.abspath(path).startswith(mnt) and len(mnt) > len(best):
+                    best, fs = mnt, right.split()[0]
+        return f"{name} {size} ({driver}, rotational={read('queue/rotational')}, {fs})"
+    except (OSError, ValueError, IndexError):
+        return "?"

@@ -9,6 +9,7 @@ import sys
 import pytest
 from helpers import cached_pages
 
+from tierlm.memory.directio import drop_from_page_cache
 from tierlm.memory.offload_store import DATA_FILE
 from tierlm.synth import synth
 
@@ -80,3 +81,30 @@ def test_a_resident_run_would_not_fit(model, tmp_path):
     peak, _ = _peak("run", str(model), "generate", "--model", str(model), "--dtype", "float32", "--prompt", "hello",
                  "--max-tokens", "4", "--ignore-eos", "--no-stream", "--max-context", "64")
     assert peak - overhead > BUDGET + 100 * MiB
+
+
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 70)  # ~700 tokens: 2 prefill chunks
+GGUF_BUDGET = 96 * MiB  # the embedded model is 118 MiB in its own int4/int8 form: some of it must stream
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", [None, "20MiB"])
+def test_quantised_gguf_within_budget(tmp_path, kv):
+    """The embedded Q4_1 GGUF in its own quantisation (--quant auto), a prompt long enough for the prefill
+    chunk's dequantising fallback (≥128 rows) and two chunks, building the store then reusing it; with the
+    default KV reservation and with an explicit --kv-memory: the pool counts against the budget too."""
+    from tierlm.weights.embedded import embedded_model_path
+
+    model = str(embedded_model_path())
+    drop_from_page_cache(model)  # other tests (transformers' GGUF loader) read it through the page cache
+    overhead, overhead_code = _peak("overhead", model)
+    run = ["run", model, "generate", "--prompt", LONG_PROMPT, "--max-tokens", "4", "--ignore-eos", "--no-stream",
+           "--max-context", "1024", "--max-memory", f"cpu={GGUF_BUDGET // MiB}MiB", "--offload-dir",
+           str(tmp_path / "off")] + (["--kv-memory", kv] if kv else [])
+    for peak, code in (_peak(*run), _peak(*run)):
+        what = (f"peak {peak / MiB:.0f} MiB (code {code / MiB:.0f}) vs overhead {overhead / MiB:.0f} MiB "
+                f"(code {overhead_code / MiB:.0f}), budget {GGUF_BUDGET / MiB:.0f} MiB")
+        print(what)
+        assert (peak - code) - (overhead - overhead_code) <= GGUF_BUDGET + SLACK, what
+    assert cached_pages(tmp_path / "off" / DATA_FILE) == 0
+    assert cached_pages(model) == 0

@@ -33,7 +33,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(None, dtype="float32")
+    return LLM(None, dtype="float32", quant="none")
 
 
 @pytest.fixture(scope="module")

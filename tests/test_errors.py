@@ -1,7 +1,10 @@
 """Bad input: one line naming the problem, exit code 2, no traceback unless --debug."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,11 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from helpers import assert_one_line_error, run_cli
 
+from tierlm import cli
 from tierlm.cli import main
-from tierlm.errors import ModelFormatError
+from tierlm.errors import ModelFormatError, StorageError
+from tierlm.kvcache import block_file
+from tierlm.memory import offload_store
 from tierlm.weights import open_model
 from tierlm.weights.embedded import embedded_model_path
 
@@ -123,3 +129,63 @@ def test_bad_cli_values(capsys, argv, needle):
 def test_debug_shows_traceback(tmp_path):
     with pytest.raises(ModelFormatError):
         main(["--debug", "info", str(tmp_path / "missing.gguf")])
+
+
+def _tiny_model(tiny_models, capsys) -> str:
+    path = str(tiny_models["llama3_rope"].path)
+    capsys.readouterr()  # the fixture's progress output, when it builds the model now
+    return path
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_writing_the_offload_store(capsys, tiny_models, tmp_path, monkeypatch):
+    """ENOSPC during the build: one line naming the directory, the need and the free space; exit 2; no store
+    (no manifest, no temp file) a later run would trust."""
+    def full(*args):
+        args[-1](memoryview(b"x" * 4096))
+        raise _enospc()
+    monkeypatch.setattr(offload_store, "_encode_unit", full)
+    off, model = tmp_path / "off", _tiny_model(tiny_models, capsys)
+    code, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "x",
+                           "--max-tokens", "2", "--max-context", "64", "--max-memory", "cpu=660KiB",
+                           "--offload-dir", str(off))
+    assert_one_line_error(code, err, f"cannot write the offload store in {off}", "No space left on device",
+                          "needs", "free)")
+    assert sorted(p.name for p in off.iterdir()) == [".lock"]
+
+
+def test_too_little_free_space_for_the_offload_store(capsys, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(offload_store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    code, _, err = run_cli(capsys, "generate", "--model", _tiny_model(tiny_models, capsys), "--prompt", "x",
+                           "--max-tokens", "2", "--max-context", "64", "--max-memory", "cpu=660KiB",
+                           "--offload-dir", str(tmp_path / "off"))
+    assert_one_line_error(code, err, "not enough free space", "needs", "0 B free")
+
+
+@pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_storage_oserror_anywhere_is_one_line(capsys, monkeypatch, code_):
+    """An OSError of a full, forbidden or read-only disk that no layer turned into a StorageError is still the
+    machine's state, not a bug: one line, exit 2."""
+    def cmd(args):
+        raise OSError(code_, os.strerror(code_), "/data/kv/abc.kvb")
+    monkeypatch.setitem(cli.COMMANDS, "info", cmd)
+    code, _, err = run_cli(capsys, "info")
+    assert_one_line_error(code, err, "/data/kv/abc.kvb", os.strerror(code_))
+
+
+@pytest.mark.parametrize("failure", [_enospc, lambda: RuntimeError("boom")])
+def test_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch, failure):
+    target = tmp_path / "block.kvb"
+    target.write_bytes(b"old")
+
+    def fsync(fd):
+        raise failure()
+    monkeypatch.setattr(block_file.os, "fsync", fsync)
+    with pytest.raises(StorageError if failure is _enospc else RuntimeError) as e:
+        block_file.atomic_write(target, b"new")
+    if failure is _enospc:
+        assert str(e.value) == f"cannot write {target}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block.kvb"] and target.read_bytes() == b"old"

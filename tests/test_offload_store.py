@@ -1,16 +1,27 @@
-"""The offload store: aligned per-layer layout, exact round trip, reuse, rebuild, corruption detection."""
+"""The offload store: aligned per-layer layout, exact round trip, reuse, rebuild, corruption detection and
+repair, builds that fail or are killed leave nothing trusted, storage errors are one clear line."""
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
 import shutil
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import cached_pages, flip
 
+from tierlm.errors import StorageError
+from tierlm.memory import offload_store
 from tierlm.memory.directio import ALIGN, AlignedBuffer
+from tierlm.memory.dirlock import dir_lock
 from tierlm.memory.offload_store import DATA_FILE, MANIFEST, ChecksumError, OffloadStore
+from tierlm.memory.stats import TierStats
 from tierlm.memory.units import EMBED, HEAD, layer_unit
+from tierlm.quant.scheme import QuantScheme
 from tierlm.weights import open_model
 from tierlm.weights.names import layer_name
 
@@ -72,25 +83,209 @@ def test_missing_manifest_means_rebuild(model_dir, tmp_path):
     assert (off / MANIFEST).is_file() and layer_unit(0) in store.units
 
 
-def test_corruption_detected(model_dir, tmp_path):
+def _corrupt(off, store, unit: str, row: int | None = None) -> None:
+    """Flip a byte of `unit` on disk: inside row `row` of its first tensor, or in its second tensor."""
+    s = store.units[unit]
+    if row is None:
+        flip(off / DATA_FILE, s.offset + s.tensors[1].offset + 7)
+    else:
+        flip(off / DATA_FILE, s.offset + row * (s.tensors[0].nbytes // s.tensors[0].shape[0]) + 3)
+
+
+def test_corrupt_unit_and_row_are_rebuilt_from_the_source(model_dir, tmp_path):
+    """Bytes that fail their checksum twice are rebuilt in place from the (unchanged) source: the reads return
+    the right values, and the file is whole again afterwards."""
     off = tmp_path / "off"
     units = [layer_unit(0), layer_unit(1), EMBED]
     store = OffloadStore.open_or_build(open_model(model_dir), units, torch.float32, off, progress=False)
-    target = store.units["layers.1"].offset + store.units["layers.1"].tensors[1].offset + 7
-    flip(off / DATA_FILE, target)
-    embed = store.units[EMBED]
-    row_bytes = embed.tensors[0].nbytes // embed.tensors[0].shape[0]
-    flip(off / DATA_FILE, embed.offset + 9 * row_bytes + 3)
+    good = (off / DATA_FILE).read_bytes()
+    _corrupt(off, store, layer_unit(1))
+    _corrupt(off, store, EMBED, row=9)
+    assert (off / DATA_FILE).read_bytes() != good
+    stats = TierStats()
+    buf, rows = AlignedBuffer(store.max_unit_bytes()), AlignedBuffer(store.row_buffer_bytes(EMBED))
+    source = open_model(model_dir)
+    with store.open_reader() as reader:
+        got = store.read_unit(reader, layer_unit(1), buf, stats)
+        assert torch.equal(got["wqkv"], torch.cat([source.load(layer_name(1, p), torch.float32)
+                                                   for p in ("wq", "wk", "wv")]))
+        del got
+        assert stats.repairs == 1 and stats.retries >= 1
+        embed = source.load("embed", torch.float32)
+        assert torch.equal(store.read_rows(reader, EMBED, [8, 9], rows, stats), embed[[8, 9]])
+        assert stats.repairs == 2
+    assert (off / DATA_FILE).read_bytes() == good  # fixed on disk, not only in memory
+    buf.close()
+    rows.close()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_units_are_rebuilt_bit_for_bit(model_dir, tmp_path, quant):
+    """Quantisation is deterministic, so a rebuilt quantised unit matches the store's checksums too."""
+    off = tmp_path / "off"
+    store = OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0), HEAD], torch.bfloat16, off,
+                                       progress=False, quant=QuantScheme.parse(quant))
+    good = (off / DATA_FILE).read_bytes()
+    _corrupt(off, store, layer_unit(0))
+    _corrupt(off, store, HEAD)
+    stats, buf = TierStats(), AlignedBuffer(store.max_unit_bytes())
+    with store.open_reader() as reader:
+        store.read_unit(reader, layer_unit(0), buf, stats)
+        store.read_unit(reader, HEAD, buf, stats)
+    assert stats.repairs == 2 and (off / DATA_FILE).read_bytes() == good
+    buf.close()
+
+
+@pytest.mark.parametrize("change", ["touched", "removed"])
+def test_corrupt_unit_with_a_changed_or_missing_source_is_a_clear_error(model_dir, tmp_path, change):
+    off = tmp_path / "off"
+    units = [layer_unit(0), layer_unit(1), EMBED]
+    store = OffloadStore.open_or_build(open_model(model_dir), units, torch.float32, off, progress=False)
+    _corrupt(off, store, layer_unit(1))
+    _corrupt(off, store, EMBED, row=9)
+    if change == "touched":
+        weights = model_dir / "model.safetensors"
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        needle = "source .* changed since the store was built"
+    else:
+        shutil.rmtree(model_dir)
+        needle = "source cannot be opened"
+    bad = (off / DATA_FILE).read_bytes()
     buf, rows = AlignedBuffer(store.max_unit_bytes()), AlignedBuffer(store.row_buffer_bytes(EMBED))
     with store.open_reader() as reader:
         store.read_unit(reader, layer_unit(0), buf)  # untouched layer still verifies
-        with pytest.raises(ChecksumError, match="layers.1"):
+        with pytest.raises(ChecksumError, match=rf"layers\.1.*after one re-read.*{needle}") as e:
             store.read_unit(reader, layer_unit(1), buf)
+        assert "\n" not in str(e.value)
+        del e  # its traceback holds views of buf
         store.read_rows(reader, EMBED, [8, 10], rows)  # neighbouring rows are fine
-        with pytest.raises(ChecksumError, match="row 9 of embed"):
+        with pytest.raises(ChecksumError, match=rf"row 9 of embed.*{needle}"):
             store.read_rows(reader, EMBED, [8, 9], rows)
+    assert (off / DATA_FILE).read_bytes() == bad  # nothing written from a source that is not the one
     buf.close()
     rows.close()
+
+
+def test_rebuilt_bytes_that_differ_from_the_manifest_are_never_written(model_dir, tmp_path):
+    """Same source + same code => same bytes; when a rebuild disagrees with the recorded sums (here: a wrong sum
+    in the manifest), it is an error and the file is left as it was."""
+    off = tmp_path / "off"
+    store = OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
+    s = store.units[layer_unit(0)]
+    store.units[layer_unit(0)] = dataclasses.replace(s, chunk_sums=[s.chunk_sums[0] ^ 1, *s.chunk_sums[1:]])
+    before = (off / DATA_FILE).read_bytes()
+    buf = AlignedBuffer(store.max_unit_bytes())
+    with store.open_reader() as reader, pytest.raises(ChecksumError, match="does not match the store's checksums"):
+        store.read_unit(reader, layer_unit(0), buf)
+    assert (off / DATA_FILE).read_bytes() == before
+    buf.close()
+
+
+def test_a_unit_still_corrupt_after_its_rebuild_is_an_error(model_dir, tmp_path, monkeypatch):
+    off = tmp_path / "off"
+    store = OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
+    _corrupt(off, store, layer_unit(0))
+    monkeypatch.setattr(store, "repair", lambda unit, what: None)  # as a disk that does not keep what it is given
+    stats, buf = TierStats(), AlignedBuffer(store.max_unit_bytes())
+    with store.open_reader() as reader, pytest.raises(ChecksumError, match="still fails after it was rebuilt"):
+        store.read_unit(reader, layer_unit(0), buf, stats)
+    assert stats.repairs == 1
+    buf.close()
+
+
+def _leftovers(off) -> list[str]:
+    return sorted(p.name for p in off.iterdir() if p.name != ".lock")
+
+
+def _failing_write(monkeypatch, error: BaseException, after_units: int = 1) -> None:
+    """Make the build fail while writing unit number `after_units` (0-based), after part of the data is out."""
+    encode, seen = offload_store._encode_unit, []
+
+    def fake(source, name, offset, dtype, quant, present, write):
+        seen.append(name)
+        if len(seen) <= after_units:
+            return encode(source, name, offset, dtype, quant, present, write)
+        write(memoryview(b"x" * 100))
+        raise error
+    monkeypatch.setattr(offload_store, "_encode_unit", fake)
+
+
+def test_failed_build_leaves_no_temp_file_and_no_manifest(model_dir, tmp_path, monkeypatch):
+    off = tmp_path / "off"
+    units = [layer_unit(0), layer_unit(1)]
+    OffloadStore.open_or_build(open_model(model_dir), units, torch.float32, off, progress=False)  # an old store
+    _failing_write(monkeypatch, KeyboardInterrupt())  # as a kill that Python sees
+    with pytest.raises(KeyboardInterrupt):
+        OffloadStore.open_or_build(open_model(model_dir), [layer_unit(1), EMBED], torch.float32, off,
+                                   progress=False)
+    assert _leftovers(off) == []  # the old store is gone (untrusted once a build starts), and so is the new
+    monkeypatch.undo()
+    store = OffloadStore.open_or_build(open_model(model_dir), units, torch.float32, off, progress=False)
+    assert _leftovers(off) == [DATA_FILE, MANIFEST] and sorted(store.units) == units
+
+
+def test_temp_files_of_a_killed_build_are_removed_by_the_next(model_dir, tmp_path):
+    off = tmp_path / "off"
+    off.mkdir()
+    for stale in (f"{DATA_FILE}.123.abcd.tmp", f"{MANIFEST}.123.abcd.tmp", f"{DATA_FILE}.tmp"):
+        (off / stale).write_bytes(b"half")
+    OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
+    assert _leftovers(off) == [DATA_FILE, MANIFEST]
+
+
+def test_disk_full_while_writing_is_a_storage_error(model_dir, tmp_path, monkeypatch):
+    off = tmp_path / "off"
+    _failing_write(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(StorageError, match=rf"cannot write the offload store in {off}: No space left on device "
+                                           r"\(needs .*iB, .*iB free\)"):
+        OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0), layer_unit(1)], torch.float32, off,
+                                   progress=False)
+    assert _leftovers(off) == []
+
+
+def test_too_little_free_space_fails_before_writing(model_dir, tmp_path, monkeypatch):
+    off = tmp_path / "off"
+    monkeypatch.setattr(offload_store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
+    with pytest.raises(StorageError, match=r"not enough free space \(needs .*KiB, 4.0 KiB free\)"):
+        OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
+    assert _leftovers(off) == []
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_unwritable_offload_dir_is_a_storage_error(model_dir, tmp_path, monkeypatch, code):
+    """(Tests run as root, which chmod does not stop: the refusal is simulated.)"""
+    off = tmp_path / "off"
+    real_open = Path.open
+
+    def refuse(self, *args, **kw):
+        if self.name.endswith(".tmp"):
+            raise OSError(code, os.strerror(code), str(self))
+        return real_open(self, *args, **kw)
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(StorageError, match=f"cannot write the offload store in {off}: {os.strerror(code)}$"):
+        OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
+    assert not (off / MANIFEST).exists()
+
+
+def test_a_second_process_waits_for_the_build_then_reuses_it(model_dir, tmp_path):
+    """The directory lock (flock, which also separates two opens in one process) serialises builds."""
+    off = tmp_path / "off"
+    off.mkdir()
+    done = threading.Event()
+    result = []
+
+    def build():
+        result.append(OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off,
+                                                 progress=False))
+        done.set()
+    with dir_lock(off):  # as another process building
+        t = threading.Thread(target=build)
+        t.start()
+        assert not done.wait(0.3)  # it waits for the lock
+    t.join()
+    stamp = (off / DATA_FILE).stat().st_mtime_ns
+    OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
+    assert (off / DATA_FILE).stat().st_mtime_ns == stamp and result  # reused
 
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")

@@ -192,7 +192,7 @@ def gguf_case(tiny_models, tmp_path_factory):
                         p.copy_(torch.from_numpy(quantize_roundtrip(p.numpy(), qtype)))
             if oracle.config.tie_word_embeddings:
                 assert oracle.lm_head.weight is oracle.model.embed_tokens.weight
-            cache[(name, qtype)] = (LLM(str(path), dtype="float32"), oracle)
+            cache[(name, qtype)] = (LLM(str(path), dtype="float32", quant="none"), oracle)
         return cache[(name, qtype)]
 
     return get

@@ -1,6 +1,10 @@
 """Tiered weights compute exactly what resident weights compute: every tier mix, ring depth and prefill
-chunking gives bit-identical logits (fp32, CPU) and the same greedy tokens; corruption is a clear error."""
+chunking gives bit-identical logits (fp32, CPU) and the same greedy tokens; a corrupt unit is rebuilt from the
+source (or, with the source changed, a clear error)."""
 from __future__ import annotations
+
+import shutil
+import time
 
 import pytest
 import torch
@@ -9,7 +13,9 @@ from helpers import cached_pages, flip
 from tierlm import LLM, SamplingParams
 from tierlm.engine.runner import Runner
 from tierlm.kvcache.contiguous import KVCache
+from tierlm.memory import offload_store
 from tierlm.memory.offload_store import DATA_FILE, ChecksumError
+from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
 from tierlm.weights import open_model
@@ -120,17 +126,75 @@ def test_budgeted_llm_generates_the_resident_tokens(tiny_models, tmp_path):
         assert cached_pages(f) == 0  # the source was evicted after loading the resident part
 
 
-def test_corrupt_chunk_is_refetched_once_then_a_clear_error(tiny_models, tmp_path):
-    path = tiny_models["llama3_rope"].path
-    store = _placed(path, tmp_path, [K, K], D, D)
+def _corrupted(tiny_models, tmp_path, name: str = "llama3_rope"):
+    """A private copy of the model and a store built from it with one byte of layers.1 flipped on disk (the
+    store reopened: the manifest matches, the bytes are bad) -> (model dir, bytes of the good data file)."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_models[name].path, path)
+    store = _placed(path, tmp_path, [K, K], D, K)
     unit = store.streamer.store.units["layers.1"]
     store.close()
+    good = (tmp_path / "off" / DATA_FILE).read_bytes()
     flip(tmp_path / "off" / DATA_FILE, unit.offset + 100)
-    store = _placed(path, tmp_path, [K, K], D, D)  # reused (the manifest matches); the bytes are bad
+    return path, good
+
+
+def test_corrupt_unit_is_rebuilt_from_the_source_and_the_run_matches_resident(tiny_models, resident, tmp_path):
+    path, good = _corrupted(tiny_models, tmp_path)
+    store = _placed(path, tmp_path, [K, K], D, K)
     try:
-        with pytest.raises(ChecksumError, match=r"layers\.1.*after one re-read"):
+        got = _logits(store, PROMPT, steps=4)
+        assert store.stats.repairs == 1 and store.stats.retries >= 1
+        assert "1 corrupt unit rebuilt from the source" in describe_stats(store.stats, 5, None)
+    finally:
+        store.close()
+    for g, r in zip(got, resident("llama3_rope"), strict=True):
+        assert torch.equal(g, r)
+    assert (tmp_path / "off" / DATA_FILE).read_bytes() == good  # the file is whole again
+
+
+def test_corrupt_unit_with_a_changed_source_is_a_clear_error(tiny_models, tmp_path):
+    path, _ = _corrupted(tiny_models, tmp_path)
+    store = _placed(path, tmp_path, [K, K], D, K)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # edited after the run opened the store
+    try:
+        with pytest.raises(ChecksumError, match=r"layers\.1.*after one re-read.*source .* changed since"):
             _logits(store, PROMPT, steps=1)
-        assert store.stats.retries >= 1
+        assert store.stats.retries >= 1 and store.stats.repairs == 0
+    finally:
+        store.close()
+
+
+def test_a_failed_load_waits_for_its_other_reads_before_raising(tiny_models, tmp_path, monkeypatch):
+    """A chunk failing twice must not leave the load's other chunk reads running: they would land in the slot
+    after it is reused. Every read of the load is done when the error comes out."""
+    monkeypatch.setattr(offload_store, "CHUNK_BYTES", 4096)  # ~50 chunks per layer: many reads in flight
+    path, _ = _corrupted(tiny_models, tmp_path)  # chunk 0 of layers.1 is bad
+    store = _placed(path, tmp_path, [K, K], D, K)
+    streamer = store.streamer
+    monkeypatch.setattr(streamer.store, "origin", None)  # nothing to rebuild from: the second failure raises
+    read_chunk, loads = streamer.store.read_chunk, []
+
+    def slow_read(reader, unit, chunk, buf):
+        if chunk[0]:
+            time.sleep(0.005)  # every chunk but the bad first one lands late
+        return read_chunk(reader, unit, chunk, buf)
+
+    def submit(fn, unit, *args):
+        loads.append((unit, pool_submit(fn, unit, *args)))
+        return loads[-1][1]
+    pool_submit = streamer._pool.submit
+    monkeypatch.setattr(streamer.store, "read_chunk", slow_read)
+    monkeypatch.setattr(streamer._pool, "submit", submit)
+    try:
+        streamer._start(0)  # resubmitted through the patches
+        store.acquire(0)
+        store.release(0)
+        with pytest.raises(ChecksumError, match=r"layers\.1.*after one re-read.*no source to rebuild"):
+            store.acquire(1)
+        reads = [f for unit, f in loads if unit == "layers.1"]  # one load of layers.1 was submitted
+        assert len(reads) > 40 and all(f.done() for f in reads)
     finally:
         store.close()
 

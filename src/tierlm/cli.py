@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from tierlm.errors import TierlmError, UsageError
+from tierlm.errors import TierlmError, UsageError, is_storage_error
 
 EXIT_USAGE = 2
 
@@ -49,8 +49,9 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: float32, or bfloat16 activations with --quant)")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantisation: int8 (W8A16) or int4 (W4A16) (default: none)")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantisation: int8 (W8A16) or int4 (W4A16); auto (default): a Q4_0/Q4_1/Q8_0 "
+                        "GGUF runs in its own quantisation (K-quants: the nearest), other files dense")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
                    help="quantisation group along K (int8 default: per output channel; int4 default: 32)")
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     n.add_argument("--plot", default=None, metavar="PNG", help="also draw the plan (needs matplotlib)")
     _budget_args(n)
+    _kv_args(n)
 
     b = sub.add_parser("bench", help="time prefill and decode; compare with the planner's prediction")
     b.add_argument("--prompt-tokens", type=_positive_int, default=32)
@@ -128,10 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-dtype", default="auto", help="comma list of auto, bfloat16, int8: KV formats to score "
                    "(e.g. auto,int8)")
 
-    y = sub.add_parser("synth", help="write a random-weight HF model at a real model's shapes")
-    y.add_argument("out", help="output directory")
+    y = sub.add_parser("synth", help="write a random-weight model (HF dir or GGUF) at a real model's shapes")
+    y.add_argument("out", help="output directory (--format hf) or .gguf file (--format gguf)")
     y.add_argument("--preset", required=True, help="smollm2-135m, tinyllama-1.1b, llama-7b, llama-13b, ...")
-    y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    y.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: safetensors directory (default); gguf: one file for llama.cpp and tierlm alike, "
+                        "with SmolLM2's tokenizer, so a 49152-token vocabulary whatever the preset's")
+    y.add_argument("--quant", default=None, choices=["q4_0", "q4_1", "q8_0"],
+                   help="GGML type of every 2-D weight with --format gguf (default q4_1; norms stay F32)")
+    y.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype with --format hf (default bfloat16)")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--shard-size", default="2GiB", help="largest safetensors shard (default 2GiB)")
     y.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -209,27 +217,40 @@ def _profile_note(path: str | None, calibrated: bool) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tierlm.config import resolve_dtype
+    from tierlm.config import parse_size, resolve_dtype
+    from tierlm.engine.llm import kv_store_dtype
     from tierlm.memory.budget import MemoryBudget
     from tierlm.memory.calibrate import load_profile_or_default
     from tierlm.memory.planner import plan
-    from tierlm.memory.planning import default_context, plan_input
-    from tierlm.plan_report import describe_plan, plot_plan
+    from tierlm.memory.planning import budget_plan_input, default_context, plan_input
+    from tierlm.plan_report import describe_context_options, describe_plan, plot_plan
     from tierlm.quant import QuantScheme
     from tierlm.weights import open_model
 
-    cfg = open_model(args.model).config
+    source = open_model(args.model)
+    cfg = source.config
     budget = MemoryBudget.parse(args.max_memory)
-    quant = QuantScheme.parse(args.quant, args.group_size)
+    quant = QuantScheme.resolve(args.quant, args.group_size, source.storage_types(),
+                                 source.head_storage_type())
     dtype = resolve_dtype(args.dtype, quant.enabled)
-    ctx = default_context(cfg, budget, args.max_context)
     profile, calibrated = load_profile_or_default(args.profile)
-    inp = plan_input(cfg, dtype, budget, ctx, profile, cuda=args.device.startswith("cuda"), ring_depth=args.ring_depth,
-                     quant=quant)
+    cuda = args.device.startswith("cuda")
+    kv_pool = parse_size(args.kv_memory) if args.kv_memory is not None else None
+    options = []
+    if budget.limited:
+        ctx, inp, options = budget_plan_input(cfg, dtype, budget, args.max_context, profile, cuda, args.ring_depth,
+                                              quant, kv_store_dtype(args.kv_dtype, dtype, cuda), args.block_size,
+                                              kv_pool)
+    else:
+        ctx = default_context(cfg, budget, args.max_context)
+        inp = plan_input(cfg, dtype, budget, ctx, profile, cuda=cuda, ring_depth=args.ring_depth, quant=quant,
+                         kv_bytes=kv_pool)
     placement = plan(inp)
     weights = str(dtype).removeprefix("torch.") + (f", weights {quant}" if quant.enabled else "")
     print(describe_plan(cfg, weights, budget, inp, placement,
                         _profile_note(args.profile, calibrated), ctx))
+    if options:
+        print("\n" + describe_context_options(options, ctx))
     if args.plot:
         plot_plan(cfg, inp, placement, Path(args.plot))
         print(f"wrote {args.plot}")
@@ -290,10 +311,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from tierlm.synth import synth
     from tierlm.weights import open_model
 
-    out = synth(args.preset, Path(args.out), args.dtype, args.seed, parse_size(args.shard_size), args.force)
+    if args.format == "gguf" and args.dtype is not None:
+        raise UsageError("--dtype is for --format hf (a GGUF synth is stored in --quant)")
+    dtype = args.dtype or "bfloat16"
+    out = synth(args.preset, Path(args.out), dtype, args.seed, parse_size(args.shard_size), args.force,
+                fmt=args.format, quant=args.quant)
     cfg = open_model(out).config
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out}: {args.preset}, {cfg.param_count() / 1e9:.2f}B parameters, {args.dtype}, {format_size(size)}")
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    stored = (args.quant or "q4_1") if args.format == "gguf" else dtype
+    print(f"wrote {out}: {args.preset}, {cfg.param_count() / 1e9:.2f}B parameters, {stored}, {format_size(size)}")
     return 0
 
 
@@ -346,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if debug:
             raise
+        if is_storage_error(e):  # disk full, permission denied, read-only: the machine's state, not a bug
+            print(f"tierlm: error: {e.filename or 'storage'}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"tierlm: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)",
               file=sys.stderr)
         return 1

@@ -61,6 +61,23 @@ def describe_plan(cfg: ModelConfig, dtype: str, budget: MemoryBudget, inp: PlanI
     return "\n".join(lines)
 
 
+def describe_context_options(options: list, chosen: int) -> str:
+    """The KV-vs-weights trade behind the default context (memory/planning.choose_context)."""
+    lines = ["context options (KV reserved for one sequence; every KV byte is a weight byte that streams):",
+             f"  {'context':>8} {'KV':>10} {'resident layers':>16} {'disk/token':>11} {'predicted':>12}"]
+    for o in options:
+        p = o.placement
+        if p is None:
+            lines.append(f"  {o.context:>8} {format_size(o.kv_bytes):>10} {'does not fit the budget':>41}")
+            continue
+        mark = "  <- chosen" if o.context == chosen else ""
+        lines.append(f"  {o.context:>8} {format_size(o.kv_bytes):>10} {p.count(Tier.DEVICE):>7} of {len(p.layer_tiers):<6} "
+                     f"{format_size(p.disk_bytes_per_token):>11} {p.token_s * 1e3:>8.0f} ms{mark}")
+    lines.append("  rule: the longest context whose predicted s/token is within 10% of 512 tokens' (override: "
+                 "--max-context or --kv-memory)")
+    return "\n".join(lines)
+
+
 def plot_plan(cfg: ModelConfig, inp: PlanInput, p: Placement, path: Path) -> None:
     try:
         import matplotlib

@@ -1,8 +1,12 @@
-"""`tierlm synth`: random-weight Hugging Face models at real shapes, for benchmarks and tests.
+"""`tierlm synth`: random-weight models at real shapes, for benchmarks and tests; this file owns the presets
+and dispatches on the format.
 
-Nothing is downloaded: the config comes from a preset, weights are seeded N(0, 0.02) (norms 1), and the
-tokenizer is a byte-level BPE with the preset's vocabulary size (256 byte tokens, BOS/EOS, then fillers).
-The output is written into OUT.partial/ and renamed to OUT only when complete.
+Nothing is downloaded: the config comes from a preset and weights are seeded N(0, 0.02) (norms 1).
+--format hf (default): a Hugging Face safetensors directory; the tokenizer is a byte-level BPE with the
+preset's vocabulary size (256 byte tokens, BOS/EOS, then fillers). The output is written into OUT.partial/ and
+renamed to OUT only when complete.
+--format gguf: one GGUF file quantised to --quant, loadable by llama.cpp and tierlm, with SmolLM2's tokenizer
+(so a 49152-token vocabulary, whatever the preset's); see synth_gguf.py.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 from tierlm.config import STORAGE_DTYPES
 from tierlm.errors import UsageError
 from tierlm.progress import progress_bar
+from tierlm.synth_gguf import QUANTS, write_synth_gguf
 from tierlm.weights.safetensors import config_from_hf
 from tierlm.weights.safetensors_writer import TensorSpec, shard, write_shard
 
@@ -90,18 +95,29 @@ def _tokenizer(vocab_size: int) -> HFTokenizer:
     return tok
 
 
+FORMATS = ("hf", "gguf")
+
+
 def synth(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0, max_shard_bytes: int = 2 << 30,
-          force: bool = False, progress: bool | None = None) -> Path:
+          force: bool = False, progress: bool | None = None, fmt: str = "hf", quant: str | None = None,
+          overrides: dict | None = None) -> Path:
+    """overrides: preset fields to change (e.g. fewer layers for a quick test)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+    if fmt == "gguf":
+        return _synth_gguf(preset, out, quant or "q4_1", seed, force, progress, overrides)
+    if quant is not None:
+        raise UsageError("--quant is for --format gguf (an HF synth is stored in --dtype)")
     if dtype not in STORAGE_DTYPES:
         raise UsageError(f"unknown dtype {dtype!r} ({', '.join(STORAGE_DTYPES)})")
     tdtype = STORAGE_DTYPES[dtype]
     if out.exists() and not force:
         raise UsageError(f"{out} already exists (pass --force to replace it)")
-    cfg = {**PRESETS[preset], "torch_dtype": str(tdtype).removeprefix("torch."), "bos_token_id": 256,
-           "eos_token_id": 257, "architectures": ["Qwen2ForCausalLM" if PRESETS[preset]["model_type"] == "qwen2"
-                                                  else "LlamaForCausalLM"]}
+    cfg = {**PRESETS[preset], **(overrides or {}), "torch_dtype": str(tdtype).removeprefix("torch."),
+           "bos_token_id": 256, "eos_token_id": 257,
+           "architectures": ["Qwen2ForCausalLM" if PRESETS[preset]["model_type"] == "qwen2" else "LlamaForCausalLM"]}
     config_from_hf(cfg, out)  # validate the preset with the same code that will load it
     specs = tensor_specs(cfg, tdtype)
     shards = shard(specs, max_shard_bytes)
@@ -134,3 +150,17 @@ def synth(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0, max_sh
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
+
+
+def _synth_gguf(preset: str, out: Path, quant: str, seed: int, force: bool, progress: bool | None,
+                overrides: dict | None) -> Path:
+    if quant not in QUANTS:
+        raise UsageError(f"unknown quant {quant!r} for --format gguf ({', '.join(QUANTS)})")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory (--format gguf writes one file)")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (pass --force to replace it)")
+    cfg = {**PRESETS[preset], **(overrides or {})}
+    config_from_hf(cfg, out)  # validate the preset (and overrides) with the same code as the HF loader
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_synth_gguf(cfg, preset, out, quant, seed, progress)

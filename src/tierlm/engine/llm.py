@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tierlm.config import format_size, parse_size, resolve_dtype
+from tierlm.config import attention_dtype, format_size, parse_size, resolve_dtype
 from tierlm.engine.generation import RequestOutput, generate_stream
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
@@ -21,7 +21,7 @@ from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.offload_store import source_fingerprint
 from tierlm.memory.planner import Placement, plan
-from tierlm.memory.planning import default_context, plan_input
+from tierlm.memory.planning import ContextOption, budget_plan_input, default_context
 from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
@@ -32,6 +32,15 @@ Prompt = str | Sequence[int]
 Messages = list[dict[str, str]]
 
 
+def kv_store_dtype(kv_dtype: str, dtype: torch.dtype, cuda: bool) -> torch.dtype:
+    """What the KV pool stores for the user's kv_dtype ("auto": the attention dtype)."""
+    stores = {"auto": attention_dtype(dtype, cuda), "float32": torch.float32, "bfloat16": torch.bfloat16,
+              "int8": torch.int8}
+    if kv_dtype not in stores:
+        raise UsageError(f"kv_dtype must be one of {', '.join(stores)}, got {kv_dtype!r}")
+    return stores[kv_dtype]
+
+
 class LLM:
     """A loaded model ready to generate.
 
@@ -39,10 +48,13 @@ class LLM:
     dtype: "float32" | "bfloat16" | "auto" (fp32 on CPU). threads: torch intra-op threads (None = torch's default).
     max_memory: {"cpu": "1GiB"} or {"cuda:0": "4GiB", "cpu": "16GiB"} (or "cpu=1GiB,..."): what weights,
         ring buffers, KV cache and activations may use; the rest streams from `offload_dir`.
-    max_context: longest prompt + output served (default: the model's; 4096 at most under a budget).
+    max_context: longest prompt + output served (default: the model's; under a budget it follows from the
+        budget: the longest context, up to 4096, whose KV costs ≤10% predicted decode speed against 512 tokens'
+        — memory/planning.choose_context). kv_memory, kv_host_memory and the KV format count against max_memory.
     profile: bandwidth profile path for the planner (default: the one `tierlm calibrate` saved).
-    quant: "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per channel,
-        int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss.
+    quant: "auto" | "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per
+        channel, int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss. "auto" (the
+        default) runs a quantised GGUF in its own quantisation (QuantScheme.resolve), anything else dense.
     kv_memory: the paged KV pool, e.g. "2GiB" (default: one sequence of max_context tokens, or what the
         planner reserved under max_memory). kv_dtype: "auto" (the attention dtype), "float32", "bfloat16" or
         "int8" (per token & head scales): what the pool stores; attention reads it back in its own dtype.
@@ -56,7 +68,7 @@ class LLM:
                  threads: int | None = None, device: str = "cpu", progress: bool | None = None,
                  max_memory: str | dict | MemoryBudget | None = None, offload_dir: str | Path | None = None,
                  max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None,
-                 quant: str | QuantScheme = "none", group_size: int | None = None,
+                 quant: str | QuantScheme = "auto", group_size: int | None = None,
                  kv_memory: str | int | None = None, kv_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
                  enable_prefix_caching: bool = True, kv_host_memory: str | int = 0,
                  kv_offload_dir: str | Path | None = None, kv_compress: str = "none"):
@@ -70,23 +82,33 @@ class LLM:
             raise UsageError(f"max_context must be >= 2, got {max_context}")
         if ring_depth is not None and ring_depth < 1:
             raise UsageError(f"ring_depth must be >= 1, got {ring_depth}")
-        self.quant = QuantScheme.parse(quant, group_size)
-        self.dtype = resolve_dtype(dtype, self.quant.enabled)
+        QuantScheme.check(quant, group_size)
         self.budget = MemoryBudget.parse(max_memory)
         if self.budget.device is not None and not device.startswith("cuda"):
             raise UsageError(f"max_memory names {self.budget.device_name} but the device is {device}")
         self.source = open_model(model)
+        self.quant = QuantScheme.resolve(quant, group_size, self.source.storage_types(),
+                                          self.source.head_storage_type())
+        self.dtype = resolve_dtype(dtype, self.quant.enabled)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        self.max_context = default_context(self.config, self.budget, max_context)
+        cuda = device.startswith("cuda")
+        kv_store = kv_store_dtype(kv_dtype, self.dtype, cuda)
+        if block_size < 1:
+            raise UsageError(f"block_size must be >= 1, got {block_size}")
+        kv_pool = parse_size(kv_memory) if kv_memory is not None else None
+        kv_host = parse_size(kv_host_memory)
         self.profile, self.profile_calibrated = load_profile_or_default(profile)
         self.plan: Placement | None = None
         self.planned_kv_bytes: int | None = None
+        self.context_options: list[ContextOption] = []
         if not self.budget.limited:
+            self.max_context = default_context(self.config, self.budget, max_context)
             self.store = WeightStore.load_resident(self.source, self.dtype, device, progress, self.quant)
         else:
-            inp = plan_input(self.config, self.dtype, self.budget, self.max_context, self.profile,
-                             cuda=device.startswith("cuda"), ring_depth=ring_depth, quant=self.quant)
+            self.max_context, inp, self.context_options = budget_plan_input(
+                self.config, self.dtype, self.budget, max_context, self.profile, cuda, ring_depth, self.quant,
+                kv_store, block_size, kv_pool, kv_host)
             self.plan = plan(inp)
             self.planned_kv_bytes = inp.kv_bytes
             if self.plan.ring_depth and offload_dir is None:
@@ -103,12 +125,7 @@ class LLM:
 
     def _make_kv(self, kv_memory: str | int | None, kv_dtype: str, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str) -> PagedKV:
-        stores = {"auto": self.runner.kv_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
-        if kv_dtype not in stores:
-            raise UsageError(f"kv_dtype must be one of {', '.join(stores)}, got {kv_dtype!r}")
-        if block_size < 1:
-            raise UsageError(f"block_size must be >= 1, got {block_size}")
-        store = stores[kv_dtype]
+        store = kv_store_dtype(kv_dtype, self.dtype, self.runner.device.type == "cuda")
         per_block = block_nbytes(self.config, block_size, store)
         if kv_memory is not None:
             pool = parse_size(kv_memory)

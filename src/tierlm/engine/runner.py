@@ -88,7 +88,10 @@ class Runner:
             self.store.release(i)
         step.finish()
         if logits == "none":
-            return None  # an earlier prefill chunk: its KV is what matters, skip the head (and its I/O)
+            # an earlier prefill chunk: its KV is what matters, skip the head's matmul. A streamed head was already
+            # prefetched in the ring's cyclic order: pass over it, or the stream would restart (drain, re-read).
+            self.store.skip_head()
+            return None
         if logits == "last":
             x = x[:, -1:]  # only the last position feeds sampling: skip the [T, V] head matmul
         lm_head = self.store.acquire_head()

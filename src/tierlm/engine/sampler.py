@@ -53,8 +53,11 @@ class Sampler:
         # The generator lives on the CPU; [B, V] per step is a small copy from a GPU.
         logits = logits.float().cpu() / p.temperature  # [B, V]
         if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            # Exactly k tokens, ties broken by the lower id as argmax breaks them (bf16 logits tie often), so
+            # top_k=1 is greedy: a stable descending sort orders equal logits by id.
+            order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :p.top_k]  # [B, k]
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, True)
+            logits = logits.masked_fill(~keep, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [B, V]
             cum = sorted_logits.softmax(-1).cumsum(-1)

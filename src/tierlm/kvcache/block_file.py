@@ -12,15 +12,17 @@ by another model or format are refused, never loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from tierlm.errors import ModelFormatError, UsageError
+from tierlm.errors import ModelFormatError, UsageError, is_storage_error, storage_error
 from tierlm.memory.directio import drop_from_page_cache
 
 MAGIC = b"TLKVBLK1"
@@ -60,12 +62,22 @@ def _digest(meta: dict, data: bytes) -> int:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`path` holds `data` whole or keeps what it held before: written to a temp name unique to this process
+    and call (concurrent writers never share one), fsync'ed, renamed. On any failure the temp file is removed;
+    a full disk, a denied permission or a read-only filesystem is a StorageError naming `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if is_storage_error(e):
+            raise storage_error(str(path), e) from None
+        raise
 
 
 def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "none") -> int:

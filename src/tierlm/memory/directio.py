@@ -7,6 +7,7 @@ filesystems) reads are buffered and followed by posix_fadvise(DONTNEED) so the p
 from __future__ import annotations
 
 import errno
+import ctypes
 import mmap
 import os
 from pathlib import Path
@@ -20,18 +21,31 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return -(-n // a) * a
 
 
+HUGE_PAGE = 2 << 20
+
+
 class AlignedBuffer:
     """Page-aligned host memory. Lifetime: created by its owner, close() when done (explicit, no GC reliance)."""
 
     def __init__(self, nbytes: int):
         self.nbytes = align_up(max(nbytes, 1))
-        self._map: mmap.mmap | None = mmap.mmap(-1, self.nbytes)
+        # NOTE: buffers of a huge page or more start on a 2 MiB boundary and ask for transparent huge pages:
+        # a streamed layer's kernels then walk it with as few TLB misses as torch's own (huge-page) allocations
+        # give resident weights (measured: int4 decode over a 4 KiB-paged ring slot ran 35% slower).
+        huge = self.nbytes >= HUGE_PAGE
+        self._offset = 0
+        self._map: mmap.mmap | None = mmap.mmap(-1, self.nbytes + (HUGE_PAGE if huge else 0))
+        if huge:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+            self._offset = -address % HUGE_PAGE
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                self._map.madvise(mmap.MADV_HUGEPAGE)
 
     @property
     def view(self) -> memoryview:
         if self._map is None:
             raise ValueError("buffer is closed")
-        return memoryview(self._map)
+        return memoryview(self._map)[self._offset:self._offset + self.nbytes]
 
     def tensor(self) -> torch.Tensor:
         """The whole buffer as a uint8 tensor sharing its memory (a view: keep the buffer open while it lives)."""

@@ -21,6 +21,7 @@ class TierStats:
     h2d_bytes: int = 0  # host -> CUDA copies of streamed units
     units_streamed: int = 0
     retries: int = 0  # chunks re-read after an error or checksum mismatch
+    repairs: int = 0  # units rebuilt in place from the source after failing their checksum twice
     io_busy_s: float = 0.0  # time the disk was busy (union of read intervals)
     io_wait_s: float = 0.0  # time the runner waited for a unit to arrive
     forward_s: float = 0.0  # wall time inside Runner.forward (compute + waits)
@@ -117,5 +118,7 @@ def describe_stats(s: TierStats, tokens: int, calibrated_disk_gbps: float | None
         parts.append(bw)
     if s.retries:
         parts.append(f"{s.retries} chunk re-reads")
+    if s.repairs:
+        parts.append(f"{s.repairs} corrupt unit{'s' if s.repairs > 1 else ''} rebuilt from the source")
     parts.append(f"peak RSS {format_size(peak_rss_bytes())}")
     return "[" + "; ".join(parts) + "]"

@@ -36,13 +36,8 @@ _LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
 
 def _nbytes(t: torch.Tensor | QuantTensor | None) -> int:
     if isinstance(t, QuantTensor):
-        return t.nbytes + _nbytes(t.kernel_scales)
+        return t.nbytes
     return 0 if t is None else t.numel() * t.element_size()
-
-
-def _ready(views: dict, dtype: torch.dtype) -> dict:
-    """Quantised matrices among `views` prepared for the fused kernels (activations in `dtype`)."""
-    return {k: kernels.prepare(v, dtype) if isinstance(v, QuantTensor) else v for k, v in views.items()}
 
 
 @dataclass
@@ -137,7 +132,7 @@ class WeightStore:
 
         def unit(name: str) -> dict[str, Matrix | None]:
             out = {t.leaf: load_unit_tensor(source, t, dtype, quant, present) for t in unit_tensors(cfg, name)}
-            return _ready({k: None if v is None else v.to(device) for k, v in out.items()}, dtype)
+            return {k: None if v is None else v.to(device) for k, v in out.items()}
 
         # The head first: quantising it holds its whole matrix in fp32 for a moment (262 MiB for TinyLlama), and
         # that transient must come while little else is resident, or it lands on top of every layer.
@@ -182,7 +177,8 @@ class WeightStore:
         """Layer i's weights, valid until release(i)."""
         if self._layers[i] is not None:
             return self._layers[i]
-        return LayerWeights(**_ready(self.streamer.acquire(layer_unit(i)), self.dtype))
+        # NOTE: the stored parts are the kernel's operands (kernel form): views of the ring slot, no preparation
+        return LayerWeights(**self.streamer.acquire(layer_unit(i)))
 
     def release(self, i: int) -> None:
         if self._layers[i] is None:
@@ -192,10 +188,16 @@ class WeightStore:
         """lm_head [V, H], valid until release_head()."""
         if self.head_weight is not None:
             return self.head_weight
-        return _ready(self.streamer.acquire(HEAD), self.dtype)["lm_head"]
+        return self.streamer.acquire(HEAD)["lm_head"]
 
     def release_head(self) -> None:
         if self.head_weight is None:
+            self.streamer.release(HEAD)
+
+    def skip_head(self) -> None:
+        """The head is not needed this pass: keep the stream in its cyclic order without computing."""
+        if self.head_weight is None:
+            self.streamer.acquire(HEAD)
             self.streamer.release(HEAD)
 
     def embed(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -203,7 +205,8 @@ class WeightStore:
         if self.embed_weight is not None:
             return kernels.embedding_rows(self.embed_weight, tokens.to(device), self.dtype)
         unique, inverse = torch.unique(tokens, return_inverse=True)  # read each distinct row once
-        rows = self._rows.store.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf)
+        rows = self._rows.store.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf,
+                                          self.stats)
         self.stats.disk_bytes += rows.numel() * rows.element_size()
         return rows.to(device)[inverse.to(device)]  # [B, T, H]
 

@@ -1,11 +1,17 @@
 """int4 weight-only quantisation (W4A16): asymmetric, group-wise along K (g = 32/64/128).
 
 Stored layout of qweight = torch's CPU int4pack layout, so the fused `_weight_int4pack_mm_for_cpu` reads the
-stored (and streamed) bytes directly, with no repacking per token. Rows are packed in blocks of 64; each
-block is two halves of 32 rows; a half is [K, 16] bytes whose byte (k, j) holds row j of the half in its low
-nibble and row j + 16 in its high nibble. pack()/unpack() implement it with tensor ops;
-`layout_matches_torch()` checks it against torch's own converter (if a future torch changes the layout,
-the fused path is switched off and the dequantising fallback runs instead, still correct).
+stored (and streamed) bytes directly, with no repacking per token. torch picks that layout by the CPU's
+vector width, so it is probed once per process (`torch_lanes()`), and the lane count is part of the offload
+store's fingerprint:
+  rows are packed in blocks of 64; a block is 64 / (2L) parts of [K, L] bytes whose byte (k, j) holds row j
+  of the part in its low nibble and row j + L in its high nibble; L = 16 on AVX2, L = 32 on AVX-512.
+Slicing whole 64-row blocks of qweight [N, K/2] is slicing rows of the matrix (used to dequantise in pieces).
+If torch's converter matches no known layout, the fused path is off and the dequantising fallback runs
+(still correct, with L = 16).
+
+Two forms of a matrix (see tensor.py): as loaded, `scales`/`mins` fp16 [N, G] (w = q * scale + min, GGUF's
+formula); as the kernel wants it, `kernel_scales` [G, N, 2] in the activation dtype (w = (q - 8) * s + z).
 """
 from __future__ import annotations
 
@@ -16,33 +22,49 @@ import torch
 from tierlm.quant.scheme import INT4_BLOCK_N
 from tierlm.quant.tensor import QuantTensor
 
+_LANES = (16, 32)  # AVX2, AVX-512 builds of torch's CPU int4 kernel
 
-def pack(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] with values 0..15 (N % 64 == 0, K even) -> uint8 [N, K/2]."""
+
+def pack(q: torch.Tensor, lanes: int | None = None) -> torch.Tensor:
+    """q uint8 [N, K] with values 0..15 (N % 64 == 0, K even) -> uint8 [N, K/2] in torch's CPU layout."""
+    lanes = lanes or torch_lanes() or 16
     n, k = q.shape
-    q = q.to(torch.uint8).reshape(n // INT4_BLOCK_N, 2, 2, 16, k)  # [block, half, nibble, j, K]
-    b = q[:, :, 0] | (q[:, :, 1] << 4)  # [block, half, 16, K]
+    parts = INT4_BLOCK_N // (2 * lanes)
+    q = q.to(torch.uint8).reshape(n // INT4_BLOCK_N, parts, 2, lanes, k)  # [block, part, nibble, j, K]
+    b = q[:, :, 0] | (q[:, :, 1] << 4)  # [block, part, L, K]
     return b.transpose(-1, -2).contiguous().reshape(n, k // 2)
 
 
-def unpack(p: torch.Tensor, k: int) -> torch.Tensor:
+def unpack(p: torch.Tensor, k: int, lanes: int | None = None) -> torch.Tensor:
     """uint8 [N, K/2] -> uint8 [N, K] values 0..15 (the inverse of pack)."""
+    lanes = lanes or torch_lanes() or 16
     n = p.shape[0]
-    b = p.reshape(n // INT4_BLOCK_N, 2, k, 16).transpose(-1, -2)  # [block, half, 16, K]
-    return torch.stack((b & 15, b >> 4), dim=2).reshape(n, k)  # [block, half, nibble, 16, K] -> [N, K]
+    b = p.reshape(n // INT4_BLOCK_N, INT4_BLOCK_N // (2 * lanes), k, lanes).transpose(-1, -2)  # [block, part, L, K]
+    return torch.stack((b & 15, b >> 4), dim=2).reshape(n, k)  # [block, part, nibble, L, K] -> [N, K]
 
 
 @functools.cache
-def layout_matches_torch() -> bool:
-    """Does pack() produce what torch's converter does? Checked once per process on a 128 x 64 probe."""
+def torch_lanes() -> int | None:
+    """The lane count L of torch's CPU int4 layout on this machine, or None when pack() matches none of them
+    (the fused kernel is then not used). Checked once per process on a 128 x 64 probe."""
     convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
     if convert is None:
-        return False
+        return None
     probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     try:
-        return torch.equal(convert(probe, 1), pack(probe))
+        theirs = convert(probe, 1)
     except RuntimeError:
-        return False
+        return None
+    return next((lanes for lanes in _LANES if torch.equal(theirs, pack(probe, lanes))), None)
+
+
+def layout_matches_torch() -> bool:
+    return torch_lanes() is not None
+
+
+def layout_tag() -> str:
+    """What stored int4 bytes depend on besides the weights (goes into the offload store's fingerprint)."""
+    return f"int4pack-L{torch_lanes() or 16}"
 
 
 def quantize_unpacked(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,16 +87,27 @@ def from_blocks(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, group_size: i
     return QuantTensor("int4", (n, k), group_size, pack(q), d.contiguous(), m.contiguous())
 
 
+def kernel_scales(t: QuantTensor, act_dtype: torch.dtype) -> torch.Tensor:
+    """[G, N, 2] (scale, zero) in `act_dtype`: torch's kernel computes (q - 8) * scale + zero, so
+    zero = min + 8 * scale (computed in fp32, then rounded once to the activation dtype)."""
+    s, m = t.scales.float(), t.mins.float()  # [N, G]
+    return torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous().to(act_dtype)
+
+
 def _dense(q: torch.Tensor, t: QuantTensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """q uint8 [R, K] of rows `rows` -> fp32 [R, K], from whichever form `t` holds."""
     r, k = q.shape
     g = t.group_size
-    qf = q.float().reshape(r, k // g, g)  # [R, G, g]
-    return (qf * t.scales[rows].float()[..., None] + t.mins[rows].float()[..., None]).reshape(r, k)
+    qf = q.float().reshape(r, k // g, g)  # [R, G, g]; the one dense temporary (in-place from here on)
+    if t.kernel_scales is not None:
+        sz = t.kernel_scales[:, rows].float()  # [G, R, 2]
+        return qf.sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None]).reshape(r, k)
+    return qf.mul_(t.scales[rows].float()[..., None]).add_(t.mins[rows].float()[..., None]).reshape(r, k)
 
 
-def dequantize(t: QuantTensor) -> torch.Tensor:
-    """-> fp32 [N, K], q * scale + min in fp32 (gguf-py's formula)."""
-    return _dense(unpack(t.qweight, t.shape[1]), t, slice(None))
+def dequantize(t: QuantTensor, rows: slice = slice(None)) -> torch.Tensor:
+    """-> fp32 [R, K] for a slice of rows whose bounds are multiples of 64 (default: all rows)."""
+    return _dense(unpack(t.qweight[rows], t.shape[1]), t, rows)
 
 
 def dequantize_rows(t: QuantTensor, rows: torch.Tensor) -> torch.Tensor:

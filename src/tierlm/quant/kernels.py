@@ -1,12 +1,12 @@
-"""linear(x, w, b): the one matmul entry point of the model. Dense tensors go to F.linear; QuantTensors go
-to torch's fused weight-only kernels when prepared for them, else are dequantised first (the fallback,
-tested against the fused path).
+"""linear(x, w, b): the one matmul entry point of the model. Dense tensors go to F.linear; QuantTensors in
+kernel form go to torch's fused weight-only kernels, else are dequantised (the fallback, tested against the
+fused path).
 
-On this 2-core AVX2 class of CPU (measured, see benchmarks/decode.py): a bf16-activation GEMV with
-`_weight_int8pack_mm` runs 3-8x faster than fp32 F.linear and `_weight_int4pack_mm_for_cpu` 2-6x; the fused
-kernels want activations in bf16 (fp32 activations are 5-10x slower there). For many rows (prefill) a
-dequantised fp32 GEMM beats them, because these CPUs have no native bf16 matmul: above PREFILL_ROWS rows
-the weight is dequantised to fp32 once for the whole chunk.
+The fused kernels want activations in bf16 (fp32 activations are 5-10x slower there). For many rows
+(prefill) a dequantised fp32 GEMM beats them on CPUs without native bf16 matmul (measured crossover on
+AVX2: ~128 rows), so at PREFILL_ROWS rows and above the weight is dequantised — in pieces of rows, so the
+dense transient is bounded (DEQUANT_PIECE_BYTES) whatever the matrix: a whole TinyLlama w_gateup in fp32
+would be 90 MiB, through three temporaries 290 MiB, counted nowhere.
 """
 from __future__ import annotations
 
@@ -16,24 +16,29 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.quant import int4, int8
+from tierlm.quant.scheme import INT4_BLOCK_N
 from tierlm.quant.tensor import QuantTensor
 
 PREFILL_ROWS = 128  # at or above this many rows, dequantise + fp32 GEMM (measured crossover: ~128 rows)
+DEQUANT_PIECE_BYTES = 8 << 20  # the fallback's dense fp32 weight piece (plus its unpacked uint8 codes)
 
 
 def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
-    """w with kernel_scales set for the fused CPU kernel (unchanged where no fused kernel applies)."""
-    if w.qweight.device.type != "cpu":
-        return w  # CUDA: dequantising fallback (the CUDA int4 layout differs; not yet wired)
+    """w in kernel form for activations in `act_dtype` (see tensor.py), or unchanged where no fused kernel
+    applies (group-wise int8; an int4 layout torch does not share). Idempotent."""
+    if w.kernel_scales is not None:
+        return w
     n = w.shape[0]
     if w.kind == "int8" and w.group_size == w.shape[1]:
-        return replace(w, kernel_scales=w.scales.reshape(n).to(act_dtype))
+        return replace(w, scales=None, kernel_scales=w.scales.reshape(n).to(act_dtype))
     if w.kind == "int4" and int4.layout_matches_torch():
-        s, m = w.scales.float(), w.mins.float()  # [N, G]
-        # torch's kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
-        sz = torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-        return replace(w, kernel_scales=sz.to(act_dtype))
+        return replace(w, scales=None, mins=None, kernel_scales=int4.kernel_scales(w, act_dtype))
     return w
+
+
+def layout_tag() -> str:
+    """What stored quantised bytes depend on besides weights and dtype: the int4 layout of this torch build."""
+    return int4.layout_tag()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +48,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     ks = w.kernel_scales
-    if ks is not None and ks.dtype == x.dtype and x2.shape[0] < PREFILL_ROWS:
+    if ks is not None and ks.dtype == x.dtype and x2.shape[0] < PREFILL_ROWS and x2.device.type == "cpu":
         if w.kind == "int8":
             y = torch._weight_int8pack_mm(x2, w.qweight, ks)  # [M, N]
         else:
@@ -55,10 +60,27 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
     return y.reshape(*lead, w.shape[0])
 
 
+def piece_rows(w: QuantTensor) -> int:
+    """Rows dequantised at a time by the fallback: DEQUANT_PIECE_BYTES of fp32, whole 64-row blocks."""
+    rows = DEQUANT_PIECE_BYTES // (4 * w.shape[1])
+    return max(INT4_BLOCK_N, rows - rows % INT4_BLOCK_N)
+
+
 def fallback_linear(x2: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantise to fp32, fp32 GEMM, back to x's dtype: x2 [M, K] -> [M, N]."""
-    y = F.linear(x2.float(), w.dequantize(torch.float32), None if bias is None else bias.float())
-    return y.to(x2.dtype)
+    """Dequantise to fp32 piece by piece of rows, fp32 GEMM into the output's columns in x's dtype:
+    x2 [M, K] -> [M, N]. The transient is x2 in fp32, one dense piece and its [M, piece] product, not the
+    matrix (nor an fp32 [M, N] output: 45 MiB for a 7B w_gateup at 512 rows)."""
+    n = w.shape[0]
+    xf = x2.float()  # [M, K]
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)  # [M, N]
+    step = piece_rows(w)
+    for r in range(0, n, step):
+        rows = slice(r, min(n, r + step))
+        part = xf @ w.dequantize(torch.float32, rows).t()  # [M, R] fp32
+        if bias is not None:
+            part += bias[rows].float()
+        y[:, rows] = part
+    return y
 
 
 def embedding_rows(w: torch.Tensor | QuantTensor, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from tierlm.errors import UsageError
 
 KINDS = ("none", "int8", "int4")
+AUTO = "auto"  # the default: a quantised GGUF runs in its own quantisation (QuantScheme.auto)
+# `--quant auto` from a GGUF's dominant matrix type. Q4_0/Q4_1 (int4 g=32) and Q8_0 (int8 g=32) map without
+# loss; other block types are requantised piece by piece to the nearest width that does not lose more than
+# they did (4-bit and below -> int4, 5/6-bit -> int8 per channel); float files stay dense.
+_AUTO_SCHEMES = {"Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q8_0": ("int8", 32), "Q2_K": ("int4", 32),
+                 "Q3_K": ("int4", 32), "Q4_K": ("int4", 32), "Q5_0": ("int8", None), "Q5_1": ("int8", None),
+                 "Q5_K": ("int8", None), "Q6_K": ("int8", None)}
 INT4_GROUPS = (32, 64, 128)  # what torch's CPU int4 kernel accepts (and K must be a multiple)
 INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a multiple
 
@@ -21,6 +28,10 @@ INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a
 class QuantScheme:
     kind: str = "none"  # "none" | "int8" | "int4"
     group_size: int | None = None  # int8: None = one scale per output channel; int4: 32 | 64 | 128
+    # The lm_head keeps int4 g=32: `--quant auto` on a GGUF whose output matrix is Q4_0/Q4_1 takes its own
+    # blocks without loss (requantising 4-bit values to int8 per channel would add error, bytes and a minute
+    # of load time at 7B) — else the head is int8 per channel.
+    head_int4: bool = False
 
     @classmethod
     def parse(cls, kind: str | "QuantScheme" | None, group_size: int | None = None) -> "QuantScheme":
@@ -39,6 +50,30 @@ class QuantScheme:
             raise UsageError(f"group size must be one of {', '.join(map(str, INT4_GROUPS))}, got {group_size}")
         return cls(kind, group_size)
 
+    @classmethod
+    def resolve(cls, kind: "str | QuantScheme | None", group_size: int | None, storage_types: dict[str, int],
+                head_type: str | None = None) -> "QuantScheme":
+        """parse(), where "auto" (or None) picks the scheme that holds the model's stored weights best:
+        `storage_types` counts tensors per stored type (ModelSource.storage_types()), `head_type` is the
+        stored type of the lm_head (the embedding when tied)."""
+        if isinstance(kind, QuantScheme) or (kind or AUTO).lower() != AUTO:
+            return cls.parse(kind, group_size)
+        if group_size is not None:
+            raise UsageError("--group-size needs --quant int8 or int4 (auto follows the file)")
+        quantised = {t: n for t, n in storage_types.items() if t in _AUTO_SCHEMES}
+        if not quantised:
+            return cls()
+        kind, group = _AUTO_SCHEMES[max(quantised, key=lambda t: quantised[t])]
+        return cls(kind, group, head_int4=head_type in ("Q4_0", "Q4_1"))
+
+    @classmethod
+    def check(cls, kind: "str | QuantScheme | None", group_size: int | None) -> None:
+        """Validate a user's choice before any model is opened (auto resolves later)."""
+        if not isinstance(kind, QuantScheme) and (kind or AUTO).lower() == AUTO:
+            cls.resolve(kind, group_size, {})
+        else:
+            cls.parse(kind, group_size)
+
     @property
     def enabled(self) -> bool:
         return self.kind != "none"
@@ -46,7 +81,8 @@ class QuantScheme:
     def __str__(self) -> str:
         if not self.enabled:
             return "none"
-        return f"{self.kind}-{'channel' if self.group_size is None else f'g{self.group_size}'}"
+        head = "+head-int4" if self.head_int4 else ""
+        return f"{self.kind}-{'channel' if self.group_size is None else f'g{self.group_size}'}{head}"
 
     def for_matrix(self, leaf: str, shape: tuple[int, ...]) -> "QuantScheme":
         """The scheme a matrix [N, K] named `leaf` gets: the head is int8 per channel; a matrix the int4
@@ -55,7 +91,8 @@ class QuantScheme:
         if not self.enabled or len(shape) != 2 or leaf in ("embed", "attn_norm", "ffn_norm"):
             return QuantScheme()
         if leaf == "lm_head":
-            return QuantScheme("int8")
+            lossless = self.head_int4 and shape[0] % INT4_BLOCK_N == 0 and shape[1] % 32 == 0
+            return QuantScheme("int4", 32) if lossless else QuantScheme("int8")
         n, k = shape
         if self.group_size is None:
             return self

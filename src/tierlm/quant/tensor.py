@@ -1,14 +1,18 @@
 """QuantTensor: one weight-only quantised matrix [N, K] (torch Linear layout) and its stored parts.
 
-Parts (what the offload store writes and the streamer moves, each a plain tensor):
+A matrix has two forms.
+As loaded (from GGUF blocks or quantised here), parts:
   int8            qweight int8 [N, K]      scales fp32 [N, 1] (per channel) | fp16 [N, K/g] (group-wise)
   int4            qweight uint8 [N, K/2]   (torch's CPU int4pack layout, see int4.py)
                   scales fp16 [N, K/g]     mins fp16 [N, K/g]        w = q * scale + min, q in 0..15
-Dense value: int8 w = q * scale; int4 w = q * scale + min, computed in fp32 (the exact formula GGUF uses,
-so Q8_0 / Q4_0 / Q4_1 blocks dequantise bit for bit as gguf-py does).
-
-`kernel_scales` is the same information in the form and dtype torch's fused kernel wants; prepare() builds
-it once for a resident matrix (per acquire for a streamed one). Without it linear() dequantises instead.
+  Dense value: int8 w = q * scale; int4 w = q * scale + min, computed in fp32 (the exact formula GGUF uses,
+  so Q8_0 / Q4_0 / Q4_1 blocks dequantise bit for bit as gguf-py does).
+Kernel form (kernels.prepare, done once when a unit is loaded or written to the offload store):
+  int8 per channel  qweight, kernel_scales [N] in the activation dtype
+  int4              qweight, kernel_scales [G, N, 2] (scale, zero) in the activation dtype
+  scales/mins are dropped: the kernel's numbers are the matrix's numbers from then on (the dequantising
+  fallback reads them too), so decode, prefill, resident and streamed runs all use one set of weights, and a
+  streamed unit's bytes are the kernel's operands: acquiring it is views over the ring slot, nothing else.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 
 from tierlm.quant.scheme import QuantScheme
 
-PARTS = ("qweight", "scales", "mins")
+PARTS = ("qweight", "scales", "mins", "kernel_scales")
 
 
 @dataclass(frozen=True)
@@ -28,14 +32,13 @@ class QuantTensor:
     shape: tuple[int, int]  # [N, K] of the dense matrix
     group_size: int  # K for int8 per channel
     qweight: torch.Tensor  # int8 [N, K] | uint8 [N, K/2]
-    scales: torch.Tensor  # [N, K/g] (int8 per channel: [N, 1])
-    mins: torch.Tensor | None = None  # int4 only: [N, K/g]
-    kernel_scales: torch.Tensor | None = None  # int8: [N] in the activation dtype; int4: [K/g, N, 2]
+    scales: torch.Tensor | None  # [N, K/g] (int8 per channel: [N, 1]); None in kernel form
+    mins: torch.Tensor | None = None  # int4 only: [N, K/g]; None in kernel form
+    kernel_scales: torch.Tensor | None = None  # kernel form: int8 [N], int4 [K/g, N, 2], activation dtype
 
     def parts(self) -> dict[str, torch.Tensor]:
-        """Stored parts by name (qweight, scales[, mins])."""
-        out = {"qweight": self.qweight, "scales": self.scales}
-        return out | ({"mins": self.mins} if self.mins is not None else {})
+        """Stored parts by name: qweight and whichever of scales / mins / kernel_scales the form has."""
+        return {p: t for p in PARTS if (t := getattr(self, p)) is not None}
 
     def meta(self) -> dict:
         """What the manifest records beside the parts: never guessed, always read back."""
@@ -43,37 +46,53 @@ class QuantTensor:
 
     @classmethod
     def from_parts(cls, meta: dict, parts: dict[str, torch.Tensor]) -> "QuantTensor":
-        return cls(meta["kind"], tuple(meta["shape"]), meta["group_size"], parts["qweight"], parts["scales"],
-                   parts.get("mins"))
+        return cls(meta["kind"], tuple(meta["shape"]), meta["group_size"], parts["qweight"], parts.get("scales"),
+                   parts.get("mins"), parts.get("kernel_scales"))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     def to(self, device: torch.device | str) -> "QuantTensor":
-        return replace(self, **{k: v.to(device) for k, v in self.parts().items()}, kernel_scales=None)
+        return replace(self, **{k: v.to(device) for k, v in self.parts().items()})
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """Dense rows (default all; int4: slice bounds multiples of 64) in `dtype`, computed in fp32."""
         from tierlm.quant import int4, int8
-        return (int8 if self.kind == "int8" else int4).dequantize(self).to(dtype)
+        return (int8 if self.kind == "int8" else int4).dequantize(self, rows).to(dtype)
+
+    def dequantize_in_pieces(self, dtype: torch.dtype, piece_rows: int) -> torch.Tensor:
+        """The whole dense matrix in `dtype`, built `piece_rows` rows (a multiple of 64) at a time: the fp32
+        transient is one piece, not the matrix (a tied 49152 x 2048 embedding is 400 MiB in fp32)."""
+        out = torch.empty(self.shape, dtype=dtype, device=self.qweight.device)
+        for r in range(0, self.shape[0], piece_rows):
+            rows = slice(r, min(self.shape[0], r + piece_rows))
+            out[rows] = self.dequantize(torch.float32, rows)
+        return out
 
 
-def part_specs(scheme: QuantScheme, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every stored part of a matrix `shape` under `scheme` (sizes without the data)."""
+def part_specs(scheme: QuantScheme, shape: tuple[int, int],
+               act_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every stored part of a matrix `shape` under `scheme` in the kernel form that
+    kernels.prepare gives it for activations in `act_dtype` (sizes without the data)."""
+    from tierlm.quant.int4 import layout_matches_torch
     n, k = shape
     if scheme.kind == "int8" and scheme.group_size is None:
-        return {"qweight": ((n, k), torch.int8), "scales": ((n, 1), torch.float32)}
+        return {"qweight": ((n, k), torch.int8), "kernel_scales": ((n,), act_dtype)}
     groups = (n, k // scheme.group_size)
     if scheme.kind == "int8":
         return {"qweight": ((n, k), torch.int8), "scales": (groups, torch.float16)}
+    if layout_matches_torch():
+        return {"qweight": ((n, k // 2), torch.uint8), "kernel_scales": ((groups[1], n, 2), act_dtype)}
     return {"qweight": ((n, k // 2), torch.uint8), "scales": (groups, torch.float16), "mins": (groups, torch.float16)}
 
 
 def dense_or_parts_nbytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> list[int]:
-    """Byte sizes of what a tensor stores: its parts when quantised, else one dense tensor of `dtype`."""
+    """Byte sizes of what a tensor stores: its parts (kernel form for activations in `dtype`) when
+    quantised, else one dense tensor of `dtype`."""
     if not scheme.enabled:
         return [math.prod(shape) * dtype.itemsize]
-    return [math.prod(s) * d.itemsize for s, d in part_specs(scheme, shape).values()]
+    return [math.prod(s) * d.itemsize for s, d in part_specs(scheme, shape, dtype).values()]
 
 
 @dataclass(frozen=True)

@@ -99,46 +99,56 @@ class GGUFSource(ModelSource):
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    def storage_type(self, name: str) -> str | None:
+        t = self._tensors.get(name)
+        return None if t is None else t.qtype.name
+
     def storage_types(self) -> dict[str, int]:
         return dict(Counter(t.qtype.name for t in self._tensors.values()))
 
     def _unpermute_rows(self, name: str, w: np.ndarray) -> np.ndarray:
+        """q/k rows back to HF order. Works on any piece of whole heads (see piece_rows)."""
         if self.meta.get("general.architecture") in _PERMUTED_QK:
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("wq", "bq"):
-                return _unpermute(w, self.config.num_heads)
-            if leaf in ("wk", "bk"):
-                return _unpermute(w, self.config.num_kv_heads)
+            if leaf in ("wq", "bq", "wk", "bk"):
+                return _unpermute(w, w.shape[0] // self.config.head_dim)
         return w
 
-    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name].shape
+
+    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         t = self._tensors[name]
         try:
-            w = dequantize(self._file.raw(t), t.qtype).astype(np.float32, copy=False)
+            raw = self._file.raw(t, rows)
+            w = dequantize(raw, t.qtype).astype(np.float32, copy=False)
         except (ValueError, OSError) as e:
             raise ModelFormatError(f"{self.path}: cannot read tensor {t.name} ({e})") from None
+        del raw
         w = self._unpermute_rows(name, w)
-        # F32 tensors come back as read-only views of the memory map: copy so the store owns its memory.
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, dtype=np.float32, order="C")
         return torch.from_numpy(w).to(dtype)
 
-    def load_blocks(self, name: str, scheme: QuantScheme) -> QuantBlocks | None:
+    def load_blocks(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantBlocks | None:
         """Q4_0/Q4_1 blocks as int4 g=32 and Q8_0 blocks as int8 g=32, unpacked but bit for bit (see quant/);
         None when the stored type does not map onto `scheme` without loss."""
         t = self._tensors[name]
         kind = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8"}.get(t.qtype)
         if kind is None or scheme != QuantScheme(kind, 32) or len(t.shape) != 2:
             return None
-        n, k = t.shape
-        block = self._file.raw(t).reshape(n, k // 32, -1)  # [N, K/32, bytes per block]
-        d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [N, K/32]
+        k = t.shape[1]
+        raw = self._file.raw(t, rows)
+        n = raw.shape[0]
+        block = raw.reshape(n, k // 32, -1)  # [R, K/32, bytes per block]
+        d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [R, K/32]
         m = block[..., 2:4].copy().view(np.float16)[..., 0] if t.qtype == Q.Q4_1 else None
         if kind == "int8":
             q = block[..., 2:34].copy().view(np.int8).reshape(n, k)
-        else:  # [N, K/32, 16] bytes: element j in the low nibble of byte j, element j+16 in the high one
+        else:  # [R, K/32, 16] bytes: element j in the low nibble of byte j, element j+16 in the high one
             qs = block[..., -16:]
             q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k)
+        del raw, block
         if t.qtype == Q.Q4_0:
             m = (-8 * d.astype(np.float32)).astype(np.float16)  # w = d*(q-8) = d*q + (-8d); -8d is exact
         as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(self._unpermute_rows(name, a)))  # noqa: E731

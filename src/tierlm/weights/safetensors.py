@@ -189,12 +189,21 @@ class SafetensorsSource(ModelSource):
     def storage_types(self) -> dict[str, int]:
         return dict(self._dtypes)
 
-    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Read one tensor into fresh memory with pread, then drop its file pages from the page cache.
-        NOTE: not through a memory map: mapped pages count in RSS while mapped, so loading a 100 MiB tensor
-        would briefly cost 200 MiB against the budget (and leave the weights in the page cache)."""
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].shape)
+
+    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Read one tensor (or rows of it) into fresh memory with pread, then drop its file pages from the page
+        cache. NOTE: not through a memory map: mapped pages count in RSS while mapped, so loading a 100 MiB
+        tensor would briefly cost 200 MiB against the budget (and leave the weights in the page cache)."""
         e = self._where[name]
-        out = torch.empty(e.shape, dtype=dtype)
+        shape = tuple(e.shape)
+        first = 0
+        if rows != slice(None):
+            first, stop, _ = rows.indices(shape[0])
+            shape = (max(0, stop - first), *shape[1:])
+        begin = e.offset + first * math.prod(e.shape[1:]) * e.dtype.itemsize  # byte offset of the first row
+        out = torch.empty(shape, dtype=dtype)
         flat = out.view(-1)
         # Same dtype: read straight into the result. Otherwise read pieces of CONVERT_ELEMS elements into a
         # small scratch and convert each into place, so a conversion never holds a second full copy.
@@ -206,10 +215,10 @@ class SafetensorsSource(ModelSource):
                 for start in range(0, flat.numel(), max(step, 1)):
                     n = min(step, flat.numel() - start)
                     part = scratch[:n] if scratch is not flat else flat
-                    _pread_exact(fd, memoryview(part.view(torch.uint8).numpy()), e.offset + start * e.dtype.itemsize)
+                    _pread_exact(fd, memoryview(part.view(torch.uint8).numpy()), begin + start * e.dtype.itemsize)
                     if part is not flat:
                         flat[start:start + n] = part
-                os.posix_fadvise(fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, begin, flat.numel() * e.dtype.itemsize, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
         except OSError as err:

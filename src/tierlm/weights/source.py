@@ -2,6 +2,7 @@
 tiers (host, disk) can be filled without materialising the whole model."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from tierlm.weights.names import check_complete
 from tierlm.weights.tokenizer import Tokenizer
 
 
+PIECE_BYTES = 16 << 20  # fp32 bytes of one row piece while loading: bounds the dense transient per tensor
+
+
 class ModelSource(ABC):
     path: Path
     format: str  # "gguf" | "safetensors"
@@ -26,17 +30,37 @@ class ModelSource(ABC):
         """Internal names present in the file (see weights/names.py)."""
 
     @abstractmethod
-    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """One tensor by internal name, dequantised to `dtype`, [out, in] orientation."""
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """[out, in] shape of a tensor by internal name."""
 
-    def load_blocks(self, name: str, scheme: QuantScheme) -> QuantBlocks | None:
-        """The tensor already quantised as `scheme` (unpacked), without loss, when the stored format allows
-        (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
+    @abstractmethod
+    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """One tensor (or a slice of its rows) by internal name, dequantised to `dtype`, [out, in] orientation,
+        in fresh memory the caller owns."""
+
+    def load_blocks(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantBlocks | None:
+        """The tensor (or a slice of its rows) already quantised as `scheme` (unpacked), without loss, when the
+        stored format allows (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
         return None
+
+    def piece_rows(self, name: str, target_bytes: int = PIECE_BYTES) -> int:
+        """Rows per piece when loading `name` a piece at a time: about `target_bytes` of fp32, in whole 64-row
+        blocks (the int4 layout) and whole heads (GGUF q/k rows are un-permuted per head)."""
+        unit = math.lcm(64, self.config.head_dim)
+        rows = target_bytes // (4 * self.tensor_shape(name)[-1]) // unit * unit
+        return max(unit, rows)
 
     @abstractmethod
     def storage_types(self) -> dict[str, int]:
         """How many tensors of each stored type ("Q4_1", "F32", "bfloat16", ...)."""
+
+    def storage_type(self, name: str) -> str | None:
+        """The stored type of one tensor ("Q4_1", "bfloat16", ...), None when absent."""
+        return None
+
+    def head_storage_type(self) -> str | None:
+        """The stored type of the lm_head matrix (the embedding when tied)."""
+        return self.storage_type("embed" if self.config.tie_word_embeddings else "lm_head")
 
     def files(self) -> list[Path]:
         """The files the weights are read from (the GGUF file; the safetensors shards)."""

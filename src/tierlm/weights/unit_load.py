@@ -1,60 +1,105 @@
 """Load one unit tensor from a model source: its pieces concatenated by rows (fused q/k/v, gate/up) and, under
 a quant scheme, quantised — without loss straight from GGUF blocks where the math allows (Q4_0/Q4_1 -> int4
-g=32, Q8_0 -> int8 g=32), else from the dequantised values.
+g=32, Q8_0 -> int8 g=32), else from the dequantised values — and put in kernel form.
 
-Peak memory while loading: the output plus one dense piece (pieces are copied into a preallocated output, or
-quantised one at a time, ROW_CHUNK rows at a time)."""
+Peak memory while loading: the output plus one row piece (ModelSource.piece_rows: ~16 MiB of fp32) of one
+source tensor and its temporaries. Pieces are read, converted and copied into the preallocated output one at
+a time, so no tensor is ever whole in a dense or unpacked form (a 7B w_gateup dense in fp32 is 360 MiB).
+"""
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
 from tierlm.errors import ModelFormatError
 from tierlm.memory.units import UnitTensor
-from tierlm.quant import QuantBlocks, from_blocks, quantize_blocks
-from tierlm.quant.scheme import QuantScheme
+from tierlm.quant import QuantBlocks, from_blocks, kernels, quantize_blocks
+from tierlm.quant.scheme import INT4_BLOCK_N, QuantScheme
 from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
 
 
+def _pieces(source: ModelSource, names: list[str]) -> Iterator[tuple[str, slice]]:
+    for name in names:
+        n, step = source.tensor_shape(name)[0], source.piece_rows(name)
+        for r in range(0, n, step):
+            yield name, slice(r, min(n, r + step))
+
+
+def _shape_error(source: ModelSource, spec: UnitTensor, names: list[str], shape: tuple[int, ...]) -> ModelFormatError:
+    return ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {shape}, the config implies {spec.shape}")
+
+
+def _check_rows(source: ModelSource, spec: UnitTensor, names: list[str]) -> None:
+    shapes = [source.tensor_shape(n) for n in names]
+    rows = sum(s[0] for s in shapes)
+    if any(tuple(s[1:]) != spec.shape[1:] for s in shapes) or rows != spec.shape[0]:
+        got = (rows, *shapes[0][1:]) if len(names) > 1 else tuple(shapes[0])
+        raise _shape_error(source, spec, names, got)
+
+
 def _dense(source: ModelSource, spec: UnitTensor, names: list[str], dtype: torch.dtype) -> torch.Tensor:
-    if len(names) == 1:
-        out = source.load(names[0], dtype)
-    else:
-        out = torch.empty(spec.shape, dtype=dtype)
-        at = 0
-        for name in names:
-            piece = source.load(name, dtype)
-            if piece.shape[1:] != out.shape[1:] or at + piece.shape[0] > out.shape[0]:
-                raise ModelFormatError(f"{source.path}: {name} has shape {tuple(piece.shape)}, "
-                                       f"which does not fit {spec.leaf} {spec.shape}")
-            out[at:at + piece.shape[0]] = piece
-            at += piece.shape[0]
-            del piece
-        out = out[:at]
-    if tuple(out.shape) != spec.shape:
-        raise ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {tuple(out.shape)}, "
-                               f"the config implies {spec.shape}")
+    _check_rows(source, spec, names)
+    if len(spec.shape) < 2:
+        return torch.cat([source.load(n, dtype) for n in names]) if len(names) > 1 else source.load(names[0], dtype)
+    out = torch.empty(spec.shape, dtype=dtype)
+    at = 0
+    for name, rows in _pieces(source, names):
+        piece = source.load(name, dtype, rows)
+        out[at:at + piece.shape[0]] = piece
+        at += piece.shape[0]
     return out
+
+
+def _row_axis(t: QuantTensor, part: str) -> int:
+    return 1 if part == "kernel_scales" and t.kind == "int4" else 0  # int4 kernel scales are [G, N, 2]
+
+
+def _assemble(pieces: Iterator[QuantTensor], n: int) -> QuantTensor:
+    """Pieces of consecutive rows (kernel form) copied into one matrix of `n` rows, allocated once."""
+    out: dict[str, torch.Tensor] = {}
+    first, at = None, 0
+    for p in pieces:
+        if first is None:
+            first = p
+            for name, t in p.parts().items():
+                shape = list(t.shape)
+                shape[_row_axis(p, name)] = n
+                out[name] = torch.empty(shape, dtype=t.dtype)
+        rows = p.shape[0]
+        for name, t in p.parts().items():
+            out[name].narrow(_row_axis(p, name), at, rows).copy_(t)
+        at += rows
+    assert first is not None and at == n, "pieces must cover every row"
+    return QuantTensor(first.kind, (n, first.shape[1]), first.group_size, out["qweight"], out.get("scales"),
+                       out.get("mins"), out.get("kernel_scales"))
+
+
+def _blocks(source: ModelSource, name: str, rows: slice, scheme: QuantScheme) -> QuantBlocks:
+    b = source.load_blocks(name, scheme, rows)
+    return b if b is not None else quantize_blocks(source.load(name, torch.float32, rows), scheme)
 
 
 def load_unit_tensor(source: ModelSource, spec: UnitTensor, dtype: torch.dtype, quant: QuantScheme,
                      present: set[str]) -> torch.Tensor | QuantTensor | None:
-    """The tensor `spec` in `dtype`, or quantised under `quant`; None when the source has none of its pieces
-    (optional biases). A `dequantized` spec comes back dense: the quantised values in `dtype`."""
+    """The tensor `spec` in `dtype`, or quantised under `quant` in kernel form for activations in `dtype`; None
+    when the source has none of its pieces (optional biases). A `dequantized` spec comes back dense: the
+    quantised values in `dtype`."""
     names = [n for n in spec.source_names if n in present]
     if not names:
         return None
     scheme = spec.scheme(quant)  # NOTE: a dequantized spec (a tied embedding) takes its head's scheme
     if not scheme.enabled:
         return _dense(source, spec, names, dtype).contiguous()
-    # Piece by piece (rows are quantised independently, so this equals quantising the fused matrix): only one
-    # piece is ever dense in fp32. Pieces are packed together, as the int4 layout needs whole 64-row blocks.
-    blocks = []
-    for name in names:
-        b = source.load_blocks(name, scheme)
-        blocks.append(b if b is not None else quantize_blocks(source.load(name, torch.float32), scheme))
-    out = from_blocks(QuantBlocks.concat(blocks))
-    if out.shape != spec.shape:
-        raise ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {out.shape}, "
-                               f"the config implies {spec.shape}")
-    return out.dequantize(dtype) if spec.dequantized else out
+    _check_rows(source, spec, names)
+    # NOTE: kernel form from here on (see quant/tensor.py): resident units, stored units and a tied head's dense
+    # embedding copy all hold the numbers the kernel multiplies with, so every path computes with one matrix.
+    ready = lambda b: kernels.prepare(from_blocks(b), dtype)  # noqa: E731
+    if scheme.kind == "int4" and any(source.tensor_shape(n)[0] % INT4_BLOCK_N for n in names):
+        # a piece of rows not in whole 64-row blocks (tiny models' k/v): concatenate before packing (small)
+        out = ready(QuantBlocks.concat([_blocks(source, n, slice(None), scheme) for n in names]))
+    else:
+        out = _assemble((ready(_blocks(source, n, rows, scheme)) for n, rows in _pieces(source, names)),
+                        spec.shape[0])
+    return out.dequantize_in_pieces(dtype, kernels.piece_rows(out)) if spec.dequantized else out
