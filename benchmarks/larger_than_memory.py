@@ -39,171 +39,29 @@ counters (RequestOutput.metrics.tiers.disk_bytes / forward_passes); llama.cpp fr
 shown for every engine as a cross-check. achieved GB/s = bytes per token ÷ s/token. roofline = max(bytes per
 token ÷ the disk GB/s measured next to the run, the matching resident engine's s/token); "% roof" =
 roofline ÷ s/token. "x llama" = s/token ÷ llama.cpp's at the same cap (< 1: tierlm faster).
+
+Files: this script is the driver (command line, store preparation, the rounds of fresh worker processes in
+their cgroups); _ltm_worker.py is what a worker runs, _ltm_report.py the summary and tables, and
+_ltm_engines.py the engine table all three share.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import resource
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-GiB, MiB = 1 << 30, 1 << 20
+from _ltm_engines import DEFAULT_ENGINES, ENGINES  # noqa: E402
+from _ltm_report import progress_line, report  # noqa: E402
+from _ltm_worker import worker  # noqa: E402
 
 
-@dataclass(frozen=True)
-class EngineSpec:
-    kind: str  # "llama.cpp" | "tierlm"
-    quant: str  # tierlm's quant ("int4" | "int8"); "" for llama.cpp
-    capped: bool  # runs under the cap (and tierlm under the budget); else resident, unlimited
-    floor: str | None  # the resident engine whose s/token is this one's compute floor
-
-
-ENGINES = {
-    "llama.cpp": EngineSpec("llama.cpp", "", True, "llama.cpp-resident"),
-    "tierlm-int4": EngineSpec("tierlm", "int4", True, "tierlm-resident"),
-    "tierlm-int8": EngineSpec("tierlm", "int8", True, "tierlm-resident-int8"),
-    "tierlm-resident": EngineSpec("tierlm", "int4", False, None),
-    "tierlm-resident-int8": EngineSpec("tierlm", "int8", False, None),
-    "llama.cpp-resident": EngineSpec("llama.cpp", "", False, None),
-}
-DEFAULT_ENGINES = "llama.cpp,tierlm-int4,tierlm-int8,tierlm-resident"
-REFERENCE = "tierlm-resident"  # greedy tokens are compared with this engine's
-
-
-def prompt_ids(vocab_size: int, n: int) -> list[int]:
-    """Ids 1..n wrapping below vocab_size: tierlm.bench.prompt_ids' formula, without importing torch."""
-    return [i % (vocab_size - 1) + 1 for i in range(n)]
-
-
-def store_dir(offload_dir: str, quant: str, budget: str) -> Path:
-    """One offload store per (quant, budget): a store is built for one placement's units."""
-    return Path(offload_dir) / f"{quant}-{budget.replace('/', '_')}"
-
-
-# --- worker side -----------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG(SIGKILL): a worker never outlives the driver (nor keeps its cgroup busy)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def _proc_read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class LlamaCppWorker:
-    """llama.cpp through llama-cpp-python (as benchmarks/decode.py drives it): eval() the prompt, then one token
-    per eval(), greedy by argmax over the context's logits. mmap on (llama.cpp's default)."""
-
-    def __init__(self, a: argparse.Namespace):
-        import llama_cpp
-        self.version = llama_cpp.__version__
-        self.llm = llama_cpp.Llama(a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=a.context,
-                                   use_mmap=True, verbose=False)
-        self.vocab_size = self.llm.n_vocab()
-
-    def _argmax(self) -> int:
-        import numpy as np
-        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab_size,))))
-
-    def generate(self, ids: list[int], n: int) -> dict:
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(ids)
-        token = self._argmax()
-        ttft = time.perf_counter() - t0
-        tokens, decode_s = [token], 0.0
-        for _ in range(n - 1):
-            t0 = time.perf_counter()
-            self.llm.eval([token])
-            token = self._argmax()
-            decode_s += time.perf_counter() - t0
-            tokens.append(token)
-        return {"ttft_s": ttft, "decode_s": decode_s, "decode_tokens": n - 1, "forward_passes": n,
-                "token_ids": tokens, "disk_bytes": None}
-
-    def info(self) -> dict:
-        return {"llama_cpp_version": self.version, "n_ctx": self.llm.n_ctx()}
-
-
-class TierlmWorker:
-    def __init__(self, a: argparse.Namespace, spec: EngineSpec):
-        from tierlm import LLM
-        budget = a.budget if spec.capped else None
-        self.llm = LLM(a.model, threads=a.threads, quant=spec.quant, max_context=a.context, progress=False,
-                       max_memory={"cpu": budget} if budget else None,
-                       offload_dir=store_dir(a.offload_dir, spec.quant, budget) if budget else None,
-                       enable_prefix_caching=False)  # every generation prefills, as llama.cpp after reset()
-        self.vocab_size = self.llm.config.vocab_size
-
-    def generate(self, ids: list[int], n: int) -> dict:
-        from tierlm import SamplingParams
-        out = self.llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
-        m, t = out.metrics, out.metrics.tiers
-        return {"ttft_s": m.ttft_s, "decode_s": m.decode_s, "decode_tokens": m.decode_tokens,
-                "forward_passes": t.forward_passes, "token_ids": out.token_ids, "disk_bytes": t.disk_bytes,
-                "io_busy_s": t.io_busy_s, "io_wait_s": t.io_wait_s, "forward_s": t.forward_s}
-
-    def info(self) -> dict:
-        import torch
-
-        from tierlm.memory.tiers import Tier
-        llm, p = self.llm, self.llm.plan
-        d = {"dtype": str(llm.dtype).removeprefix("torch."), "max_context": llm.max_context,
-             "profile_calibrated": llm.profile_calibrated, "profile_disk_gbps": llm.profile.disk_read_gbps,
-             "io_threads": llm.profile.disk_queue_depth, "torch_threads": torch.get_num_threads()}
-        if p is not None:
-            d |= {"layers_on_disk": p.count(Tier.DISK), "ring_depth": p.ring_depth,
-                  "planned_disk_bytes_per_token": p.disk_bytes_per_token, "planned_s_per_token": p.token_s}
-        return d
-
-
-def worker(a: argparse.Namespace) -> None:
-    _die_with_parent()
-    spec = ENGINES[a.worker]
-    t = time.perf_counter()
-    engine = LlamaCppWorker(a) if spec.kind == "llama.cpp" else TierlmWorker(a, spec)
-    res = {"engine": a.worker, "load_s": time.perf_counter() - t, "info": engine.info(), "gens": []}
-    if not a.prepare:
-        ids = prompt_ids(engine.vocab_size, a.prompt_tokens)
-        if a.warmup_tokens:
-            engine.generate(ids, a.warmup_tokens)  # not counted: first-touch allocations, ring fill
-        for _ in range(a.gens):
-            io, majflt = _proc_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-            g = engine.generate(ids, a.tokens)
-            g["proc_read_bytes"] = _proc_read_bytes() - io
-            g["majflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt
-            res["gens"].append(g)
-    res |= {"peak_rss": _status_kib("VmHWM"), "rss_anon_end": _status_kib("RssAnon"),
-            "rss_file_end": _status_kib("RssFile")}
-    print("RESULT " + json.dumps(res), flush=True)
-
-
-# --- driver side -----------------------------------------------------------------------------------------
 class Driver:
     """Runs workers one at a time; owns the current worker process and its cgroup until they are gone."""
 
@@ -372,179 +230,6 @@ def main() -> None:
         print(f"wrote {a.json}")
 
 
-def _s_per_token(g: dict) -> float:
-    return g["decode_s"] / g["decode_tokens"] if g["decode_tokens"] else float("nan")
-
-
-def _bytes_per_token(engine: str, g: dict) -> float:
-    """tierlm: its own disk counter; llama.cpp: /proc/self/io read_bytes. Per forward pass."""
-    n = max(g["forward_passes"], 1)
-    own = g["disk_bytes"] if ENGINES[engine].kind == "tierlm" else g["proc_read_bytes"]
-    return own / n
-
-
-def progress_line(rec: dict, fmt) -> str:
-    cap = "no cap" if rec["cap"] is None or not ENGINES[rec["engine"]].capped else f"cap {fmt(rec['cap'])}"
-    if rec["cap"] is not None and "cgroup" not in rec:
-        cap += " (not enforced)"
-    s = f"round {rec['round']} {rec['engine']:<21} {cap:<13} disk {rec['disk_gbps']:.2f} GB/s: {rec['status']}"
-    if rec["result"] and rec["result"]["gens"]:
-        g = rec["result"]["gens"]
-        s += (f", {statistics.median(_s_per_token(x) for x in g):.3f} s/token, "
-              f"{statistics.median(_bytes_per_token(rec['engine'], x) for x in g) / GiB:.3f} GiB/token, "
-              f"peak RSS {fmt(rec['result']['peak_rss'])}")
-    if "cgroup" in rec:
-        s += f", cgroup peak {fmt(rec['cgroup']['peak'])}, oom_kill {rec['cgroup']['oom_kills']}"
-    return s + f" ({rec['wall_s']:.0f} s)"
-
-
-def _lead(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def summarize(runs: list[dict]) -> dict:
-    """(engine, cap) -> medians and maxima over its counted generations / runs."""
-    groups: dict[tuple, list[dict]] = {}
-    for rec in runs:
-        key = (rec["engine"], rec["cap"] if ENGINES[rec["engine"]].capped else None)
-        groups.setdefault(key, []).append(rec)
-    out = {}
-    for (engine, cap), recs in groups.items():
-        ok = [r for r in recs if r["status"] == "ok"]
-        gens = [g for r in ok for g in r["result"]["gens"]]
-        cgs = [r["cgroup"] for r in recs if "cgroup" in r]
-        row = {"engine": engine, "cap": cap, "budget": recs[0]["budget"], "runs": len(recs), "runs_ok": len(ok),
-               "statuses": sorted({r["status"] for r in recs}), "gens_counted": len(gens),
-               "disk_gbps": statistics.median(r["disk_gbps"] for r in recs),
-               "cgroup_peak": max((c["peak"] for c in cgs), default=None),
-               "cgroup_failcnt": max((c["failcnt"] for c in cgs), default=None),
-               "oom_kills": sum(c["oom_kills"] or 0 for c in cgs) if cgs else None,
-               "cached_before_max": max((r["cached_before"] or 0 for r in recs), default=0)}
-        if gens:
-            row |= {"s_per_token": statistics.median(_s_per_token(g) for g in gens),
-                    "s_per_token_all": [_s_per_token(g) for g in gens],
-                    "ttft_s": statistics.median(g["ttft_s"] for g in gens),
-                    "bytes_per_token": statistics.median(_bytes_per_token(engine, g) for g in gens),
-                    "proc_bytes_per_token": statistics.median(g["proc_read_bytes"] / max(g["forward_passes"], 1)
-                                                              for g in gens),
-                    "majflt_per_token": statistics.median(g["majflt"] / max(g["forward_passes"], 1) for g in gens),
-                    "peak_rss": max(r["result"]["peak_rss"] for r in ok),
-                    "load_s": statistics.median(r["result"]["load_s"] for r in ok),
-                    "info": ok[0]["result"]["info"], "token_ids": gens[0]["token_ids"],
-                    "deterministic": all(g["token_ids"] == gens[0]["token_ids"] for g in gens)}
-            # the disk measured next to each run, paired with that run's bytes: a swinging disk moves both
-            io_s = [_bytes_per_token(engine, g) / (r["disk_gbps"] * 1e9) for r in ok for g in r["result"]["gens"]]
-            row["io_s_per_token"] = statistics.median(io_s)
-            busy = [g["disk_bytes"] / g["io_busy_s"] / 1e9 for g in gens if g.get("io_busy_s")]
-            row["io_busy_gbps"] = statistics.median(busy) if busy else None  # tierlm: bytes / time a read was in flight
-        out[(engine, cap)] = row
-    return out
-
-
-def report(a, names, caps, budgets, runs, prepared, cgroup_reason, fmt) -> dict:
-    from _common import disk_info, machine_info
-    rows = summarize(runs)
-    ref = rows.get((REFERENCE, None), {}).get("token_ids")
-    for (engine, cap), row in rows.items():
-        spec = ENGINES[engine]
-        if "s_per_token" not in row:
-            continue
-        if spec.capped:
-            floor = rows.get((spec.floor, None), {}).get("s_per_token")
-            row["floor_s_per_token"] = floor
-            roof = max(row["io_s_per_token"], floor or 0.0)
-            if roof > 0:  # nothing streamed and no floor run: no roofline to speak of
-                row["roofline_s"], row["of_roofline"] = roof, roof / row["s_per_token"]
-            row["achieved_gbps"] = row["bytes_per_token"] / row["s_per_token"] / 1e9
-        anchor = rows.get(("llama.cpp", cap) if spec.capped else ("llama.cpp-resident", None), {})
-        if spec.kind == "tierlm" and "s_per_token" in anchor:
-            row["x_llama"] = row["s_per_token"] / anchor["s_per_token"]
-        if ref is not None:
-            n = _lead(row["token_ids"], ref)
-            row["greedy_vs_ref"] = "identical" if n == len(ref) == len(row["token_ids"]) else f"{n}/{len(ref)} lead"
-
-    m = machine_info()
-    m["disk_model"] = disk_info(a.model)
-    m["disk_offload"] = disk_info(a.offload_dir)
-    print(f"\nmachine: {m['cpu']} | {m['cores']} cores | RAM {m['ram']} | disk {m['disk_model']}"
-          + (f" (offload dir: {m['disk_offload']})" if m["disk_offload"] != m["disk_model"] else "")
-          + f" | GPU {m['gpu']} | torch {m['torch']} | load avg {m['loadavg_1m_at_end']:.2f} (1 min, at end)")
-    size = os.path.getsize(a.model)
-    print(f"model {a.model} ({size / GiB:.2f} GiB); {a.threads} threads; prompt {a.prompt_tokens} ids, "
-          f"context {a.context}; per worker 1 warm-up of {a.warmup_tokens} tokens (not counted) + {a.gens} x "
-          f"{a.tokens} tokens counted; {a.reps} round(s); medians")
-    print("memory cap: " + ("cgroup v1 memory.limit_in_bytes (page cache charged), one fresh cgroup per worker"
-                            if not cgroup_reason else f"NONE ({cgroup_reason}): caps in parentheses are not "
-                            "enforced; tierlm keeps to --max-memory, llama.cpp to nothing"))
-    hdr = (f"{'engine':<21}{'cap':>9}{'budget':>9}{'s/tok':>8}{'x llama':>8}{'GiB/tok':>8}{'/proc':>7}"
-           f"{'ach GB/s':>9}{'disk GB/s':>10}{'roofline':>9}{'% roof':>7}  greedy vs {REFERENCE}")
-    print("\n" + hdr + "\n" + "-" * len(hdr))
-    order = [(n, c) for c in caps for n in names if ENGINES[n].capped] + [(n, None) for n in names
-                                                                          if not ENGINES[n].capped]
-
-    def f(v, spec="8.3f", dash="-"):
-        """v formatted by spec, or `dash` right-aligned to the spec's width when v is missing."""
-        if isinstance(v, (int, float)):
-            return format(v, spec)
-        return dash.rjust(int(spec.split(".")[0].rstrip("df%")))
-
-    for key in order:
-        row = rows.get(key)
-        if row is None:
-            continue
-        engine, cap = key
-        cap_s = fmt(cap).replace(" ", "") if cap else "none"
-        cap_s = f"({cap_s})" if cgroup_reason and cap else cap_s  # (...): not enforced, no cgroup
-        budget = (row["budget"] or "none") if ENGINES[engine].kind == "tierlm" else "-"
-        if "s_per_token" not in row:
-            print(f"{engine:<21}{cap_s:>9}{budget:>9}  {', '.join(row['statuses'])}")
-            continue
-        print(f"{engine:<21}{cap_s:>9}{budget:>9}{f(row['s_per_token'])}{f(row.get('x_llama'), '8.2f')}"
-              f"{f(row['bytes_per_token'] / GiB)}{f(row['proc_bytes_per_token'] / GiB, '7.3f')}"
-              f"{f(row.get('achieved_gbps'), '9.2f')}{f(row['disk_gbps'], '10.2f')}"
-              f"{f(row.get('roofline_s'), '9.3f')}{f(row.get('of_roofline'), '7.0%')}"
-              f"  {row.get('greedy_vs_ref', '-')}{'' if row['deterministic'] else ' (NOT deterministic)'}")
-    mh = (f"{'engine':<21}{'cap':>9}{'peak RSS':>11}{'cg peak':>11}{'failcnt':>9}{'oom_kill':>9}{'majflt/tok':>11}"
-          f"{'load s':>8}{'ok runs':>8}  notes")
-    print("\n" + mh + "\n" + "-" * len(mh))
-    for key in order:
-        row = rows.get(key)
-        if row is None:
-            continue
-        engine, cap = key
-        info = row.get("info", {})
-        notes = []
-        if "layers_on_disk" in info:
-            notes.append(f"{info['layers_on_disk']} layers on disk, ring {info['ring_depth']}, planned "
-                         f"{info['planned_s_per_token']:.3f} s/tok"
-                         + ("" if info.get("profile_calibrated") else " (uncalibrated profile)"))
-        if row.get("io_busy_gbps"):
-            notes.append(f"reads ran at {row['io_busy_gbps']:.2f} GB/s while in flight")
-        if row.get("floor_s_per_token") is None and ENGINES[engine].capped and "s_per_token" in row:
-            notes.append(f"roofline is I/O only ({ENGINES[engine].floor} not run)")
-        if row["cached_before_max"]:
-            notes.append(f"{fmt(row['cached_before_max'])} still cached at start")
-        print(f"{engine:<21}{(fmt(cap).replace(' ', '') if cap else 'none'):>9}"
-              f"{(fmt(row['peak_rss']) if 'peak_rss' in row else '-'):>11}"
-              f"{(fmt(row['cgroup_peak']) if row['cgroup_peak'] is not None else 'n/a'):>11}"
-              f"{f(row['cgroup_failcnt'], '9d', 'n/a'):>9}{f(row['oom_kills'], '9d', 'n/a'):>9}"
-              f"{f(row.get('majflt_per_token'), '11.0f'):>11}{f(row.get('load_s'), '8.1f'):>8}"
-              f"{row['runs_ok']:>4}/{row['runs']:<3}  {'; '.join(notes)}")
-    print("GiB/tok: tierlm = its disk counter (metrics.tiers.disk_bytes / forward_passes); llama.cpp = "
-          "/proc/PID/io read_bytes per eval. '/proc' = read_bytes per forward pass for every engine. "
-          "roofline = max(GiB/tok / disk GB/s measured before the run, resident s/token); % roof = roofline / s/tok.\n"
-          "peak RSS (VmHWM) counts mapped file pages (shared libraries, an mmap'd GGUF) that the cgroup is not charged "
-          "for when another process cached them first; cg peak = memory.max_usage_in_bytes (anon + page cache charged).")
-    return {"machine": m, "model": a.model, "model_bytes": size, "caps": caps, "budgets": budgets,
-            "tokens": a.tokens, "gens_per_worker": a.gens, "warmup_tokens": a.warmup_tokens, "reps": a.reps,
-            "threads": a.threads, "prompt_tokens": a.prompt_tokens, "context": a.context,
-            "cgroup": None if cgroup_reason else "v1", "cgroup_unavailable_reason": cgroup_reason,
-            "rows": [{k: v for k, v in row.items()} for row in rows.values()], "runs": runs, "prepared": prepared}
 
 
 if __name__ == "__main__":

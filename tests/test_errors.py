@@ -16,7 +16,7 @@ from tierlm import cli
 from tierlm.cli import main
 from tierlm.errors import ModelFormatError, StorageError
 from tierlm.kvcache import block_file
-from tierlm.memory import offload_store
+from tierlm.memory import offload_build
 from tierlm.weights import open_model
 from tierlm.weights.embedded import embedded_model_path
 
@@ -147,7 +147,7 @@ def test_disk_full_while_writing_the_offload_store(capsys, tiny_models, tmp_path
     def full(*args):
         args[-1](memoryview(b"x" * 4096))
         raise _enospc()
-    monkeypatch.setattr(offload_store, "_encode_unit", full)
+    monkeypatch.setattr(offload_build, "_encode_unit", full)
     off, model = tmp_path / "off", _tiny_model(tiny_models, capsys)
     code, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "x",
                            "--max-tokens", "2", "--max-context", "64", "--max-memory", "cpu=660KiB",
@@ -158,7 +158,7 @@ def test_disk_full_while_writing_the_offload_store(capsys, tiny_models, tmp_path
 
 
 def test_too_little_free_space_for_the_offload_store(capsys, tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(offload_store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    monkeypatch.setattr(offload_build.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
     code, _, err = run_cli(capsys, "generate", "--model", _tiny_model(tiny_models, capsys), "--prompt", "x",
                            "--max-tokens", "2", "--max-context", "64", "--max-memory", "cpu=660KiB",
                            "--offload-dir", str(tmp_path / "off"))

@@ -15,7 +15,7 @@ import torch
 from helpers import cached_pages, flip
 
 from tierlm.errors import StorageError
-from tierlm.memory import offload_store
+from tierlm.memory import offload_build
 from tierlm.memory.directio import ALIGN, AlignedBuffer
 from tierlm.memory.dirlock import dir_lock
 from tierlm.memory.offload_store import DATA_FILE, MANIFEST, ChecksumError, OffloadStore
@@ -199,7 +199,7 @@ def _leftovers(off) -> list[str]:
 
 def _failing_write(monkeypatch, error: BaseException, after_units: int = 1) -> None:
     """Make the build fail while writing unit number `after_units` (0-based), after part of the data is out."""
-    encode, seen = offload_store._encode_unit, []
+    encode, seen = offload_build._encode_unit, []
 
     def fake(source, name, offset, dtype, quant, present, write):
         seen.append(name)
@@ -207,7 +207,7 @@ def _failing_write(monkeypatch, error: BaseException, after_units: int = 1) -> N
             return encode(source, name, offset, dtype, quant, present, write)
         write(memoryview(b"x" * 100))
         raise error
-    monkeypatch.setattr(offload_store, "_encode_unit", fake)
+    monkeypatch.setattr(offload_build, "_encode_unit", fake)
 
 
 def test_failed_build_leaves_no_temp_file_and_no_manifest(model_dir, tmp_path, monkeypatch):
@@ -245,7 +245,7 @@ def test_disk_full_while_writing_is_a_storage_error(model_dir, tmp_path, monkeyp
 
 def test_too_little_free_space_fails_before_writing(model_dir, tmp_path, monkeypatch):
     off = tmp_path / "off"
-    monkeypatch.setattr(offload_store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
+    monkeypatch.setattr(offload_build.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
     with pytest.raises(StorageError, match=r"not enough free space \(needs .*KiB, 4.0 KiB free\)"):
         OffloadStore.open_or_build(open_model(model_dir), [layer_unit(0)], torch.float32, off, progress=False)
     assert _leftovers(off) == []

@@ -13,7 +13,7 @@ from helpers import cached_pages, flip
 from tierlm import LLM, SamplingParams
 from tierlm.engine.runner import Runner
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.memory import offload_store
+from tierlm.memory import offload_layout
 from tierlm.memory.offload_store import DATA_FILE, ChecksumError
 from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
@@ -169,7 +169,7 @@ def test_corrupt_unit_with_a_changed_source_is_a_clear_error(tiny_models, tmp_pa
 def test_a_failed_load_waits_for_its_other_reads_before_raising(tiny_models, tmp_path, monkeypatch):
     """A chunk failing twice must not leave the load's other chunk reads running: they would land in the slot
     after it is reused. Every read of the load is done when the error comes out."""
-    monkeypatch.setattr(offload_store, "CHUNK_BYTES", 4096)  # ~50 chunks per layer: many reads in flight
+    monkeypatch.setattr(offload_layout, "CHUNK_BYTES", 4096)  # ~50 chunks per layer: many reads in flight
     path, _ = _corrupted(tiny_models, tmp_path)  # chunk 0 of layers.1 is bad
     store = _placed(path, tmp_path, [K, K], D, K)
     streamer = store.streamer

@@ -1,13 +1,8 @@
-"""The offload store: units placed off the compute device, written once to `offload_dir` for streaming.
-
-Layout of `layers.bin`: each unit's tensors are contiguous and every tensor starts 4 KiB-aligned, so one
-unit is one aligned extent read with O_DIRECT into a ring slot, and tensors are views of the slot.
-Integrity: an XXH3-64 hash per CHUNK_BYTES piece of each extent (the streamer reads in chunks and checks each
-as it lands, on the I/O threads). XXH3 rather than zlib's CRC32 because CRC32 runs at ~2.7 GB/s per core: at
-disk speed it would take most of a core on a 2-core machine away from compute; XXH3 runs at 10-25 GB/s. `manifest.json` records shapes, dtypes, offsets, checksums and a fingerprint of
-the source; it is written last, atomically (temp + rename), so a store without a manifest is incomplete
-and is rebuilt. A store whose fingerprint and unit list match is reused. Builds hold `DIR/.lock`, so two
-processes never write one store at once.
+"""The offload store: units placed off the compute device, written once to `offload_dir` for streaming. This
+module is the read side: opening a store (reused when its manifest matches, else built under `DIR/.lock`),
+reading and verifying chunks, whole units and on-demand rows, and the tensors of a unit as views of its bytes.
+The format is in offload_layout.py, the writing (build and in-place repair) in offload_build.py; the format's
+public names are re-exported here.
 Self-healing: a unit whose bytes fail their checksum twice is rebuilt from the source in place (repair), when
 the source is unchanged; the rebuilt bytes must match the manifest's sums, as the same source and the same
 code give the same bytes. A missing or changed source is a clear error instead.
@@ -15,214 +10,35 @@ code give the same bytes. A missing or changed source is a clear error instead.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
-import os
-import secrets
-import shutil
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import xxhash
 
-from tierlm.config import STORAGE_DTYPES, format_size
-from tierlm.errors import ModelFormatError, StorageError, TierlmError, is_storage_error, storage_error
+from tierlm.config import STORAGE_DTYPES
+from tierlm.errors import ModelFormatError, TierlmError, is_storage_error, storage_error
+from tierlm.memory import offload_layout as layout
 from tierlm.memory.directio import ALIGN, AlignedBuffer, DirectFile, align_up, drop_from_page_cache
 from tierlm.memory.dirlock import dir_lock
+from tierlm.memory.offload_build import build_store, rewrite_unit
+from tierlm.memory.offload_layout import (CHUNK_BYTES, DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin,
+                                          StoredTensor, StoredUnit, checksum, source_fingerprint)
 from tierlm.memory.stats import TierStats
-from tierlm.memory.units import EMBED, HEAD, unit_nbytes, unit_tensors
-from tierlm.progress import progress_bar
-from tierlm.quant import kernels
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import PARTS, QuantTensor
 from tierlm.weights import open_model
 from tierlm.weights.source import ModelSource
-from tierlm.weights.unit_load import load_unit_tensor
 
-STORE_VERSION = 5  # 5: quantised matrices stored in kernel form (see quant/tensor.py)
-DATA_FILE, MANIFEST = "layers.bin", "manifest.json"
-CHUNK_BYTES = 8 << 20  # read and checksum granule: ≥4 MiB keeps the disk at full speed
-
-
-class ChecksumError(ModelFormatError):
-    """Stored bytes do not match their checksum (disk corruption or a torn write)."""
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    name: str  # leaf name inside the unit: "wq", "w_down", "lm_head", ...
-    dtype: str
-    shape: list[int]
-    offset: int  # from the start of the unit's extent; multiple of ALIGN
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class StoredUnit:
-    name: str  # "layers.3", "head", "embed"
-    offset: int  # in layers.bin; multiple of ALIGN
-    nbytes: int  # extent, multiple of ALIGN
-    tensors: list[StoredTensor]
-    chunk_sums: list[int]  # XXH3-64 of extent[c*CHUNK_BYTES : (c+1)*CHUNK_BYTES]
-    row_sums: list[int] = field(default_factory=list)  # dense embed/head: XXH3-64 of each row (on-demand rows)
-    quant: dict[str, dict] = field(default_factory=dict)  # leaf -> QuantTensor.meta(); its parts are "leaf.part"
-
-    def chunks(self) -> list[tuple[int, int]]:
-        """(offset within the extent, length) of every checksummed chunk."""
-        return [(c, min(CHUNK_BYTES, self.nbytes - c)) for c in range(0, self.nbytes, CHUNK_BYTES)]
-
-
-def source_fingerprint(source: ModelSource, dtype: torch.dtype, quant: QuantScheme = QuantScheme()) -> str:
-    """Identity of what the store was built from: path, size and mtime of every model file, the dtype and the
-    quant scheme. Cheap (no full-file hash) yet changes when any file is replaced or edited."""
-    files = source.files()
-    # the int4 byte layout follows this torch build's vector width: a store from another CPU is rebuilt
-    layout = kernels.layout_tag() if quant.enabled else ""
-    h = hashlib.sha256(f"v{STORE_VERSION}|{dtype}|{quant}|{layout}".encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def checksum(data: bytes | memoryview) -> int:
-    """The store's checksum (XXH3-64); releases the GIL, so I/O threads verify in parallel."""
-    return xxhash.xxh3_64_intdigest(data)
-
-
-class _ChunkedSum:
-    """checksum() per CHUNK_BYTES of a byte stream, fed in arbitrary pieces."""
-
-    def __init__(self) -> None:
-        self.sums: list[int] = []
-        self._h, self._filled = xxhash.xxh3_64(), 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        data = memoryview(data)
-        while len(data):
-            take = min(CHUNK_BYTES - self._filled, len(data))
-            self._h.update(data[:take])
-            self._filled += take
-            data = data[take:]
-            if self._filled == CHUNK_BYTES:
-                self.sums.append(self._h.intdigest())
-                self._h, self._filled = xxhash.xxh3_64(), 0
-
-    def finish(self) -> list[int]:
-        if self._filled:
-            self.sums.append(self._h.intdigest())
-        return self.sums
-
-
-def _encode_unit(source: ModelSource, name: str, offset: int, dtype: torch.dtype, quant: QuantScheme,
-                 present: set[str], write: Callable[[memoryview], object]) -> StoredUnit:
-    """Encode unit `name` as its extent, passing the bytes to `write` in order (tensor, padding, tensor, ...),
-    one tensor in memory at a time -> its manifest entry at `offset`. Deterministic: the same source, dtype,
-    scheme and code give the same bytes, which is what lets repair() rebuild a unit and check the result
-    against the sums recorded at build time. Generic over QuantTensor parts: each is stored as "leaf.part"."""
-    tensors, pos, sums, rows, metas = [], 0, _ChunkedSum(), [], {}
-    for spec in unit_tensors(source.config, name):
-        value = load_unit_tensor(source, spec, dtype, quant, present)
-        if value is None:
-            continue
-        if isinstance(value, QuantTensor):
-            metas[spec.leaf] = value.meta()
-            parts = {f"{spec.leaf}.{k}": v for k, v in value.parts().items()}
-        else:
-            parts = {spec.leaf: value}
-        for leaf, t in parts.items():
-            raw = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # 1-D: bytes
-            pad = memoryview(bytes(align_up(len(raw)) - len(raw)))
-            for piece in (raw, pad):
-                write(piece)
-                sums.update(piece)
-            tensors.append(StoredTensor(leaf, str(t.dtype).removeprefix("torch."), list(t.shape), pos, len(raw)))
-            if name in (EMBED, HEAD) and not metas:
-                rb = len(raw) // t.shape[0]
-                rows = [checksum(raw[r * rb:(r + 1) * rb]) for r in range(t.shape[0])]
-            pos += len(raw) + len(pad)
-            del raw
-        del value, parts
-    return StoredUnit(name, offset, pos, tensors, sums.finish(), rows, metas)
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """What rebuilding a unit needs. The source is reopened lazily: WeightStore closes it after loading."""
-    path: Path  # as open_model takes it: a GGUF file or a Hugging Face directory
-    fingerprint: str  # source_fingerprint at build time: a rebuild is only trusted from the same source
-    dtype: torch.dtype
-    quant: QuantScheme
-
-
-class _Patch:
-    """repair()'s sink: gathers a rebuilt extent chunk by chunk, checks each chunk against the manifest's sum
-    and only then writes it in place. A chunk that differs is never written (the store keeps its old bytes)."""
-
-    def __init__(self, fd: int, unit: StoredUnit, what: str):
-        self.fd, self.unit, self.what = fd, unit, what
-        self.buf = bytearray()
-        self.at = 0  # bytes of the extent written so far
-
-    def write(self, data: memoryview) -> None:
-        data = memoryview(data)
-        while len(data):
-            take = min(CHUNK_BYTES - len(self.buf), len(data))
-            self.buf += data[:take]
-            data = data[take:]
-            if len(self.buf) == CHUNK_BYTES:
-                self._flush()
-
-    def _flush(self) -> None:
-        c = self.at // CHUNK_BYTES
-        if self.at + len(self.buf) > self.unit.nbytes or checksum(self.buf) != self.unit.chunk_sums[c]:
-            raise ChecksumError(f"{self.what}; rebuilt from the source it does not match the store's checksums "
-                                "(built by another tierlm version?): delete the offload store to rebuild it")
-        view, done = memoryview(self.buf), 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], self.unit.offset + self.at + done)
-        del view
-        self.at += len(self.buf)
-        self.buf.clear()
-
-    def finish(self) -> None:
-        if self.buf:
-            self._flush()
-        if self.at != self.unit.nbytes:
-            raise ChecksumError(f"{self.what}; rebuilt from the source it is {self.at} bytes, the store says "
-                                f"{self.unit.nbytes}: delete the offload store to rebuild it")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and unlinks in `directory` durable (a rename is only on disk once its directory is)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_name(final: str) -> str:
-    """Unique per process and call: two processes building in one directory never share a temp file."""
-    return f"{final}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def _remove_stale_temps(directory: Path) -> None:
-    """Temp files left by a killed build. Only called under the directory lock, when no build is running."""
-    for final in (DATA_FILE, MANIFEST):
-        for tmp in directory.glob(f"{final}.*tmp"):
-            tmp.unlink(missing_ok=True)
+__all__ = ["CHUNK_BYTES", "DATA_FILE", "MANIFEST", "STORE_VERSION", "ChecksumError", "OffloadStore", "StoredTensor",
+           "StoredUnit", "checksum", "source_fingerprint"]
 
 
 class OffloadStore:
     """Invariant: `units` describe the bytes of `path` as built from `origin`; a unit found corrupt is
     rewritten in place with exactly those bytes (repair) or reported, never trusted."""
 
-    def __init__(self, directory: Path, units: dict[str, StoredUnit], origin: _Origin | None = None):
+    def __init__(self, directory: Path, units: dict[str, StoredUnit], origin: Origin | None = None):
         self.directory = directory
         self.units = units
         self.origin = origin  # None: nothing to rebuild from (a corrupt unit is an error)
@@ -237,7 +53,7 @@ class OffloadStore:
     @classmethod
     def open_or_build(cls, source: ModelSource, units: list[str], dtype: torch.dtype, directory: Path,
                       progress: bool | None = None, quant: QuantScheme = QuantScheme()) -> "OffloadStore":
-        origin = _Origin(Path(source.path), source_fingerprint(source, dtype, quant), dtype, quant)
+        origin = Origin(Path(source.path), source_fingerprint(source, dtype, quant), dtype, quant)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -255,11 +71,11 @@ class OffloadStore:
             return cls._build(source, units, origin, directory, progress)
 
     @classmethod
-    def _open(cls, directory: Path, origin: _Origin, units: list[str]) -> "OffloadStore | None":
+    def _open(cls, directory: Path, origin: Origin, units: list[str]) -> "OffloadStore | None":
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
             if (manifest.get("version") != STORE_VERSION or manifest.get("fingerprint") != origin.fingerprint
-                    or manifest.get("chunk_bytes") != CHUNK_BYTES):
+                    or manifest.get("chunk_bytes") != layout.CHUNK_BYTES):
                 return None
             stored = {k: StoredUnit(**{**v, "tensors": [StoredTensor(**t) for t in v["tensors"]]})
                       for k, v in manifest["units"].items()}
@@ -271,69 +87,10 @@ class OffloadStore:
         return cls(directory, stored, origin)
 
     @classmethod
-    def _build(cls, source: ModelSource, units: list[str], origin: _Origin, directory: Path,
+    def _build(cls, source: ModelSource, units: list[str], origin: Origin, directory: Path,
                progress: bool | None) -> "OffloadStore":
-        """Write the store; called under the directory lock. Order: drop the old manifest and data, write the
-        data to a temp file, fsync, rename; then the manifest likewise, last. Invariant: at every instant a
-        manifest exists only next to the complete data it describes, so a kill at any moment leaves a store
-        that is either whole or rebuilt by the next run. On any failure the temp files are removed."""
-        where = f"the offload store in {directory}"
-        need = sum(unit_nbytes(source.config, u, origin.dtype, origin.quant) for u in units)
-        tmp, mtmp = directory / _temp_name(DATA_FILE), directory / _temp_name(MANIFEST)
-        try:
-            (directory / MANIFEST).unlink(missing_ok=True)  # the store is untrusted until the manifest is back
-            (directory / DATA_FILE).unlink(missing_ok=True)  # garbage now, and its space may be needed
-            _remove_stale_temps(directory)
-            _fsync_dir(directory)
-            free = shutil.disk_usage(directory).free
-            if need > free:
-                raise StorageError(f"cannot write {where}: not enough free space "
-                                   f"(needs {format_size(need)}, {format_size(free)} free)")
-            stored = cls._write_data(source, units, origin, tmp, progress)
-            os.replace(tmp, directory / DATA_FILE)
-            _fsync_dir(directory)  # the data is durably in place before a manifest can name it
-            drop_from_page_cache(directory / DATA_FILE)  # written pages must not stay behind as a hidden RAM tier
-            manifest = {"version": STORE_VERSION, "fingerprint": origin.fingerprint,
-                        "data_bytes": sum(s.nbytes for s in stored.values()), "chunk_bytes": CHUNK_BYTES,
-                        "units": {k: asdict(s) for k, s in stored.items()}}
-            with mtmp.open("x") as f:
-                f.write(json.dumps(manifest))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(mtmp, directory / MANIFEST)
-            _fsync_dir(directory)
-        except BaseException as e:
-            for t in (tmp, mtmp):
-                with contextlib.suppress(OSError):
-                    t.unlink(missing_ok=True)
-            if is_storage_error(e):
-                note = ""
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    with contextlib.suppress(OSError):
-                        note = f"needs {format_size(need)}, {format_size(shutil.disk_usage(directory).free)} free"
-                raise storage_error(where, e, note) from None
-            raise
-        return cls(directory, stored, origin)
-
-    @staticmethod
-    def _write_data(source: ModelSource, units: list[str], origin: _Origin, tmp: Path,
-                    progress: bool | None) -> dict[str, StoredUnit]:
-        present = set(source.tensor_names())
-        stored: dict[str, StoredUnit] = {}
-        bar = progress_bar(len(units), "writing offload store", progress, unit="unit")
-        offset = 0
-        try:
-            with tmp.open("xb") as f:
-                for name in units:
-                    stored[name] = _encode_unit(source, name, offset, origin.dtype, origin.quant, present, f.write)
-                    offset += stored[name].nbytes
-                    bar.update()
-                f.flush()
-                os.fsync(f.fileno())
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            bar.close()
-        return stored
+        """Write the store (offload_build.build_store); called under the directory lock."""
+        return cls(directory, build_store(source, units, origin, directory, progress), origin)
 
     # --- self-healing ----------------------------------------------------------------------------
     def repair(self, unit: str, what: str) -> None:
@@ -358,34 +115,12 @@ class OffloadStore:
                 if not same:
                     raise ChecksumError(f"{what}; cannot rebuild it: the source {o.path} changed since the store "
                                         "was built (run again to rebuild the store)")
-                self._rewrite(source, unit, what)
+                rewrite_unit(self.directory, self._identity, unit, self.units[unit], source, o, what)
             finally:
                 source.close()
                 for f in source.files():
                     with contextlib.suppress(OSError):
                         drop_from_page_cache(f)  # the source is no hidden tier either
-
-    def _rewrite(self, source: ModelSource, unit: str, what: str) -> None:
-        s, o = self.units[unit], self.origin
-        try:
-            with dir_lock(self.directory):  # no build replaces the file meanwhile
-                fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    st = os.fstat(fd)
-                    if (st.st_dev, st.st_ino) != self._identity:
-                        raise ChecksumError(f"{what}; cannot rebuild it: another process replaced the store "
-                                            "(run again)")
-                    patch = _Patch(fd, s, what)
-                    _encode_unit(source, unit, s.offset, o.dtype, o.quant, set(source.tensor_names()), patch.write)
-                    patch.finish()
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, s.offset, s.nbytes, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-        except OSError as e:
-            if is_storage_error(e):
-                raise StorageError(f"{what}; cannot rebuild it in place: {e.strerror}") from None
-            raise
 
     def _failure(self, unit: str, e: Exception) -> str:
         """One line for a read that failed twice."""
@@ -433,7 +168,7 @@ class OffloadStore:
         at, n = chunk
         if reader.read_into(buf[at:at + n], s.offset + at, n) != n:
             raise ModelFormatError(f"{self.path}: short read in {unit} (file truncated?)")
-        if checksum(buf[at:at + n]) != s.chunk_sums[at // CHUNK_BYTES]:
+        if checksum(buf[at:at + n]) != s.chunk_sums[at // layout.CHUNK_BYTES]:
             raise ChecksumError(f"{self.path}: checksum mismatch in {unit} bytes {at}..{at + n}")
 
     def views(self, unit: str, buf: torch.Tensor) -> dict[str, torch.Tensor | QuantTensor]:

@@ -57,7 +57,10 @@ class QuantScheme:
         `storage_types` counts tensors per stored type (ModelSource.storage_types()), `head_type` is the
         stored type of the lm_head (the embedding when tied)."""
         if isinstance(kind, QuantScheme) or (kind or AUTO).lower() != AUTO:
-            return cls.parse(kind, group_size)
+            scheme = cls.parse(kind, group_size)
+            # int4 g=32 asked of a file whose head is Q4_0/Q4_1: its own blocks are exact, int8 would not be
+            lossless_head = scheme == cls("int4", 32) and head_type in ("Q4_0", "Q4_1")
+            return cls("int4", 32, head_int4=True) if lossless_head else scheme
         if group_size is not None:
             raise UsageError("--group-size needs --quant int8 or int4 (auto follows the file)")
         quantised = {t: n for t, n in storage_types.items() if t in _AUTO_SCHEMES}
