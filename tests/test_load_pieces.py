@@ -9,7 +9,7 @@ import torch
 from tierlm.memory.planner import PlanInput
 from tierlm.memory.planning import MIN_DEFAULT_CONTEXT, choose_context
 from tierlm.memory.units import layer_tensors
-from tierlm.quant import QuantBlocks, QuantScheme, kernels, quantize
+from tierlm.quant import QuantBlocks, QuantScheme, from_blocks, kernels, quantize
 from tierlm.weights import open_model
 from tierlm.weights.unit_load import load_unit_tensor
 
@@ -121,3 +121,23 @@ def test_default_context_trades_kv_against_weights():
     assert inp.kv_bytes == _inp(context).kv_bytes
     # cheap KV (1/16 the bytes) buys the longest candidate
     assert choose_context(_Cfg(), lambda c: _inp(c, kv_mib_per_k=16))[0] == 4096
+
+
+@pytest.mark.parametrize("lanes", [16, 32])
+def test_gguf_nibbles_pack_directly_into_the_int4_layout(lanes):
+    """Byte-to-byte repacking of Q4 nibbles equals unpacking them one value a byte and packing (both layouts)."""
+    from tierlm.quant import int4
+
+    torch.manual_seed(2)
+    qs = torch.randint(0, 256, (128, 6, 16), dtype=torch.uint8)  # [R, G, 16]: 128 rows, K = 192
+    values = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(128, 192)  # element t low, t + 16 high
+    assert torch.equal(int4.pack_gguf_nibbles(qs, lanes), int4.pack(values, lanes))
+
+
+def test_load_packed_equals_blocks_then_pack(embedded):
+    for name in ("layers.0.wq", "layers.0.wk", "layers.3.w_gate"):
+        direct = embedded.load_packed(name, QuantScheme("int4", 32), slice(64, 192))
+        blocks = embedded.load_blocks(name, QuantScheme("int4", 32), slice(64, 192))
+        ref = from_blocks(blocks)
+        assert all(torch.equal(direct.parts()[k], v) for k, v in ref.parts().items()), name
+    assert embedded.load_packed("embed", QuantScheme("int4", 32)) is None  # Q8_0: no direct repack

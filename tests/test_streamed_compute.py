@@ -99,14 +99,15 @@ def measure(quant: str, model: str, offload_dir: str) -> dict:
     try:
         times: dict[str, list[float]] = {"resident": [], "streamed": []}
         for k in range(3 + TOKENS):
+            if k == 3:  # warm-up done: the ring's views are built, count from here
+                streamed.acquire_s, warm_units = 0.0, streamed.store.stats.units_streamed
             for name, run in (("resident", resident), ("streamed", streamed)):
                 t = run.step()
                 if k >= 3:
                     times[name].append(t)
-        stats = streamed.store.stats
+        units = streamed.store.stats.units_streamed - warm_units
         return {"resident": statistics.median(times["resident"]), "streamed": statistics.median(times["streamed"]),
-                "units_streamed": stats.units_streamed, "layers": n,
-                "per_acquire": streamed.acquire_s / stats.units_streamed}
+                "units_streamed": units, "layers": n, "per_acquire": streamed.acquire_s / units}
     finally:
         resident.close()
         streamed.close()
@@ -123,7 +124,10 @@ def test_streamed_layer_computes_as_fast_as_resident(quant, tinyllama, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.splitlines()[-1])
     assert m["units_streamed"] >= m["layers"] * TOKENS  # every layer really came through the ring
-    assert m["per_acquire"] < 2e-4, f"acquire took {m['per_acquire'] * 1e6:.0f} us: more than views of the slot"
     res, st = m["resident"], m["streamed"]
+    # an acquire is waiting-bookkeeping over its chunks plus cached views: a few % of a layer's compute at most
+    # (re-preparing int4 scales per acquire, as before kernel form, cost more than a tenth of it)
+    layer = res / m["layers"]
+    assert m["per_acquire"] < 0.05 * layer, f"acquire took {m['per_acquire'] * 1e6:.0f} us of a {layer * 1e3:.2f} ms layer"
     print(f"{quant}: streamed {st * 1e3:.2f} ms vs resident {res * 1e3:.2f} ms")
     assert st <= res * (1 + TOLERANCE), f"{quant}: streamed {st * 1e3:.2f} ms vs resident {res * 1e3:.2f} ms"

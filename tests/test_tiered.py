@@ -210,3 +210,28 @@ def test_interrupted_pass_restarts_the_stream(tiny_models, resident, tmp_path):
         store.close()
     for g, r in zip(got, resident("llama3_rope")[:3], strict=True):
         assert torch.equal(g, r)
+    assert store.stats.restarts == 1  # the abandoned pass, once
+
+
+def test_long_prompt_passes_over_a_streamed_head_without_restarting(tiny_models, tmp_path):
+    """A prompt of several prefill chunks skips the head on all but the last chunk; the ring had already
+    prefetched it, so the runner passes over it in order instead of draining and re-reading the stream."""
+    path = tiny_models["llama3_rope"].path
+
+    def last_logits(store: WeightStore) -> torch.Tensor:
+        runner = Runner(store, torch.float32, prefill_chunk=3, max_context=64)
+        kv = KVCache(store.config, batch=1, capacity=64, dtype=torch.float32)
+        try:
+            return runner.forward(torch.tensor([PROMPT]), kv)  # 11 tokens: 4 chunks, the head on the last only
+        finally:
+            kv.release()
+
+    store = _placed(path, tmp_path, [K, K], K, D, ring=2)
+    try:
+        got = last_logits(store)
+        assert store.stats.restarts == 0
+        assert store.stats.units_streamed == 4 * 3  # 2 layers + the head per chunk, in order
+    finally:
+        store.close()
+    want = last_logits(WeightStore.load_resident(open_model(path), torch.float32, progress=False))
+    assert torch.equal(got, want)

@@ -17,6 +17,7 @@ from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE, PagedKV
 from tierlm.kvcache.persist import save_prefix_cache
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.kvcache.stats import KVStats
+from tierlm.memory import allocator
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.offload_store import source_fingerprint
@@ -83,6 +84,13 @@ class LLM:
         if ring_depth is not None and ring_depth < 1:
             raise UsageError(f"ring_depth must be >= 1, got {ring_depth}")
         QuantScheme.check(quant, group_size)
+        allocator.return_freed_memory_promptly()  # freed transients must leave RSS for budgets to hold
+        cuda = device.startswith("cuda")
+        kv_store_dtype(kv_dtype, torch.float32, cuda)  # NOTE: every argument is checked before a file is opened
+        if block_size < 1:
+            raise UsageError(f"block_size must be >= 1, got {block_size}")
+        kv_pool = parse_size(kv_memory) if kv_memory is not None else None
+        kv_host = parse_size(kv_host_memory)
         self.budget = MemoryBudget.parse(max_memory)
         if self.budget.device is not None and not device.startswith("cuda"):
             raise UsageError(f"max_memory names {self.budget.device_name} but the device is {device}")
@@ -92,12 +100,7 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.quant.enabled)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        cuda = device.startswith("cuda")
         kv_store = kv_store_dtype(kv_dtype, self.dtype, cuda)
-        if block_size < 1:
-            raise UsageError(f"block_size must be >= 1, got {block_size}")
-        kv_pool = parse_size(kv_memory) if kv_memory is not None else None
-        kv_host = parse_size(kv_host_memory)
         self.profile, self.profile_calibrated = load_profile_or_default(profile)
         self.plan: Placement | None = None
         self.planned_kv_bytes: int | None = None
@@ -117,6 +120,7 @@ class LLM:
             self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
                                                   Path(offload_dir) if offload_dir else None, progress,
                                                   io_threads=self.profile.disk_queue_depth, quant=self.quant)
+        allocator.trim()  # loading's transients are freed: hand their heap pages back
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
         if kv_offload_dir is None and offload_dir is not None:
             kv_offload_dir = Path(offload_dir) / "kv"

@@ -22,6 +22,7 @@ class TierStats:
     units_streamed: int = 0
     retries: int = 0  # chunks re-read after an error or checksum mismatch
     repairs: int = 0  # units rebuilt in place from the source after failing their checksum twice
+    restarts: int = 0  # the ring started over out of its cyclic order (reads in flight drained and re-read)
     io_busy_s: float = 0.0  # time the disk was busy (union of read intervals)
     io_wait_s: float = 0.0  # time the runner waited for a unit to arrive
     forward_s: float = 0.0  # wall time inside Runner.forward (compute + waits)

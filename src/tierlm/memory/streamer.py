@@ -122,6 +122,7 @@ class Streamer:
         if self.schedule[n % len(self.schedule)] != unit or n not in self._pending:
             # out of order, or load n was already acquired and never released (a pass abandoned mid-way
             # or a failed read): start over, overwriting the abandoned slot
+            self.stats.restarts += 1
             self._start(self._position[unit])
             n = self._next
         self._wait(n, unit)

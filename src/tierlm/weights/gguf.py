@@ -12,8 +12,9 @@ from gguf.quants import dequantize
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import ModelFormatError, UnsupportedModelError
-from tierlm.quant.scheme import QuantScheme
-from tierlm.quant.tensor import QuantBlocks
+from tierlm.quant import int4
+from tierlm.quant.scheme import INT4_BLOCK_N, QuantScheme
+from tierlm.quant.tensor import QuantBlocks, QuantTensor
 from tierlm.weights.gguf_file import GGUFFile
 from tierlm.weights.names import gguf_to_internal
 from tierlm.weights.source import ModelSource
@@ -117,7 +118,8 @@ class GGUFSource(ModelSource):
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         return self._tensors[name].shape
 
-    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None),
+             out: torch.Tensor | None = None) -> torch.Tensor:
         t = self._tensors[name]
         try:
             raw = self._file.raw(t, rows)
@@ -126,9 +128,31 @@ class GGUFSource(ModelSource):
             raise ModelFormatError(f"{self.path}: cannot read tensor {t.name} ({e})") from None
         del raw
         w = self._unpermute_rows(name, w)
+        if out is not None:
+            return out.copy_(torch.from_numpy(w))
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, dtype=np.float32, order="C")
         return torch.from_numpy(w).to(dtype)
+
+    def load_packed(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantTensor | None:
+        """Q4_0/Q4_1 rows (a multiple of 64 of them) packed straight into the int4 layout, without loss
+        (int4.pack_gguf_nibbles); None where load_blocks is the way."""
+        t = self._tensors[name]
+        if t.qtype not in (Q.Q4_0, Q.Q4_1) or scheme != QuantScheme("int4", 32) or len(t.shape) != 2:
+            return None
+        k = t.shape[1]
+        raw = self._unpermute_rows(name, self._file.raw(t, rows))  # [R, K/32 * block bytes]
+        n = raw.shape[0]
+        if n % INT4_BLOCK_N:
+            return None
+        block = raw.reshape(n, k // 32, -1)  # [R, K/32, bytes per block]
+        d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [R, K/32]
+        if t.qtype == Q.Q4_1:
+            m = block[..., 2:4].copy().view(np.float16)[..., 0]
+        else:
+            m = (-8 * d.astype(np.float32)).astype(np.float16)  # w = d*(q-8) = d*q + (-8d); -8d is exact
+        qs = torch.from_numpy(np.ascontiguousarray(block[..., -16:]))  # [R, K/32, 16]
+        return QuantTensor("int4", (n, k), 32, int4.pack_gguf_nibbles(qs), torch.from_numpy(d), torch.from_numpy(m))
 
     def load_blocks(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantBlocks | None:
         """Q4_0/Q4_1 blocks as int4 g=32 and Q8_0 blocks as int8 g=32, unpacked but bit for bit (see quant/);

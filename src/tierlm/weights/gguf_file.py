@@ -87,7 +87,14 @@ class GGUFFile:
         finally:
             del header  # unmapped here: only the header's pages were touched
         self._fd: int | None = os.open(path, os.O_RDONLY)
-        drop_pages(self._fd, 0, self.data_start)
+        # NOTE: no readahead: pages the kernel reads ahead are still in flight when a piece's range is dropped,
+        # and stay cached (measured: 3.4 of 4.0 GB of a 7B file left in the page cache after a resident load).
+        # Pieces are megabytes, so reading them without readahead costs nothing.
+        try:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            pass
+        drop_pages(self._fd, 0, 0)  # the header's pages, and what the map's fault-around read beyond them
 
     def _parse(self, header: np.memmap, path: Path) -> None:
         cur = _Cursor(memoryview(header), path)

@@ -192,7 +192,8 @@ class SafetensorsSource(ModelSource):
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name].shape)
 
-    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None),
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor (or rows of it) into fresh memory with pread, then drop its file pages from the page
         cache. NOTE: not through a memory map: mapped pages count in RSS while mapped, so loading a 100 MiB
         tensor would briefly cost 200 MiB against the budget (and leave the weights in the page cache)."""
@@ -203,7 +204,10 @@ class SafetensorsSource(ModelSource):
             first, stop, _ = rows.indices(shape[0])
             shape = (max(0, stop - first), *shape[1:])
         begin = e.offset + first * math.prod(e.shape[1:]) * e.dtype.itemsize  # byte offset of the first row
-        out = torch.empty(shape, dtype=dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
         flat = out.view(-1)
         # Same dtype: read straight into the result. Otherwise read pieces of CONVERT_ELEMS elements into a
         # small scratch and convert each into place, so a conversion never holds a second full copy.

@@ -11,12 +11,12 @@ import torch
 from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError
 from tierlm.quant.scheme import QuantScheme
-from tierlm.quant.tensor import QuantBlocks
+from tierlm.quant.tensor import QuantBlocks, QuantTensor
 from tierlm.weights.names import check_complete
 from tierlm.weights.tokenizer import Tokenizer
 
 
-PIECE_BYTES = 16 << 20  # fp32 bytes of one row piece while loading: bounds the dense transient per tensor
+PIECE_BYTES = 16 << 20  # fp32 bytes of one row piece while loading (two convert at once): bounds the transient
 
 
 class ModelSource(ABC):
@@ -34,13 +34,20 @@ class ModelSource(ABC):
         """[out, in] shape of a tensor by internal name."""
 
     @abstractmethod
-    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+    def load(self, name: str, dtype: torch.dtype, rows: slice = slice(None),
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor (or a slice of its rows) by internal name, dequantised to `dtype`, [out, in] orientation,
-        in fresh memory the caller owns."""
+        in fresh memory the caller owns, or written into `out` (a contiguous tensor of that shape and dtype:
+        a source that can read straight into it holds no second copy)."""
 
     def load_blocks(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantBlocks | None:
         """The tensor (or a slice of its rows) already quantised as `scheme` (unpacked), without loss, when the
         stored format allows (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
+        return None
+
+    def load_packed(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantTensor | None:
+        """The rows already packed as `scheme` (loaded form), without loss, where the stored format allows a
+        direct repack (GGUF Q4_0/Q4_1 -> int4 g=32); None otherwise (load_blocks, then pack)."""
         return None
 
     def piece_rows(self, name: str, target_bytes: int = PIECE_BYTES) -> int:

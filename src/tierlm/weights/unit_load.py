@@ -2,13 +2,15 @@
 a quant scheme, quantised — without loss straight from GGUF blocks where the math allows (Q4_0/Q4_1 -> int4
 g=32, Q8_0 -> int8 g=32), else from the dequantised values — and put in kernel form.
 
-Peak memory while loading: the output plus one row piece (ModelSource.piece_rows: ~16 MiB of fp32) of one
-source tensor and its temporaries. Pieces are read, converted and copied into the preallocated output one at
+Peak memory while loading: the output plus LOAD_THREADS row pieces (ModelSource.piece_rows: ~8 MiB of fp32
+each) and their temporaries. Pieces are read, converted and copied into the preallocated output one at
 a time, so no tensor is ever whole in a dense or unpacked form (a 7B w_gateup dense in fp32 is 360 MiB).
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -46,9 +48,9 @@ def _dense(source: ModelSource, spec: UnitTensor, names: list[str], dtype: torch
     out = torch.empty(spec.shape, dtype=dtype)
     at = 0
     for name, rows in _pieces(source, names):
-        piece = source.load(name, dtype, rows)
-        out[at:at + piece.shape[0]] = piece
-        at += piece.shape[0]
+        n = rows.stop - rows.start
+        source.load(name, dtype, rows, out=out[at:at + n])  # rows of a contiguous tensor are contiguous
+        at += n
     return out
 
 
@@ -76,6 +78,24 @@ def _assemble(pieces: Iterator[QuantTensor], n: int) -> QuantTensor:
                        out.get("mins"), out.get("kernel_scales"))
 
 
+LOAD_THREADS = 2  # pieces converted at once: numpy/torch release the GIL, and loading a 7B file is CPU-bound
+
+
+def _ahead(fn, items: list[tuple[str, slice]]) -> Iterator[QuantTensor]:
+    """fn(*item) for every item, in order, LOAD_THREADS at a time (so at most that many pieces are in memory
+    beyond the output): the conversion of a piece is independent of every other."""
+    if len(items) < 2:
+        yield from (fn(*it) for it in items)
+        return
+    with ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="tierlm-load") as pool:
+        pending = deque(pool.submit(fn, *it) for it in items[:LOAD_THREADS])
+        for it in items[LOAD_THREADS:]:
+            yield pending.popleft().result()  # copied into the output before the next piece starts
+            pending.append(pool.submit(fn, *it))
+        while pending:
+            yield pending.popleft().result()
+
+
 def _blocks(source: ModelSource, name: str, rows: slice, scheme: QuantScheme) -> QuantBlocks:
     b = source.load_blocks(name, scheme, rows)
     return b if b is not None else quantize_blocks(source.load(name, torch.float32, rows), scheme)
@@ -100,6 +120,8 @@ def load_unit_tensor(source: ModelSource, spec: UnitTensor, dtype: torch.dtype, 
         # a piece of rows not in whole 64-row blocks (tiny models' k/v): concatenate before packing (small)
         out = ready(QuantBlocks.concat([_blocks(source, n, slice(None), scheme) for n in names]))
     else:
-        out = _assemble((ready(_blocks(source, n, rows, scheme)) for n, rows in _pieces(source, names)),
-                        spec.shape[0])
+        def piece(name: str, rows: slice) -> QuantTensor:
+            packed = source.load_packed(name, scheme, rows)
+            return kernels.prepare(packed, dtype) if packed is not None else ready(_blocks(source, name, rows, scheme))
+        out = _assemble(_ahead(piece, list(_pieces(source, names))), spec.shape[0])
     return out.dequantize_in_pieces(dtype, kernels.piece_rows(out)) if spec.dequantized else out
