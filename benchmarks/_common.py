@@ -59,3 +59,13 @@ def disk_info(path: str) -> str:
         return f"{name} {size} ({driver}, rotational={read('queue/rotational')}, {fs})"
     except (OSError, ValueError, IndexError):
         return "?"
+
+
+def leading_match(a: list[int], b: list[int]) -> int:
+    """How many leading token ids two generations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

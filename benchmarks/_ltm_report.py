@@ -37,15 +37,6 @@ def progress_line(rec: dict, fmt) -> str:
     return s + f" ({rec['wall_s']:.0f} s)"
 
 
-def _lead(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def summarize(runs: list[dict]) -> dict:
     """(engine, cap) -> medians and maxima over its counted generations / runs."""
     groups: dict[tuple, list[dict]] = {}
@@ -86,7 +77,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def report(a, names, caps, budgets, runs, prepared, cgroup_reason, fmt) -> dict:
-    from _common import disk_info, machine_info
+    from _common import disk_info, leading_match, machine_info
     rows = summarize(runs)
     ref = rows.get((REFERENCE, None), {}).get("token_ids")
     for (engine, cap), row in rows.items():
@@ -104,7 +95,7 @@ def report(a, names, caps, budgets, runs, prepared, cgroup_reason, fmt) -> dict:
         if spec.kind == "tierlm" and "s_per_token" in anchor:
             row["x_llama"] = row["s_per_token"] / anchor["s_per_token"]
         if ref is not None:
-            n = _lead(row["token_ids"], ref)
+            n = leading_match(row["token_ids"], ref)
             row["greedy_vs_ref"] = "identical" if n == len(ref) == len(row["token_ids"]) else f"{n}/{len(ref)} lead"
 
     m = machine_info()

@@ -37,7 +37,7 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: silences transformers' GGUF-conversion bar
 import torch  # noqa: E402
-from _common import machine_info  # noqa: E402
+from _common import leading_match, machine_info  # noqa: E402
 
 
 class TierlmEngine:
@@ -152,15 +152,6 @@ def summarize(runs: dict) -> dict:
                      "ttft_ms_all": [t * 1e3 for t in ttfts], "decode_tok_s_all": rates,
                      "deterministic": all(r[2] == rs[0][2] for r in rs), "token_ids": rs[0][2]}
     return out
-
-
-def leading_match(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def report(summary: dict, machine: dict, n_prompt: int, args: argparse.Namespace) -> dict:
