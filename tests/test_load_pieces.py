@@ -141,3 +141,20 @@ def test_load_packed_equals_blocks_then_pack(embedded):
         ref = from_blocks(blocks)
         assert all(torch.equal(direct.parts()[k], v) for k, v in ref.parts().items()), name
     assert embedded.load_packed("embed", QuantScheme("int4", 32)) is None  # Q8_0: no direct repack
+
+
+def test_a_failed_load_leaves_no_file_open():
+    """A constructor that raises after opening the model (here: a budget that needs an offload_dir) must not
+    leak the GGUF's descriptor: a server retrying with other budgets would run out of them."""
+    import gc
+    import os
+
+    from tierlm import LLM
+    from tierlm.errors import UsageError
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(UsageError, match="offload_dir"):
+            LLM(None, max_memory={"cpu": "64MiB"}, progress=False)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

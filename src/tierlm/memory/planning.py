@@ -78,15 +78,16 @@ def choose_context(cfg: ModelConfig, build: Callable[[int], PlanInput]) -> tuple
     return best.context, build(best.context), options
 
 
-def dequant_bytes(cfg: ModelConfig, rows: int, quant: QuantScheme) -> int:
-    """The dequantising fallback's transient for a prefill chunk of `rows` (quant/kernels.fallback_linear): the
-    fp32 activations of the widest matrix input, one dense weight piece, its unpacked codes and its product
-    (the output itself is a kernel output, counted in activation_bytes)."""
-    if not quant.enabled or rows < kernels.PREFILL_ROWS:
+def dequant_bytes(cfg: ModelConfig, rows: int, quant: QuantScheme, cuda: bool = False) -> int:
+    """The dequantising fallback's transient for a step of `rows` (quant/kernels.fallback_linear): the fp32
+    activations of the widest matrix input, one dense weight piece (R = piece / 4K rows), its unpacked codes and
+    its fp32 product [rows, R] (the output itself is a kernel output, counted in activation_bytes). On CUDA every
+    quantised matmul takes the fallback (no fused kernel there yet), decode included."""
+    if not quant.enabled or (rows < kernels.PREFILL_ROWS and not cuda):
         return 0
     widest_in = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_size)
     piece = kernels.DEQUANT_PIECE_BYTES
-    return rows * widest_in * 4 + piece * 3 // 2 + rows * piece // (4 * min(cfg.hidden_size, widest_in))
+    return rows * widest_in * 4 + piece * 3 // 2 + rows * piece // min(cfg.hidden_size, widest_in)
 
 
 def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_context: int, profile: Profile,
@@ -110,7 +111,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         # K/V gathered from the paged pool for attention (a transient of max_context tokens)
         activation_bytes=activation_bytes(cfg, rows, 1, item).total + plan_workspace(
             workspace_buffers(cfg, rows, dtype, kv_dtype)).nbytes
-        + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) // cfg.num_layers + dequant_bytes(cfg, rows, quant),
+        + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) // cfg.num_layers + dequant_bytes(cfg, rows, quant, cuda),
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer + (0 if cuda else kv_host_bytes),
         cuda=cuda,
         cpu_budget=budget.cpu,

@@ -64,7 +64,8 @@ def layout_matches_torch() -> bool:
 
 def layout_tag() -> str:
     """What stored int4 bytes depend on besides the weights (goes into the offload store's fingerprint)."""
-    return f"int4pack-L{torch_lanes() or 16}"
+    lanes = torch_lanes()
+    return f"int4pack-L{lanes}" if lanes else "int4-loaded-form"  # no fused layout: stored scales/mins
 
 
 def quantize_unpacked(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

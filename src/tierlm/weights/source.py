@@ -16,7 +16,7 @@ from tierlm.weights.names import check_complete
 from tierlm.weights.tokenizer import Tokenizer
 
 
-PIECE_BYTES = 16 << 20  # fp32 bytes of one row piece while loading (two convert at once): bounds the transient
+PIECE_BYTES = 8 << 20  # fp32 bytes of one row piece while loading: bounds the transient (unit_load.py)
 
 
 class ModelSource(ABC):

@@ -2,8 +2,8 @@
 a quant scheme, quantised — without loss straight from GGUF blocks where the math allows (Q4_0/Q4_1 -> int4
 g=32, Q8_0 -> int8 g=32), else from the dequantised values — and put in kernel form.
 
-Peak memory while loading: the output plus LOAD_THREADS row pieces (ModelSource.piece_rows: ~8 MiB of fp32
-each) and their temporaries. Pieces are read, converted and copied into the preallocated output one at
+Peak memory while loading: the output plus LOAD_THREADS + 1 row pieces (ModelSource.piece_rows: ~8 MiB of
+fp32 each) and their temporaries. Pieces are read, converted and copied into the preallocated output one at
 a time, so no tensor is ever whole in a dense or unpacked form (a 7B w_gateup dense in fp32 is 360 MiB).
 """
 from __future__ import annotations
@@ -82,8 +82,8 @@ LOAD_THREADS = 2  # pieces converted at once: numpy/torch release the GIL, and l
 
 
 def _ahead(fn, items: list[tuple[str, slice]]) -> Iterator[QuantTensor]:
-    """fn(*item) for every item, in order, LOAD_THREADS at a time (so at most that many pieces are in memory
-    beyond the output): the conversion of a piece is independent of every other."""
+    """fn(*item) for every item, in order, LOAD_THREADS at a time: at most LOAD_THREADS + 1 pieces are in memory
+    beyond the output (one being copied into it, the others converting). Pieces are independent."""
     if len(items) < 2:
         yield from (fn(*it) for it in items)
         return
