@@ -22,7 +22,7 @@ from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.offload_store import source_fingerprint
 from tierlm.memory.planner import Placement, plan
-from tierlm.memory.planning import ContextOption, budget_plan_input, default_context
+from tierlm.memory.planning import ContextOption, budget_plan_input, default_context, kv_pool_bytes
 from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
@@ -124,19 +124,18 @@ class LLM:
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
         if kv_offload_dir is None and offload_dir is not None:
             kv_offload_dir = Path(offload_dir) / "kv"
-        self.kv = self._make_kv(kv_memory, kv_dtype, block_size, enable_prefix_caching, parse_size(kv_host_memory),
+        self.kv = self._make_kv(kv_pool, kv_dtype, kv_store, block_size, enable_prefix_caching, kv_host,
                                 Path(kv_offload_dir) if kv_offload_dir is not None else None, kv_compress)
 
-    def _make_kv(self, kv_memory: str | int | None, kv_dtype: str, block_size: int, caching: bool,
+    def _make_kv(self, kv_pool: int | None, kv_dtype: str, store: torch.dtype, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str) -> PagedKV:
-        store = kv_store_dtype(kv_dtype, self.dtype, self.runner.device.type == "cuda")
         per_block = block_nbytes(self.config, block_size, store)
-        if kv_memory is not None:
-            pool = parse_size(kv_memory)
+        if kv_pool is not None:
+            pool = kv_pool
         elif self.planned_kv_bytes is not None:
             pool = self.planned_kv_bytes  # what the planner reserved for the KV cache under max_memory
         else:
-            pool = -(-self.max_context // block_size) * per_block  # one sequence of max_context tokens
+            pool = kv_pool_bytes(self.config, self.max_context, store, block_size)  # one sequence of max_context
         if pool < per_block:
             raise UsageError(f"kv_memory {format_size(pool)} is below one KV block ({format_size(per_block)})")
         # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)

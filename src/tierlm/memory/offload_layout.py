@@ -21,7 +21,7 @@ import torch
 import xxhash
 
 from tierlm.errors import ModelFormatError
-from tierlm.quant import kernels
+from tierlm.quant import int4
 from tierlm.quant.scheme import QuantScheme
 from tierlm.weights.source import ModelSource
 
@@ -72,7 +72,7 @@ def source_fingerprint(source: ModelSource, dtype: torch.dtype, quant: QuantSche
     quant scheme. Cheap (no full-file hash) yet changes when any file is replaced or edited."""
     files = source.files()
     # the int4 byte layout follows this torch build's vector width: a store from another CPU is rebuilt
-    layout = kernels.layout_tag() if quant.enabled else ""
+    layout = int4.layout_tag() if quant.enabled else ""
     h = hashlib.sha256(f"v{STORE_VERSION}|{dtype}|{quant}|{layout}".encode())
     for f in files:
         st = f.stat()

@@ -36,11 +36,6 @@ def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
     return w
 
 
-def layout_tag() -> str:
-    """What stored quantised bytes depend on besides weights and dtype: the int4 layout of this torch build."""
-    return int4.layout_tag()
-
-
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype."""
     if isinstance(w, torch.Tensor):

@@ -20,6 +20,7 @@ AUTO = "auto"  # the default: a quantised GGUF runs in its own quantisation (Qua
 _AUTO_SCHEMES = {"Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q8_0": ("int8", 32), "Q2_K": ("int4", 32),
                  "Q3_K": ("int4", 32), "Q4_K": ("int4", 32), "Q5_0": ("int8", None), "Q5_1": ("int8", None),
                  "Q5_K": ("int8", None), "Q6_K": ("int8", None)}
+_INT4_EXACT = ("Q4_0", "Q4_1")  # GGUF types int4 g=32 holds without loss (a head of these keeps its blocks)
 INT4_GROUPS = (32, 64, 128)  # what torch's CPU int4 kernel accepts (and K must be a multiple)
 INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a multiple
 
@@ -59,7 +60,7 @@ class QuantScheme:
         if isinstance(kind, QuantScheme) or (kind or AUTO).lower() != AUTO:
             scheme = cls.parse(kind, group_size)
             # int4 g=32 asked of a file whose head is Q4_0/Q4_1: its own blocks are exact, int8 would not be
-            lossless_head = scheme == cls("int4", 32) and head_type in ("Q4_0", "Q4_1")
+            lossless_head = scheme == cls("int4", 32) and head_type in _INT4_EXACT
             return cls("int4", 32, head_int4=True) if lossless_head else scheme
         if group_size is not None:
             raise UsageError("--group-size needs --quant int8 or int4 (auto follows the file)")
@@ -67,7 +68,7 @@ class QuantScheme:
         if not quantised:
             return cls()
         kind, group = _AUTO_SCHEMES[max(quantised, key=lambda t: quantised[t])]
-        return cls(kind, group, head_int4=head_type in ("Q4_0", "Q4_1"))
+        return cls(kind, group, head_int4=head_type in _INT4_EXACT)
 
     @classmethod
     def check(cls, kind: "str | QuantScheme | None", group_size: int | None) -> None:

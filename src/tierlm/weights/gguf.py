@@ -134,25 +134,31 @@ class GGUFSource(ModelSource):
             w = np.array(w, dtype=np.float32, order="C")
         return torch.from_numpy(w).to(dtype)
 
+    def _blocks(self, name: str, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Rows of a Q4_0/Q4_1/Q8_0 tensor in HF row order: (blocks uint8 [R, K/32, bytes per block], d fp16
+        [R, K/32], m fp16 [R, K/32] or None for Q8_0), with w = d*q + m; Q4_0's implicit min is -8d (exact)."""
+        t = self._tensors[name]
+        raw = self._unpermute_rows(name, self._file.raw(t, rows))  # whole rows: the permutation commutes
+        block = raw.reshape(raw.shape[0], t.shape[1] // 32, -1)
+        d = block[..., 0:2].copy().view(np.float16)[..., 0]
+        if t.qtype == Q.Q4_1:
+            m = block[..., 2:4].copy().view(np.float16)[..., 0]
+        else:
+            m = (-8 * d.astype(np.float32)).astype(np.float16) if t.qtype == Q.Q4_0 else None
+        return block, d, m
+
     def load_packed(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantTensor | None:
         """Q4_0/Q4_1 rows (a multiple of 64 of them) packed straight into the int4 layout, without loss
         (int4.pack_gguf_nibbles); None where load_blocks is the way."""
         t = self._tensors[name]
         if t.qtype not in (Q.Q4_0, Q.Q4_1) or scheme != QuantScheme("int4", 32) or len(t.shape) != 2:
             return None
-        k = t.shape[1]
-        raw = self._unpermute_rows(name, self._file.raw(t, rows))  # [R, K/32 * block bytes]
-        n = raw.shape[0]
-        if n % INT4_BLOCK_N:
+        if len(range(*rows.indices(t.shape[0]))) % INT4_BLOCK_N:
             return None
-        block = raw.reshape(n, k // 32, -1)  # [R, K/32, bytes per block]
-        d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [R, K/32]
-        if t.qtype == Q.Q4_1:
-            m = block[..., 2:4].copy().view(np.float16)[..., 0]
-        else:
-            m = (-8 * d.astype(np.float32)).astype(np.float16)  # w = d*(q-8) = d*q + (-8d); -8d is exact
+        block, d, m = self._blocks(name, rows)
         qs = torch.from_numpy(np.ascontiguousarray(block[..., -16:]))  # [R, K/32, 16]
-        return QuantTensor("int4", (n, k), 32, int4.pack_gguf_nibbles(qs), torch.from_numpy(d), torch.from_numpy(m))
+        packed = int4.pack_gguf_nibbles(qs)
+        return QuantTensor("int4", (block.shape[0], t.shape[1]), 32, packed, torch.from_numpy(d), torch.from_numpy(m))
 
     def load_blocks(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantBlocks | None:
         """Q4_0/Q4_1 blocks as int4 g=32 and Q8_0 blocks as int8 g=32, unpacked but bit for bit (see quant/);
@@ -161,19 +167,12 @@ class GGUFSource(ModelSource):
         kind = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8"}.get(t.qtype)
         if kind is None or scheme != QuantScheme(kind, 32) or len(t.shape) != 2:
             return None
-        k = t.shape[1]
-        raw = self._file.raw(t, rows)
-        n = raw.shape[0]
-        block = raw.reshape(n, k // 32, -1)  # [R, K/32, bytes per block]
-        d = block[..., 0:2].copy().view(np.float16)[..., 0]  # [R, K/32]
-        m = block[..., 2:4].copy().view(np.float16)[..., 0] if t.qtype == Q.Q4_1 else None
+        block, d, m = self._blocks(name, rows)
+        n, k = block.shape[0], t.shape[1]
         if kind == "int8":
             q = block[..., 2:34].copy().view(np.int8).reshape(n, k)
         else:  # [R, K/32, 16] bytes: element j in the low nibble of byte j, element j+16 in the high one
             qs = block[..., -16:]
             q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k)
-        del raw, block
-        if t.qtype == Q.Q4_0:
-            m = (-8 * d.astype(np.float32)).astype(np.float16)  # w = d*(q-8) = d*q + (-8d); -8d is exact
-        as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(self._unpermute_rows(name, a)))  # noqa: E731
+        as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         return QuantBlocks(kind, 32, as_t(d), as_t(m), as_t(q))
