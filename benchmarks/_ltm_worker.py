@@ -97,7 +97,7 @@ class TierlmWorker:
         llm, p = self.llm, self.llm.plan
         d = {"dtype": str(llm.dtype).removeprefix("torch."), "max_context": llm.max_context,
              "profile_calibrated": llm.profile_calibrated, "profile_disk_gbps": llm.profile.disk_read_gbps,
-             "io_threads": llm.profile.disk_queue_depth, "torch_threads": torch.get_num_threads()}
+             "io_threads": llm.plan.io_threads if llm.plan else 0, "torch_threads": torch.get_num_threads()}
         if p is not None:
             d |= {"layers_on_disk": p.count(Tier.DISK), "ring_depth": p.ring_depth,
                   "planned_disk_bytes_per_token": p.disk_bytes_per_token, "planned_s_per_token": p.token_s}

@@ -27,8 +27,9 @@ Method (the team's BENCHMARKS.md):
     and falls back to tierlm's --max-memory alone (llama.cpp is then NOT capped).
   * Before every worker the GGUF and every file under --offload-dir are dropped from the page cache
     (posix_fadvise DONTNEED; --drop-caches also writes /proc/sys/vm/drop_caches) and fincore checks the rest,
-    so nobody starts warm; then the disk is measured: O_DIRECT reads of the GGUF (8 MiB requests,
-    --disk-queue-depth in flight, tierlm.memory.calibrate.read_bandwidth), next to the run it serves.
+    so nobody starts warm; then the disk is measured next to the run it serves, on the file that run reads:
+    O_DIRECT 8 MiB reads (tierlm.memory.calibrate.read_bandwidth) of tierlm's offload store with its plan's
+    I/O threads, or of the GGUF with --disk-queue-depth in flight for llama.cpp.
   * Rounds (--reps) alternate the engines (every cap's engines, then the resident ones); medians over all
     counted generations. The offload stores are built once before the rounds, outside any cgroup, untimed.
 
@@ -119,9 +120,19 @@ class Driver:
         return rec
 
 
-def measure_disk(path: str, queue_depth: int, limit: int) -> float:
+def measure_disk(a: argparse.Namespace, engine: str, budget: str | None, io_threads: dict) -> float:
+    """O_DIRECT read bandwidth of the file this engine will read, with its own reads in flight: tierlm's offload
+    store (its plan's I/O threads) or the GGUF (--disk-queue-depth). A virtual disk's speed differs by file
+    (the host caches what was read lately), so the GGUF's speed is not the store's."""
+    from _ltm_engines import store_dir
+
     from tierlm.memory.calibrate import read_bandwidth
-    return read_bandwidth(Path(path), queue_depth, limit)[0]
+    spec = ENGINES[engine]
+    if spec.kind == "tierlm" and budget is not None:
+        store = store_dir(a.offload_dir, spec.quant, budget) / "layers.bin"
+        if store.is_file():
+            return read_bandwidth(store, io_threads.get((spec.quant, budget)) or a.disk_queue_depth, a.disk_bytes)[0]
+    return read_bandwidth(Path(a.model), a.disk_queue_depth, a.disk_bytes)[0]
 
 
 def main() -> None:
@@ -140,7 +151,7 @@ def main() -> None:
     ap.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma list from {', '.join(ENGINES)}")
     ap.add_argument("--offload-dir", default="out/ltm-offload", help="tierlm offload stores (one per quant, budget)")
     ap.add_argument("--disk-queue-depth", type=int, default=32, help="O_DIRECT reads in flight for the disk probe")
-    ap.add_argument("--disk-bytes", default="4GiB", help="how much of the GGUF the disk probe reads (at most)")
+    ap.add_argument("--disk-bytes", default="4GiB", help="how much of the file the disk probe reads (at most)")
     ap.add_argument("--drop-caches", action="store_true", help="also echo 1 > /proc/sys/vm/drop_caches (root)")
     ap.add_argument("--no-cgroup", action="store_true", help="do not cap with a cgroup (budget only)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a worker is killed")
@@ -198,6 +209,7 @@ def main() -> None:
     files = [Path(a.model), Path(a.offload_dir)]
     runs: list[dict] = []
     prepared: list[dict] = []
+    io_threads: dict[tuple[str, str], int] = {}  # (quant, budget) -> the plan's I/O threads
     try:
         # untimed, outside any cgroup: build each offload store once (a worker would otherwise build it under the cap)
         for b in dict.fromkeys(budgets):
@@ -205,6 +217,8 @@ def main() -> None:
                 t = time.perf_counter()
                 rec = driver.run(n, None, b, prepare=True)
                 prepared.append(rec)
+                if rec["result"]:
+                    io_threads[(ENGINES[n].quant, b)] = rec["result"]["info"].get("io_threads", 0)
                 print(f"prepared {n} budget cpu={b}: {rec['status']}, {time.perf_counter() - t:.1f} s"
                       + (f" ({rec['result']['info']})" if rec["result"] else ""), flush=True)
         schedule = [(n, cap, b) for cap, b in zip(caps, budgets) for n in names if ENGINES[n].capped]
@@ -213,7 +227,7 @@ def main() -> None:
             for n, cap, b in schedule:
                 evict(files, a.drop_caches)
                 left = cached_bytes(files)
-                gbps = measure_disk(a.model, a.disk_queue_depth, a.disk_bytes)
+                gbps = measure_disk(a, n, b, io_threads)
                 rec = driver.run(n, cap, b)
                 rec |= {"round": r + 1, "disk_gbps": gbps, "cached_before": left}
                 runs.append(rec)

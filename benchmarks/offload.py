@@ -101,7 +101,7 @@ class TierlmWorker:
         return {} if p is None else {"layers_on_disk": p.count(Tier.DISK),
                                      "ring_depth": p.ring_depth, "predicted_s": p.token_s,
                                      "disk_bytes_per_token": p.disk_bytes_per_token,
-                                     "queue_depth": self.llm.profile.disk_queue_depth}
+                                     "io_threads": p.io_threads}
 
 
 class AccelerateWorker:
@@ -209,7 +209,7 @@ def main() -> None:
     workers = {k: Worker(k, a) for k in kinds}  # tierlm first: it builds the offload store
     first = next((k for k in kinds if k.startswith("tierlm")), None)
     store = _offload_dir(a, first or "tierlm") / "layers.bin"  # the disk is measured on a store a row streams
-    qd = workers[first].info.get("queue_depth", 16) if first else 16
+    qd = workers[first].info.get("io_threads", 16) if first else 16
     times: dict[str, list[float]] = {k: [] for k in kinds}
     disk, predicted, last = [], [], {}
     for r in range(a.reps + 1):

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dir", default=".", help="directory on the disk to measure (use your --offload-dir)")
     k.add_argument("--size", default="1GiB", help="scratch file size for the disk test")
     k.add_argument("--queue-depth", type=_positive_int, default=None,
-                   help="concurrent 8 MiB reads (default: try 4, 16, 32 and keep the fastest; the streamer uses it)")
+                   help="measure only this many concurrent 8 MiB reads (default: the curve over 1-64 MiB in flight, "
+                        "from which the planner sizes ring and I/O threads)")
     k.add_argument("--profile", default=None, help="where to save (default ~/.cache/tierlm/profile.json)")
     k.add_argument("--force", action="store_true", help="re-measure even if a profile is saved")
     return parser

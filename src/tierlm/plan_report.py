@@ -58,6 +58,9 @@ def describe_plan(cfg: ModelConfig, dtype: str, budget: MemoryBudget, inp: PlanI
     moved = f"disk {format_size(p.disk_bytes_per_token)}" + (f", host->device {format_size(p.h2d_bytes_per_token)}" if inp.cuda else "")
     lines += ["", f"per token: {moved}; I/O {p.io_s * 1e3:.0f} ms, compute {p.compute_s * 1e3:.0f} ms "
               f"-> predicted {p.token_s * 1e3:.0f} ms/token ({p.tok_s:.2f} tok/s)"]
+    if p.ring_depth:
+        lines.append(f"streaming: ring {p.ring_depth}, {p.io_threads} I/O threads -> disk at {p.disk_gbps:.2f} GB/s "
+                     f"(of {inp.disk.best_gbps:.2f} best; disk model from the profile's bytes-in-flight curve)")
     return "\n".join(lines)
 
 

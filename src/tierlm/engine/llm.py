@@ -119,7 +119,7 @@ class LLM:
                                  "pass offload_dir (--offload-dir) for the offload store")
             self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
                                                   Path(offload_dir) if offload_dir else None, progress,
-                                                  io_threads=self.profile.disk_queue_depth, quant=self.quant)
+                                                  io_threads=self.plan.io_threads, quant=self.quant)
         allocator.trim()  # loading's transients are freed: hand their heap pages back
         self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
         if kv_offload_dir is None and offload_dir is not None:

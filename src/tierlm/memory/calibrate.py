@@ -1,8 +1,8 @@
 """`tierlm calibrate`: measure this machine's tiers once and save a profile the planner reuses.
 
-Measures disk O_DIRECT read bandwidth (CHUNK_BYTES requests from `queue_depth` threads: the streamer's
-own pattern; without a chosen depth it tries QUEUE_DEPTHS and keeps the fastest, which the streamer then
-uses, because networked/virtual disks need many requests in flight to reach their bandwidth), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
+Measures disk O_DIRECT read bandwidth as a curve over bytes in flight (1-64 MiB, as the streamer reads:
+CHUNK_BYTES requests from several threads; networked/virtual disks need more in flight than local ones), from
+which the planner sizes the ring and the I/O threads (memory/disk_model.py), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
 second in a decode-shaped matmul), the fixed cost of one decoder layer beyond its matmul bytes (dispatch,
 norms, attention on a tiny layer) and, with CUDA, pinned host->device bandwidth and CUDA GEMV.
 Pure measurement; no model needed.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tierlm.config import ModelConfig
+from tierlm.config import ModelConfig, format_size
 from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.memory.offload_store import CHUNK_BYTES
@@ -29,19 +29,20 @@ from tierlm.model import llama
 from tierlm.progress import progress_bar
 from tierlm.quant import QuantScheme, kernels, quantize
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 REQUEST_BYTES = CHUNK_BYTES
-QUEUE_DEPTHS = (4, 16, 32)
+IN_FLIGHT = tuple(m << 20 for m in (1, 2, 4, 8, 16, 32, 64))  # the disk curve's points, bytes in flight
+DISK_REPS = 3
 
 
 @dataclass
 class Profile:
-    disk_read_gbps: float  # O_DIRECT sequential read, GB/s (1e9 bytes)
+    disk_read_gbps: float  # O_DIRECT read, GB/s (1e9 bytes): the best point of disk_curve
     disk_direct: bool  # False when the filesystem refused O_DIRECT (buffered + DONTNEED instead)
     ram_gbps: float  # bytes read + written per second by a large copy
     gemv_gbps: dict[str, float]  # dtype ("cuda:dtype" on CUDA) or quant kind -> weight bytes/s, one token
     layer_overhead_s: float  # one decoder layer's cost beyond its matmul bytes
-    disk_queue_depth: int = 4  # concurrent reads disk_read_gbps was measured with (the streamer's I/O threads)
+    disk_curve: list[list[float]] = field(default_factory=list)  # [bytes in flight, GB/s]: the planner's DiskModel
     h2d_gbps: float | None = None  # pinned host -> CUDA
     threads: int = 1
     machine: dict[str, str] = field(default_factory=dict)
@@ -62,19 +63,23 @@ def _median_time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def read_bandwidth(path: Path, queue_depth: int, limit: int | None = None, tick=None) -> tuple[float, bool]:
-    """Read `path` (its first `limit` bytes) with O_DIRECT in REQUEST_BYTES requests, `queue_depth` in flight;
-    (GB/s, whether O_DIRECT was used). Also the benchmarks' in-run disk measurement."""
+def read_bandwidth(path: Path, queue_depth: int, limit: int | None = None, tick=None,
+                   request: int = REQUEST_BYTES, offset: int = 0) -> tuple[float, bool]:
+    """Read `limit` bytes of `path` (all of it by default; from `offset`, wrapping around) with O_DIRECT in
+    `request`-byte reads, `queue_depth` in flight; (GB/s, whether O_DIRECT was used). Also the benchmarks'
+    in-run disk measurement."""
     with DirectFile(path) as df:
-        n_req = max(1, min(limit or df.size, df.size) // REQUEST_BYTES)
+        slots = max(1, df.size // request)
+        n_req = max(1, min(limit or df.size, df.size) // request)
+        first = offset // request
         bufs: list[AlignedBuffer] = []
         mine = threading.local()  # one buffer per I/O thread: concurrent reads never share bytes
 
         def read(k: int) -> int:
             if not hasattr(mine, "buf"):
-                mine.buf = AlignedBuffer(REQUEST_BYTES)
+                mine.buf = AlignedBuffer(request)
                 bufs.append(mine.buf)
-            n = df.read_into(mine.buf.view, k * REQUEST_BYTES, REQUEST_BYTES)
+            n = df.read_into(mine.buf.view, (first + k) % slots * request, request)
             if tick:
                 tick()
             return n
@@ -88,27 +93,43 @@ def read_bandwidth(path: Path, queue_depth: int, limit: int | None = None, tick=
         return total / elapsed / 1e9, df.direct
 
 
-def measure_disk(directory: Path, file_bytes: int, queue_depth: int | None = None,
-                 progress: bool | None = None) -> tuple[float, bool, int]:
-    """Write a scratch file, evict it from the page cache, read it back with O_DIRECT at `queue_depth` (or
-    at each of QUEUE_DEPTHS, keeping the fastest); (GB/s, O_DIRECT used, queue depth)."""
+def curve_points(queue_depth: int | None) -> list[tuple[int, int]]:
+    """(request bytes, reads in flight) for each measured point: IN_FLIGHT bytes in flight as REQUEST_BYTES
+    reads (smaller single reads below that), or just `queue_depth` × REQUEST_BYTES when one depth is asked for."""
+    if queue_depth:
+        return [(REQUEST_BYTES, queue_depth)]
+    return [(min(REQUEST_BYTES, b), max(1, b // REQUEST_BYTES)) for b in IN_FLIGHT]
+
+
+def measure_disk(directory: Path, file_bytes: int, queue_depth: int | None = None, progress: bool | None = None,
+                 reps: int = DISK_REPS) -> tuple[list[tuple[int, float]], bool]:
+    """Write a scratch file, evict it from the page cache, read it back with O_DIRECT at each point of the curve
+    (curve_points); ([(bytes in flight, median GB/s)], O_DIRECT used). Points alternate within each of `reps`
+    rounds, so a disk whose speed drifts (virtual disks do, by ±30% here) biases no point."""
     path = directory / ".tierlm-calibrate.bin"
     chunk = os.urandom(REQUEST_BYTES)  # incompressible, so a compressing device cannot flatter itself
     n_req = max(1, file_bytes // REQUEST_BYTES)
-    depths = (queue_depth,) if queue_depth else QUEUE_DEPTHS
-    bar = progress_bar((1 + len(depths)) * n_req, "calibrating disk", progress, unit="req")
+    points = curve_points(queue_depth)
+    sample = max(REQUEST_BYTES, n_req * REQUEST_BYTES // (2 if queue_depth else 4))
+    bar = progress_bar(n_req + reps * len(points), "calibrating disk", progress, unit="step")
+    results: dict[tuple[int, int], list[float]] = {pt: [] for pt in points}
+    direct, offset = True, 0
     try:
         with path.open("wb") as f:
             for _ in range(n_req):
                 f.write(chunk)
                 bar.update()
         drop_from_page_cache(path)
-        results = {qd: read_bandwidth(path, qd, tick=bar.update) for qd in depths}
+        for _ in range(reps):
+            for req, qd in points:
+                gbps, direct = read_bandwidth(path, qd, sample, request=req, offset=offset)
+                offset += sample  # the next point reads other blocks: no device-side cache of the last read
+                results[(req, qd)].append(gbps)
+                bar.update()
     finally:
         bar.close()
         path.unlink(missing_ok=True)
-    best = max(results, key=lambda qd: results[qd][0])
-    return results[best][0], results[best][1], best
+    return [(req * qd, sorted(v)[len(v) // 2]) for (req, qd), v in results.items()], direct
 
 
 def measure_ram(nbytes: int = 256 << 20, reps: int = 5) -> float:
@@ -176,15 +197,15 @@ def measure_h2d(nbytes: int = 256 << 20, reps: int = 5) -> float | None:
 
 def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int | None = None,
               progress: bool | None = None) -> Profile:
-    disk, direct, queue_depth = measure_disk(directory, disk_bytes, queue_depth, progress)
+    curve, direct = measure_disk(directory, disk_bytes, queue_depth, progress)
     gemv = {"float32": measure_gemv(torch.float32), "bfloat16": measure_gemv(torch.bfloat16)}
     gemv |= {q: measure_gemv(torch.bfloat16, quant=q) for q in ("int8", "int4")}  # bf16 activations (W8A16/W4A16)
     if torch.cuda.is_available():
         gemv |= {f"cuda:{d}": measure_gemv(dt, device="cuda") for d, dt in (("float32", torch.float32),
                                                                            ("bfloat16", torch.bfloat16))}
     return Profile(
-        disk_read_gbps=disk, disk_direct=direct, ram_gbps=measure_ram(),
-        gemv_gbps=gemv, layer_overhead_s=measure_layer_overhead(), disk_queue_depth=queue_depth,
+        disk_read_gbps=max(g for _, g in curve), disk_direct=direct, ram_gbps=measure_ram(),
+        gemv_gbps=gemv, layer_overhead_s=measure_layer_overhead(), disk_curve=[[b, g] for b, g in curve],
         h2d_gbps=measure_h2d(), threads=torch.get_num_threads(),
         machine={"cpu_count": str(os.cpu_count()), "platform": platform.platform(), "torch": torch.__version__,
                  "disk_dir": str(directory)},
@@ -193,7 +214,9 @@ def calibrate(directory: Path, disk_bytes: int = 1 << 30, queue_depth: int | Non
 
 def describe_profile(p: Profile) -> str:
     disk = f"{p.disk_read_gbps:.2f} GB/s" + ("" if p.disk_direct else " (buffered + DONTNEED: O_DIRECT refused)")
-    rows = [(f"disk read (O_DIRECT, {REQUEST_BYTES >> 20} MiB requests, {p.disk_queue_depth} in flight)", disk), ("RAM copy", f"{p.ram_gbps:.1f} GB/s")]
+    rows = [("disk read (O_DIRECT, best)", disk)]
+    rows += [(f"  with {format_size(int(b))} in flight", f"{g:.2f} GB/s") for b, g in p.disk_curve]
+    rows.append(("RAM copy", f"{p.ram_gbps:.1f} GB/s"))
     rows += [(f"GEMV {d} (weight bytes)", f"{v:.1f} GB/s") for d, v in p.gemv_gbps.items()]
     rows.append(("layer overhead (beyond matmul bytes)", f"{p.layer_overhead_s * 1e3:.2f} ms"))
     rows.append(("pinned host -> CUDA", f"{p.h2d_gbps:.1f} GB/s" if p.h2d_gbps else "no CUDA"))
@@ -202,7 +225,10 @@ def describe_profile(p: Profile) -> str:
 
 
 # Used when no profile is saved: plans still work, predictions are marked uncalibrated.
+# Its disk curve assumes a disk that needs 32 MiB in flight (networked and virtual ones do; a local drive is
+# served as well by the threads that implies).
 DEFAULT_PROFILE = Profile(disk_read_gbps=1.0, disk_direct=True, ram_gbps=10.0,
+                          disk_curve=[[8 << 20, 0.6], [16 << 20, 0.8], [32 << 20, 1.0]],
                           gemv_gbps={"float32": 10.0, "bfloat16": 6.0, "int8": 15.0, "int4": 6.0,
                                      "cuda:float32": 1000.0, "cuda:bfloat16": 1000.0},
                           layer_overhead_s=3e-4, h2d_gbps=20.0, machine={"source": "built-in defaults (uncalibrated)"})

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 
 from tierlm.config import format_size
 from tierlm.errors import BudgetError
+from tierlm.memory.disk_model import DiskModel, in_flight, io_threads_for
 from tierlm.memory.tiers import Tier
 
 EMBED_ROW_S = 1e-4  # one on-demand embedding row read per prompt token: latency-bound, ~0.1 ms
+RING_DEPTHS = (2, 3, 4, 6, 8)  # deeper rings only win where small units leave the disk short of bytes in flight
+REQUEST_BYTES = 8 << 20  # the streamer's read request (offload_layout.CHUNK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,12 @@ class PlanInput:
     h2d_gbps: float | None
     compute_gbps: float  # weight bytes per second through decode matmuls
     layer_overhead_s: float  # per-layer cost beyond the matmul bytes (dispatch, attention, norms)
-    ring_depth: int | None = None  # None = the planner chooses (2 or 3)
+    ring_depth: int | None = None  # None = the planner chooses (RING_DEPTHS)
+    disk_curve: tuple[tuple[int, float], ...] = ()  # measured (bytes in flight, GB/s); () = disk_gbps at any depth
+
+    @property
+    def disk(self) -> DiskModel:
+        return DiskModel.of(self.disk_curve) if self.disk_curve else DiskModel.flat(self.disk_gbps)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ class Placement:
     embed_tier: Tier
     ring_depth: int  # 0 when nothing streams
     slot_bytes: int  # one ring slot
+    io_threads: int  # concurrent reads that saturate the disk with this slot size (disk_model.io_threads_for)
+    disk_gbps: float  # the bandwidth the disk model gives at this plan's bytes in flight
     device_bytes: int  # planned use of the compute memory (RAM on a CPU-only machine)
     host_bytes: int  # planned pinned host memory (CUDA only)
     disk_bytes_per_token: int
@@ -157,18 +167,21 @@ def _candidate(inp: PlanInput, head: Tier, embed: Tier, k: int) -> Placement | N
 
 def _placement(inp: PlanInput, layers: tuple[Tier, ...], head: Tier, embed: Tier, k: int,
                dev: int, host: int, slot: int) -> Placement:
+    disk = inp.disk
+    threads = io_threads_for(disk, slot, REQUEST_BYTES) if slot else 0
+    gbps = disk.gbps(in_flight(k, slot, threads, REQUEST_BYTES)) if slot else disk.best_gbps
     per_layer_compute = inp.layer_bytes / (inp.compute_gbps * 1e9) + inp.layer_overhead_s
     units = [(t, inp.layer_bytes, per_layer_compute) for t in layers]
     units.append((head, inp.head_bytes, inp.head_bytes / (inp.compute_gbps * 1e9)))
     streams = any(u[0] != Tier.DEVICE for u in units)
-    disk = sum(b for t, b, _ in units if t == Tier.DISK)
+    disk_bytes = sum(b for t, b, _ in units if t == Tier.DISK)
     h2d = sum(b for t, b, _ in units if t != Tier.DEVICE) if inp.cuda else 0
     embed_s = EMBED_ROW_S if embed != Tier.DEVICE else 0.0
-    io_s = max(disk / (inp.disk_gbps * 1e9), h2d / (inp.h2d_gbps * 1e9) if inp.cuda and inp.h2d_gbps else 0.0)
-    token_s = simulate(units, k, inp.disk_gbps, inp.h2d_gbps if inp.cuda else None) + embed_s
+    io_s = max(disk_bytes / (gbps * 1e9), h2d / (inp.h2d_gbps * 1e9) if inp.cuda and inp.h2d_gbps else 0.0)
+    token_s = simulate(units, k, gbps, inp.h2d_gbps if inp.cuda else None) + embed_s
     return Placement(layer_tiers=layers, head_tier=head, embed_tier=embed, ring_depth=k if streams else 0,
-                     slot_bytes=slot, device_bytes=dev, host_bytes=host, disk_bytes_per_token=disk,
-                     h2d_bytes_per_token=h2d, io_s=io_s, compute_s=sum(u[2] for u in units), token_s=token_s)
+                     slot_bytes=slot, io_threads=threads if streams else 0, disk_gbps=gbps, device_bytes=dev, host_bytes=host,
+                     disk_bytes_per_token=disk_bytes, h2d_bytes_per_token=h2d, io_s=io_s, compute_s=sum(u[2] for u in units), token_s=token_s)
 
 
 def predict(inp: PlanInput, p: Placement) -> Placement:
@@ -188,7 +201,7 @@ def plan(inp: PlanInput) -> Placement:
     if inp.cuda and inp.h2d_gbps is None:
         raise ValueError("a CUDA plan needs the host->device bandwidth")
     tiers = [Tier.DEVICE, Tier.HOST, Tier.DISK] if inp.cuda else [Tier.DEVICE, Tier.DISK]
-    depths = [inp.ring_depth] if inp.ring_depth else [2, 3]
+    depths = [inp.ring_depth] if inp.ring_depth else list(RING_DEPTHS)
     found = []
     for head in tiers:
         # Tied: embedding rows come from the head's matrix wherever it lives; no separate placement.
@@ -200,8 +213,9 @@ def plan(inp: PlanInput) -> Placement:
         dev, host = minimum_bytes(inp, depths[0])
         if inp.cuda and inp.device_budget is not None and dev > inp.device_budget:
             raise BudgetError(f"the device budget {format_size(inp.device_budget)} is below this model's minimum "
-                              f"of {format_size(dev)} (2 ring slots, KV cache, activations)")
-        need, have, what = (host, inp.cpu_budget, "pinned host staging") if inp.cuda else (dev, inp.cpu_budget, "2 ring slots, KV cache, activations")
+                              f"of {format_size(dev)} ({depths[0]} ring slots, KV cache, activations)")
+        need, have, what = ((host, inp.cpu_budget, "pinned host staging") if inp.cuda else
+                            (dev, inp.cpu_budget, f"{depths[0]} ring slots, KV cache, activations"))
         raise BudgetError(f"the cpu budget {format_size(have or 0)} is below this model's minimum of "
                           f"{format_size(need)} ({what}); raise --max-memory or lower --max-context")
     return min(found, key=lambda p: (round(p.token_s, 6), p.device_bytes + p.host_bytes))

@@ -60,7 +60,8 @@ def choose_context(cfg: ModelConfig, build: Callable[[int], PlanInput]) -> tuple
     """The default context under a budget, traded against resident weights with the planner's cost model.
 
     Rule: every KV byte reserved is a byte of weights that streams instead, so the context is not fixed.
-    Start from the shortest candidate ≥ MIN_DEFAULT_CONTEXT that fits (else the longest that fits), then take
+    Start from the shortest candidate ≥ MIN_DEFAULT_CONTEXT that fits (else the fastest that fits: a budget
+    that tight has no context to spare for speed, e.g. a ring deep enough for the disk), then take
     the longest candidate whose predicted s/token is within CONTEXT_COST (10%) of that start's. Pure."""
     options = []
     for c in context_candidates(cfg):
@@ -72,7 +73,8 @@ def choose_context(cfg: ModelConfig, build: Callable[[int], PlanInput]) -> tuple
     fits = [o for o in options if o.placement is not None]
     if not fits:
         plan(build(options[0].context))  # raises the BudgetError that says what the minimum is
-    base = next((o for o in fits if o.context >= MIN_DEFAULT_CONTEXT), fits[-1])
+    fastest = min(fits, key=lambda o: o.placement.token_s)
+    base = next((o for o in fits if o.context >= MIN_DEFAULT_CONTEXT), fastest)
     best = max((o for o in fits if o.context >= base.context
                 and o.placement.token_s <= base.placement.token_s * (1 + CONTEXT_COST)), key=lambda o: o.context)
     return best.context, build(best.context), options
@@ -117,6 +119,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         cpu_budget=budget.cpu,
         device_budget=budget.device if cuda else None,
         disk_gbps=profile.disk_read_gbps,
+        disk_curve=tuple((int(b), float(g)) for b, g in profile.disk_curve),
         h2d_gbps=(profile.h2d_gbps or 20.0) if cuda else None,
         compute_gbps=profile.gemv_gbps.get(prefix + (quant.kind if quant.enabled else str(dtype).removeprefix("torch.")),
                                            10.0),
