@@ -167,7 +167,8 @@ def report(a, names, caps, budgets, runs, prepared, cgroup_reason, fmt) -> dict:
               f"{row['runs_ok']:>4}/{row['runs']:<3}  {'; '.join(notes)}")
     print("GiB/tok: tierlm = its disk counter (metrics.tiers.disk_bytes / forward_passes); llama.cpp = "
           "/proc/PID/io read_bytes per eval. '/proc' = read_bytes per forward pass for every engine. "
-          "roofline = max(GiB/tok / disk GB/s measured before the run, resident s/token); % roof = roofline / s/tok.\n"
+          "roofline = max(GiB/tok / disk GB/s, resident s/token), disk GB/s = the best of O_DIRECT reads of the file the engine "
+          "reads before and after its run and (tierlm) its streamer alone; % roof = roofline / s/tok.\n"
           "peak RSS (VmHWM) counts mapped file pages (shared libraries, an mmap'd GGUF) that the cgroup is not charged "
           "for when another process cached them first; cg peak = memory.max_usage_in_bytes (anon + page cache charged).")
     return {"machine": m, "model": a.model, "model_bytes": size, "caps": caps, "budgets": budgets,

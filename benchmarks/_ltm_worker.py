@@ -90,6 +90,21 @@ class TierlmWorker:
                 "forward_passes": t.forward_passes, "token_ids": out.token_ids, "disk_bytes": t.disk_bytes,
                 "io_busy_s": t.io_busy_s, "io_wait_s": t.io_wait_s, "forward_s": t.forward_s}
 
+    def stream_gbps(self, cycles: int = 2) -> float | None:
+        """The streamer alone: every layer and the head acquired and released in decode order, no compute, for
+        `cycles` tokens' worth: the rate this engine's own I/O path reads its store now (its disk roofline)."""
+        st, p = self.llm.store, self.llm.plan
+        if p is None or not p.ring_depth:
+            return None
+        b0, t = st.stats.disk_bytes, time.perf_counter()
+        for _ in range(cycles):
+            for i in range(self.llm.config.num_layers):
+                st.acquire(i)
+                st.release(i)
+            st.acquire_head()
+            st.release_head()
+        return (st.stats.disk_bytes - b0) / (time.perf_counter() - t) / 1e9
+
     def info(self) -> dict:
         import torch
 
@@ -120,6 +135,8 @@ def worker(a: argparse.Namespace) -> None:
             g["proc_read_bytes"] = _proc_read_bytes() - io
             g["majflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - majflt
             res["gens"].append(g)
+        if isinstance(engine, TierlmWorker):
+            res["stream_gbps"] = engine.stream_gbps()
     res |= {"peak_rss": _status_kib("VmHWM"), "rss_anon_end": _status_kib("RssAnon"),
             "rss_file_end": _status_kib("RssFile")}
     print("RESULT " + json.dumps(res), flush=True)

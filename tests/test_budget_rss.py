@@ -108,3 +108,20 @@ def test_quantised_gguf_within_budget(tmp_path, kv):
         assert (peak - code) - (overhead - overhead_code) <= GGUF_BUDGET + SLACK, what
     assert cached_pages(tmp_path / "off" / DATA_FILE) == 0
     assert cached_pages(model) == 0
+
+
+def test_kv_pool_is_committed_block_by_block():
+    """KV memory grows with the blocks a run uses, not with the pool reserved: a 512 MiB pool and a 16 MiB one
+    peak within a few MiB of each other on a short prompt (the pool is reserved with empty(), and a block's
+    pages are first written when it is allocated). The planner still counts the whole pool against a budget:
+    that is what it may grow to."""
+    from tierlm.weights.embedded import embedded_model_path
+
+    model = str(embedded_model_path())
+    run = ["run", model, "generate", "--prompt", "hello", "--max-tokens", "8", "--ignore-eos", "--no-stream",
+           "--max-context", "2048"]
+    small, small_code = _peak(*run, "--kv-memory", "16MiB")
+    big, big_code = _peak(*run, "--kv-memory", "512MiB")
+    grown = (big - big_code) - (small - small_code)
+    print(f"16 MiB pool: peak {small / MiB:.0f} MiB; 512 MiB pool: {big / MiB:.0f} MiB")
+    assert grown < 16 * MiB, f"a 512 MiB pool cost {grown / MiB:.0f} MiB more than a 16 MiB one for 2 blocks"

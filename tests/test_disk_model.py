@@ -20,6 +20,8 @@ def test_curve_interpolates_and_saturates():
     assert m.gbps(1 << 40) == pytest.approx(2.02)  # flat beyond the last point
     assert m.best_gbps == pytest.approx(2.02) and m.saturating_bytes() == 32 * MiB  # 2.0 >= 0.95 * 2.02
     assert DiskModel.flat(1.5).gbps(1) == DiskModel.flat(1.5).gbps(1 << 30) == 1.5
+    noisy = DiskModel.of([(4 * MiB, 1.4), (1 * MiB, 1.36), (32 * MiB, 1.16)])  # a dip at depth is noise
+    assert noisy.gbps(32 * MiB) == pytest.approx(1.4) and noisy.saturating_bytes() == 1 * MiB
     with pytest.raises(ValueError):
         DiskModel.of([(0, 1.0)])
 

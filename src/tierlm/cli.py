@@ -224,7 +224,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tierlm.memory.calibrate import load_profile_or_default
     from tierlm.memory.planner import plan
     from tierlm.memory.planning import budget_plan_input, default_context, plan_input
-    from tierlm.plan_report import describe_context_options, describe_plan, plot_plan
+    import torch
+
+    from tierlm.plan_report import describe_context_options, describe_kv_int8, describe_plan, plot_plan
     from tierlm.quant import QuantScheme
     from tierlm.weights import open_model
 
@@ -252,6 +254,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         _profile_note(args.profile, calibrated), ctx))
     if options:
         print("\n" + describe_context_options(options, ctx))
+        if kv_store_dtype(args.kv_dtype, dtype, cuda) != torch.int8:  # the other side of the trade: KV's format
+            c8, inp8, _ = budget_plan_input(cfg, dtype, budget, None, profile, cuda, args.ring_depth, quant,
+                                            torch.int8, args.block_size)
+            print(describe_kv_int8(c8, inp8, plan(inp8)))
     if args.plot:
         plot_plan(cfg, inp, placement, Path(args.plot))
         print(f"wrote {args.plot}")

@@ -76,9 +76,15 @@ def describe_context_options(options: list, chosen: int) -> str:
         mark = "  <- chosen" if o.context == chosen else ""
         lines.append(f"  {o.context:>8} {format_size(o.kv_bytes):>10} {p.count(Tier.DEVICE):>7} of {len(p.layer_tiers):<6} "
                      f"{format_size(p.disk_bytes_per_token):>11} {p.token_s * 1e3:>8.0f} ms{mark}")
-    lines.append("  rule: the longest context whose predicted s/token is within 10% of 512 tokens' (override: "
-                 "--max-context or --kv-memory)")
+    lines.append("  rule: the longest context whose predicted s/token is within 10% of 512 tokens' (of the fastest "
+                 "option's when 512 does not fit; override: --max-context or --kv-memory)")
     return "\n".join(lines)
+
+
+def describe_kv_int8(context: int, inp: PlanInput, p: Placement) -> str:
+    """The same budget with int8 KV (half the bytes per token; attention reads values rounded to 8 bits)."""
+    return (f"  with --kv-dtype int8 (KV halved, slightly lossy): context {context}, {format_size(inp.kv_bytes)} KV, "
+            f"{p.count(Tier.DEVICE)} of {len(p.layer_tiers)} layers resident, predicted {p.token_s * 1e3:.0f} ms/token")
 
 
 def plot_plan(cfg: ModelConfig, inp: PlanInput, p: Placement, path: Path) -> None:

@@ -29,10 +29,16 @@ class DiskModel:
 
     @staticmethod
     def of(points) -> DiskModel:
-        pts = tuple(sorted((int(b), float(g)) for b, g in points if b > 0 and g > 0))
+        pts = sorted((int(b), float(g)) for b, g in points if b > 0 and g > 0)
         if not pts:
             raise ValueError("a disk model needs at least one (bytes in flight, GB/s) point")
-        return DiskModel(pts)
+        # Monotone: more in flight never reads slower (the streamer could always leave threads idle), so a dip
+        # measured at a larger depth is the disk's noise (±30% on a virtual disk), not its curve.
+        best, mono = 0.0, []
+        for b, g in pts:
+            best = max(best, g)
+            mono.append((b, best))
+        return DiskModel(tuple(mono))
 
     @property
     def best_gbps(self) -> float:
