@@ -136,15 +136,12 @@ def test_chat_session_resumes_without_prefilling_again(tiny_models, tmp_path, mo
 def test_preempted_sequences_come_back_from_the_host_tier(tiny_models, tmp_path):
     """Preemption frees a sequence's blocks; its full blocks stay cached, move to the host tier when the pool
     needs them, and are restored (not recomputed) when it is re-admitted: swap by cost, block by block."""
-    from tierlm.engine.scheduler import Scheduler, make_requests
     path = tiny_models["llama_gqa_tied"].path
     prompts = [list(range(5 + 40 * i, 15 + 40 * i)) for i in range(6)]  # 10 tokens + 14 new: 6 blocks each
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     ref = LLM(path, progress=False, enable_prefix_caching=False)
     want = [ref.generate([p], params)[0].token_ids for p in prompts]
     llm = _small(path, tmp_path, kv_host_memory=64 * _per_block(path))
-    reqs = make_requests(prompts, params, llm.runner, llm.kv)
-    sched = Scheduler(llm.runner, llm.tokenizer, llm.kv)
-    sched.run(reqs)
-    assert [r.out.token_ids for r in reqs] == want
-    assert sched.counters.preemptions > 0 and llm.kv.tiers.counters.host_restores > 0
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert llm.engine.scheduler.counters.preemptions > 0 and llm.kv.tiers.counters.host_restores > 0

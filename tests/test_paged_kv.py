@@ -102,12 +102,9 @@ def test_preemption_keeps_outputs_intact(tiny_models):
     ref = LLM(path, progress=False, enable_prefix_caching=False)
     one = [ref.generate([x], params)[0].token_ids for x in prompts]
     llm = LLM(path, progress=False, block_size=4, kv_memory=16 * _block_bytes(path, block_size=4))
-    from tierlm.engine.scheduler import Scheduler, make_requests
-    reqs = make_requests(prompts, params, llm.runner, llm.kv)
-    sched = Scheduler(llm.runner, llm.tokenizer, llm.kv)
-    sched.run(reqs)
-    assert [r.out.token_ids for r in reqs] == one
-    assert sched.counters.preemptions > 0
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == one
+    assert llm.engine.scheduler.counters.preemptions > 0
     assert llm.kv.manager.num_free == llm.kv.manager.num_blocks  # every block returned
 
 

@@ -1,10 +1,12 @@
-"""Command line: `tierlm generate | chat | info | plan | bench | eval-ppl | calibrate | synth`. Every user error is one line on stderr, exit code 2."""
+"""Command line: `tierlm generate | chat | serve | info | plan | bench | eval-ppl | calibrate | synth`. Every user error is one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Callable, NoReturn, Sequence
 
+from tierlm.engine.args import (add_budget_args, add_cli_args, add_kv_args, add_quant_args,
+                                positive_int as _positive_int)
 from tierlm.errors import TierlmError, UsageError, is_storage_error
 
 EXIT_USAGE = 2
@@ -15,54 +17,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _budget_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", default=None, metavar="SPEC",
-                   help="memory budget, e.g. cpu=1GiB or cuda:0=4GiB,cpu=16GiB (default: no limit)")
-    p.add_argument("--offload-dir", default=None, help="where layers that do not fit are stored for streaming")
-    p.add_argument("--max-context", type=_positive_int, default=None,
-                   help="longest prompt + output (default: the model's; 4096 at most under a budget)")
-    p.add_argument("--ring-depth", type=_positive_int, default=None, help="streaming ring slots (default: planned)")
-    p.add_argument("--profile", default=None, help="bandwidth profile (default: the one `tierlm calibrate` saved)")
-
-
-def _kv_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-memory", default=None, metavar="SIZE",
-                   help="paged KV pool, e.g. 2GiB (default: one sequence of max-context tokens)")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                   help="KV cache format (auto: the attention dtype; int8: per token & head scales)")
-    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of shared prompt prefixes")
-
-
-def _quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto: float32, or bfloat16 activations with --quant)")
-    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantisation: int8 (W8A16) or int4 (W4A16); auto (default): a Q4_0/Q4_1/Q8_0 "
-                        "GGUF runs in its own quantisation (K-quants: the nearest), other files dense")
-    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
-                   help="quantisation group along K (int8 default: per output channel; int4 default: 32)")
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
-    _quant_args(p)
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    _budget_args(p)
-    _kv_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -83,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (the default when "
+                   "the model has one; a fallback ChatML template otherwise)")
+    g.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
     g.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
-    _model_args(g)
+    add_cli_args(g)
     _sampling_args(g, default_temperature=0.0)
 
     c = sub.add_parser("chat", help="interactive chat with history")
@@ -93,8 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--session", default=None, metavar="NAME",
                    help="keep the conversation and its KV cache on disk under NAME; resume it next time")
     c.add_argument("--session-dir", default=None, help="where sessions live (default ~/.cache/tierlm/sessions)")
-    _model_args(c)
+    add_cli_args(c)
     _sampling_args(c, default_temperature=0.7)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, models, metrics)")
+    add_cli_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TIERLM_API_KEY)")
+    s.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 429 (default 256)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file's name)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish on SIGTERM (default 30)")
 
     i = sub.add_parser("info", help="architecture, parameter count and memory table")
     i.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: embedded)")
@@ -104,17 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("plan", help="where each layer would live under a budget, and the predicted speed")
     n.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: embedded)")
-    _quant_args(n)
+    add_quant_args(n)
     n.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     n.add_argument("--plot", default=None, metavar="PNG", help="also draw the plan (needs matplotlib)")
-    _budget_args(n)
-    _kv_args(n)
+    add_budget_args(n)
+    add_kv_args(n)
 
     b = sub.add_parser("bench", help="time prefill and decode; compare with the planner's prediction")
     b.add_argument("--prompt-tokens", type=_positive_int, default=32)
     b.add_argument("--tokens", type=_positive_int, default=16, help="tokens to decode")
     b.add_argument("--warmup", type=int, default=1, help="decode steps not counted (default 1)")
-    _model_args(b)
+    add_cli_args(b)
 
     e = sub.add_parser("eval-ppl", help="sliding-window perplexity of a text, one row per weight scheme")
     e.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
@@ -165,11 +131,9 @@ def _sampling(args: argparse.Namespace):
 
 def _load(args: argparse.Namespace):
     from tierlm import LLM
+    from tierlm.engine.args import EngineArgs
 
-    return LLM(args.model, dtype=args.dtype, threads=args.threads, device=args.device, max_memory=args.max_memory,
-               offload_dir=args.offload_dir, max_context=args.max_context, ring_depth=args.ring_depth,
-               profile=args.profile, quant=args.quant, group_size=args.group_size, kv_memory=args.kv_memory,
-               kv_dtype=args.kv_dtype, block_size=args.block_size, enable_prefix_caching=not args.no_prefix_cache)
+    return LLM.from_args(EngineArgs.from_cli(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -178,12 +142,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _sampling(args)
     llm = _load(args)
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat else prompt
+    # An instruct model answers a question only inside its chat template, so it is applied by default when
+    # the model ships one (as llama.cpp's CLI and Ollama do); --raw completes the text as it is.
+    chat = args.chat or (not args.raw and llm.tokenizer.chat_template is not None)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
     out = RequestOutput()
     for delta in llm.stream(ids, params, out):
         if not args.no_stream:
             print(delta, end="", flush=True)
     print(out.text if args.no_stream else "", flush=True)
+    if not out.token_ids:
+        why = "the model ended its answer at once (end-of-sequence)" if out.finish_reason == "stop" \
+            else f"finish reason {out.finish_reason}"
+        print(f"tierlm: no text generated: {why}" + ("" if chat else "; try without --raw for an instruct model"),
+              file=sys.stderr)
     if args.stats:
         print(llm.stats_text(out), file=sys.stderr)
     return 0
@@ -195,6 +167,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     session = session_dir(args.session, args.session_dir) if args.session else None
     return run_chat(_load(args), _sampling(args), args.system, stats=args.stats, session=session)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tierlm.engine.args import EngineArgs
+    from tierlm.serve.server import ServeArgs, serve
+
+    return serve(EngineArgs.from_cli(args), ServeArgs(args.host, args.port, args.api_key, args.max_queue,
+                                                      args.served_model_name, args.drain_timeout))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -355,7 +335,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "synth": cmd_synth,
+    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "synth": cmd_synth,
     "calibrate": cmd_calibrate, "plan": cmd_plan, "bench": cmd_bench, "eval-ppl": cmd_eval_ppl,
 }
 

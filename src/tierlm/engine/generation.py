@@ -1,31 +1,21 @@
-"""One request's generation loop: prefill, then decode token by token, streaming text deltas.
-
-Text is re-decoded from all generated ids each step (byte-level BPE can split a character across
-tokens); a delta is held back while it ends in an incomplete character or could be the start of a
-stop string, so what is streamed is always a prefix of the final text.
-"""
+"""What a request returns (RequestOutput, GenerationMetrics) and the checks every request passes before it
+is queued (check_request). The loop that produces them is engine/engine.py."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
-from typing import Iterator
-
-import torch
+from dataclasses import dataclass, field
 
 from tierlm.config import ModelConfig
-from tierlm.engine.runner import Runner
-from tierlm.engine.sampler import Sampler, SamplingParams
+from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import ContextLengthError, KVCacheFullError, UsageError
-from tierlm.kvcache.paged import PagedKV, Sequence
+from tierlm.kvcache.paged import PagedKV
 from tierlm.memory.stats import TierStats
-from tierlm.weights.tokenizer import Tokenizer
 
 
 @dataclass
 class GenerationMetrics:
     prompt_tokens: int = 0
-    ttft_s: float = 0.0  # prefill + first sampled token
-    decode_s: float = 0.0  # every later token
+    ttft_s: float = 0.0  # queueing + prefill + first sampled token
+    decode_s: float = 0.0  # every later token (the gaps between consecutive tokens)
     decode_tokens: int = 0
     tiers: TierStats = field(default_factory=TierStats)  # what this request moved between tiers
 
@@ -40,27 +30,10 @@ class RequestOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated part only, stop string excluded
     token_ids: list[int] = field(default_factory=list)  # generated part only
-    finish_reason: str = ""  # "stop" (EOS or stop string) | "length"
+    finish_reason: str = ""  # "stop" (EOS or stop string) | "length" | "abort" | "error"
+    logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, when asked for
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (pool or tiers) at admission
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
-
-
-def find_stop(text: str, stops: list[str]) -> int:
-    """Index where the earliest stop string begins, or -1."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(hits) if hits else -1
-
-
-def _safe_len(text: str, stops: list[str]) -> int:
-    """How much of `text` can be streamed now: no trailing replacement char, no possible stop prefix."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:k]):
-                end -= k
-                break
-    return end
 
 
 def check_request(cfg: ModelConfig, max_context: int, kv: PagedKV, prompt_ids: list[int],
@@ -80,57 +53,3 @@ def check_request(cfg: ModelConfig, max_context: int, kv: PagedKV, prompt_ids: l
         raise KVCacheFullError(f"{len(prompt_ids)} prompt + {max_new} new tokens need more KV than the pool's "
                                f"{pool_tokens} tokens: raise kv_memory (--kv-memory)")
     return max_new
-
-
-def generate_stream(runner: Runner, tokenizer: Tokenizer, kv: PagedKV, prompt_ids: list[int],
-                    params: SamplingParams, out: RequestOutput) -> Iterator[str]:
-    """Yield text deltas; fills `out` (text, token_ids, finish_reason, metrics) as it goes. The prompt's
-    longest cached prefix in `kv` is reused (its prefill skipped); the sequence's blocks are returned at the
-    end, its full blocks staying cached for later requests."""
-    max_new = check_request(runner.config, runner.max_context, kv, prompt_ids, params)
-    eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
-    sampler = Sampler(params)
-    t0 = time.perf_counter()
-    seq = Sequence(tokens=list(prompt_ids))
-    kv.admit(seq)  # cached prefix blocks: prefill starts after them
-    batch = kv.batch([seq])
-    m = out.metrics
-    m.prompt_tokens = len(prompt_ids)
-    before = replace(runner.store.stats)
-    emitted = 0
-    try:
-        todo = seq.tokens[seq.num_computed:]
-        logits = runner.forward(torch.tensor([todo]), batch)  # [1, V]
-        kv.note_prefill(len(todo), time.perf_counter() - t0)
-        for step in range(max_new):
-            token = int(sampler(logits)[0])
-            now = time.perf_counter()
-            if step == 0:
-                m.ttft_s = now - t0
-            else:
-                m.decode_s += now - t0
-                m.decode_tokens += 1
-            if token in eos:
-                out.finish_reason = "stop"
-                break
-            out.token_ids.append(token)
-            seq.tokens.append(token)
-            text = tokenizer.decode(out.token_ids)
-            if (cut := find_stop(text, params.stop)) >= 0:
-                out.text, out.finish_reason = text[:cut], "stop"
-                break
-            out.text = text
-            safe = _safe_len(text, params.stop)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if step + 1 == max_new:
-                out.finish_reason = "length"
-                break
-            t0 = time.perf_counter()
-            logits = runner.forward(torch.tensor([[token]]), batch)
-        if len(out.text) > emitted:
-            yield out.text[emitted:]
-    finally:
-        kv.free(seq)
-        m.tiers = runner.store.stats - before

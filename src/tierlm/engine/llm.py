@@ -1,19 +1,21 @@
 """The Python API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from tierlm.config import attention_dtype, format_size, parse_size, resolve_dtype
-from tierlm.engine.generation import RequestOutput, generate_stream
+from tierlm.engine.args import EngineArgs
+from tierlm.engine.engine import Engine
+from tierlm.engine.generation import RequestOutput, check_request
+from tierlm.engine.request import RequestUpdate
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
-from tierlm.engine.scheduler import Scheduler, make_requests
 from tierlm.errors import UsageError
-from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE, PagedKV
+from tierlm.kvcache.paged import PagedKV
 from tierlm.kvcache.persist import save_prefix_cache
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.kvcache.stats import KVStats
@@ -63,69 +65,63 @@ class LLM:
         kv_host_memory: a host-RAM tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
         RAM already); kv_offload_dir: a disk tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
         kv_compress: "none" or "zstd" for blocks on disk.
+    max_num_seqs, max_num_batched_tokens: the engine loop's limits per step (engine/args.py).
+    Every keyword is a field of EngineArgs (LLM.from_args takes one), the same as the CLI's and the server's.
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", *,
-                 threads: int | None = None, device: str = "cpu", progress: bool | None = None,
-                 max_memory: str | dict | MemoryBudget | None = None, offload_dir: str | Path | None = None,
-                 max_context: int | None = None, ring_depth: int | None = None, profile: str | Path | None = None,
-                 quant: str | QuantScheme = "auto", group_size: int | None = None,
-                 kv_memory: str | int | None = None, kv_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
-                 enable_prefix_caching: bool = True, kv_host_memory: str | int = 0,
-                 kv_offload_dir: str | Path | None = None, kv_compress: str = "none"):
-        if threads is not None:
-            if threads < 1:
-                raise UsageError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)
-        if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-            raise UsageError(f"device {device!r} is not available")
-        if max_context is not None and max_context < 2:
-            raise UsageError(f"max_context must be >= 2, got {max_context}")
-        if ring_depth is not None and ring_depth < 1:
-            raise UsageError(f"ring_depth must be >= 1, got {ring_depth}")
-        QuantScheme.check(quant, group_size)
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto", **kwargs):
+        self._init(EngineArgs(model=model, dtype=dtype, **kwargs))
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "LLM":
+        """The CLI's and the server's way in: the same arguments as the keywords."""
+        llm = cls.__new__(cls)
+        llm._init(args)
+        return llm
+
+    def _init(self, a: EngineArgs) -> None:
+        a.check()  # NOTE: every argument is checked before a file is opened or a thread started
+        self.args = a
+        if a.threads is not None:
+            torch.set_num_threads(a.threads)
         allocator.return_freed_memory_promptly()  # freed transients must leave RSS for budgets to hold
-        cuda = device.startswith("cuda")
-        kv_store_dtype(kv_dtype, torch.float32, cuda)  # NOTE: every argument is checked before a file is opened
-        if block_size < 1:
-            raise UsageError(f"block_size must be >= 1, got {block_size}")
-        kv_pool = parse_size(kv_memory) if kv_memory is not None else None
-        kv_host = parse_size(kv_host_memory)
-        self.budget = MemoryBudget.parse(max_memory)
-        if self.budget.device is not None and not device.startswith("cuda"):
-            raise UsageError(f"max_memory names {self.budget.device_name} but the device is {device}")
-        self.source = open_model(model)
-        self.quant = QuantScheme.resolve(quant, group_size, self.source.storage_types(),
+        cuda = a.device.startswith("cuda")
+        kv_pool = parse_size(a.kv_memory) if a.kv_memory is not None else None
+        kv_host = parse_size(a.kv_host_memory)
+        self.budget = MemoryBudget.parse(a.max_memory)
+        self.source = open_model(a.model)
+        self.quant = QuantScheme.resolve(a.quant, a.group_size, self.source.storage_types(),
                                           self.source.head_storage_type())
-        self.dtype = resolve_dtype(dtype, self.quant.enabled)
+        self.dtype = resolve_dtype(a.dtype, self.quant.enabled)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        kv_store = kv_store_dtype(kv_dtype, self.dtype, cuda)
-        self.profile, self.profile_calibrated = load_profile_or_default(profile)
+        kv_store = kv_store_dtype(a.kv_dtype, self.dtype, cuda)
+        self.profile, self.profile_calibrated = load_profile_or_default(a.profile)
         self.plan: Placement | None = None
         self.planned_kv_bytes: int | None = None
         self.context_options: list[ContextOption] = []
         if not self.budget.limited:
-            self.max_context = default_context(self.config, self.budget, max_context)
-            self.store = WeightStore.load_resident(self.source, self.dtype, device, progress, self.quant)
+            self.max_context = default_context(self.config, self.budget, a.max_context)
+            self.store = WeightStore.load_resident(self.source, self.dtype, a.device, a.progress, self.quant)
         else:
             self.max_context, inp, self.context_options = budget_plan_input(
-                self.config, self.dtype, self.budget, max_context, self.profile, cuda, ring_depth, self.quant,
-                kv_store, block_size, kv_pool, kv_host)
+                self.config, self.dtype, self.budget, a.max_context, self.profile, cuda, a.ring_depth, self.quant,
+                kv_store, a.block_size, kv_pool, kv_host)
             self.plan = plan(inp)
             self.planned_kv_bytes = inp.kv_bytes
-            if self.plan.ring_depth and offload_dir is None:
+            if self.plan.ring_depth and a.offload_dir is None:
                 raise UsageError(f"the budget {self.budget} leaves {self.plan.count(Tier.DISK)} layers off memory: "
                                  "pass offload_dir (--offload-dir) for the offload store")
-            self.store = WeightStore.load_planned(self.source, self.dtype, device, self.plan,
-                                                  Path(offload_dir) if offload_dir else None, progress,
+            self.store = WeightStore.load_planned(self.source, self.dtype, a.device, self.plan,
+                                                  Path(a.offload_dir) if a.offload_dir else None, a.progress,
                                                   io_threads=self.plan.io_threads, quant=self.quant)
         allocator.trim()  # loading's transients are freed: hand their heap pages back
-        self.runner = Runner(self.store, self.dtype, device, max_context=self.max_context)
-        if kv_offload_dir is None and offload_dir is not None:
-            kv_offload_dir = Path(offload_dir) / "kv"
-        self.kv = self._make_kv(kv_pool, kv_dtype, kv_store, block_size, enable_prefix_caching, kv_host,
-                                Path(kv_offload_dir) if kv_offload_dir is not None else None, kv_compress)
+        self.runner = Runner(self.store, self.dtype, a.device, max_context=self.max_context)
+        kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
+            Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
+        self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
+                                Path(kv_dir) if kv_dir is not None else None, a.kv_compress)
+        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens)
 
     def _make_kv(self, kv_pool: int | None, kv_dtype: str, store: torch.dtype, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str) -> PagedKV:
@@ -187,38 +183,54 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                out: RequestOutput | None = None) -> Iterator[str]:
-        """Yield text deltas as they are generated; pass `out` to read token ids and metrics afterwards."""
+        """Yield text deltas as they are generated; pass `out` to read token ids and metrics afterwards. The
+        engine steps in this thread; leaving the loop early aborts the request (its KV blocks are freed)."""
         text, ids = self._prompt_ids(prompt)
         out = out if out is not None else RequestOutput()
-        out.prompt, out.prompt_token_ids = text, ids
-        yield from generate_stream(self.runner, self.tokenizer, self.kv, ids, sampling_params or SamplingParams(), out)
+        out.prompt = text
+        pending: deque[RequestUpdate] = deque()
+        req = self.engine.add_request(ids, sampling_params or SamplingParams(), pending.append, out=out)
+        done = False
+        try:
+            while not done:
+                if not pending:
+                    self.engine.step()  # an exception in the step fails the request and comes out here
+                    continue
+                u = pending.popleft()
+                done = u.finished
+                if u.text:
+                    yield u.text
+        finally:
+            if not done:  # the caller stopped reading, or an exception: its blocks are freed now
+                self.engine.cancel([req.id])
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (strings or token-id lists). Several prompts run together: the scheduler
-        admits them while KV blocks last and decodes them as one batch; outputs come back in prompt order."""
+        """Generate for each prompt (strings or token-id lists), together on the engine loop: decodes batched,
+        prompts prefilled in chunks beside them, admitted while KV blocks last; outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
-        if len(prompts) == 1:
-            out = RequestOutput()
-            for _ in self.stream(prompts[0], params, out):
-                pass
-            return [out]
         parsed = [self._prompt_ids(p) for p in prompts]
-        requests = make_requests([ids for _, ids in parsed], params, self.runner, self.kv)
-        before = replace(self.store.stats)
-        Scheduler(self.runner, self.tokenizer, self.kv).run(requests)
-        moved = self.store.stats - before
-        for (text, _), r in zip(parsed, requests):
-            r.out.prompt = text
-            r.out.metrics.tiers = moved  # the batch's traffic, shared by its requests
-        return [r.out for r in requests]
+        outs = []
+        for text, ids in parsed:  # every prompt is checked before any is queued
+            check_request(self.config, self.max_context, self.kv, ids, params)
+        ids_of = []
+        for text, ids in parsed:
+            out = RequestOutput(prompt=text)
+            ids_of.append(self.engine.add_request(ids, params, out=out).id)
+            outs.append(out)
+        try:
+            self.engine.run()
+        except BaseException:
+            self.engine.cancel(ids_of)  # Ctrl-C or a failed step: nothing of this call stays queued
+            raise
+        return outs
 
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
-        """One conversation -> one output; a list of conversations -> a list of outputs."""
+        """One conversation -> one output; a list of conversations -> a list of outputs (run together)."""
         if messages and isinstance(messages[0], list):
-            return [self.chat(m, sampling_params) for m in messages]  # type: ignore[misc]
+            return self.generate([self.tokenizer.encode_chat(m) for m in messages], sampling_params)  # type: ignore[arg-type]
         ids = self.tokenizer.encode_chat(messages)  # type: ignore[arg-type]
         return self.generate([ids], sampling_params)[0]

@@ -16,6 +16,7 @@ import torch
 from tierlm.config import ModelConfig, attention_dtype
 from tierlm.errors import ContextLengthError
 from tierlm.kvcache.paged import SequenceKV
+from tierlm.kvcache.step import PagedStep
 from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
@@ -69,6 +70,43 @@ class Runner:
         stats.forward_s += time.perf_counter() - t0
         stats.forward_passes += len(chunks)
         return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]  # [B, T, V] | [B, V]
+
+    @torch.inference_mode()
+    def forward_groups(self, groups: list[tuple[torch.Tensor, PagedStep, bool]]) -> list[torch.Tensor | None]:
+        """One engine step: groups of (tokens [B, T], their step, whether to return last-position logits [B, V]).
+        Every layer's weights are acquired once for all groups (a streamed layer is read once per step), and
+        each group runs through the layer as it would alone, so its rows meet the same kernels whatever else
+        is in the step. The steps are not finished here: the engine does that once the step succeeded."""
+        t0 = time.perf_counter()
+        rows = max(tok.numel() for tok, _, _ in groups)
+        if rows > self.workspace_rows:
+            self.workspace.release()
+            self._plan_workspace(rows)
+        xs, rope = [], []
+        for tok, step, _ in groups:
+            pos = step.positions  # [B, T]
+            if int(pos.max()) >= self.max_context:
+                raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
+            rope.append((self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)))  # [B, 1, T, hd] each
+            xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream
+        for i in range(self.config.num_layers):
+            w = self.store.acquire(i)
+            for x, (_, step, _), (cos, sin) in zip(xs, groups, rope):
+                llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace)  # x in place
+            self.store.release(i)
+        out: list[torch.Tensor | None] = [None] * len(groups)
+        if any(want for _, _, want in groups):
+            lm_head = self.store.acquire_head()
+            for k, (x, (_, _, want)) in enumerate(zip(xs, groups)):
+                if want:
+                    out[k] = llama.head(self.config, self.store.norm, lm_head, x[:, -1:], self.workspace)[:, -1]
+            self.store.release_head()
+        else:
+            self.store.skip_head()
+        stats = self.store.stats
+        stats.forward_s += time.perf_counter() - t0
+        stats.forward_passes += 1
+        return out
 
     def _forward(self, tokens: torch.Tensor, kv, logits: str) -> torch.Tensor | None:
         """One chunk. logits: "all" -> [B, T, V]; "last" -> [B, 1, V]; "none" -> None."""

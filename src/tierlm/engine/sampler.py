@@ -17,6 +17,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # ... and this times how often it was generated
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
+    min_tokens: int = 0  # end-of-sequence tokens cannot be sampled before this many tokens (vLLM's, llama.cpp's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -29,6 +33,13 @@ class SamplingParams:
             raise UsageError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise UsageError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise UsageError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise UsageError(f"logprobs must be in [0, 20], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +56,15 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+
+    def penalise(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """logits [1, V] with the presence/frequency penalties of the tokens generated so far (a new tensor)."""
+        p = self.params
+        if not generated or (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0):
+            return logits
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[-1])[:logits.shape[-1]]
+        counts = counts.to(logits.device, torch.float32)
+        return logits.float() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params

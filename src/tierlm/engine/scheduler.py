@@ -1,157 +1,152 @@
-"""Batched generation over the paged KV cache: admit, prefill, decode together, preempt when blocks run out.
+"""The scheduler: which requests run in the next step, and with how many tokens each (vLLM v1's shape).
 
-    loop:
-      admit waiting requests in order while their blocks fit (a prefix-cache hit takes cached blocks and
-        skips their prefill); prefill each admitted prompt alone, in the runner's chunks; sample its first token
-      decode every running sequence as one batch [B, 1]; sample each row with its own request's sampler
-      before a decode step, every running sequence must have room for one more token: when the pool is
-        short, the most recently admitted sequence is preempted (its blocks freed, full ones stay cached)
-        and re-queued first; on re-admission it recomputes prompt + generated tokens (the prefix cache
-        usually serves most of it). Nothing is lost or emitted twice: generated tokens live in the request.
+    each step, within a token budget (max_num_batched_tokens):
+      1. running decodes first, one token each: a long prompt never freezes the streams already running.
+         When the pool cannot give every one of them its next slot, the most recently admitted running
+         request is preempted (its blocks freed, full ones stay cached) and re-queued first; on re-admission
+         it recomputes prompt + output (the prefix cache usually serves most of it).
+      2. the next prefill chunk of each running request still prefilling, in admission order;
+      3. waiting requests in arrival order while the budget, max_num_seqs and the pool allow: admission is a
+         side-effect-free probe (PagedKV.can_admit) and then a commit (admit + reserve), so a request that
+         does not fit changes nothing, not even the prefix-hit counters.
+    Chunks are aligned where the request's computing started (EngineRequest.next_chunk) and only whole
+    chunks are scheduled, so every row goes through the same kernels as it would alone: outputs do not
+    depend on what else runs.
 
-Invariants: a request is in exactly one of waiting, running, finished; a running sequence's blocks hold
-exactly its num_computed tokens; outputs come back in input order.
+The scheduler reserves every KV block a step needs before the step; the runner receives an immutable step
+(positions, slots, block tables) and allocates nothing. Invariants: a request is in exactly one of
+waiting, running (or finished, owned by nobody here); a running request holds blocks for everything
+scheduled; the budget is never exceeded (the constructor checks it holds one chunk + every decode).
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
-from tierlm.engine.generation import RequestOutput, check_request, find_stop
-from tierlm.engine.runner import Runner
-from tierlm.engine.sampler import Sampler, SamplingParams
-from tierlm.errors import KVCacheFullError
-from tierlm.kvcache.paged import PagedKV, Sequence
-from tierlm.weights.tokenizer import Tokenizer
-
-
-@dataclass(eq=False)
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    out: RequestOutput
-    max_new: int
-    sampler: Sampler = field(init=False)
-    seq: Sequence = field(init=False)
-    done: bool = False
-    stopped_by_string: bool = False
-
-    def __post_init__(self):
-        self.sampler = Sampler(self.params)
-        self.seq = Sequence(tokens=list(self.prompt_ids))
+from tierlm.engine.request import EngineRequest, Status
+from tierlm.errors import UsageError
+from tierlm.kvcache.paged import PagedKV
 
 
 @dataclass
 class SchedulerCounters:
-    steps: int = 0  # decode steps
-    batch_rows: int = 0  # sum of batch sizes over decode steps
+    steps: int = 0
+    decode_rows: int = 0  # sum of decode batch sizes
+    prefill_tokens: int = 0
     preemptions: int = 0
     recomputed_tokens: int = 0  # tokens prefilled again after a preemption (prefix-cache hits excluded)
-    waste_sum: float = 0.0  # slot waste (KVStats.waste) before each decode step, summed
-    decode_s: float = 0.0  # wall time of the batched decode steps (forward + sampling)
-    max_running: int = 0  # most sequences decoded together
+    max_running: int = 0
+    decode_steps: int = 0  # steps with at least one decode
+    mixed_steps: int = 0  # steps with decodes and prefill chunks together
+    waste_sum: float = 0.0  # KV slot waste (PagedKV.waste) before each decode step, summed
 
     @property
     def mean_waste(self) -> float:
-        return self.waste_sum / self.steps if self.steps else 0.0
+        return self.waste_sum / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    req: EngineRequest
+    tokens: int  # new tokens this step
+    last: bool  # the chunk completes the prefill: its logits are sampled
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    decodes: list[EngineRequest] = field(default_factory=list)
+    prefills: list[Chunk] = field(default_factory=list)
+    preempted: list[EngineRequest] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.tokens for c in self.prefills)
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: PagedKV, max_batch: int = 64):
-        self.runner, self.tokenizer, self.kv, self.max_batch = runner, tokenizer, kv, max_batch
+    def __init__(self, kv: PagedKV, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int):
+        if max_num_batched_tokens < prefill_chunk + max_num_seqs:
+            raise UsageError(f"max_num_batched_tokens ({max_num_batched_tokens}) must hold one prefill chunk "
+                             f"({prefill_chunk}) and a decode for each of max_num_seqs ({max_num_seqs})")
+        self.kv, self.max_num_seqs, self.budget, self.chunk = kv, max_num_seqs, max_num_batched_tokens, prefill_chunk
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []  # admission order: the last is preempted first
         self.counters = SchedulerCounters()
 
-    def run(self, requests: list[Request]) -> None:
-        """Requests come from make_requests: each fits the whole pool alone, so the queue always drains."""
-        waiting: deque[Request] = deque(requests)
-        running: list[Request] = []
-        t0 = time.perf_counter()
-        while waiting or running:
-            while waiting and len(running) < self.max_batch and self._admit(waiting[0], t0):
-                r = waiting.popleft()
-                if not r.done:
-                    running.append(r)
-            running = [r for r in running if not r.done]
-            if not running:
-                if waiting:  # nothing runs and the head of the queue does not fit: cannot happen after the check above
-                    raise KVCacheFullError("the KV pool cannot hold the next request")
+    def add(self, req: EngineRequest) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: EngineRequest) -> None:
+        """Take a request out (finished, aborted or failed) and return its blocks at once."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        kv, out = self.kv, SchedulerOutput()
+        budget = self.budget
+        # 1. decodes, preempting the newest running request while the pool is short
+        while True:
+            decodes = [r for r in self.running if not r.prefilling]
+            if sum(kv.blocks_needed(r.seq, 1) for r in decodes) <= kv.manager.num_free:
                 break
-            while sum(self.kv.blocks_needed(r.seq, 1) for r in running) > self.kv.manager.num_free:
-                victim = running.pop()  # the most recently admitted
-                self.kv.free(victim.seq)
-                waiting.appendleft(victim)
-                self.counters.preemptions += 1
-                self.kv.preemptions += 1
-            if not running:
-                continue
-            self.counters.waste_sum += self.kv.waste()
-            ts = time.perf_counter()
-            tokens = torch.tensor([[r.seq.tokens[-1]] for r in running])  # [B, 1]
-            logits = self.runner.forward(tokens, self.kv.batch([r.seq for r in running]))  # [B, V]
-            c = self.counters
-            c.steps, c.batch_rows, c.max_running = c.steps + 1, c.batch_rows + len(running), max(c.max_running, len(running))
-            for i, r in enumerate(running):
-                self._accept(r, int(r.sampler(logits[i:i + 1])[0]))
-                if r.done:
-                    self.kv.free(r.seq)
-            elapsed = time.perf_counter() - ts
-            c.decode_s += elapsed
-            for r in running:  # each request waited for the whole step
-                r.out.metrics.decode_s += elapsed
-                r.out.metrics.decode_tokens += 1
-            running = [r for r in running if not r.done]
-        for r in requests:
-            if not r.stopped_by_string:  # a stop string already cut the text
-                r.out.text = self.tokenizer.decode(r.out.token_ids)
+            self._preempt(self.running[-1], out)
+        if decodes:
+            self.counters.decode_steps += 1
+            self.counters.waste_sum += kv.waste()
+        for r in decodes:
+            kv.reserve(r.seq, 1)
+        out.decodes.extend(decodes)
+        budget -= len(decodes)
+        # 2. prefills in flight (their blocks were reserved at admission)
+        for r in self.running:
+            if r.prefilling and (n := r.next_chunk(self.chunk)) <= budget:
+                out.prefills.append(Chunk(r, n, r.seq.num_computed + n == r.prefill_end))
+                budget -= n
+        # 3. admissions
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0]
+            if not kv.can_admit(r.seq.tokens):
+                break  # the head waits (FIFO): later, smaller requests must not starve it
+            if r.next_chunk(self.chunk) > budget:
+                break
+            self.waiting.popleft()
+            kv.admit(r.seq)  # takes cached prefix blocks (restores from tiers), sets num_computed
+            kv.reserve(r.seq, len(r.seq.tokens) - r.seq.num_computed + 1)  # the prompt + its first decode
+            if not r.out.token_ids:
+                r.out.cached_tokens = r.seq.num_computed  # prompt tokens served by the prefix cache
+            else:  # re-admitted after a preemption
+                todo = r.prefill_end - r.seq.num_computed
+                self.counters.recomputed_tokens += todo
+                kv.recomputed_tokens += todo
+            r.status = Status.RUNNING
+            self.running.append(r)
+            n = r.next_chunk(self.chunk)
+            out.prefills.append(Chunk(r, n, r.seq.num_computed + n == r.prefill_end))
+            budget -= n
+        c = self.counters
+        c.steps += not out.empty
+        c.mixed_steps += bool(out.decodes and out.prefills)
+        c.decode_rows += len(out.decodes)
+        c.prefill_tokens += sum(ch.tokens for ch in out.prefills)
+        c.max_running = max(c.max_running, len(self.running))
+        return out
 
-    def _admit(self, r: Request, t0: float) -> bool:
-        """Prefill r if its blocks fit now (taking cached prefix blocks first); False leaves it waiting."""
-        kv = self.kv
-        kv.admit(r.seq)
-        todo = len(r.seq.tokens) - r.seq.num_computed
-        if kv.blocks_needed(r.seq, todo + 1) > kv.manager.num_free:  # +1: room for its first decode step
-            kv.free(r.seq)
-            return False
-        if r.out.token_ids:  # re-admitted after preemption
-            self.counters.recomputed_tokens += todo
-            kv.recomputed_tokens += todo
-        tp = time.perf_counter()
-        logits = self.runner.forward(torch.tensor([r.seq.tokens[r.seq.num_computed:]]), kv.batch([r.seq]))
-        kv.note_prefill(todo, time.perf_counter() - tp)
-        first = not r.out.token_ids
-        self._accept(r, int(r.sampler(logits)[0]))
-        if first:
-            r.out.metrics.ttft_s = time.perf_counter() - t0
-        if r.done:
-            kv.free(r.seq)
-        return True
-
-    def _accept(self, r: Request, token: int) -> None:
-        """Record a sampled token; mark the request done on EOS, a stop string or its length limit."""
-        out, p = r.out, r.params
-        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-            out.finish_reason, r.done = "stop", True
-            return
-        out.token_ids.append(token)
-        r.seq.tokens.append(token)
-        if p.stop:
-            text = self.tokenizer.decode(out.token_ids)
-            if (cut := find_stop(text, p.stop)) >= 0:
-                out.text, out.finish_reason, r.done, r.stopped_by_string = text[:cut], "stop", True, True
-                return
-        if len(out.token_ids) >= r.max_new:
-            out.finish_reason, r.done = "length", True
-
-
-def make_requests(prompts: list[list[int]], params: SamplingParams, runner: Runner, kv: PagedKV) -> list[Request]:
-    """Requests for a batch, each checked as a single request is (check_request)."""
-    reqs = []
-    for ids in prompts:
-        max_new = check_request(runner.config, runner.max_context, kv, ids, params)
-        out = RequestOutput(prompt_token_ids=list(ids))
-        out.metrics.prompt_tokens = len(ids)
-        reqs.append(Request(list(ids), params, out, max_new))
-    return reqs
+    def _preempt(self, victim: EngineRequest, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim.seq)
+        victim.preempted()
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+        self.counters.preemptions += 1
+        self.kv.preemptions += 1

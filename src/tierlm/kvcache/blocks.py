@@ -122,6 +122,19 @@ class BlockManager:
         self.refcount[block] += 1
         return block, h
 
+    def peek_prefix(self, tokens: list[int]) -> tuple[int, int]:
+        """(blocks of the longest cached prefix of `tokens`, how many of them are free now) without taking
+        any: admission's side-effect-free probe (match_prefix is the commit)."""
+        bs, parent, hits, free = self.block_size, ROOT_HASH, 0, 0
+        for start in range(0, matchable(len(tokens), bs) if self.caching else 0, bs):
+            part = tuple(tokens[start:start + bs])
+            h = block_hash(parent, part, self.salt)
+            block = self.by_hash.get(h)
+            if block is None or self.tokens_of.get(block) != part:
+                break
+            hits, free, parent = hits + 1, free + (self.refcount[block] == 0), h
+        return hits, free
+
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], bytes]:
         """Take the cached blocks of the longest cached prefix of `tokens`, leaving at least one token to
         compute (its logits are needed). Returns the blocks and the hash of the last one."""

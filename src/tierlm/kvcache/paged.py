@@ -71,6 +71,27 @@ class PagedKV:
         need = -(-(seq.num_computed + new_tokens) // self.block_size)
         return max(0, need - len(seq.blocks))
 
+    def can_admit(self, tokens: list[int], extra: int = 1) -> bool:
+        """Would a sequence of `tokens` (+ `extra` to come) get its blocks now? Side-effect free: nothing is
+        taken, hashed into counters or restored from a tier (admit + reserve do that, once, when it fits).
+        Cached prefix blocks count as held; blocks restored from a tier count as new ones."""
+        hits, hits_free = self.manager.peek_prefix(tokens)
+        need = -(-(len(tokens) + extra) // self.block_size) - hits
+        return need <= self.manager.num_free - hits_free
+
+    def reserve(self, seq: Sequence, new_tokens: int) -> None:
+        """Allocate the blocks `new_tokens` more tokens of seq will need (the scheduler's side of a step)."""
+        for _ in range(self.blocks_needed(seq, new_tokens)):
+            seq.blocks.append(self._allocate())
+
+    def step(self, seqs: list[Sequence], t: int, per_sequence: bool = False) -> "PagedStep":
+        """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved.
+        per_sequence: a decode batch attends sequence by sequence (PagedStep), as the engine needs."""
+        for s in seqs:
+            if s.num_computed + t > len(s.tokens) or self.blocks_needed(s, t):
+                raise ValueError("a step past the sequence's known tokens or reserved blocks")
+        return PagedStep(self, seqs, t, per_sequence)
+
     def admit(self, seq: Sequence) -> None:
         """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers."""
         assert not seq.blocks
@@ -127,13 +148,10 @@ class PagedKV:
         return Batch(self, seqs)
 
     def begin(self, seqs: list[Sequence], t: int) -> "PagedStep":
-        """A forward step of t new tokens for each of seqs (tokens seq.tokens[num_computed:num_computed+t])."""
+        """Reserve and step at once: the single-sequence paths (SequenceKV, Batch) that allocate as they go."""
         for s in seqs:
-            if s.num_computed + t > len(s.tokens):
-                raise ValueError("a step past the sequence's known tokens")
-            for _ in range(self.blocks_needed(s, t)):
-                s.blocks.append(self._allocate())
-        return PagedStep(self, seqs, t)
+            self.reserve(s, t)
+        return self.step(seqs, t)
 
     def filled_slots(self) -> int:
         """Token slots holding a token, over the blocks live sequences hold (a shared block counts once, as

@@ -35,7 +35,7 @@ def attention_mask(positions: torch.Tensor, s: int, window: int | None) -> torch
 class PagedStep:
     """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
 
-    def __init__(self, kv: PagedKV, seqs: list[Sequence], t: int):
+    def __init__(self, kv: PagedKV, seqs: list[Sequence], t: int, per_sequence: bool = False):
         self.kv, self.seqs, self.t = kv, seqs, t
         dev, bs = kv.device, kv.block_size
         starts = torch.tensor([s.num_computed for s in seqs])  # [B]
@@ -52,6 +52,12 @@ class PagedStep:
                                        for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
         # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
         self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
+        # A decode batch (T = 1, several sequences, no sliding window) attends per sequence: own blocks, own
+        # length, no padding, so each row is computed exactly as alone (the engine's outputs must not depend on
+        # what else runs). [(block ids [nb_b], keys S_b)] per sequence.
+        self.per_sequence = per_sequence and t == 1 and len(seqs) > 1 and kv.config.sliding_window is None
+        self.own = [(self.block_ids.view(len(seqs), nb)[i, :-(-(int(pos[i, -1]) + 1) // bs)], int(pos[i, -1]) + 1)
+                    for i in range(len(seqs))] if self.per_sequence else []
 
     def layer(self, i: int) -> "PagedStep.Layer":
         return PagedStep.Layer(self, i)
@@ -61,10 +67,14 @@ class PagedStep:
             self.step, self.i = step, i
 
         def update(self, k: torch.Tensor, v: torch.Tensor):
-            """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], mask [B, 1, T, S] | None)."""
+            """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], mask [B, 1, T, S] | None); for a per-sequence
+            step, lists of B (k, v [1, nkv, S_b, hd]) and mask None: each sequence's keys exactly as alone."""
             st = self.step
             pool = st.kv.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
+            if st.per_sequence:
+                pairs = [pool.gather(self.i, ids, 1, n) for ids, n in st.own]
+                return [p[0] for p in pairs], [p[1] for p in pairs], None
             k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.length)
             return k_all, v_all, st.mask
 

@@ -127,11 +127,19 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     qk = apply_rope(qkv[:, :nh + nkv], cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
     # op 3: store k, v; read back every stored key [B, nkv, S, hd] in the attention dtype, and the mask
-    # ([T, S] or [B, 1, T, S]: causal, sliding window, padding of shorter sequences; None when nothing is hidden)
+    # ([T, S] or [B, 1, T, S]: causal, sliding window, padding of shorter sequences; None when nothing is hidden).
+    # A decode batch of the engine reads them per sequence instead (lists of B [1, nkv, S_b, hd], no mask): a
+    # padded batch would change how attention's kernel blocks the keys, and so the rounding.
     k_all, v_all, mask = kv.update(k, v)
-    if q.dtype != k_all.dtype:  # attention runs in the KV dtype (config.attention_dtype)
-        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
-    attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
+    kv_dtype = k_all[0].dtype if isinstance(k_all, list) else k_all.dtype
+    if q.dtype != kv_dtype:  # attention runs in the KV dtype (config.attention_dtype)
+        q = ws.view("q_kv", q.shape, kv_dtype).copy_(q)
+    gqa = nkv != nh
+    if isinstance(k_all, list):  # op 4, per sequence: each row exactly as it is computed alone
+        attn = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k_all[i], v_all[i], enable_gqa=gqa)
+                          for i in range(b)])  # [B, nh, 1, hd]
+    else:
+        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)  # op 4: [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]
     x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo))  # op 6: [B, T, H]
 

@@ -1,0 +1,143 @@
+"""One set of engine arguments for the three front ends: `LLM(...)` keywords, CLI flags, `tierlm serve`.
+
+EngineArgs is the only place an argument is named, defaulted and checked; the CLI flags are derived from it
+(add_cli_args / from_cli) so `generate`, `chat`, `bench` and `serve` accept exactly what `LLM` does.
+check() runs before any file is opened or thread started: a bad value costs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from tierlm.config import parse_size
+from tierlm.errors import UsageError
+from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE
+from tierlm.memory.budget import MemoryBudget
+from tierlm.memory.planning import PREFILL_CHUNK
+from tierlm.quant import QuantScheme
+
+KV_DTYPES = ("auto", "float32", "bfloat16", "int8")
+
+
+@dataclass
+class EngineArgs:
+    """See LLM's docstring for what each argument does."""
+    model: str | Path | None = None
+    dtype: str | torch.dtype = "auto"
+    threads: int | None = None
+    device: str = "cpu"
+    progress: bool | None = None
+    max_memory: str | dict | MemoryBudget | None = None
+    offload_dir: str | Path | None = None
+    max_context: int | None = None
+    ring_depth: int | None = None
+    profile: str | Path | None = None
+    quant: str | QuantScheme = "auto"
+    group_size: int | None = None
+    kv_memory: str | int | None = None
+    kv_dtype: str = "auto"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    enable_prefix_caching: bool = True
+    kv_host_memory: str | int = 0
+    kv_offload_dir: str | Path | None = None
+    kv_compress: str = "none"
+    max_num_seqs: int = 64  # requests running at once (decoded together)
+    # tokens per engine step: every running decode + whole prefill chunks (512 tokens at most each). 768 holds
+    # one full chunk, a decode for each of 64 sequences and a short prompt or two beside them; it bounds how
+    # long a running stream waits for its next token behind long prompts.
+    max_num_batched_tokens: int = 768
+
+    def check(self) -> None:
+        """Every check that needs no file: UsageError with one line saying what is wrong."""
+        for name in ("threads", "ring_depth", "group_size"):
+            if (v := getattr(self, name)) is not None and v < 1:
+                raise UsageError(f"{name} must be >= 1, got {v}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < PREFILL_CHUNK + self.max_num_seqs:
+            raise UsageError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must hold one prefill chunk "
+                             f"({PREFILL_CHUNK}) and a decode for each of max_num_seqs ({self.max_num_seqs})")
+        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            raise UsageError(f"device {self.device!r} is not available")
+        if self.max_context is not None and self.max_context < 2:
+            raise UsageError(f"max_context must be >= 2, got {self.max_context}")
+        QuantScheme.check(self.quant, self.group_size)
+        if self.kv_dtype not in KV_DTYPES:
+            raise UsageError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_compress not in ("none", "zstd"):
+            raise UsageError(f"kv_compress must be none or zstd, got {self.kv_compress!r}")
+        if self.kv_memory is not None:
+            parse_size(self.kv_memory)
+        parse_size(self.kv_host_memory)
+        budget = MemoryBudget.parse(self.max_memory)
+        if budget.device is not None and not self.device.startswith("cuda"):
+            raise UsageError(f"max_memory names {budget.device_name} but the device is {self.device}")
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
+        """From the flags add_cli_args defined (any other attributes of `ns` are ignored)."""
+        values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+        if hasattr(ns, "no_prefix_cache"):
+            values["enable_prefix_caching"] = not ns.no_prefix_cache
+        return cls(**values)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="memory budget, e.g. cpu=1GiB or cuda:0=4GiB,cpu=16GiB (default: no limit)")
+    p.add_argument("--offload-dir", default=None, help="where layers that do not fit are stored for streaming")
+    p.add_argument("--max-context", type=positive_int, default=None,
+                   help="longest prompt + output (default: the model's; 4096 at most under a budget)")
+    p.add_argument("--ring-depth", type=positive_int, default=None, help="streaming ring slots (default: planned)")
+    p.add_argument("--profile", default=None, help="bandwidth profile (default: the one `tierlm calibrate` saved)")
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="paged KV pool, e.g. 2GiB (default: one sequence of max-context tokens)")
+    p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES),
+                   help="KV cache format (auto: the attention dtype; int8: per token & head scales)")
+    p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of shared prompt prefixes")
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: float32, or bfloat16 activations with --quant)")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantisation: int8 (W8A16) or int4 (W4A16); auto (default): a Q4_0/Q4_1/Q8_0 "
+                        "GGUF runs in its own quantisation (K-quants: the nearest), other files dense")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                   help="quantisation group along K (int8 default: per output channel; int4 default: 32)")
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    """Every EngineArgs field as a flag (the model and the engine; sampling flags are the command's)."""
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
+    add_quant_args(p)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_budget_args(p)
+    add_kv_args(p)
+    p.add_argument("--kv-host-memory", default="0", metavar="SIZE", help="host-RAM tier for evicted KV blocks")
+    p.add_argument("--kv-offload-dir", default=None, help="disk tier for KV blocks (default OFFLOAD_DIR/kv)")
+    p.add_argument("--kv-compress", default="none", choices=["none", "zstd"], help="KV blocks on disk")
+    p.add_argument("--max-num-seqs", type=positive_int, default=EngineArgs.max_num_seqs,
+                   help=f"requests decoded together (default {EngineArgs.max_num_seqs})")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=EngineArgs.max_num_batched_tokens,
+                   help=f"tokens per engine step (default {EngineArgs.max_num_batched_tokens})")

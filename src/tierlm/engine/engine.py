@@ -1,0 +1,184 @@
+"""The engine loop: one scheduler, one runner, one set of EOS/stop/length rules for every front end.
+
+    add_request(prompt ids, params, sink) -> request id     (any thread)
+    abort(request id)                                       (any thread)
+    step() -> updates                                       (the loop's thread only)
+
+`LLM.generate/stream/chat` drive step() from the caller's thread; `tierlm serve` runs it on one engine thread
+(serve/loop.py). Requests from other threads come in through a thread-safe inbox that step() drains first,
+so nothing else in the engine needs to be reentrant. A step schedules (scheduler.py), runs every group of
+the step in one pass over the weights (Runner.forward_groups), samples each request with its own seeded
+sampler, and emits one RequestUpdate per request that changed.
+
+Failure: an exception inside a step (a checksum error, Ctrl-C, a bug) fails the requests of that step with
+finish_reason "error" (their blocks returned at once) and is re-raised; requests not in the step stay
+queued. Nothing leaks blocks: every exit from the running set goes through Scheduler.remove.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import replace
+
+import torch
+
+from tierlm.engine.generation import RequestOutput, check_request
+from tierlm.engine.request import EngineRequest, RequestUpdate, Sink, Status, new_request_id
+from tierlm.engine.runner import Runner
+from tierlm.engine.sampler import SamplingParams
+from tierlm.engine.scheduler import Scheduler
+from tierlm.kvcache.paged import PagedKV
+from tierlm.weights.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: PagedKV, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 768):
+        self.runner, self.tokenizer, self.kv = runner, tokenizer, kv
+        self.scheduler = Scheduler(kv, max_num_seqs, max_num_batched_tokens, runner.prefill_chunk)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, EngineRequest] = {}  # unfinished, owned by the loop's thread
+
+    # --- any thread ------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Sink | None = None,
+                    request_id: str | None = None, out: RequestOutput | None = None) -> EngineRequest:
+        """Queue a request (checked now: bad input raises here, in the caller's thread). Its updates go to
+        `sink` from the loop's thread; `out` is filled as it runs."""
+        max_new = check_request(self.runner.config, self.runner.max_context, self.kv, prompt_ids, params)
+        out = out if out is not None else RequestOutput()
+        out.prompt_token_ids = list(prompt_ids)
+        out.metrics.prompt_tokens = len(prompt_ids)
+        req = EngineRequest(request_id or new_request_id(), list(prompt_ids), params, max_new, out, self.tokenizer,
+                            sink)
+        self._inbox.put(("add", req))
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (a client went away): its blocks are freed at the next step, its sink gets a final
+        update with finish_reason "abort". Unknown or finished ids are ignored."""
+        self._inbox.put(("abort", request_id))
+
+    def abort_all(self) -> None:
+        self._inbox.put(("abort_all", None))
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running (readable from any thread: lengths only)."""
+        return len(self.scheduler.waiting) + self._inbox.qsize()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests) + self._inbox.qsize()
+
+    # --- the loop's thread -----------------------------------------------------------------------
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or not self._inbox.empty()
+
+    def _drain_inbox(self) -> list[RequestUpdate]:
+        updates = []
+        while True:
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return updates
+            if op == "add":
+                arg.stats_at_arrival = replace(self.runner.store.stats)
+                self._requests[arg.id] = arg
+                self.scheduler.add(arg)
+            elif op == "abort_all":
+                updates.extend(self._finish(r, "abort") for r in list(self._requests.values()))
+            elif (req := self._requests.get(arg)) is not None:
+                updates.append(self._finish(req, "abort"))
+
+    def _finish(self, req: EngineRequest, reason: str, error: str | None = None, text: str = "",
+                tokens: tuple[int, ...] = (), logprobs: tuple = ()) -> RequestUpdate:
+        """The request's last update (with what this step added to it): its blocks are returned first."""
+        self.scheduler.remove(req)
+        self._requests.pop(req.id, None)
+        tail = req.finish(reason, self.runner.store.stats)
+        update = RequestUpdate(req.id, text + tail, tokens, True, reason, logprobs, error)
+        req.emit(update)
+        return update
+
+    def step(self) -> list[RequestUpdate]:
+        """One scheduled forward pass and its samples; [] when there is nothing to do."""
+        updates = self._drain_inbox()
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the head of the queue cannot be placed: check_request makes every request
+                # fit an empty pool, so this is a bug. Fail the request rather than spin forever.
+                head = self.scheduler.waiting[0]
+                updates.append(self._finish(head, "error", "the scheduler could not place this request"))
+            return updates
+        groups, owners = [], []
+        if sched.decodes:
+            seqs = [r.seq for r in sched.decodes]
+            tokens = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
+            groups.append((tokens, self.kv.step(seqs, 1, per_sequence=True), True))
+            owners.append(sched.decodes)
+        for c in sched.prefills:
+            start = c.req.seq.num_computed
+            tokens = torch.tensor([c.req.seq.tokens[start:start + c.tokens]])  # [1, T]
+            groups.append((tokens, self.kv.step([c.req.seq], c.tokens), c.last))
+            owners.append([c.req])
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.forward_groups(groups)
+        except BaseException as e:
+            for reqs in owners:
+                for r in reqs:
+                    updates.append(self._finish(r, "error", f"{type(e).__name__}: {e}"))
+            raise
+        for _, step, _ in groups:
+            step.finish()
+        elapsed = time.perf_counter() - t0
+        for c in sched.prefills:  # measured prefill cost per token: what restoring a block from a tier is weighed against
+            self.kv.note_prefill(c.tokens, elapsed * c.tokens / sched.num_tokens)
+        now = time.perf_counter()
+        for (_, _, want), reqs, lg in zip(groups, owners, logits):
+            if not want:
+                continue
+            for i, r in enumerate(reqs):
+                if r.status is Status.RUNNING:
+                    if (u := self._accept(r, lg[i:i + 1], now)) is not None:
+                        updates.append(u)
+        return updates
+
+    def _accept(self, r: EngineRequest, logits: torch.Tensor, now: float) -> RequestUpdate | None:
+        """Sample r's next token and apply the rules: EOS (not part of the output), a stop string, the length
+        limit. Emits and returns r's update."""
+        m, p = r.out.metrics, r.params
+        if not r.out.token_ids and not m.ttft_s:
+            m.ttft_s = now - r.arrival
+        elif r.last_token_at:
+            m.decode_s += now - r.last_token_at
+            m.decode_tokens += 1
+        r.last_token_at = now
+        token, logprob = r.sample(logits)
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return self._finish(r, "stop")
+        r.out.token_ids.append(token)
+        r.seq.tokens.append(token)
+        if logprob is not None:
+            r.out.logprobs.append(logprob)
+        delta = r.detok.add(token)
+        logprobs = (logprob,) if logprob is not None else ()
+        if r.detok.stopped or len(r.out.token_ids) >= r.max_new:
+            return self._finish(r, "stop" if r.detok.stopped else "length", None, delta, (token,), logprobs)
+        update = RequestUpdate(r.id, delta, (token,), logprobs=logprobs)
+        r.emit(update)
+        return update
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """abort() done now, from the loop's thread: the requests' blocks are back before this returns."""
+        self._drain_inbox()
+        for rid in request_ids:
+            if (req := self._requests.get(rid)) is not None:
+                self._finish(req, "abort")
+
+    def run(self) -> None:
+        """Step until every request is finished (the synchronous front ends)."""
+        while self.has_unfinished:
+            self.step()

@@ -1,0 +1,127 @@
+"""A request inside the engine loop, and the updates it emits.
+
+Lifecycle: WAITING (queued; after a preemption too) -> RUNNING (holds KV blocks; prefilling in chunks, then
+decoding) -> FINISHED (stop, length, abort or error; its blocks are returned). Updates go to the request's
+sink from the loop's thread; a sink must not block (the server's hands them to its event loop).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from tierlm.engine.detok import IncrementalDetokenizer
+from tierlm.engine.generation import RequestOutput
+from tierlm.engine.sampler import Sampler, SamplingParams
+from tierlm.kvcache.paged import Sequence
+from tierlm.memory.stats import TierStats
+from tierlm.weights.tokenizer import Tokenizer
+
+_ids = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"req-{next(_ids)}"
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one step added to one request: text that may be shown now, the tokens behind it, and whether the
+    request is over (then finish_reason is "stop" | "length" | "abort" | "error")."""
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    error: str | None = None
+
+
+Sink = Callable[[RequestUpdate], None]
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new: int  # tokens it may generate (max_tokens, cut to the context)
+    out: RequestOutput
+    tokenizer: Tokenizer
+    sink: Sink | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    prefill_end: int = 0  # tokens of seq.tokens to compute before sampling (the prompt, + output after a preemption)
+    sampler: Sampler = field(init=False)
+    seq: Sequence = field(init=False)
+    detok: IncrementalDetokenizer = field(init=False)
+    stats_at_arrival: TierStats | None = None
+    last_token_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.params)
+        self.seq = Sequence(tokens=list(self.prompt_ids))
+        self.detok = IncrementalDetokenizer(self.tokenizer, self.params.stop)
+        self.prefill_end = len(self.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.seq.num_computed < self.prefill_end
+
+    def next_chunk(self, chunk: int) -> int:
+        """Tokens of the next prefill chunk: chunks are aligned from where computing started, whatever the step
+        they land in, so every row goes through the same kernels as in a run alone."""
+        return min(chunk, self.prefill_end - self.seq.num_computed)
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """logits [1, V] -> the next token (and its logprob when asked), with this request's penalties and
+        seeded sampler."""
+        p = self.params
+        logits = self.sampler.penalise(logits, self.out.token_ids)
+        if len(self.out.token_ids) < p.min_tokens:
+            logits = logits.clone()
+            logits[:, list(self.tokenizer.eos_token_ids)] = float("-inf")
+        token = int(self.sampler(logits)[0])
+        if p.logprobs is None:
+            return token, None
+        lp = torch.log_softmax(logits.float(), dim=-1)[0]  # [V]
+        top = torch.topk(lp, p.logprobs) if p.logprobs else None
+        pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        return token, TokenLogprob(token, float(lp[token]), pairs)
+
+    def emit(self, update: RequestUpdate) -> None:
+        if self.sink is not None:
+            self.sink(update)
+
+    def preempted(self) -> None:
+        """Its blocks were taken back: everything it knows is recomputed on re-admission (prompt + output)."""
+        self.status = Status.WAITING
+        self.prefill_end = len(self.seq.tokens)
+
+    def finish(self, reason: str, stats: TierStats | None = None) -> str:
+        """Mark it finished and fill its output; returns the text held back until now (to be streamed last).
+        The tier traffic is everything moved while it ran (shared with the requests running beside it)."""
+        self.status = Status.FINISHED
+        self.out.finish_reason = reason
+        tail = self.detok.flush()
+        self.out.text = self.detok.text
+        if stats is not None and self.stats_at_arrival is not None:
+            self.out.metrics.tiers = stats - self.stats_at_arrival
+        return tail

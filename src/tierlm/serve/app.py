@@ -1,0 +1,175 @@
+"""`tierlm serve`: an OpenAI-compatible HTTP API (FastAPI) over the engine loop on its own thread.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (streamed as server-sent events ending with
+`data: [DONE]`, or whole), GET /v1/models, GET /health, GET /metrics. Every error is OpenAI's shape
+{"error": {"message", "type", "param", "code"}}: 400 bad parameters or a prompt past the context, 401 a
+wrong key, 404 an unknown model, 429 a full queue (Retry-After), 503 while draining. A client that goes
+away aborts its requests at once (their KV blocks are freed by the next engine step).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tierlm.engine.request import EngineRequest, RequestUpdate
+from tierlm.errors import TierlmError
+from tierlm.serve.format import Choices, chunk_json, completion_json, usage_json
+from tierlm.serve.loop import EngineLoop
+from tierlm.serve.metrics import Metrics
+from tierlm.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+
+DISCONNECT_POLL_S = 0.5
+
+
+def _error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
+    metrics = Metrics(loop)
+    app.state.metrics = metrics
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        what = "malformed JSON body" if first.get("type") == "json_invalid" else first.get("msg", "invalid request")
+        return _error_response(OpenAIError(400, f"{what}" + (f" ({where})" if where else ""), param=where))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return _error_response(OpenAIError(401, "invalid API key", "authentication_error",
+                                                   code="invalid_api_key"))
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise OpenAIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                              param="model", code="model_not_found")
+
+    async def run(request: Request, ids: list[int], body, kind: str) -> tuple[list[EngineRequest], asyncio.Queue]:
+        queue: asyncio.Queue = asyncio.Queue()
+        reqs: list[EngineRequest] = []
+        try:
+            for i in range(body.n):
+                reqs.append(loop.submit(ids, body.params(i), queue, i))
+        except TierlmError as e:  # the prompt cannot run here: too long, ids outside the vocabulary...
+            for r in reqs:
+                loop.abort(r.id)
+            raise OpenAIError(400, str(e), param="messages" if kind == "chat" else "prompt") from None
+        except OpenAIError:
+            for r in reqs:
+                loop.abort(r.id)
+            raise
+        metrics.requests_started(len(reqs))
+        return reqs, queue
+
+    async def updates(request: Request, reqs: list[EngineRequest], queue: asyncio.Queue
+                      ) -> AsyncIterator[tuple[int, RequestUpdate]]:
+        """Every update of `reqs` until all are finished; aborts them if the client leaves or this is closed."""
+        left = len(reqs)
+        try:
+            while left:
+                try:
+                    index, u = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                left -= u.finished
+                yield index, u
+        finally:
+            for r in reqs:
+                if r.out.finish_reason == "":
+                    loop.abort(r.id)
+
+    async def respond(request: Request, body, ids: list[int], kind: str) -> Response:
+        check_model(body.model)
+        if loop.draining:
+            raise OpenAIError(503, "the server is shutting down", "service_unavailable", code="draining",
+                              headers={"Retry-After": "5"})
+        reqs, queue = await run(request, ids, body, kind)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        choices = Choices(kind, len(reqs), llm.tokenizer, body.logprobs if kind == "chat" else body.logprobs is not None)
+        created = int(time.time())
+        if not body.stream:
+            async with aclosing(updates(request, reqs, queue)) as stream:
+                async for index, u in stream:
+                    choices.add(index, u)
+                    if u.finish_reason == "error":
+                        raise OpenAIError(500, f"generation failed: {u.error}", "server_error")
+            if await request.is_disconnected():
+                return Response(status_code=499)
+            metrics.requests_finished(reqs)
+            return JSONResponse(completion_json(kind, rid, created, model_name, choices, usage_json(reqs)))
+
+        async def sse() -> AsyncIterator[str]:
+            usage = body.include_usage
+            if kind == "chat":
+                for i in range(len(reqs)):
+                    yield chunk_json(kind, rid, created, model_name, [choices.role_delta(i)], usage)
+            failed = False
+            async with aclosing(updates(request, reqs, queue)) as stream:
+                async for index, u in stream:
+                    if u.finish_reason == "error":
+                        failed = True
+                        err = OpenAIError(500, f"generation failed: {u.error}", "server_error").body()
+                        yield f"data: {json.dumps(err)}\n\n"
+                        break
+                    if u.text or u.finished or u.logprobs:
+                        yield chunk_json(kind, rid, created, model_name, [choices.delta(index, u)], usage)
+            if not failed:
+                metrics.requests_finished(reqs)
+                if usage:
+                    yield chunk_json(kind, rid, created, model_name, [], usage, usage_json(reqs))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        try:
+            ids = llm.tokenizer.encode_chat(body.chat_messages())
+        except TierlmError as e:
+            raise OpenAIError(400, str(e), param="messages") from None
+        return await respond(request, body, ids, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        prompt = body.single_prompt()
+        ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await respond(request, body, ids, "text")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(app.state.started),
+                                            "owned_by": "tierlm", "max_model_len": llm.max_context}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        s = loop.snapshot
+        status = "draining" if loop.draining else "ok"
+        return JSONResponse({"status": status, "running": s.running, "waiting": s.waiting,
+                             "step_errors": s.step_errors}, status_code=503 if loop.draining else 200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.state.started = time.time()
+    return app

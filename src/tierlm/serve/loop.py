@@ -1,0 +1,122 @@
+"""The engine on its own thread, for the server: handlers on the event loop submit and abort requests and
+await their updates; they never block on the engine.
+
+    submit(ids, params, queue, index) -> EngineRequest   any thread; updates arrive in `queue` (asyncio)
+    abort(request id)                                     any thread
+    drain(deadline)                                       refuse new work (503), let running requests finish
+
+The thread steps the engine while it has work and sleeps on an event otherwise. A step that raises fails
+only its own requests (the engine returns their blocks and sends them an "error" update); the loop goes on
+and counts the failure. A snapshot of the engine's state (queue lengths, KV blocks, counters) is taken by
+this thread after each step, so /metrics and /health never read structures the engine is changing.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from tierlm.engine.engine import Engine
+from tierlm.engine.request import EngineRequest, RequestUpdate
+from tierlm.engine.sampler import SamplingParams
+from tierlm.kvcache.stats import KVStats
+from tierlm.memory.stats import TierStats
+from tierlm.serve.protocol import OpenAIError
+
+log = logging.getLogger("tierlm.serve")
+SNAPSHOT_EVERY_S = 0.25
+
+
+@dataclass
+class Snapshot:
+    running: int = 0
+    waiting: int = 0
+    kv: KVStats | None = None
+    tiers: TierStats = field(default_factory=TierStats)
+    preemptions: int = 0
+    step_errors: int = 0
+    steps: int = 0
+    host_blocks: int = 0  # cached KV blocks in the host tier
+    disk_blocks: int = 0  # ... and on disk
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self.draining = False
+        self.step_errors = 0
+        self.snapshot = Snapshot()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tierlm-engine", daemon=True)
+        self._last_snapshot = 0.0
+
+    def start(self) -> None:
+        self._take_snapshot()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.engine.num_unfinished
+
+    def submit(self, ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0) -> EngineRequest:
+        """Queue a request whose updates go to `queue` as (index, RequestUpdate). 503 while draining, 429 when
+        the queue is full; bad input raises here (the handler turns it into a 400)."""
+        if self.draining:
+            raise OpenAIError(503, "the server is shutting down", "service_unavailable", code="draining",
+                              headers={"Retry-After": "5"})
+        if self.engine.num_waiting >= self.max_queue:
+            raise OpenAIError(429, f"too many requests queued ({self.max_queue}); retry later", "rate_limit_exceeded",
+                              code="queue_full", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+
+        def sink(update: RequestUpdate) -> None:  # on the engine thread: hand over, never block
+            loop.call_soon_threadsafe(queue.put_nowait, (index, update))
+
+        req = self.engine.add_request(ids, params, sink)
+        self._wake.set()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def drain(self, deadline_s: float) -> None:
+        """Refuse new requests and wait (blocking; call off the event loop) until the running ones finish or
+        the deadline passes; what is left is aborted."""
+        self.draining = True
+        end = time.monotonic() + deadline_s
+        while self.engine.num_unfinished and time.monotonic() < end:
+            time.sleep(0.05)
+        self.engine.abort_all()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished:
+                self._take_snapshot()
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception:  # the step's requests got "error" updates; the server keeps serving the rest
+                self.step_errors += 1
+                log.exception("engine step failed")
+            if time.perf_counter() - self._last_snapshot >= SNAPSHOT_EVERY_S:
+                self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        e = self.engine
+        self.snapshot = Snapshot(running=len(e.scheduler.running), waiting=e.num_waiting, kv=e.kv.stats(),
+                                 tiers=replace(e.runner.store.stats), preemptions=e.scheduler.counters.preemptions,
+                                 step_errors=self.step_errors, steps=e.scheduler.counters.steps,
+                                 host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk))
+        self._last_snapshot = time.perf_counter()

@@ -1,0 +1,92 @@
+"""/metrics in Prometheus' text format (prometheus-client), names in vLLM's style under `tierlm:`.
+
+State (queues, KV blocks, counters of the engine) is read from the engine loop's snapshot at scrape time,
+never from structures the engine thread is changing; latencies are histograms observed when a request
+finishes. One registry per server, so several apps in one process (tests) do not collide.
+"""
+from __future__ import annotations
+
+import resource
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from tierlm.engine.request import EngineRequest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _EngineCollector:
+    def __init__(self, loop, metrics: "Metrics"):
+        self.loop, self.metrics = loop, metrics
+
+    def collect(self):
+        s = self.loop.snapshot
+        yield GaugeMetricFamily("tierlm:num_requests_running", "Requests holding KV blocks", value=s.running)
+        yield GaugeMetricFamily("tierlm:num_requests_waiting", "Requests queued", value=s.waiting)
+        blocks = GaugeMetricFamily("tierlm:kv_blocks", "KV pool blocks by state", labels=["state"])
+        if s.kv is not None:
+            for state in ("used", "cached", "free"):
+                blocks.add_metric([state], getattr(s.kv, state))
+        yield blocks
+        if s.kv is not None:
+            yield GaugeMetricFamily("tierlm:kv_cache_usage_perc", "Fraction of KV blocks in use",
+                                    value=s.kv.used / s.kv.blocks if s.kv.blocks else 0.0)
+            tier = GaugeMetricFamily("tierlm:kv_tier_blocks", "Cached KV blocks held below the pool", labels=["tier"])
+            tier.add_metric(["host"], s.host_blocks)
+            tier.add_metric(["disk"], s.disk_blocks)
+            yield tier
+            t = s.kv.tiers
+            moves = CounterMetricFamily("tierlm:kv_tier_moves", "KV blocks moved between tiers", labels=["move"])
+            for name in ("host_puts", "disk_writes", "host_restores", "disk_restores", "dropped", "corrupt"):
+                moves.add_metric([name], getattr(t, name))
+            yield moves
+            yield CounterMetricFamily("tierlm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      value=s.kv.queried_tokens)
+            yield CounterMetricFamily("tierlm:prefix_cache_hits", "Prompt tokens served by the prefix cache",
+                                      value=s.kv.hit_tokens + s.kv.restored_tokens)
+        yield CounterMetricFamily("tierlm:num_preemptions", "Requests preempted", value=s.preemptions)
+        yield CounterMetricFamily("tierlm:engine_step_errors", "Engine steps that failed", value=s.step_errors)
+        moved = CounterMetricFamily("tierlm:bytes_streamed", "Weight bytes streamed, by tier", labels=["tier"])
+        moved.add_metric(["disk"], s.tiers.disk_bytes)
+        moved.add_metric(["host_to_device"], s.tiers.h2d_bytes)
+        yield moved
+        m = self.metrics
+        yield CounterMetricFamily("tierlm:prompt_tokens", "Prompt tokens of finished requests", value=m.prompt_tokens)
+        yield CounterMetricFamily("tierlm:generation_tokens", "Generated tokens of finished requests",
+                                  value=m.generation_tokens)
+        yield CounterMetricFamily("tierlm:requests", "Requests accepted", value=m.started)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        yield GaugeMetricFamily("tierlm:peak_rss_bytes", "Peak resident set size of the server", value=peak)
+
+
+class Metrics:
+    def __init__(self, loop):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(loop, self))
+        h = lambda name, doc: Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=self.registry)  # noqa: E731
+        self.ttft = h("tierlm:time_to_first_token_seconds", "Time from arrival to the first token")
+        self.itl = h("tierlm:inter_token_latency_seconds", "Mean gap between consecutive tokens of a request")
+        self.e2e = h("tierlm:e2e_request_latency_seconds", "Time from arrival to the last token")
+        self.prompt_tokens = self.generation_tokens = self.started = 0
+        self.content_type = CONTENT_TYPE_LATEST
+
+    def requests_started(self, n: int) -> None:
+        self.started += n
+
+    def requests_finished(self, reqs: list[EngineRequest]) -> None:
+        for r in reqs:
+            if r.out.finish_reason not in ("stop", "length"):
+                continue
+            m = r.out.metrics
+            self.prompt_tokens += m.prompt_tokens
+            self.generation_tokens += len(r.out.token_ids)
+            self.ttft.observe(m.ttft_s)
+            if m.decode_tokens:
+                self.itl.observe(m.decode_s / m.decode_tokens)
+            if r.last_token_at:
+                self.e2e.observe(r.last_token_at - r.arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,216 @@
+"""`tierlm serve` with the official openai client against a live server on 127.0.0.1 (the embedded model):
+chat and completions, streamed and not; concurrent streams equal sequential ones; a client that leaves
+frees its blocks; overload is 429, a wrong key 401, malformed JSON 400, all in OpenAI's error shape;
+/metrics parses; SIGTERM drains."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serve_helpers import get, metric, request, start
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTIONS = ["Name a colour.", "What is 2+2?", "Say hello.", "Name a fruit.", "What is the sea?", "Count to three.",
+             "Name a planet.", "What is rain?"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = start("--max-num-seqs", "16", "--kv-memory", "64MiB", "--served-model-name", "smol")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def settles(ok, timeout: float = 10.0) -> bool:
+    """ok() becomes true within `timeout` (the server's state snapshot is refreshed every 0.25-0.5 s)."""
+    end = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _chat(client, content: str, max_tokens: int = 24, **kw):
+    return client.chat.completions.create(model="smol", messages=[{"role": "user", "content": content}],
+                                          max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_chat_equals_the_python_api(client):
+    from tierlm import LLM, SamplingParams
+    got = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=24, temperature=0)
+    with LLM(progress=False) as llm:
+        want = llm.chat(MESSAGES, SamplingParams(temperature=0.0, max_tokens=24))
+    assert got.choices[0].message.content == want.text and "Paris" in want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.object == "chat.completion" and got.model == "smol"
+
+
+def test_chat_stream_with_usage(client):
+    whole = _chat(client, "Write a haiku about the sea.", 32).choices[0]
+    chunks = list(client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Write a haiku about the sea."}], max_tokens=32,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt was just served
+
+
+def test_completions_text_and_ids_stream_and_not(client):
+    a = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=12, temperature=0)
+    from tierlm.weights.embedded import embedded_model_path
+    from tierlm.weights import open_model
+    ids = open_model(str(embedded_model_path())).tokenizer.encode("The capital of France is")
+    b = client.completions.create(model="smol", prompt=ids, max_tokens=12, temperature=0)
+    s = "".join(c.choices[0].text for c in client.completions.create(
+        model="smol", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True))
+    assert a.choices[0].text == b.choices[0].text == s and a.object == "text_completion"
+
+
+def test_sampling_parameters(client):
+    seeded = lambda seed: _chat(client, "Tell me a story.", 16, seed=seed, top_p=0.9)  # noqa: E731
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=16, temperature=0.9,
+                                       seed=5, n=3)
+    assert len(r.choices) == 3 and [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens >= 3
+    again = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=16, temperature=0.9,
+                                           seed=5, n=3)
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
+    assert len({c.message.content for c in r.choices}) > 1  # choice i samples with seed + i
+    assert seeded(1).choices[0].message.content == seeded(1).choices[0].message.content
+    lp = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=4, temperature=0,
+                                        logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert content[0].token == content[0].top_logprobs[0].token  # greedy takes the most likely
+    stop = client.completions.create(model="smol", prompt="1, 2, 3,", max_tokens=16, temperature=0, stop=[" 5"])
+    assert stop.choices[0].finish_reason == "stop" and " 5" not in stop.choices[0].text
+    pen = client.completions.create(model="smol", prompt="the the the", max_tokens=16, temperature=0,
+                                    frequency_penalty=2.0)
+    plain = client.completions.create(model="smol", prompt="the the the", max_tokens=16, temperature=0)
+    assert pen.choices[0].text != plain.choices[0].text
+
+
+def test_concurrent_streams_equal_sequential(client, server):
+    """16 streams at once produce what each produces alone. (Plain prompts that share no 16-token block: a
+    prefix-cache hit on blocks *another* prompt computed may differ in the last bits, as in vLLM: attention's
+    reductions depend on the length of the prompt that computed them.)"""
+    def stream(q: str) -> str:
+        chunks = client.completions.create(model="smol", prompt=q, max_tokens=20, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    questions = QUESTIONS * 2  # 16 streams
+    sequential = [stream(q) for q in QUESTIONS]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(stream, questions))
+    assert together == sequential * 2
+    assert settles(lambda: metric(server, "tierlm:kv_blocks", state="used") == 0)  # every block back
+
+
+def test_disconnect_frees_blocks(server):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps({"model": "smol", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+                       "stream": True})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # the first event: the request is running
+    assert settles(lambda: get(server, "/health")[1]["running"] == 1)
+    assert metric(server, "tierlm:kv_blocks", state="used") > 0
+    conn.close()  # the client goes away mid-stream
+    t0 = time.monotonic()
+    assert settles(lambda: metric(server, "tierlm:num_requests_running") == 0
+                   and metric(server, "tierlm:kv_blocks", state="used") == 0)
+    assert time.monotonic() - t0 < 5  # aborted, not run to its 400th token (~10 s on 2 cores)
+
+
+def test_errors_in_openai_shape(server, client):
+    status, body, _ = request(server, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    status, body, _ = request(server, "POST", "/v1/chat/completions", json.dumps({"messages": []}).encode())
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body, _ = request(server, "POST", "/v1/completions",
+                              json.dumps({"prompt": "hi", "temperature": 7}).encode())
+    assert status == 400 and "temperature" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="smol", prompt="word " * 9000, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smol", prompt=[10 ** 7], max_tokens=4)  # an id outside the vocabulary
+    assert get(server, "/v1/models")[1]["data"][0]["id"] == "smol"
+
+
+def test_metrics_parse(server, client):
+    _chat(client, "Hi.", 4)
+    from prometheus_client.parser import text_string_to_metric_families
+    names = {f.name for f in text_string_to_metric_families(request(server, "GET", "/metrics")[1]["raw"])}
+    for want in ("tierlm:num_requests_running", "tierlm:num_requests_waiting", "tierlm:kv_blocks",
+                 "tierlm:prefix_cache_queries", "tierlm:prefix_cache_hits", "tierlm:num_preemptions",
+                 "tierlm:time_to_first_token_seconds", "tierlm:inter_token_latency_seconds",
+                 "tierlm:e2e_request_latency_seconds", "tierlm:prompt_tokens", "tierlm:generation_tokens",
+                 "tierlm:bytes_streamed", "tierlm:peak_rss_bytes"):
+        assert want in names, want
+    assert metric(server, "tierlm:time_to_first_token_seconds_count") > 0
+
+
+def test_overload_key_and_drain():
+    """One running, one queued: the rest get 429 with Retry-After; a wrong key is 401; SIGTERM lets the running
+    request finish, refuses new ones with 503, and exits."""
+    s = start("--max-num-seqs", "1", "--max-queue", "1", "--api-key", "sekrit", "--drain-timeout", "60")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="sekrit", max_retries=0, timeout=120)
+
+        model = c.models.list().data[0].id
+
+        def long(_):
+            try:
+                return c.completions.create(model=model, prompt="Once", max_tokens=40,
+                                            extra_body={"ignore_eos": True}).choices[0].finish_reason
+            except openai.RateLimitError as e:
+                assert e.response.headers.get("retry-after")
+                return 429
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(long, range(6)))
+        assert 429 in results and "length" in results
+        # drain: a stream in flight, then SIGTERM
+        body = json.dumps({"prompt": "Once", "max_tokens": 100, "ignore_eos": True, "stream": True})
+        events: list[str] = []
+
+        def stream():
+            import http.client
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json",
+                                                           "Authorization": "Bearer sekrit"})
+            events.extend(line.decode() for line in conn.getresponse())
+        t = threading.Thread(target=stream)
+        t.start()
+        assert settles(lambda: get(s, "/health")[1]["running"] == 1)
+        s.proc.send_signal(15)
+        assert settles(lambda: get(s, "/health")[0] == 503)
+        status, err, _ = request(s, "POST", "/v1/completions", json.dumps({"prompt": "x"}).encode(),
+                                 {"Authorization": "Bearer sekrit"})
+        assert status == 503 and err["error"]["code"] == "draining"
+        t.join(60)
+        assert any('"finish_reason": "length"' in e for e in events) and events[-2].strip() == "data: [DONE]"
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()
