@@ -10,8 +10,9 @@ open-loop (Poisson arrivals at R requests/s, at most --max-in-flight at once); b
 shared system prompt (a prefix cache helps both engines alike), a distinct question, temperature 0 and
 min_tokens = max_tokens, so every answer is exactly --max-tokens tokens on both engines (the async openai
 client, streaming). Columns: output tok/s over the scenario's wall time, TTFT and inter-token latency
-percentiles over requests, errors. llama-cpp-python's server serves one request at a time (its n_parallel
-is not exposed by the Python server): its concurrency is queueing.
+percentiles over requests, errors. llama-cpp-python's server serves one request at a time (no batching
+across requests in its Python server); it runs with --interrupt_requests False, so a new request queues
+instead of cutting off the one streaming (its default, which ends that stream with no tokens).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def start_server(engine: str, a: argparse.Namespace, port: int) -> subprocess.Po
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", a.model_path, "--port", str(port),
                "--host", "127.0.0.1", "--n_threads", str(a.threads), "--n_ctx", str(a.context),
-               "--model_alias", "m", "--verbose", "False"]
+               "--model_alias", "m", "--verbose", "False", "--interrupt_requests", "False"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 180
     while time.monotonic() < end:

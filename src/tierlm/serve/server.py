@@ -1,18 +1,20 @@
-"""Running the server: the model loaded once, the engine loop started, uvicorn serving the app on
-127.0.0.1 by default. SIGTERM/SIGINT drain: new requests get 503, running ones finish up to the drain
-deadline (then they are aborted), and the process exits."""
+"""Running the server: the model loaded once, uvicorn serving the app on 127.0.0.1 by default from a thread,
+the engine loop on the main thread. SIGTERM/SIGINT drain: new requests get 503, running ones finish up to
+the drain deadline (then they are aborted), and the process exits 0."""
 from __future__ import annotations
 
 import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
 from tierlm.engine.args import EngineArgs
+from tierlm.errors import UsageError
 from tierlm.serve.app import create_app
 from tierlm.serve.loop import EngineLoop
 
@@ -34,28 +36,10 @@ def default_model_name(llm) -> str:
     return Path(path).stem if path else (llm.config.name or llm.config.arch)
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn's server whose first exit signal drains the engine before uvicorn shuts down."""
-
-    def __init__(self, config: uvicorn.Config, loop: EngineLoop, drain_timeout: float):
-        super().__init__(config)
-        self.engine_loop, self.drain_timeout = loop, drain_timeout
-        self._draining = False
-
-    def handle_exit(self, sig, frame) -> None:
-        if self._draining:  # a second signal: stop now
-            return super().handle_exit(sig, frame)
-        self._draining = True
-        log.info("draining: new requests get 503; running ones have %.0f s to finish", self.drain_timeout)
-
-        def drain() -> None:
-            self.engine_loop.drain(self.drain_timeout)
-            super(_DrainingServer, self).handle_exit(sig, frame)
-
-        threading.Thread(target=drain, name="tierlm-drain", daemon=True).start()
-
-
 def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
+    """Load the model, serve HTTP from a thread and step the engine on this (the main) thread until a signal
+    has drained it. SIGTERM/SIGINT: new requests get 503, running ones get drain_timeout seconds to finish
+    (then they are aborted), uvicorn shuts down, exit code 0. A second signal stops at once."""
     from tierlm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -64,16 +48,38 @@ def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
     name = args.served_model_name or default_model_name(llm)
     key = args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
     app = create_app(llm, loop, name, key)
-    loop.start()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)  # in a thread, uvicorn installs no signal handlers: they are ours
+    http = threading.Thread(target=server.run, name="tierlm-http", daemon=True)
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        llm.close()
+        raise UsageError(f"cannot serve on {args.host}:{args.port} (address in use or not available)")
     log.info("serving %s on http://%s:%d/v1 (context %d, KV %d blocks)", name, args.host, args.port,
              llm.max_context, llm.kv.manager.num_blocks)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-    # uvicorn re-raises the signal that stopped it once it has shut down, to the handler that was there
-    # before it: make that one a no-op, so a drained SIGTERM ends with exit code 0, not a kill.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        _DrainingServer(config, loop, args.drain_timeout).run()
-    finally:
+
+    def shut_down() -> None:
+        loop.drain(args.drain_timeout)
+        server.should_exit = True
+        http.join(timeout=30)
         loop.stop()
+
+    def on_signal(signum, frame) -> None:
+        if loop.draining:  # a second signal: now
+            server.should_exit = True
+            loop.stop()
+            return
+        log.info("draining: new requests get 503; running ones have %.0f s to finish", args.drain_timeout)
+        threading.Thread(target=shut_down, name="tierlm-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        loop.run_forever()
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
         llm.close()
     return 0
