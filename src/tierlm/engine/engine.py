@@ -116,7 +116,7 @@ class Engine:
         if sched.decodes:
             seqs = [r.seq for r in sched.decodes]
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
-            groups.append((tokens, self.kv.step(seqs, 1, per_sequence=True), True))
+            groups.append((tokens, self.kv.step(seqs, 1, batch_invariant=True), True))
             owners.append(sched.decodes)
         for c in sched.prefills:
             start = c.req.seq.num_computed

@@ -84,13 +84,13 @@ class PagedKV:
         for _ in range(self.blocks_needed(seq, new_tokens)):
             seq.blocks.append(self._allocate())
 
-    def step(self, seqs: list[Sequence], t: int, per_sequence: bool = False) -> "PagedStep":
+    def step(self, seqs: list[Sequence], t: int, batch_invariant: bool = False) -> "PagedStep":
         """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved.
-        per_sequence: a decode batch attends sequence by sequence (PagedStep), as the engine needs."""
+        batch_invariant: a decode step whose rows do not depend on the batch (PagedStep), as the engine needs."""
         for s in seqs:
             if s.num_computed + t > len(s.tokens) or self.blocks_needed(s, t):
                 raise ValueError("a step past the sequence's known tokens or reserved blocks")
-        return PagedStep(self, seqs, t, per_sequence)
+        return PagedStep(self, seqs, t, batch_invariant)
 
     def admit(self, seq: Sequence) -> None:
         """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers."""

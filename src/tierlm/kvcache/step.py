@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tierlm.model.llama import BlockMask
+
 if TYPE_CHECKING:  # paged.py imports this module
     from tierlm.kvcache.paged import PagedKV, Sequence
 
@@ -35,7 +37,7 @@ def attention_mask(positions: torch.Tensor, s: int, window: int | None) -> torch
 class PagedStep:
     """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
 
-    def __init__(self, kv: PagedKV, seqs: list[Sequence], t: int, per_sequence: bool = False):
+    def __init__(self, kv: PagedKV, seqs: list[Sequence], t: int, batch_invariant: bool = False):
         self.kv, self.seqs, self.t = kv, seqs, t
         dev, bs = kv.device, kv.block_size
         starts = torch.tensor([s.num_computed for s in seqs])  # [B]
@@ -52,12 +54,13 @@ class PagedStep:
                                        for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
         # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
         self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
-        # A decode batch (T = 1, several sequences, no sliding window) attends per sequence: own blocks, own
-        # length, no padding, so each row is computed exactly as alone (the engine's outputs must not depend on
-        # what else runs). [(block ids [nb_b], keys S_b)] per sequence.
-        self.per_sequence = per_sequence and t == 1 and len(seqs) > 1 and kv.config.sliding_window is None
-        self.own = [(self.block_ids.view(len(seqs), nb)[i, :-(-(int(pos[i, -1]) + 1) // bs)], int(pos[i, -1]) + 1)
-                    for i in range(len(seqs))] if self.per_sequence else []
+        # The engine's decode steps (T = 1, no sliding window) read whole blocks with a BlockMask, attended by
+        # llama.blocked_decode_attention, whose rows do not depend on the batch (outputs must not depend on what
+        # else runs). valid [B, nb*bs]: key j of sequence b is one of its own (j <= its position).
+        self.block_mask = None
+        if batch_invariant and t == 1 and kv.config.sliding_window is None:
+            valid = torch.arange(nb * bs, device=dev)[None, :] <= self.positions[:, -1:]  # [B, nb*bs]
+            self.block_mask = BlockMask(valid, bs)
 
     def layer(self, i: int) -> "PagedStep.Layer":
         return PagedStep.Layer(self, i)
@@ -72,9 +75,9 @@ class PagedStep:
             st = self.step
             pool = st.kv.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
-            if st.per_sequence:
-                pairs = [pool.gather(self.i, ids, 1, n) for ids, n in st.own]
-                return [p[0] for p in pairs], [p[1] for p in pairs], None
+            if st.block_mask is not None:  # whole blocks, padded to the longest: [B, nkv, nb*bs, hd]
+                k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.block_mask.valid.shape[1])
+                return k_all, v_all, st.block_mask
             k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.length)
             return k_all, v_all, st.mask
 

@@ -34,6 +34,35 @@ class LayerWeights:
     bo: torch.Tensor | None = None  # [H]       (Llama with attention_bias)
 
 
+@dataclass(frozen=True)
+class BlockMask:
+    """Keys of a decode batch laid out in KV blocks: valid [B, S] (S = blocks × block) marks each sequence's
+    own keys; the rest (its last block's tail, and blocks padding it to the longest) are hidden."""
+    valid: torch.Tensor  # [B, S] bool
+    block: int
+
+
+def blocked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: BlockMask) -> torch.Tensor:
+    """Attention of one new token per sequence: q [B, nh, 1, hd], k, v [B, nkv, S, hd] -> [B, nh, 1, hd].
+
+    Every reduction has a fixed shape or a fixed order, so a row's result does not depend on how far the batch
+    pads it: the max is exact in any order; exp-sums are taken per block of `block` keys, then added block by
+    block in order (cumsum); the value sum likewise (a [g, block] x [block, hd] product per block, then in
+    order). Hidden keys contribute exact zeros. So a sequence decodes bit-identically alone or in any batch
+    (SDPA's kernel blocks the keys by the padded length, and its rounding followed the batch)."""
+    b, nh, _, hd = q.shape
+    nkv, s = k.shape[1], k.shape[2]
+    g, nb, bs = nh // nkv, s // m.block, m.block
+    qg = q.view(b, nkv, g, hd)  # query heads grouped by the KV head they share (GQA)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(hd ** -0.5)  # [B, nkv, g, S]
+    scores.masked_fill_(~m.valid[:, None, None, :], float("-inf"))
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).view(b, nkv, g, nb, bs)  # [B, nkv, g, nb, bs]
+    z = e.sum(dim=-1).cumsum(dim=-1)[..., -1:]  # [B, nkv, g, 1]
+    pv = torch.matmul(e.transpose(2, 3), v.reshape(b, nkv, nb, bs, hd))  # [B, nkv, nb, g, hd]
+    out = pv.cumsum(dim=2)[:, :, -1].div_(z)  # [B, nkv, g, hd]
+    return out.reshape(b, nh, 1, hd)
+
+
 def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
     """[hd/2] fp32 inverse frequencies, with linear or llama3 scaling applied (as HF rope_init_fn)."""
     hd = cfg.head_dim
@@ -128,18 +157,15 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
     # op 3: store k, v; read back every stored key [B, nkv, S, hd] in the attention dtype, and the mask
     # ([T, S] or [B, 1, T, S]: causal, sliding window, padding of shorter sequences; None when nothing is hidden).
-    # A decode batch of the engine reads them per sequence instead (lists of B [1, nkv, S_b, hd], no mask): a
-    # padded batch would change how attention's kernel blocks the keys, and so the rounding.
+    # The engine's decode steps get a BlockMask instead: keys in whole KV blocks, attended with fixed-shape
+    # reductions (blocked_decode_attention), so no row depends on what else is in the batch.
     k_all, v_all, mask = kv.update(k, v)
-    kv_dtype = k_all[0].dtype if isinstance(k_all, list) else k_all.dtype
-    if q.dtype != kv_dtype:  # attention runs in the KV dtype (config.attention_dtype)
-        q = ws.view("q_kv", q.shape, kv_dtype).copy_(q)
-    gqa = nkv != nh
-    if isinstance(k_all, list):  # op 4, per sequence: each row exactly as it is computed alone
-        attn = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k_all[i], v_all[i], enable_gqa=gqa)
-                          for i in range(b)])  # [B, nh, 1, hd]
+    if q.dtype != k_all.dtype:  # attention runs in the KV dtype (config.attention_dtype)
+        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
+    if isinstance(mask, BlockMask):
+        attn = blocked_decode_attention(q, k_all, v_all, mask)  # op 4: [B, nh, 1, hd]
     else:
-        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)  # op 4: [B, nh, T, hd]
+        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]
     x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo))  # op 6: [B, T, H]
 
