@@ -62,7 +62,8 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
             raise OpenAIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                               param="model", code="model_not_found")
 
-    async def run(request: Request, ids: list[int], body, kind: str) -> tuple[list[EngineRequest], asyncio.Queue]:
+    def submit(ids: list[int], body, kind: str) -> tuple[list[EngineRequest], asyncio.Queue]:
+        """The request's n choices into the engine, all or none."""
         queue: asyncio.Queue = asyncio.Queue()
         reqs: list[EngineRequest] = []
         try:
@@ -100,10 +101,7 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
 
     async def respond(request: Request, body, ids: list[int], kind: str) -> Response:
         check_model(body.model)
-        if loop.draining:
-            raise OpenAIError(503, "the server is shutting down", "service_unavailable", code="draining",
-                              headers={"Retry-After": "5"})
-        reqs, queue = await run(request, ids, body, kind)
+        reqs, queue = submit(ids, body, kind)  # 503 while draining, 429 when the queue is full
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         choices = Choices(kind, len(reqs), llm.tokenizer, body.logprobs if kind == "chat" else body.logprobs is not None)
         created = int(time.time())
