@@ -39,6 +39,10 @@ QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "What is 
              "What is a volcano?"]
 
 
+WORDS = ("river", "stone", "light", "music", "garden", "window", "paper", "cloud", "engine", "forest", "coffee",
+         "market", "winter", "signal", "letter", "bridge")
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -51,6 +55,7 @@ def start_server(engine: str, a: argparse.Namespace, port: int) -> subprocess.Po
         cmd = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), "--threads", str(a.threads),
                "--served-model-name", "m", "--max-context", str(a.context), "--max-num-seqs", str(a.max_num_seqs)]
         cmd += ["--model", a.model] if a.model else []
+        cmd += a.tierlm_args.split()
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", a.model_path, "--port", str(port),
                "--host", "127.0.0.1", "--n_threads", str(a.threads), "--n_ctx", str(a.context),
@@ -93,7 +98,9 @@ async def scenario(port: int, kind: str, value: float, a: argparse.Namespace) ->
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=a.time_limit)
     rng = random.Random(0)
-    qs = [QUESTIONS[i % len(QUESTIONS)] + f" (request {i})" for i in range(a.requests)]
+    filler = " ".join(f"{rng.choice(WORDS)}" for _ in range(a.prompt_words))  # a long, uncached context
+    qs = [f"(request {i}) " + (f"Read this: {filler} {i}. " if a.prompt_words else "") + QUESTIONS[i % len(QUESTIONS)]
+          for i in range(a.requests)]
     t0 = time.perf_counter()
     deadline = t0 + a.time_limit
     results: list[dict] = []
@@ -150,6 +157,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=32, help="tierlm: requests decoded together")
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="a distinct filler of N words before each question: long prompts that no cache serves")
+    ap.add_argument("--tierlm-args", default="", help="extra `tierlm serve` flags, e.g. '--max-num-batched-tokens 1024'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1, help="rounds; engines alternate within each")
     ap.add_argument("--json", default=None)

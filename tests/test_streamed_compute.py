@@ -52,7 +52,7 @@ class _Timed:
         self.store, self.runner = store, Runner(store, dtype, max_context=64)
         self.kv = KVCache(store.config, batch=1, capacity=64, dtype=self.runner.kv_dtype)
         self.token = torch.tensor([[1]])
-        self.acquire_s = 0.0
+        self.acquires: list[float] = []  # seconds of each acquire
         self.flush = torch.zeros(FLUSH_BYTES, dtype=torch.uint8)
 
     @torch.inference_mode()
@@ -75,7 +75,7 @@ class _Timed:
             t2 = time.perf_counter()
             x = llama.layer_forward(cfg, w, x, cos, sin, step.layer(i), runner.workspace)
             compute += time.perf_counter() - t2 + (t1 - t0)
-            self.acquire_s += t1 - t0
+            self.acquires.append(t1 - t0)
             store.release(i)
         step.finish()
         return compute
@@ -100,14 +100,15 @@ def measure(quant: str, model: str, offload_dir: str) -> dict:
         times: dict[str, list[float]] = {"resident": [], "streamed": []}
         for k in range(3 + TOKENS):
             if k == 3:  # warm-up done: the ring's views are built, count from here
-                streamed.acquire_s, warm_units = 0.0, streamed.store.stats.units_streamed
+                streamed.acquires, warm_units = [], streamed.store.stats.units_streamed
             for name, run in (("resident", resident), ("streamed", streamed)):
                 t = run.step()
                 if k >= 3:
                     times[name].append(t)
         units = streamed.store.stats.units_streamed - warm_units
         return {"resident": statistics.median(times["resident"]), "streamed": statistics.median(times["streamed"]),
-                "units_streamed": units, "layers": n, "per_acquire": streamed.acquire_s / units}
+                # the median acquire: one descheduled thread or a page fault on a 2-core CI machine is not its cost
+                "units_streamed": units, "layers": n, "per_acquire": statistics.median(streamed.acquires)}
     finally:
         resident.close()
         streamed.close()
