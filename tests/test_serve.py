@@ -165,7 +165,7 @@ def test_metrics_parse(server, client):
                  "tierlm:prefix_cache_queries", "tierlm:prefix_cache_hits", "tierlm:num_preemptions",
                  "tierlm:time_to_first_token_seconds", "tierlm:inter_token_latency_seconds",
                  "tierlm:e2e_request_latency_seconds", "tierlm:prompt_tokens", "tierlm:generation_tokens",
-                 "tierlm:bytes_streamed", "tierlm:peak_rss_bytes"):
+                 "tierlm:bytes_streamed", "tierlm:peak_rss_bytes", "tierlm:memory_reserved_bytes"):
         assert want in names, want
     assert metric(server, "tierlm:time_to_first_token_seconds_count") > 0
 

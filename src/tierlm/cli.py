@@ -203,7 +203,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tierlm.memory.budget import MemoryBudget
     from tierlm.memory.calibrate import load_profile_or_default
     from tierlm.memory.planner import plan
-    from tierlm.memory.planning import budget_plan_input, default_context, plan_input
+    from tierlm.memory.manager import MemoryLedger
+    from tierlm.memory.planning import budget_plan_input, default_context, plan_input, reserve_placement
     import torch
 
     from tierlm.plan_report import describe_context_options, describe_kv_int8, describe_plan, plot_plan
@@ -232,6 +233,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     weights = str(dtype).removeprefix("torch.") + (f", weights {quant}" if quant.enabled else "")
     print(describe_plan(cfg, weights, budget, inp, placement,
                         _profile_note(args.profile, calibrated), ctx))
+    ledger = MemoryLedger({"cpu": budget.cpu, "cuda": budget.device})
+    reserve_placement(ledger, inp, placement)  # what a run would reserve first, before loading a byte
+    print("\n" + ledger.describe().replace("reserved now", "first reservations of a run"))
     if options:
         print("\n" + describe_context_options(options, ctx))
         if kv_store_dtype(args.kv_dtype, dtype, cuda) != torch.int8:  # the other side of the trade: KV's format

@@ -24,7 +24,9 @@ from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.offload_store import source_fingerprint
 from tierlm.memory.planner import Placement, plan
-from tierlm.memory.planning import ContextOption, budget_plan_input, default_context, kv_pool_bytes
+from tierlm.memory.manager import MemoryLedger, Reservation
+from tierlm.memory.planning import (ContextOption, budget_plan_input, default_context, kv_pool_bytes, plan_input,
+                                    reserve_placement)
 from tierlm.memory.stats import describe_stats
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
@@ -100,6 +102,8 @@ class LLM:
         self.plan: Placement | None = None
         self.planned_kv_bytes: int | None = None
         self.context_options: list[ContextOption] = []
+        self.memory = MemoryLedger({"cpu": self.budget.cpu, "cuda": self.budget.device})
+        held: dict[str, Reservation] = {}
         if not self.budget.limited:
             self.max_context = default_context(self.config, self.budget, a.max_context)
             self.store = WeightStore.load_resident(self.source, self.dtype, a.device, a.progress, self.quant)
@@ -109,6 +113,7 @@ class LLM:
                 kv_store, a.block_size, kv_pool, kv_host)
             self.plan = plan(inp)
             self.planned_kv_bytes = inp.kv_bytes
+            held = reserve_placement(self.memory, inp, self.plan, kv_host)  # before a byte is loaded
             if self.plan.ring_depth and a.offload_dir is None:
                 raise UsageError(f"the budget {self.budget} leaves {self.plan.count(Tier.DISK)} layers off memory: "
                                  "pass offload_dir (--offload-dir) for the offload store")
@@ -116,13 +121,31 @@ class LLM:
                                                   Path(a.offload_dir) if a.offload_dir else None, a.progress,
                                                   io_threads=self.plan.io_threads, quant=self.quant)
         allocator.trim()  # loading's transients are freed: hand their heap pages back
-        self.runner = Runner(self.store, self.dtype, a.device, max_context=self.max_context)
+        self.runner = Runner(self.store, self.dtype, a.device, max_context=self.max_context, ledger=self.memory)
         kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
         self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress)
         self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens)
+        self._reservations = self._record(held, kv_host)
 
+    def _record(self, held: dict[str, Reservation], kv_host: int) -> dict[str, Reservation]:
+        """The ledger holds what each owner really allocated: the planned reservations resized to it (or made
+        now, without a budget). "activations" keeps the planner's estimate of one step's transients beyond the
+        workspace arena (kernel outputs, the K/V gather, the dequantising fallback: not pooled, not counted
+        as they come and go)."""
+        tier = "cuda" if self.runner.device.type == "cuda" else "cpu"
+        actual = {"weights": sum(self.store.nbytes_by_tier().values()), "ring": self.store.ring_nbytes,
+                  "kv_pool": self.kv.nbytes, "kv_host": kv_host}
+        inp = plan_input(self.config, self.dtype, self.budget, self.max_context, self.profile,
+                         cuda=tier == "cuda", quant=self.quant)
+        actual["activations"] = max(inp.activation_bytes - self.runner.workspace.nbytes, 0)
+        for owner, n in actual.items():
+            if owner in held:
+                held[owner].resize(n, check=False)
+            else:
+                held[owner] = self.memory.reserve(owner, "cpu" if owner == "kv_host" else tier, n, check=False)
+        return held
     def _make_kv(self, kv_pool: int | None, kv_dtype: str, store: torch.dtype, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str) -> PagedKV:
         per_block = block_nbytes(self.config, block_size, store)
@@ -156,7 +179,8 @@ class LLM:
         calibrated = self.profile.disk_read_gbps if self.profile_calibrated else None
         return (f"[{m.prompt_tokens} prompt tokens, {len(out.token_ids)} generated ({out.finish_reason}); "
                 f"TTFT {m.ttft_s * 1000:.0f} ms, decode {m.decode_tok_s:.1f} tok/s]\n"
-                + describe_stats(m.tiers, m.tiers.forward_passes, calibrated) + "\n" + self.kv.stats().describe())
+                + describe_stats(m.tiers, m.tiers.forward_passes, calibrated) + "\n" + self.kv.stats().describe()
+                + "\n" + self.memory.describe())
 
     def kv_stats(self) -> KVStats:
         """The paged KV cache now: blocks used / cached / free, prefix hit rate, evictions, preemptions, waste."""
@@ -167,6 +191,8 @@ class LLM:
         self.store.close()
         self.runner.close()
         self.kv.release()
+        for r in self._reservations.values():
+            r.release()
 
     def __enter__(self) -> "LLM":
         return self

@@ -17,6 +17,7 @@ from tierlm.config import ModelConfig, attention_dtype
 from tierlm.errors import ContextLengthError
 from tierlm.kvcache.paged import SequenceKV
 from tierlm.kvcache.step import PagedStep
+from tierlm.memory.manager import MemoryLedger
 from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
@@ -25,7 +26,8 @@ from tierlm.model import llama
 
 class Runner:
     def __init__(self, store: WeightStore, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None,
+                 ledger: MemoryLedger | None = None):
         self.store = store
         self.config: ModelConfig = store.config
         self.dtype = dtype
@@ -40,16 +42,23 @@ class Runner:
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
-        self._plan_workspace(min(prefill_chunk, self.max_context))
+        # The arena is the ledger's "workspace" reservation (re-planned wider: resized, within the budget).
+        self._reservation = ledger.reserve("workspace", "cuda" if self.device.type == "cuda" else "cpu", 0) \
+            if ledger is not None else None
+        self._plan_workspace(min(prefill_chunk, self.max_context), check=False)  # the planner counted this one
 
-    def _plan_workspace(self, rows: int) -> None:
-        """(Re)plan the arena for steps of up to `rows` token rows (B*T)."""
-        buffers = llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype)
-        self.workspace, self.workspace_rows = Workspace(plan_workspace(buffers), self.device), rows
+    def _plan_workspace(self, rows: int, check: bool = True) -> None:
+        """(Re)plan the arena for steps of up to `rows` token rows (B*T); growing past the budget is refused."""
+        plan = plan_workspace(llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype))
+        if self._reservation is not None:
+            self._reservation.resize(plan.nbytes, check=check)
+        self.workspace, self.workspace_rows = Workspace(plan, self.device), rows
 
     def close(self) -> None:
         """Free the workspace (the store and KV caches have their own release)."""
         self.workspace.release()
+        if self._reservation is not None:
+            self._reservation.release()
 
     def new_kv(self, capacity: int, store: torch.dtype | None = None) -> SequenceKV:
         """A paged KV cache for one sequence of up to `capacity` tokens, read in this runner's KV dtype on its

@@ -15,6 +15,7 @@ from tierlm.memory.estimate import activation_bytes
 from tierlm.memory.estimate import kv_bytes as kv_bytes_fn
 from tierlm.errors import BudgetError
 from tierlm.kvcache.pool import block_nbytes
+from tierlm.memory.manager import MemoryLedger, Reservation
 from tierlm.memory.planner import Placement, PlanInput, plan
 from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_nbytes
 from tierlm.memory.workspace import plan_workspace
@@ -144,3 +145,20 @@ def budget_plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget
         context = default_context(cfg, budget, max_context)
         return context, build(context), []
     return choose_context(cfg, build)
+
+
+def reserve_placement(ledger: MemoryLedger, inp: PlanInput, p: Placement, kv_host_bytes: int = 0
+                      ) -> dict[str, Reservation]:
+    """The placement as the ledger's first reservations, made before anything is allocated (BudgetError if
+    they do not fit): owner -> Reservation. The owners resize them to what they really allocate."""
+    tier = "cuda" if inp.cuda else "cpu"
+    ring = p.ring_depth * p.slot_bytes
+    host_kv = 0 if inp.cuda else kv_host_bytes  # on a CPU the host KV tier is inside fixed_bytes
+    weights = p.device_bytes - ring - inp.kv_bytes - inp.activation_bytes - host_kv
+    out = {"weights": ledger.reserve("weights", tier, weights), "ring": ledger.reserve("ring", tier, ring),
+           "kv_pool": ledger.reserve("kv_pool", tier, inp.kv_bytes),
+           "activations": ledger.reserve("activations", tier, inp.activation_bytes),
+           "kv_host": ledger.reserve("kv_host", "cpu", kv_host_bytes)}
+    if inp.cuda:
+        out["staging"] = ledger.reserve("staging", "cpu", p.host_bytes)
+    return out

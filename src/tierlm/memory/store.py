@@ -216,6 +216,11 @@ class WeightStore:
         w = self._layers[i]
         return 0 if w is None else sum(_nbytes(getattr(w, f)) for f in _LAYER_FIELDS)
 
+    @property
+    def ring_nbytes(self) -> int:
+        """The streaming ring's slots (0 when nothing streams)."""
+        return self.streamer.ring_bytes if self.streamer is not None else 0
+
     def nbytes_by_tier(self) -> dict[Tier, int]:
         """Bytes held in memory per tier by resident weights (the ring and KV are counted elsewhere)."""
         out = {t: 0 for t in Tier}

@@ -38,6 +38,7 @@ class Streamer:
         self._host_resident = host_resident or {}  # CUDA HOST tier: pinned copies, no disk read
         slot_bytes = store.max_unit_bytes([u for u in schedule if u not in self._host_resident]) \
             if any(u not in self._host_resident for u in schedule) else 0
+        self.ring_bytes = depth * slot_bytes  # host memory of the slots (pinned staging on CUDA)
         self._buffers: list[AlignedBuffer] = []
         if self.cuda:
             self._host_slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]

@@ -35,7 +35,7 @@ def _error_response(e: OpenAIError) -> JSONResponse:
 
 def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
-    metrics = Metrics(loop)
+    metrics = Metrics(loop, llm.memory)
     app.state.metrics = metrics
 
     @app.exception_handler(OpenAIError)

@@ -57,12 +57,24 @@ class _EngineCollector:
         yield CounterMetricFamily("tierlm:generation_tokens", "Generated tokens of finished requests",
                                   value=m.generation_tokens)
         yield CounterMetricFamily("tierlm:requests", "Requests accepted", value=m.started)
+        if m.ledger is not None:  # the memory ledger: thread-safe, read directly
+            held = GaugeMetricFamily("tierlm:memory_reserved_bytes", "Bytes reserved in the memory ledger",
+                                     labels=["owner", "tier"])
+            for (owner, tier), n in m.ledger.by_owner().items():
+                held.add_metric([owner, tier], n)
+            yield held
+            budget = GaugeMetricFamily("tierlm:memory_budget_bytes", "The ledger's budget per tier", labels=["tier"])
+            for tier, n in m.ledger.budgets.items():
+                if n is not None:
+                    budget.add_metric([tier], n)
+            yield budget
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         yield GaugeMetricFamily("tierlm:peak_rss_bytes", "Peak resident set size of the server", value=peak)
 
 
 class Metrics:
-    def __init__(self, loop):
+    def __init__(self, loop, ledger=None):
+        self.ledger = ledger
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(loop, self))
         h = lambda name, doc: Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=self.registry)  # noqa: E731
