@@ -51,3 +51,29 @@ def test_an_llm_reserves_its_owners_and_releases_them(tiny_models, tmp_path):
 def test_plan_prints_the_first_reservations(capsys, tiny_models):
     code, out, _ = run_cli(capsys, "plan", str(tiny_models["llama_gqa_tied"].path), "--max-memory", "cpu=2MiB")
     assert code == 0 and "first reservations of a run" in out and "of 2.0 MiB budget" in out
+
+
+def test_memory_trace_and_timeline(tiny_models, tmp_path, capsys):
+    import json
+
+    from tierlm import SamplingParams
+    from tierlm.kvcache.pool import block_nbytes
+    path = tiny_models["llama_gqa_tied"].path
+    trace = tmp_path / "mem.json"
+    probe = LLM(path, progress=False)
+    per_block = block_nbytes(probe.config, 4, probe.kv.pool.store)
+    llm = LLM(path, progress=False, block_size=4, kv_memory=12 * per_block, memory_trace=trace)
+    for seed in range(4):  # distinct prompts through a 12-block pool: cached blocks get evicted
+        llm.generate([[2 + seed * 50 + i for i in range(20)]], SamplingParams(temperature=0.0, max_tokens=8))
+    llm.close()
+    events = json.loads(trace.read_text())["traceEvents"]
+    reserved = [e for e in events if e["name"] == "reserved cpu"]
+    assert {"weights", "kv_pool", "workspace"} <= set(reserved[-2]["args"])
+    assert all(v == 0 for v in reserved[-1]["args"].values())  # closed: every reservation released
+    assert any(e["name"] == "kv_used cpu" and e["args"]["kv_used"] > 0 for e in events)
+    assert any(e["ph"] == "i" and e["name"] == "evict" for e in events)
+    code, out, _ = run_cli(capsys, "memory-timeline", str(trace), "-o", str(tmp_path / "t.png"))
+    assert code == 0 and (tmp_path / "t.png").stat().st_size > 1000
+    (tmp_path / "bad.json").write_text("{}")
+    code, _, err = run_cli(capsys, "memory-timeline", str(tmp_path / "bad.json"))
+    assert code == 2 and "not a tierlm memory trace" in err

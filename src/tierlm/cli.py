@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default 30)")
 
+    t = sub.add_parser("memory-timeline", help="draw a --memory-trace file: reserved bytes by owner over time")
+    t.add_argument("trace", help="the JSON written by --memory-trace")
+    t.add_argument("-o", "--out", default="memory-timeline.png", help="PNG to write")
+
     i = sub.add_parser("info", help="architecture, parameter count and memory table")
     i.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: embedded)")
     i.add_argument("--context", type=_positive_int, default=None, help="context for the totals (default: model's, ≤8192)")
@@ -175,6 +179,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(EngineArgs.from_cli(args), ServeArgs(args.host, args.port, args.api_key, args.max_queue,
                                                       args.served_model_name, args.drain_timeout))
+
+
+def cmd_memory_timeline(args: argparse.Namespace) -> int:
+    from tierlm.memory.trace import plot_timeline
+
+    plot_timeline(args.trace, args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -340,6 +352,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "synth": cmd_synth,
+    "memory-timeline": cmd_memory_timeline,
     "calibrate": cmd_calibrate, "plan": cmd_plan, "bench": cmd_bench, "eval-ppl": cmd_eval_ppl,
 }
 

@@ -44,6 +44,7 @@ class EngineArgs:
     kv_host_memory: str | int = 0
     kv_offload_dir: str | Path | None = None
     kv_compress: str = "none"
+    memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
     max_num_seqs: int = 64  # requests running at once (decoded together)
     # tokens per engine step: every running decode + whole prefill chunks (512 tokens at most each). 768 holds
     # one full chunk, a decode for each of 64 sequences and a short prompt or two beside them; it bounds how
@@ -139,6 +140,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-host-memory", default="0", metavar="SIZE", help="host-RAM tier for evicted KV blocks")
     p.add_argument("--kv-offload-dir", default=None, help="disk tier for KV blocks (default OFFLOAD_DIR/kv)")
     p.add_argument("--kv-compress", default="none", choices=["none", "zstd"], help="KV blocks on disk")
+    p.add_argument("--memory-trace", default=None, metavar="FILE",
+                   help="write every memory reservation, release, eviction as a Chrome/Perfetto trace JSON at exit "
+                        "(tierlm memory-timeline FILE draws it)")
     p.add_argument("--max-num-seqs", type=positive_int, default=EngineArgs.max_num_seqs,
                    help=f"requests decoded together (default {EngineArgs.max_num_seqs})")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=EngineArgs.max_num_batched_tokens,

@@ -28,13 +28,15 @@ from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.engine.scheduler import Scheduler
 from tierlm.kvcache.paged import PagedKV
+from tierlm.memory.manager import MemoryLedger
 from tierlm.weights.tokenizer import Tokenizer
 
 
 class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: PagedKV, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 768):
-        self.runner, self.tokenizer, self.kv = runner, tokenizer, kv
+                 max_num_batched_tokens: int = 768, ledger: MemoryLedger | None = None):
+        self.runner, self.tokenizer, self.kv, self.ledger = runner, tokenizer, kv, ledger
+        self._evictions = 0
         self.scheduler = Scheduler(kv, max_num_seqs, max_num_batched_tokens, runner.prefill_chunk)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, EngineRequest] = {}  # unfinished, owned by the loop's thread
@@ -133,6 +135,8 @@ class Engine:
             raise
         for _, step, _ in groups:
             step.finish()
+        if self.ledger is not None and self.ledger.tracing:
+            self._trace_kv()
         elapsed = time.perf_counter() - t0
         for c in sched.prefills:  # measured prefill cost per token: what restoring a block from a tier is weighed against
             self.kv.note_prefill(c.tokens, elapsed * c.tokens / sched.num_tokens)
@@ -145,6 +149,14 @@ class Engine:
                     if (u := self._accept(r, lg[i:i + 1], now)) is not None:
                         updates.append(u)
         return updates
+
+    def _trace_kv(self) -> None:
+        """The timeline's view of the KV pool: blocks in use (of its reservation), and evictions this step."""
+        man, tier = self.kv.manager, "cuda" if self.kv.device.type == "cuda" else "cpu"
+        self.ledger.note("usage", "kv_used", tier, (man.num_blocks - man.num_free) * self.kv.pool.block_bytes)
+        if (n := man.counters.evictions - self._evictions) > 0:
+            self.ledger.note("evict", "kv_pool", tier, n * self.kv.pool.block_bytes)
+        self._evictions = man.counters.evictions
 
     def _accept(self, r: EngineRequest, logits: torch.Tensor, now: float) -> RequestUpdate | None:
         """Sample r's next token and apply the rules: EOS (not part of the output), a stop string, the length

@@ -1,6 +1,7 @@
 """The Python API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,6 +29,7 @@ from tierlm.memory.manager import MemoryLedger, Reservation
 from tierlm.memory.planning import (ContextOption, budget_plan_input, default_context, kv_pool_bytes, plan_input,
                                     reserve_placement)
 from tierlm.memory.stats import describe_stats
+from tierlm.memory.trace import write_trace
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
 from tierlm.quant import QuantScheme
@@ -103,6 +105,10 @@ class LLM:
         self.planned_kv_bytes: int | None = None
         self.context_options: list[ContextOption] = []
         self.memory = MemoryLedger({"cpu": self.budget.cpu, "cuda": self.budget.device})
+        if a.memory_trace is not None:
+            self.memory.tracing = True
+            # written at close(), or when the process exits without one (the CLI's commands)
+            self._trace_writer = weakref.finalize(self, write_trace, self.memory.events, a.memory_trace)
         held: dict[str, Reservation] = {}
         if not self.budget.limited:
             self.max_context = default_context(self.config, self.budget, a.max_context)
@@ -126,7 +132,8 @@ class LLM:
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
         self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress)
-        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens)
+        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
+                             self.memory)
         self._reservations = self._record(held, kv_host)
 
     def _record(self, held: dict[str, Reservation], kv_host: int) -> dict[str, Reservation]:
@@ -193,6 +200,8 @@ class LLM:
         self.kv.release()
         for r in self._reservations.values():
             r.release()
+        if self.args.memory_trace is not None:
+            self._trace_writer()  # once: a finalizer runs at most once
 
     def __enter__(self) -> "LLM":
         return self

@@ -66,6 +66,7 @@ class MemoryLedger:
         self._t0 = time.perf_counter()
         self.events: list[LedgerEvent] = []
         self._keep = keep_events
+        self.tracing = False  # note() events too (--memory-trace); reservation events are always kept
 
     def reserve(self, owner: str, tier: str, nbytes: int, check: bool = True) -> Reservation:
         """A new reservation; with `check`, BudgetError when it would take the tier past its budget."""
@@ -102,6 +103,13 @@ class MemoryLedger:
             if len(self.events) < self._keep:
                 self.events.append(LedgerEvent(time.perf_counter() - self._t0, "release" if release else kind,
                                                r.owner, r.tier, nbytes))
+
+    def note(self, kind: str, owner: str, tier: str, nbytes: int) -> None:
+        """An event that is not a reservation change (usage of a reservation, an eviction, a pressure level)
+        for the timeline; kept only while `tracing`."""
+        if self.tracing and len(self.events) < self._keep:
+            with self._lock:
+                self.events.append(LedgerEvent(time.perf_counter() - self._t0, kind, owner, tier, nbytes))
 
     def used(self, tier: str) -> int:
         with self._lock:
