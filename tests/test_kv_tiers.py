@@ -86,6 +86,7 @@ def test_restore_or_recompute_by_cost(tiny_models, tmp_path):
     llm = _small(path, tmp_path)
     for p in (A + [50], B + [50], C + [50]):
         llm.generate([p], GREEDY)
+    llm.kv.tiers.flush()  # every spill written: no block is still served from the writer's queue (memory)
     llm.kv.tiers.disk_gbps = 1e-9  # a disk so slow that recomputing is predicted cheaper
     llm.generate([A + [60]], GREEDY)
     assert llm.kv.tiers.counters.recompute_chosen == 1 and llm.kv.restored_tokens == 0

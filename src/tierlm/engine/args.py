@@ -44,6 +44,7 @@ class EngineArgs:
     kv_host_memory: str | int = 0
     kv_offload_dir: str | Path | None = None
     kv_compress: str = "none"
+    kv_disk_size: str | int = "4GiB"  # the disk KV tier's capacity (least recently used blocks deleted past it)
     memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
     max_num_seqs: int = 64  # requests running at once (decoded together)
     # tokens per engine step: every running decode + whole prefill chunks (512 tokens at most each). 768 holds
@@ -76,6 +77,7 @@ class EngineArgs:
         if self.kv_memory is not None:
             parse_size(self.kv_memory)
         parse_size(self.kv_host_memory)
+        parse_size(self.kv_disk_size)
         budget = MemoryBudget.parse(self.max_memory)
         if budget.device is not None and not self.device.startswith("cuda"):
             raise UsageError(f"max_memory names {budget.device_name} but the device is {self.device}")
@@ -140,6 +142,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-host-memory", default="0", metavar="SIZE", help="host-RAM tier for evicted KV blocks")
     p.add_argument("--kv-offload-dir", default=None, help="disk tier for KV blocks (default OFFLOAD_DIR/kv)")
     p.add_argument("--kv-compress", default="none", choices=["none", "zstd"], help="KV blocks on disk")
+    p.add_argument("--kv-disk-size", default=EngineArgs.kv_disk_size, metavar="SIZE",
+                   help=f"capacity of the disk KV tier (default {EngineArgs.kv_disk_size}; LRU eviction)")
     p.add_argument("--memory-trace", default=None, metavar="FILE",
                    help="write every memory reservation, release, eviction as a Chrome/Perfetto trace JSON at exit "
                         "(tierlm memory-timeline FILE draws it)")

@@ -40,7 +40,8 @@ class KVStats:
         return (f"KV ({self.store}, {self.blocks} blocks of {self.block_size} tokens, {format_size(self.blocks * self.block_bytes)}): "
                 f"{self.used} used, {self.cached} cached, {self.free} free; prefix hits {self.hit_tokens}/"
                 f"{self.queried_tokens} tokens + {self.restored_tokens} restored ({self.hit_rate:.0%}); "
-                f"{self.evictions} evictions (host {t.host_puts}, disk {t.disk_writes}, dropped {t.dropped}); "
+                f"{self.evictions} evictions (host {t.host_puts}, disk {t.disk_writes}, dropped {t.dropped}; "
+                f"disk tier evicted {t.disk_evictions}, write errors {t.write_errors}); "
                 f"restores host {t.host_restores} disk {t.disk_restores}, {t.recompute_chosen} recomputed by cost, "
                 f"{t.corrupt} corrupt; {self.preemptions} preemptions ({self.recomputed_tokens} tokens recomputed); "
                 f"waste {self.waste:.1%}")
