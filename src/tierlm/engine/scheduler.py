@@ -73,6 +73,7 @@ class Scheduler:
             raise UsageError(f"max_num_batched_tokens ({max_num_batched_tokens}) must hold one prefill chunk "
                              f"({prefill_chunk}) and a decode for each of max_num_seqs ({max_num_seqs})")
         self.kv, self.max_num_seqs, self.budget, self.chunk = kv, max_num_seqs, max_num_batched_tokens, prefill_chunk
+        self.paused = False  # no admissions (critical memory pressure): running requests go on, new ones wait
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []  # admission order: the last is preempted first
         self.counters = SchedulerCounters()
@@ -114,7 +115,7 @@ class Scheduler:
                 out.prefills.append(Chunk(r, n, r.seq.num_computed + n == r.prefill_end))
                 budget -= n
         # 3. admissions
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and not self.paused:
             r = self.waiting[0]
             if not kv.can_admit(r.seq.tokens):
                 break  # the head waits (FIFO): later, smaller requests must not starve it
@@ -141,6 +142,14 @@ class Scheduler:
         c.prefill_tokens += sum(ch.tokens for ch in out.prefills)
         c.max_running = max(c.max_running, len(self.running))
         return out
+
+    def preempt_newest(self) -> EngineRequest | None:
+        """Give back the most recently admitted request's blocks now (memory pressure); it waits, first in line."""
+        if not self.running:
+            return None
+        victim = self.running[-1]
+        self._preempt(victim, SchedulerOutput())
+        return victim
 
     def _preempt(self, victim: EngineRequest, out: SchedulerOutput) -> None:
         self.running.remove(victim)

@@ -91,12 +91,17 @@ class KVTiers:
             self.host[block.hash] = block
             self.host_used += len(block.payload)
             self.counters.host_puts += 1
-            while self.host_used > self.host_bytes:
-                _, old = self.host.popitem(last=False)
-                self.host_used -= len(old.payload)
-                self._to_disk(old)
+            self.set_host_limit(self.host_bytes)  # over capacity: the oldest spill
         else:
             self._to_disk(block)
+
+    def set_host_limit(self, nbytes: int) -> None:
+        """Change the host tier's capacity; shrinking spills the least recently used blocks to disk at once."""
+        self.host_bytes = nbytes
+        while self.host_used > self.host_bytes:
+            _, old = self.host.popitem(last=False)
+            self.host_used -= len(old.payload)
+            self._to_disk(old)
 
     def _to_disk(self, block: StoredBlock) -> None:
         if self.disk_dir is None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.errors import TierlmError
+from tierlm.memory.pressure import Level
 from tierlm.serve.format import Choices, chunk_json, completion_json, usage_json
 from tierlm.serve.loop import EngineLoop
 from tierlm.serve.metrics import Metrics
@@ -163,7 +164,9 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
         s = loop.snapshot
         status = "draining" if loop.draining else "ok"
         return JSONResponse({"status": status, "running": s.running, "waiting": s.waiting,
-                             "step_errors": s.step_errors}, status_code=503 if loop.draining else 200)
+                             "step_errors": s.step_errors, "memory_pressure": Level(s.pressure).name.lower(),
+                             "memory_fraction": round(s.pressure_fraction, 3)},
+                            status_code=503 if loop.draining else 200)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

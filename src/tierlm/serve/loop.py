@@ -5,6 +5,9 @@ await their updates; they never block on the engine.
     abort(request id)                                     any thread
     drain(deadline)                                       refuse new work (503), let running requests finish
 
+With a PressureControl, the snapshot also checks memory pressure and applies its level's response
+(engine/pressure.py); at critical, new requests get 503 with Retry-After.
+
 The thread steps the engine while it has work and sleeps on an event otherwise. A step that raises fails
 only its own requests (the engine returns their blocks and sends them an "error" update); the loop goes on
 and counts the failure. A snapshot of the engine's state (queue lengths, KV blocks, counters) is taken by
@@ -19,9 +22,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 from tierlm.engine.engine import Engine
+from tierlm.engine.pressure import PressureControl
 from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.engine.sampler import SamplingParams
 from tierlm.kvcache.stats import KVStats
+from tierlm.memory.pressure import Level
 from tierlm.memory.stats import TierStats
 from tierlm.serve.protocol import OpenAIError
 
@@ -40,11 +45,14 @@ class Snapshot:
     steps: int = 0
     host_blocks: int = 0  # cached KV blocks in the host tier
     disk_blocks: int = 0  # ... and on disk
+    pressure: int = 0  # memory.pressure.Level
+    pressure_fraction: float = 0.0  # of the cgroup's (or machine's) memory in use
+    pressure_transitions: int = 0
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None):
+        self.engine, self.max_queue, self.pressure = engine, max_queue, pressure
         self.draining = False
         self.step_errors = 0
         self.snapshot = Snapshot()
@@ -81,6 +89,10 @@ class EngineLoop:
         if self.draining:
             raise OpenAIError(503, "the server is shutting down", "service_unavailable", code="draining",
                               headers={"Retry-After": "5"})
+        if self.pressure is not None and self.pressure.level == Level.CRITICAL:
+            raise OpenAIError(503, f"memory pressure is critical ({100 * self.pressure.fraction:.0f}% of the "
+                              f"{self.pressure.source} limit in use); retry later", "service_unavailable",
+                              code="memory_pressure", headers={"Retry-After": "2"})
         if self.engine.num_waiting >= self.max_queue:
             raise OpenAIError(429, f"too many requests queued ({self.max_queue}); retry later", "rate_limit_exceeded",
                               code="queue_full", headers={"Retry-After": "1"})
@@ -123,9 +135,14 @@ class EngineLoop:
                 self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        e = self.engine
+        """State for /metrics and /health, and the memory pressure check (on the engine's thread)."""
+        e, p = self.engine, self.pressure
+        if p is not None:
+            p.check()
         self.snapshot = Snapshot(running=len(e.scheduler.running), waiting=e.num_waiting, kv=e.kv.stats(),
                                  tiers=replace(e.runner.store.stats), preemptions=e.scheduler.counters.preemptions,
                                  step_errors=self.step_errors, steps=e.scheduler.counters.steps,
-                                 host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk))
+                                 host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk),
+                                 pressure=int(p.level) if p else 0, pressure_fraction=p.fraction if p else 0.0,
+                                 pressure_transitions=p.transitions if p else 0)
         self._last_snapshot = time.perf_counter()

@@ -47,6 +47,12 @@ class _EngineCollector:
             yield CounterMetricFamily("tierlm:prefix_cache_hits", "Prompt tokens served by the prefix cache",
                                       value=s.kv.hit_tokens + s.kv.restored_tokens)
         yield CounterMetricFamily("tierlm:num_preemptions", "Requests preempted", value=s.preemptions)
+        yield GaugeMetricFamily("tierlm:memory_pressure_level", "0 normal, 1 elevated, 2 high, 3 critical",
+                                value=s.pressure)
+        yield GaugeMetricFamily("tierlm:memory_pressure_fraction", "Memory in use of the cgroup's (or machine's) limit",
+                                value=s.pressure_fraction)
+        yield CounterMetricFamily("tierlm:memory_pressure_transitions", "Pressure level changes",
+                                  value=s.pressure_transitions)
         yield CounterMetricFamily("tierlm:engine_step_errors", "Engine steps that failed", value=s.step_errors)
         moved = CounterMetricFamily("tierlm:bytes_streamed", "Weight bytes streamed, by tier", labels=["tier"])
         moved.add_metric(["disk"], s.tiers.disk_bytes)

@@ -14,6 +14,7 @@ from pathlib import Path
 import uvicorn
 
 from tierlm.engine.args import EngineArgs
+from tierlm.engine.pressure import PressureControl
 from tierlm.errors import UsageError
 from tierlm.serve.app import create_app
 from tierlm.serve.loop import EngineLoop
@@ -44,7 +45,7 @@ def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     llm = LLM.from_args(engine_args)
-    loop = EngineLoop(llm.engine, args.max_queue)
+    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory))
     name = args.served_model_name or default_model_name(llm)
     key = args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
     app = create_app(llm, loop, name, key)
