@@ -3,8 +3,8 @@
     normal < 80% <= elevated < 90% <= high < 95% <= critical
 
 The fraction is read from the OS: the memory cgroup the process is in (v2 memory.current / memory.max, v1
-memory.usage_in_bytes / memory.limit_in_bytes, page cache included: what the OOM killer counts), else the
-machine (1 - MemAvailable / MemTotal). A level is entered when the fraction reaches its threshold and left
+memory.usage_in_bytes / memory.limit_in_bytes, less the inactive page cache the kernel reclaims before an
+OOM kill), else the machine (1 - MemAvailable / MemTotal). A level is entered when the fraction reaches its threshold and left
 only when it falls HYSTERESIS below it, so a reading hovering at a boundary does not flap. level_of is pure;
 read_memory is the only part that touches the OS. The server's responses to each level are in
 serve/loop.py (EngineLoop.apply_pressure).
@@ -60,13 +60,27 @@ def _cgroup_paths() -> tuple[Path, Path] | None:
     return None
 
 
+def _inactive_file(stat: Path) -> int:
+    """Clean page cache the kernel reclaims before any OOM kill (v2 inactive_file, v1 total_inactive_file)."""
+    try:
+        for line in stat.read_text().splitlines():
+            key, value = line.split()
+            if key in ("inactive_file", "total_inactive_file"):
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def read_memory() -> tuple[int, int, str]:
-    """(bytes in use, limit, where from): the process's memory cgroup when it has a limit, else the machine."""
+    """(bytes in use, limit, where from): the process's memory cgroup when it has a limit, else the machine.
+    A cgroup's usage counts its page cache, which fills up to the limit in normal operation: its inactive,
+    reclaimable part is not pressure (the same reading `docker stats` shows)."""
     paths = _cgroup_paths()
     if paths is not None:
         used, limit = _read_int(paths[0]), _read_int(paths[1])
         if used is not None and limit is not None and limit < (1 << 60):  # v1 "no limit" is a huge number
-            return used, limit, "cgroup"
+            return max(used - _inactive_file(paths[0].with_name("memory.stat")), 0), limit, "cgroup"
     info = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         key, value = line.split(":", 1)
