@@ -131,3 +131,12 @@ def test_incremental_text_equals_full_decode():
     stop = IncrementalDetokenizer(tok, ["café", "zzz"])
     streamed = "".join(stop.add(i) for i in tok.encode(text)) + stop.flush()
     assert stop.stopped and streamed == stop.text == text[:text.index("café")]
+
+
+def test_tenant_specs():
+    from tierlm.engine.quota import Quota, parse_tenant
+    assert parse_tenant("k1=alice:running=2,kv_blocks=100") == ("k1", "alice", Quota(running=2, kv_blocks=100))
+    assert parse_tenant("k2=bob") == ("k2", "bob", Quota())
+    for bad in ("nokey", "k=", "k=a:running=0", "k=a:speed=3"):
+        with pytest.raises(UsageError, match="--tenant"):
+            parse_tenant(bad)

@@ -51,6 +51,7 @@ def test_corrupted_block_is_detected_and_recomputed(tiny_models, tmp_path):
     llm = _small(path, tmp_path)  # no host tier: evictions go straight to disk
     for p in (A + [50], B + [50], C + [50]):
         llm.generate([p], GREEDY)
+    llm.kv.tiers.flush()  # the writer thread has written every spill
     files = sorted((tmp_path / "kv").glob("*.kvb"))
     assert files
     from tierlm.kvcache.blocks import ROOT_HASH, block_hash

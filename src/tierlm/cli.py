@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file's name)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default 30)")
+    s.add_argument("--tenant", action="append", default=[], metavar="KEY=NAME[:running=N,queued=N,kv_blocks=N]",
+                   help="an API key for a tenant with quotas (repeatable; over quota: queued, then 429)")
 
     t = sub.add_parser("memory-timeline", help="draw a --memory-trace file: reserved bytes by owner over time")
     t.add_argument("trace", help="the JSON written by --memory-trace")
@@ -178,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tierlm.serve.server import ServeArgs, serve
 
     return serve(EngineArgs.from_cli(args), ServeArgs(args.host, args.port, args.api_key, args.max_queue,
-                                                      args.served_model_name, args.drain_timeout))
+                                                      args.served_model_name, args.drain_timeout,
+                                                      tuple(args.tenant)))
 
 
 def cmd_memory_timeline(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ class Engine:
 
     # --- any thread ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Sink | None = None,
-                    request_id: str | None = None, out: RequestOutput | None = None) -> EngineRequest:
+                    request_id: str | None = None, out: RequestOutput | None = None, tenant: str = "") -> EngineRequest:
         """Queue a request (checked now: bad input raises here, in the caller's thread). Its updates go to
         `sink` from the loop's thread; `out` is filled as it runs."""
         max_new = check_request(self.runner.config, self.runner.max_context, self.kv, prompt_ids, params)
@@ -51,7 +51,7 @@ class Engine:
         out.prompt_token_ids = list(prompt_ids)
         out.metrics.prompt_tokens = len(prompt_ids)
         req = EngineRequest(request_id or new_request_id(), list(prompt_ids), params, max_new, out, self.tokenizer,
-                            sink)
+                            sink, tenant)
         self._inbox.put(("add", req))
         return req
 

@@ -66,6 +66,7 @@ class EngineRequest:
     out: RequestOutput
     tokenizer: Tokenizer
     sink: Sink | None = None
+    tenant: str = ""  # whose quota it counts against (engine/quota.py); "" = no tenant
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     prefill_end: int = 0  # tokens of seq.tokens to compute before sampling (the prompt, + output after a preemption)

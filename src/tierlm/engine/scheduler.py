@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from tierlm.engine.quota import Quota
 from tierlm.engine.request import EngineRequest, Status
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import PagedKV
@@ -74,6 +75,7 @@ class Scheduler:
                              f"({prefill_chunk}) and a decode for each of max_num_seqs ({max_num_seqs})")
         self.kv, self.max_num_seqs, self.budget, self.chunk = kv, max_num_seqs, max_num_batched_tokens, prefill_chunk
         self.paused = False  # no admissions (critical memory pressure): running requests go on, new ones wait
+        self.quotas: dict[str, Quota] = {}  # tenant -> quota (engine/quota.py); empty: FIFO admission
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []  # admission order: the last is preempted first
         self.counters = SchedulerCounters()
@@ -116,12 +118,14 @@ class Scheduler:
                 budget -= n
         # 3. admissions
         while self.waiting and len(self.running) < self.max_num_seqs and not self.paused:
-            r = self.waiting[0]
+            r = self._next_admissible()
+            if r is None:
+                break  # every waiting request's tenant is at its quota
             if not kv.can_admit(r.seq.tokens):
-                break  # the head waits (FIFO): later, smaller requests must not starve it
+                break  # it waits: later, smaller requests must not starve it
             if r.next_chunk(self.chunk) > budget:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(r)
             kv.admit(r.seq)  # takes cached prefix blocks (restores from tiers), sets num_computed
             kv.reserve(r.seq, len(r.seq.tokens) - r.seq.num_computed + 1)  # the prompt + its first decode
             if not r.out.token_ids:
@@ -142,6 +146,29 @@ class Scheduler:
         c.prefill_tokens += sum(ch.tokens for ch in out.prefills)
         c.max_running = max(c.max_running, len(self.running))
         return out
+
+    def _next_admissible(self) -> EngineRequest | None:
+        """The waiting request to admit next: without quotas, the oldest (FIFO); with tenants, the oldest of
+        the tenant running the fewest, among tenants under their running and KV-block quotas."""
+        if not self.quotas:
+            return self.waiting[0]
+        running: dict[str, int] = {}
+        blocks: dict[str, int] = {}
+        for r in self.running:
+            running[r.tenant] = running.get(r.tenant, 0) + 1
+            blocks[r.tenant] = blocks.get(r.tenant, 0) + len(r.seq.held)
+        best = None
+        for r in self.waiting:
+            q = self.quotas.get(r.tenant)
+            n = running.get(r.tenant, 0)
+            if q is not None and q.running is not None and n >= q.running:
+                continue
+            need = -(-(len(r.seq.tokens) + 1) // self.kv.block_size)
+            if q is not None and q.kv_blocks is not None and blocks.get(r.tenant, 0) + need > q.kv_blocks:
+                continue
+            if best is None or n < running.get(best.tenant, 0):
+                best = r
+        return best
 
     def preempt_newest(self) -> EngineRequest | None:
         """Give back the most recently admitted request's blocks now (memory pressure); it waits, first in line."""

@@ -34,7 +34,9 @@ def _error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = None,
+               tenants: dict[str, str] | None = None) -> FastAPI:
+    """tenants: API key -> tenant name (its quota is the loop's); api_key: one more key, without a tenant."""
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
     metrics = Metrics(loop, llm.memory)
     app.state.metrics = metrics
@@ -50,12 +52,17 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
         what = "malformed JSON body" if first.get("type") == "json_invalid" else first.get("msg", "invalid request")
         return _error_response(OpenAIError(400, f"{what}" + (f" ({where})" if where else ""), param=where))
 
+    keys = dict(tenants or {}) | ({api_key: ""} if api_key else {})  # key -> tenant
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        request.state.tenant = ""
+        if keys and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if given not in keys:
                 return _error_response(OpenAIError(401, "invalid API key", "authentication_error",
                                                    code="invalid_api_key"))
+            request.state.tenant = keys[given]
         return await call_next(request)
 
     def check_model(name: str | None) -> None:
@@ -63,13 +70,13 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
             raise OpenAIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                               param="model", code="model_not_found")
 
-    def submit(ids: list[int], body, kind: str) -> tuple[list[EngineRequest], asyncio.Queue]:
+    def submit(ids: list[int], body, kind: str, tenant: str) -> tuple[list[EngineRequest], asyncio.Queue]:
         """The request's n choices into the engine, all or none."""
         queue: asyncio.Queue = asyncio.Queue()
         reqs: list[EngineRequest] = []
         try:
             for i in range(body.n):
-                reqs.append(loop.submit(ids, body.params(i), queue, i))
+                reqs.append(loop.submit(ids, body.params(i), queue, i, tenant))
         except TierlmError as e:  # the prompt cannot run here: too long, ids outside the vocabulary...
             for r in reqs:
                 loop.abort(r.id)
@@ -102,7 +109,7 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
 
     async def respond(request: Request, body, ids: list[int], kind: str) -> Response:
         check_model(body.model)
-        reqs, queue = submit(ids, body, kind)  # 503 while draining, 429 when the queue is full
+        reqs, queue = submit(ids, body, kind, request.state.tenant)  # 503 draining/pressure, 429 queue/quota
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         choices = Choices(kind, len(reqs), llm.tokenizer, body.logprobs if kind == "chat" else body.logprobs is not None)
         created = int(time.time())

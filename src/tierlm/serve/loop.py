@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from tierlm.engine.engine import Engine
 from tierlm.engine.pressure import PressureControl
+from tierlm.engine.quota import Quota
 from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.engine.sampler import SamplingParams
 from tierlm.kvcache.stats import KVStats
@@ -51,8 +52,13 @@ class Snapshot:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None):
+    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None,
+                 quotas: dict[str, Quota] | None = None):
         self.engine, self.max_queue, self.pressure = engine, max_queue, pressure
+        self.quotas = quotas or {}
+        engine.scheduler.quotas = self.quotas
+        self._inflight: dict[str, int] = {}  # tenant -> unfinished requests (any thread: under _count_lock)
+        self._count_lock = threading.Lock()
         self.draining = False
         self.step_errors = 0
         self.snapshot = Snapshot()
@@ -83,9 +89,11 @@ class EngineLoop:
     def num_unfinished(self) -> int:
         return self.engine.num_unfinished
 
-    def submit(self, ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0) -> EngineRequest:
-        """Queue a request whose updates go to `queue` as (index, RequestUpdate). 503 while draining, 429 when
-        the queue is full; bad input raises here (the handler turns it into a 400)."""
+    def submit(self, ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
+               tenant: str = "") -> EngineRequest:
+        """Queue a request whose updates go to `queue` as (index, RequestUpdate). 503 while draining or under
+        critical memory pressure, 429 when the queue (or the tenant's running + queued quota) is full; bad
+        input raises here (the handler turns it into a 400)."""
         if self.draining:
             raise OpenAIError(503, "the server is shutting down", "service_unavailable", code="draining",
                               headers={"Retry-After": "5"})
@@ -96,12 +104,35 @@ class EngineLoop:
         if self.engine.num_waiting >= self.max_queue:
             raise OpenAIError(429, f"too many requests queued ({self.max_queue}); retry later", "rate_limit_exceeded",
                               code="queue_full", headers={"Retry-After": "1"})
+        q = self.quotas.get(tenant)
+        if q is not None:
+            blocks = -(-(len(ids) + params.max_tokens) // self.engine.kv.block_size)
+            if q.kv_blocks is not None and blocks > q.kv_blocks:
+                raise OpenAIError(400, f"the request needs {blocks} KV blocks; the tenant's quota is {q.kv_blocks}",
+                                  param="max_tokens", code="quota_exceeded")
+            limit = (q.running or self.engine.scheduler.max_num_seqs) + (q.queued if q.queued is not None else
+                                                                         self.max_queue)
+            with self._count_lock:
+                if self._inflight.get(tenant, 0) >= limit:
+                    raise OpenAIError(429, f"tenant {tenant!r} has {limit} requests running or queued (its quota); "
+                                      "retry later", "rate_limit_exceeded", code="tenant_quota",
+                                      headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
 
         def sink(update: RequestUpdate) -> None:  # on the engine thread: hand over, never block
+            if update.finished:
+                with self._count_lock:
+                    self._inflight[tenant] -= 1
             loop.call_soon_threadsafe(queue.put_nowait, (index, update))
 
-        req = self.engine.add_request(ids, params, sink)
+        with self._count_lock:
+            self._inflight[tenant] = self._inflight.get(tenant, 0) + 1
+        try:
+            req = self.engine.add_request(ids, params, sink, tenant=tenant)
+        except BaseException:
+            with self._count_lock:
+                self._inflight[tenant] -= 1
+            raise
         self._wake.set()
         return req
 

@@ -15,6 +15,7 @@ import uvicorn
 
 from tierlm.engine.args import EngineArgs
 from tierlm.engine.pressure import PressureControl
+from tierlm.engine.quota import parse_tenant
 from tierlm.errors import UsageError
 from tierlm.serve.app import create_app
 from tierlm.serve.loop import EngineLoop
@@ -30,6 +31,7 @@ class ServeArgs:
     max_queue: int = 256  # waiting requests before 429
     served_model_name: str | None = None
     drain_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
+    tenants: tuple[str, ...] = ()  # "KEY=NAME:running=N,queued=N,kv_blocks=N" (engine/quota.py)
 
 
 def default_model_name(llm) -> str:
@@ -44,11 +46,13 @@ def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
     from tierlm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parsed = [parse_tenant(t) for t in args.tenants]  # bad specs fail before the model loads
     llm = LLM.from_args(engine_args)
-    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory))
+    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory),
+                      {name: quota for _, name, quota in parsed})
     name = args.served_model_name or default_model_name(llm)
     key = args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
-    app = create_app(llm, loop, name, key)
+    app = create_app(llm, loop, name, key, {k: tenant for k, tenant, _ in parsed})
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)  # in a thread, uvicorn installs no signal handlers: they are ours
     http = threading.Thread(target=server.run, name="tierlm-http", daemon=True)
