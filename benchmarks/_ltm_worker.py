@@ -10,6 +10,7 @@ import resource
 import signal
 import time
 
+from _llama_cpp import greedy
 from _ltm_engines import ENGINES, EngineSpec, prompt_ids, store_dir
 
 
@@ -48,23 +49,8 @@ class LlamaCppWorker:
                                    use_mmap=True, verbose=False)
         self.vocab_size = self.llm.n_vocab()
 
-    def _argmax(self) -> int:
-        import numpy as np
-        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab_size,))))
-
     def generate(self, ids: list[int], n: int) -> dict:
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(ids)
-        token = self._argmax()
-        ttft = time.perf_counter() - t0
-        tokens, decode_s = [token], 0.0
-        for _ in range(n - 1):
-            t0 = time.perf_counter()
-            self.llm.eval([token])
-            token = self._argmax()
-            decode_s += time.perf_counter() - t0
-            tokens.append(token)
+        ttft, decode_s, tokens = greedy(self.llm, ids, n)
         return {"ttft_s": ttft, "decode_s": decode_s, "decode_tokens": n - 1, "forward_passes": n,
                 "token_ids": tokens, "disk_bytes": None}
 

@@ -38,6 +38,7 @@ import time
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: silences transformers' GGUF-conversion bar
 import torch  # noqa: E402
 from _common import leading_match, machine_info  # noqa: E402
+from _llama_cpp import greedy  # noqa: E402
 
 
 class TierlmEngine:
@@ -93,23 +94,8 @@ class LlamaCppEngine:
         from llama_cpp import Llama
         self.llm = Llama(gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False)
 
-    def _argmax(self) -> int:
-        import numpy as np
-        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
-
     def run(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(prompt_ids)
-        token = self._argmax()
-        ttft = time.perf_counter() - t0
-        tokens, decode_s = [token], 0.0
-        for _ in range(max_tokens - 1):
-            t0 = time.perf_counter()
-            self.llm.eval([token])
-            token = self._argmax()
-            decode_s += time.perf_counter() - t0
-            tokens.append(token)
+        ttft, decode_s, tokens = greedy(self.llm, prompt_ids, max_tokens)
         return ttft, (max_tokens - 1) / decode_s if decode_s > 0 else 0.0, tokens
 
 
