@@ -214,7 +214,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tierlm.config import parse_size, resolve_dtype
-    from tierlm.engine.llm import kv_store_dtype
+    from tierlm.engine.args import kv_store_dtype
     from tierlm.memory.budget import MemoryBudget
     from tierlm.memory.calibrate import load_profile_or_default
     from tierlm.memory.planner import plan

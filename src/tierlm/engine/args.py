@@ -12,14 +12,22 @@ from pathlib import Path
 
 import torch
 
-from tierlm.config import parse_size
+from tierlm.config import attention_dtype, parse_size
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.quant import QuantScheme
 
-KV_DTYPES = ("auto", "float32", "bfloat16", "int8")
+_KV_STORES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+KV_DTYPES = ("auto", *_KV_STORES)
+
+
+def kv_store_dtype(kv_dtype: str, dtype: torch.dtype, cuda: bool) -> torch.dtype:
+    """What the KV pool stores for the user's kv_dtype ("auto": the attention dtype)."""
+    if kv_dtype not in KV_DTYPES:
+        raise UsageError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return attention_dtype(dtype, cuda) if kv_dtype == "auto" else _KV_STORES[kv_dtype]
 
 
 @dataclass
@@ -70,8 +78,7 @@ class EngineArgs:
         if self.max_context is not None and self.max_context < 2:
             raise UsageError(f"max_context must be >= 2, got {self.max_context}")
         QuantScheme.check(self.quant, self.group_size)
-        if self.kv_dtype not in KV_DTYPES:
-            raise UsageError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        kv_store_dtype(self.kv_dtype, torch.float32, False)
         if self.kv_compress not in ("none", "zstd"):
             raise UsageError(f"kv_compress must be none or zstd, got {self.kv_compress!r}")
         if self.kv_memory is not None:

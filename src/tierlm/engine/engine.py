@@ -75,7 +75,7 @@ class Engine:
     # --- the loop's thread -----------------------------------------------------------------------
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or not self._inbox.empty()
+        return self.num_unfinished > 0
 
     def _drain_inbox(self) -> list[RequestUpdate]:
         updates = []

@@ -8,8 +8,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tierlm.config import attention_dtype, format_size, parse_size, resolve_dtype
-from tierlm.engine.args import EngineArgs
+from tierlm.config import format_size, parse_size, resolve_dtype
+from tierlm.engine.args import EngineArgs, kv_store_dtype
 from tierlm.engine.engine import Engine
 from tierlm.engine.generation import RequestOutput, check_request
 from tierlm.engine.request import RequestUpdate
@@ -37,15 +37,6 @@ from tierlm.weights import open_model
 
 Prompt = str | Sequence[int]
 Messages = list[dict[str, str]]
-
-
-def kv_store_dtype(kv_dtype: str, dtype: torch.dtype, cuda: bool) -> torch.dtype:
-    """What the KV pool stores for the user's kv_dtype ("auto": the attention dtype)."""
-    stores = {"auto": attention_dtype(dtype, cuda), "float32": torch.float32, "bfloat16": torch.bfloat16,
-              "int8": torch.int8}
-    if kv_dtype not in stores:
-        raise UsageError(f"kv_dtype must be one of {', '.join(stores)}, got {kv_dtype!r}")
-    return stores[kv_dtype]
 
 
 class LLM:

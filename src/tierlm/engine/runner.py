@@ -69,27 +69,39 @@ class Runner:
     def forward(self, tokens: torch.Tensor, kv, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] appended to the sequences of `kv` (a SequenceKV, a paged Batch or a contiguous KVCache:
         anything with step(tokens) -> a step, see kvcache/) -> logits [B, V] (last position) or [B, T, V]
-        with all_logits."""
+        with all_logits. Long prompts run in chunks of prefill_chunk, one pass over the weights each."""
         t0 = time.perf_counter()
         chunks = tokens.split(self.prefill_chunk, dim=1)
-        last = len(chunks) - 1
-        outs = [self._forward(c, kv, "all" if all_logits else "last" if k == last else "none")
-                for k, c in enumerate(chunks)]
-        stats = self.store.stats
-        stats.forward_s += time.perf_counter() - t0
-        stats.forward_passes += len(chunks)
-        return torch.cat(outs, dim=1) if all_logits else outs[-1][:, -1]  # [B, T, V] | [B, V]
+        outs = []
+        for k, c in enumerate(chunks):
+            step = kv.step(c)
+            outs.append(self._pass([(c, step, "all" if all_logits else "last" if k == len(chunks) - 1 else "none")])[0])
+            step.finish()
+        self._count(t0, len(chunks))
+        return torch.cat(outs, dim=1) if all_logits else outs[-1]  # [B, T, V] | [B, V]
 
     @torch.inference_mode()
     def forward_groups(self, groups: list[tuple[torch.Tensor, PagedStep, bool]]) -> list[torch.Tensor | None]:
         """One engine step: groups of (tokens [B, T], their step, whether to return last-position logits [B, V]).
-        Every layer's weights are acquired once for all groups (a streamed layer is read once per step), and
-        each group runs through the layer as it would alone, so its rows meet the same kernels whatever else
-        is in the step. The steps are not finished here: the engine does that once the step succeeded."""
+        The steps are not finished here: the engine does that once the step succeeded."""
         t0 = time.perf_counter()
+        out = self._pass([(tok, step, "last" if want else "none") for tok, step, want in groups])
+        self._count(t0, 1)
+        return out
+
+    def _count(self, t0: float, passes: int) -> None:
+        stats = self.store.stats
+        stats.forward_s += time.perf_counter() - t0
+        stats.forward_passes += passes
+
+    def _pass(self, groups: list[tuple[torch.Tensor, object, str]]) -> list[torch.Tensor | None]:
+        """One pass over the weights for groups of (tokens [B, T], their step, logits: "all" -> [B, T, V],
+        "last" -> [B, V], "none" -> None). Every layer is acquired once for all groups (a streamed layer is read
+        once), and each group runs through it as it would alone, so its rows meet the same kernels whatever
+        else is in the pass."""
         rows = max(tok.numel() for tok, _, _ in groups)
         if rows > self.workspace_rows:
-            self.workspace.release()
+            self.workspace.release()  # a batch wider than planned: plan once more, larger
             self._plan_workspace(rows)
         xs, rope = [], []
         for tok, step, _ in groups:
@@ -97,51 +109,23 @@ class Runner:
             if int(pos.max()) >= self.max_context:
                 raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
             rope.append((self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)))  # [B, 1, T, hd] each
-            xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream
+            xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream, in place
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
             for x, (_, step, _), (cos, sin) in zip(xs, groups, rope):
-                llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace)  # x in place
+                llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace)
             self.store.release(i)
         out: list[torch.Tensor | None] = [None] * len(groups)
-        if any(want for _, _, want in groups):
-            lm_head = self.store.acquire_head()
-            for k, (x, (_, _, want)) in enumerate(zip(xs, groups)):
-                if want:
-                    out[k] = llama.head(self.config, self.store.norm, lm_head, x[:, -1:], self.workspace)[:, -1]
-            self.store.release_head()
-        else:
-            self.store.skip_head()
-        stats = self.store.stats
-        stats.forward_s += time.perf_counter() - t0
-        stats.forward_passes += 1
-        return out
-
-    def _forward(self, tokens: torch.Tensor, kv, logits: str) -> torch.Tensor | None:
-        """One chunk. logits: "all" -> [B, T, V]; "last" -> [B, 1, V]; "none" -> None."""
-        step = kv.step(tokens)
-        pos = step.positions  # [B, T]
-        if int(pos.max()) >= self.max_context:
-            raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, hd]
-        rows = tokens.numel()
-        if rows > self.workspace_rows:
-            self.workspace.release()  # a batch wider than planned: plan once more, larger
-            self._plan_workspace(rows)
-        x = self.store.embed(tokens, self.device)  # [B, T, H] fresh: the residual stream, updated in place
-        for i in range(self.config.num_layers):
-            w = self.store.acquire(i)
-            x = llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace)
-            self.store.release(i)
-        step.finish()
-        if logits == "none":
-            # an earlier prefill chunk: its KV is what matters, skip the head's matmul. A streamed head was already
+        if all(mode == "none" for _, _, mode in groups):
+            # earlier prefill chunks: their KV is what matters, skip the head's matmul. A streamed head was already
             # prefetched in the ring's cyclic order: pass over it, or the stream would restart (drain, re-read).
             self.store.skip_head()
-            return None
-        if logits == "last":
-            x = x[:, -1:]  # only the last position feeds sampling: skip the [T, V] head matmul
+            return out
         lm_head = self.store.acquire_head()
-        out = llama.head(self.config, self.store.norm, lm_head, x, self.workspace)  # [B, T|1, V] fp32
+        for k, (x, (_, _, mode)) in enumerate(zip(xs, groups)):
+            if mode != "none":  # "last": only the last position feeds sampling, skip the [T, V] head matmul
+                h = x if mode == "all" else x[:, -1:]
+                logits = llama.head(self.config, self.store.norm, lm_head, h, self.workspace)  # [B, T|1, V] fp32
+                out[k] = logits if mode == "all" else logits[:, -1]
         self.store.release_head()
         return out

@@ -53,14 +53,16 @@ class PagedStep:
         self.block_ids = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
                                        for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
         # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
-        self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
         # The engine's decode steps (T = 1, no sliding window) read whole blocks with a BlockMask, attended by
         # llama.blocked_decode_attention, whose rows do not depend on the batch (outputs must not depend on what
-        # else runs). valid [B, nb*bs]: key j of sequence b is one of its own (j <= its position).
-        self.block_mask = None
+        # else runs). valid [B, nb*bs]: key j of sequence b is one of its own (j <= its position). The others get
+        # the causal / window / padding mask for SDPA.
+        self.block_mask = self.mask = None
         if batch_invariant and t == 1 and kv.config.sliding_window is None:
             valid = torch.arange(nb * bs, device=dev)[None, :] <= self.positions[:, -1:]  # [B, nb*bs]
             self.block_mask = BlockMask(valid, bs)
+        else:
+            self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
 
     def layer(self, i: int) -> "PagedStep.Layer":
         return PagedStep.Layer(self, i)
