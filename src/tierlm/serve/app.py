@@ -90,19 +90,25 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
 
     async def updates(request: Request, reqs: list[EngineRequest], queue: asyncio.Queue
                       ) -> AsyncIterator[tuple[int, RequestUpdate]]:
-        """Every update of `reqs` until all are finished; aborts them if the client leaves or this is closed."""
+        """Every update of `reqs` until all are finished; aborts them if the client leaves or this is closed.
+        A watcher polls the connection, so each token is one plain queue.get() (no timer task per token)."""
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            queue.put_nowait(None)  # the client left: wake the reader
+
+        watcher = asyncio.create_task(watch())
         left = len(reqs)
         try:
             while left:
-                try:
-                    index, u = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                item = await queue.get()
+                if item is None:
+                    return
+                index, u = item
                 left -= u.finished
                 yield index, u
         finally:
+            watcher.cancel()
             for r in reqs:
                 if r.out.finish_reason == "":
                     loop.abort(r.id)
