@@ -53,6 +53,7 @@ class EngineArgs:
     kv_offload_dir: str | Path | None = None
     kv_compress: str = "none"
     kv_disk_size: str | int = "4GiB"  # the disk KV tier's capacity (least recently used blocks deleted past it)
+    kv_host_log: str | Path | None = None  # one line per host-tier allocation/free, for benchmarks/soak.py's replay
     memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
     max_num_seqs: int = 64  # requests running at once (decoded together)
     # tokens per engine step: every running decode + whole prefill chunks (512 tokens at most each). 768 holds
@@ -151,6 +152,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-compress", default="none", choices=["none", "zstd"], help="KV blocks on disk")
     p.add_argument("--kv-disk-size", default=EngineArgs.kv_disk_size, metavar="SIZE",
                    help=f"capacity of the disk KV tier (default {EngineArgs.kv_disk_size}; LRU eviction)")
+    p.add_argument("--kv-host-log", default=None, metavar="FILE",
+                   help="append one line per host KV tier allocation and free (replayed by benchmarks/soak.py)")
     p.add_argument("--memory-trace", default=None, metavar="FILE",
                    help="write every memory reservation, release, eviction as a Chrome/Perfetto trace JSON at exit "
                         "(tierlm memory-timeline FILE draws it)")

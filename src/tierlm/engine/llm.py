@@ -122,7 +122,8 @@ class LLM:
         kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
         self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
-                                Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size))
+                                Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size),
+                                a.kv_host_log)
         self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
                              self.memory)
         self._reservations = self._record(held, kv_host)
@@ -148,7 +149,8 @@ class LLM:
                 held[owner] = self.memory.reserve(owner, where, n, check=False)
         return held
     def _make_kv(self, kv_pool: int | None, kv_dtype: str, store: torch.dtype, block_size: int, caching: bool,
-                 host_bytes: int, disk_dir: Path | None, codec: str, disk_capacity: int) -> PagedKV:
+                 host_bytes: int, disk_dir: Path | None, codec: str, disk_capacity: int,
+                 host_log: str | Path | None = None) -> PagedKV:
         per_block = block_nbytes(self.config, block_size, store)
         if kv_pool is not None:
             pool = kv_pool
@@ -162,7 +164,8 @@ class LLM:
         salt = f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}".encode()
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
-                       disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps, disk_capacity=disk_capacity)
+                       disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps, disk_capacity=disk_capacity,
+                       host_log=Path(host_log) if host_log else None)
 
     def save_prefix_cache(self, directory: str | Path) -> int:
         """Write every cached KV block (pool, host and disk tiers) to `directory`, skipping blocks already

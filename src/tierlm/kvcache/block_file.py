@@ -42,7 +42,7 @@ class StoredBlock:
     payload: bytes  # uncompressed
 
 
-def _codec(name: str):
+def codec_module(name: str):
     if name == "none":
         return None
     if name == "zstd":
@@ -82,7 +82,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "none") -> int:
     """Write one block file (named by its hash); returns the bytes written."""
-    mod = _codec(codec)
+    mod = codec_module(codec)
     data = block.payload if mod is None else mod.ZstdCompressor(level=3).compress(block.payload)
     meta = {"hash": block.hash.hex(), "parent": block.parent.hex(), "tokens": list(block.tokens), "store": store,
             "nbytes": len(block.payload), "codec": codec}
@@ -107,7 +107,7 @@ def read_block(path: Path, store: str) -> StoredBlock:
         data = blob[12 + n:]
         if meta["xxh3"] != _digest(meta, data) or meta["store"] != store or meta["hash"] != path.stem:
             raise CorruptBlockError(f"{path.name}: checksum or format mismatch")
-        mod = _codec(meta["codec"])
+        mod = codec_module(meta["codec"])
         payload = data if mod is None else mod.ZstdDecompressor().decompress(data, max_output_size=meta["nbytes"])
         if len(payload) != meta["nbytes"]:
             raise CorruptBlockError(f"{path.name}: payload is {len(payload)} bytes, header says {meta['nbytes']}")

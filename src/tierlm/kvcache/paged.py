@@ -53,12 +53,12 @@ class PagedKV:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  store: torch.dtype | None = None, caching: bool = True, salt: bytes = b"",
                  host_bytes: int = 0, disk_dir: Path | None = None, codec: str = "none", disk_gbps: float = 1.0,
-                 disk_capacity: int | None = None):
+                 disk_capacity: int | None = None, host_log: Path | None = None):
         self.config, self.block_size, self.device = cfg, block_size, torch.device(device)
         self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store)
         self.manager = BlockManager(num_blocks, block_size, salt, caching)
         self.tiers = KVTiers(str(self.pool.store).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps,
-                             disk_capacity)
+                             disk_capacity, host_log)
         self.live: set[Sequence] = set()  # sequences holding blocks (admitted, not yet freed)
         self.preemptions = self.recomputed_tokens = 0  # counted by the scheduler, reported by stats()
         self.hit_tokens = self.restored_tokens = self.queried_tokens = 0

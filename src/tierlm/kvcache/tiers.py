@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, open_block_dir, read_block, write_block
+from tierlm.kvcache.host_tier import HostTier
 
 HOST_GBPS = 8.0  # memcpy into the pool; refined by nothing yet (a host copy is never the slow path)
 
@@ -45,10 +46,10 @@ class KVTiers:
     indexed files <= disk_capacity after each write; a hash is in at most one of host, pending, disk."""
 
     def __init__(self, store: str, salt: bytes, host_bytes: int = 0, disk_dir: Path | None = None,
-                 codec: str = "none", disk_gbps: float = 1.0, disk_capacity: int | None = None):
-        self.store, self.salt, self.host_bytes, self.codec, self.disk_gbps = store, salt, host_bytes, codec, disk_gbps
-        self.host: OrderedDict[bytes, StoredBlock] = OrderedDict()  # LRU: oldest first
-        self.host_used = 0
+                 codec: str = "none", disk_gbps: float = 1.0, disk_capacity: int | None = None,
+                 host_log: Path | None = None):
+        self.store, self.salt, self.codec, self.disk_gbps = store, salt, codec, disk_gbps
+        self.host = HostTier(host_bytes, codec, host_log)  # its bytes live in one preallocated arena
         self.counters = TierCounters()
         self.disk_capacity = disk_capacity  # None: no limit
         self.disk: OrderedDict[bytes, Path] = OrderedDict()  # on disk, LRU: the spill dir and loaded caches
@@ -82,26 +83,30 @@ class KVTiers:
             self._enforce_capacity()
         return len(files)
 
+    @property
+    def host_bytes(self) -> int:
+        """The host tier's limit now (pressure shrinks it; 0: no host tier)."""
+        return self.host.limit
+
+    @property
+    def host_used(self) -> int:
+        return self.host.used
+
     def put(self, block: StoredBlock) -> None:
         """A cached block leaving the device pool."""
         if block.hash in self.host:  # already there (a re-put): fresher, not twice
-            self.host.move_to_end(block.hash)
+            self.host.touch(block.hash)
             return
-        if self.host_bytes >= len(block.payload):
-            self.host[block.hash] = block
-            self.host_used += len(block.payload)
-            self.counters.host_puts += 1
-            self.set_host_limit(self.host_bytes)  # over capacity: the oldest spill
-        else:
-            self._to_disk(block)
+        stored, pushed = self.host.put(block)
+        self.counters.host_puts += stored
+        for b in pushed if stored else [block]:
+            self._to_disk(b)
 
     def set_host_limit(self, nbytes: int) -> None:
-        """Change the host tier's capacity; shrinking spills the least recently used blocks to disk at once."""
-        self.host_bytes = nbytes
-        while self.host_used > self.host_bytes:
-            _, old = self.host.popitem(last=False)
-            self.host_used -= len(old.payload)
-            self._to_disk(old)
+        """Change the host tier's limit; shrinking spills the least recently used blocks to disk at once and
+        hands their pages back to the OS."""
+        for b in self.host.set_limit(nbytes):
+            self._to_disk(b)
 
     def _to_disk(self, block: StoredBlock) -> None:
         if self.disk_dir is None:
@@ -162,11 +167,12 @@ class KVTiers:
             self._queue.join()
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer."""
+        """Write what is queued, then stop the writer and free the host arena (its blocks are dropped)."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
             self._writer = None
+        self.host.close()
 
     def where(self, h: bytes) -> str | None:
         if h in self.host:
@@ -180,12 +186,8 @@ class KVTiers:
     def take(self, h: bytes, tokens: tuple[int, ...]) -> StoredBlock | None:
         """The block for hash h holding exactly `tokens`, or None (absent, another prefix, or corrupt)."""
         if h in self.host:
-            block = self.host[h]
-            if block.tokens != tokens:
-                return None
-            del self.host[h]  # it moves back to the device pool
-            self.host_used -= len(block.payload)
-            self.counters.host_restores += 1
+            block = self.host.take(h, tokens)  # it moves back to the device pool
+            self.counters.host_restores += block is not None
             return block
         with self._lock:
             block = self._pending.get(h)

@@ -27,6 +27,7 @@ from tierlm.engine.quota import Quota
 from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.engine.sampler import SamplingParams
 from tierlm.kvcache.stats import KVStats
+from tierlm.memory.arena import ArenaStats
 from tierlm.memory.pressure import Level
 from tierlm.memory.stats import TierStats
 from tierlm.serve.protocol import OpenAIError
@@ -49,6 +50,7 @@ class Snapshot:
     pressure: int = 0  # memory.pressure.Level
     pressure_fraction: float = 0.0  # of the cgroup's (or machine's) memory in use
     pressure_transitions: int = 0
+    host_arena: ArenaStats | None = None  # the host KV tier's arena (None: no host tier)
 
 
 class EngineLoop:
@@ -175,5 +177,6 @@ class EngineLoop:
                                  step_errors=self.step_errors, steps=e.scheduler.counters.steps,
                                  host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk),
                                  pressure=int(p.level) if p else 0, pressure_fraction=p.fraction if p else 0.0,
-                                 pressure_transitions=p.transitions if p else 0)
+                                 pressure_transitions=p.transitions if p else 0,
+                                 host_arena=e.kv.tiers.host.stats() if e.kv.tiers.host.capacity else None)
         self._last_snapshot = time.perf_counter()

@@ -6,6 +6,7 @@ finishes. One registry per server, so several apps in one process (tests) do not
 """
 from __future__ import annotations
 
+import os
 import resource
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -16,6 +17,15 @@ from tierlm.engine.request import EngineRequest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
+
+
+def _rss() -> int:
+    """Resident bytes now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 class _EngineCollector:
     def __init__(self, loop, metrics: "Metrics"):
@@ -46,6 +56,15 @@ class _EngineCollector:
                                       value=s.kv.queried_tokens)
             yield CounterMetricFamily("tierlm:prefix_cache_hits", "Prompt tokens served by the prefix cache",
                                       value=s.kv.hit_tokens + s.kv.restored_tokens)
+        if (a := s.host_arena) is not None:
+            arena = GaugeMetricFamily("tierlm:kv_host_arena_bytes", "The host KV tier's arena", labels=["state"])
+            for state in ("capacity", "used", "free", "largest_free"):
+                arena.add_metric([state], getattr(a, state))
+            yield arena
+            yield GaugeMetricFamily("tierlm:kv_host_arena_fragmentation", "1 - largest free extent / free bytes",
+                                    value=a.fragmentation)
+            yield GaugeMetricFamily("tierlm:kv_host_arena_utilisation", "Arena bytes in live blocks / capacity",
+                                    value=a.utilisation)
         yield CounterMetricFamily("tierlm:num_preemptions", "Requests preempted", value=s.preemptions)
         yield GaugeMetricFamily("tierlm:memory_pressure_level", "0 normal, 1 elevated, 2 high, 3 critical",
                                 value=s.pressure)
@@ -74,6 +93,7 @@ class _EngineCollector:
                 if n is not None:
                     budget.add_metric([tier], n)
             yield budget
+        yield GaugeMetricFamily("tierlm:rss_bytes", "Resident set size of the server now", value=_rss())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         yield GaugeMetricFamily("tierlm:peak_rss_bytes", "Peak resident set size of the server", value=peak)
 
