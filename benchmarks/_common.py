@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
+import subprocess
+import time
+import urllib.request
 
 import torch
 
@@ -69,3 +73,35 @@ def leading_match(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_of(pid: int) -> int:
+    """Resident bytes of a process now (VmRSS), 0 when it is gone."""
+    v = _proc_field(f"/proc/{pid}/status", "VmRSS")
+    return int(v.split()[0]) * 1024 if v != "?" else 0
+
+
+def start_server(cmd: list[str], port: int, what: str, timeout_s: float = 180, **popen) -> subprocess.Popen:
+    """Start a server (127.0.0.1:port) and wait until GET /v1/models answers 200; RuntimeError if it exits or
+    does not answer within timeout_s (then it is killed)."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, **popen)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} server exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{what} server did not start")

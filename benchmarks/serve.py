@@ -25,10 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from _common import machine_info
+from _common import free_port, machine_info
+from _common import start_server as start
 
 SYSTEM = ("You are a concise assistant. Answer in plain English, in one or two sentences, without lists or "
           "markdown. If a question is ambiguous, answer its most common reading. ") * 3
@@ -43,13 +43,6 @@ WORDS = ("river", "stone", "light", "music", "garden", "window", "paper", "cloud
          "market", "winter", "signal", "letter", "bridge")
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(engine: str, a: argparse.Namespace, port: int) -> subprocess.Popen:
     if engine == "tierlm":
         cmd = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), "--threads", str(a.threads),
@@ -60,19 +53,7 @@ def start_server(engine: str, a: argparse.Namespace, port: int) -> subprocess.Po
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", a.model_path, "--port", str(port),
                "--host", "127.0.0.1", "--n_threads", str(a.threads), "--n_ctx", str(a.context),
                "--model_alias", "m", "--verbose", "False", "--interrupt_requests", "False"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 180
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{engine} server exited with {proc.returncode}: {' '.join(cmd)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"{engine} server did not start")
+    return start(cmd, port, engine)
 
 
 async def one(client, q: str, a: argparse.Namespace) -> dict:
