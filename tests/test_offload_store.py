@@ -71,8 +71,11 @@ def test_reused_when_unchanged_rebuilt_when_source_changes(model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes())  # same bytes, new file: the fingerprint changes
     OffloadStore.open_or_build(open_model(model_dir), two, torch.float32, off, progress=False)
     assert (off / DATA_FILE).stat().st_mtime_ns != stamp
+    stamp = (off / DATA_FILE).stat().st_mtime_ns
     OffloadStore.open_or_build(open_model(model_dir), [layer_unit(1)], torch.float32, off, progress=False)
-    assert list(json.loads((off / MANIFEST).read_text())["units"]) == ["layers.1"]  # other placement: rebuilt
+    assert (off / DATA_FILE).stat().st_mtime_ns == stamp  # fewer units: the store holds them, reused
+    OffloadStore.open_or_build(open_model(model_dir), [layer_unit(1), HEAD], torch.float32, off, progress=False)
+    assert list(json.loads((off / MANIFEST).read_text())["units"]) == ["layers.1", "head"]  # a unit missing: rebuilt
 
 
 def test_missing_manifest_means_rebuild(model_dir, tmp_path):

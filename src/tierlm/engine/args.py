@@ -53,6 +53,7 @@ class EngineArgs:
     kv_offload_dir: str | Path | None = None
     kv_compress: str = "none"
     kv_disk_size: str | int = "4GiB"  # the disk KV tier's capacity (least recently used blocks deleted past it)
+    migrate: bool = False  # move memory between resident layers and KV at run time (memory/migration.py)
     kv_host_log: str | Path | None = None  # one line per host-tier allocation/free, for benchmarks/soak.py's replay
     memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
     max_num_seqs: int = 64  # requests running at once (decoded together)
@@ -87,6 +88,8 @@ class EngineArgs:
         parse_size(self.kv_host_memory)
         parse_size(self.kv_disk_size)
         budget = MemoryBudget.parse(self.max_memory)
+        if self.migrate and (not budget.limited or self.offload_dir is None or self.device != "cpu"):
+            raise UsageError("migrate needs max_memory and offload_dir (--max-memory, --offload-dir) and runs on a CPU")
         if budget.device is not None and not self.device.startswith("cuda"):
             raise UsageError(f"max_memory names {budget.device_name} but the device is {self.device}")
 
@@ -152,6 +155,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-compress", default="none", choices=["none", "zstd"], help="KV blocks on disk")
     p.add_argument("--kv-disk-size", default=EngineArgs.kv_disk_size, metavar="SIZE",
                    help=f"capacity of the disk KV tier (default {EngineArgs.kv_disk_size}; LRU eviction)")
+    p.add_argument("--migrate", action="store_true",
+                   help="under --max-memory: demote resident layers to streamed when requests wait for KV, and "
+                        "promote them back when they do not (needs --offload-dir)")
     p.add_argument("--kv-host-log", default=None, metavar="FILE",
                    help="append one line per host KV tier allocation and free (replayed by benchmarks/soak.py)")
     p.add_argument("--memory-trace", default=None, metavar="FILE",

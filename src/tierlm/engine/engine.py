@@ -40,6 +40,7 @@ class Engine:
         self.scheduler = Scheduler(kv, max_num_seqs, max_num_batched_tokens, runner.prefill_chunk)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, EngineRequest] = {}  # unfinished, owned by the loop's thread
+        self.migrator = None  # memory/migration.Migrator when layers may move between memory and the stream
 
     # --- any thread ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Sink | None = None,
@@ -106,6 +107,8 @@ class Engine:
     def step(self) -> list[RequestUpdate]:
         """One scheduled forward pass and its samples; [] when there is nothing to do."""
         updates = self._drain_inbox()
+        if self.migrator is not None:
+            self.migrator.tick(self.scheduler)  # between passes: no layer is acquired now
         sched = self.scheduler.schedule()
         if sched.empty:
             if self.scheduler.waiting and not self.scheduler.running:

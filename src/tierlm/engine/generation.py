@@ -48,7 +48,7 @@ def check_request(cfg: ModelConfig, max_context: int, kv: PagedKV, prompt_ids: l
         what = "the model's context" if max_context == cfg.max_position_embeddings else "max_context"
         raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; {what} is {max_context}")
     max_new = min(params.max_tokens, max_context - len(prompt_ids))
-    pool_tokens = kv.manager.num_blocks * kv.block_size
+    pool_tokens = kv.manager.floor * kv.block_size  # the pool never shrinks below it
     if len(prompt_ids) + max_new > pool_tokens:
         raise KVCacheFullError(f"{len(prompt_ids)} prompt + {max_new} new tokens need more KV than the pool's "
                                f"{pool_tokens} tokens: raise kv_memory (--kv-memory)")

@@ -26,6 +26,7 @@ from tierlm.memory.calibrate import load_profile_or_default
 from tierlm.memory.offload_store import source_fingerprint
 from tierlm.memory.planner import Placement, plan
 from tierlm.memory.manager import MemoryLedger, Reservation
+from tierlm.memory.migration import Migrator
 from tierlm.memory.planning import (ContextOption, budget_plan_input, default_context, kv_pool_bytes, plan_input,
                                     reserve_placement)
 from tierlm.memory.stats import describe_stats
@@ -116,17 +117,20 @@ class LLM:
                                  "pass offload_dir (--offload-dir) for the offload store")
             self.store = WeightStore.load_planned(self.source, self.dtype, a.device, self.plan,
                                                   Path(a.offload_dir) if a.offload_dir else None, a.progress,
-                                                  io_threads=self.plan.io_threads, quant=self.quant)
+                                                  io_threads=self.plan.io_threads, quant=self.quant,
+                                                  migratable=a.migrate)
         allocator.trim()  # loading's transients are freed: hand their heap pages back
         self.runner = Runner(self.store, self.dtype, a.device, max_context=self.max_context, ledger=self.memory)
         kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
         self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size),
-                                a.kv_host_log)
+                                a.kv_host_log, self._movable() if a.migrate else 0)
         self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
                              self.memory)
         self._reservations = self._record(held, kv_host)
+        if a.migrate:
+            self.engine.migrator = Migrator(self.store, self.kv, inp, self.plan, self._reservations, self.memory)
 
     def _record(self, held: dict[str, Reservation], kv_host: int) -> dict[str, Reservation]:
         """The ledger holds what each owner really allocated: the planned reservations resized to it (or made
@@ -148,9 +152,14 @@ class LLM:
                 where = {"kv_host": "cpu", "kv_disk": "disk"}.get(owner, tier)
                 held[owner] = self.memory.reserve(owner, where, n, check=False)
         return held
+    def _movable(self) -> int:
+        """Bytes the KV pool may grow by when memory migrates: resident weights, and the budget the plan left."""
+        headroom = max(0, (self.budget.cpu or 0) - self.plan.device_bytes) if self.plan is not None else 0
+        return self.store.nbytes_by_tier()[Tier.DEVICE] + headroom
+
     def _make_kv(self, kv_pool: int | None, kv_dtype: str, store: torch.dtype, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str, disk_capacity: int,
-                 host_log: str | Path | None = None) -> PagedKV:
+                 host_log: str | Path | None = None, movable: int = 0) -> PagedKV:
         per_block = block_nbytes(self.config, block_size, store)
         if kv_pool is not None:
             pool = kv_pool
@@ -165,7 +174,8 @@ class LLM:
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
                        disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps, disk_capacity=disk_capacity,
-                       host_log=Path(host_log) if host_log else None)
+                       host_log=Path(host_log) if host_log else None,
+                       capacity=(pool + movable) // per_block)  # `movable`: weight bytes that may become KV
 
     def save_prefix_cache(self, directory: str | Path) -> int:
         """Write every cached KV block (pool, host and disk tiers) to `directory`, skipping blocks already

@@ -2,13 +2,15 @@
 
     normal     the host KV tier at its configured capacity, admissions open
     elevated   the host KV tier shrunk to half: its least recently used cached blocks spill to disk
-    high       the host KV tier emptied to disk (cached prefixes survive there; nothing running is touched)
+    high       the host KV tier emptied to disk (cached prefixes survive there; nothing running is touched);
+               with --migrate, one resident layer more streams (its bytes are given back), on entering the level
     critical   admissions paused and new requests refused (503 + Retry-After at the server); the most
                recently admitted request is preempted: its blocks go back, it waits first in line and is
                recomputed (or restored) when the pressure falls. Nothing accepted is lost.
 
-Every transition is a ledger event ("pressure") and counted. Moving resident weights to disk under pressure
-needs run-time layer migration, which does not exist yet.
+From elevated up, layer migration (memory/migration.py) is frozen: no promotions, no pool growth into
+budget the ledger shows free (the OS says otherwise). Every transition is a ledger event ("pressure") and
+counted.
 """
 from __future__ import annotations
 
@@ -51,5 +53,9 @@ class PressureControl:
         host = {Level.NORMAL: self._host_capacity, Level.ELEVATED: self._host_capacity // 2}.get(self.level, 0)
         tiers.set_host_limit(host)
         sched.paused = self.level == Level.CRITICAL
+        if (m := self.engine.migrator) is not None:
+            m.frozen = self.level >= Level.ELEVATED
+            if self.level >= Level.HIGH and (freed := m.shed(1)):
+                log.warning("memory pressure: one more layer streams, %d bytes given back", freed)
         if entering_critical and (victim := sched.preempt_newest()) is not None:
             log.warning("memory pressure: preempted %s", victim.id)

@@ -50,11 +50,17 @@ def matchable(n: int, block_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, salt: bytes = b"", caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, salt: bytes = b"", caching: bool = True,
+                 capacity: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
+        # Blocks [0, num_blocks) are in use or free; [num_blocks, capacity) exist only when the pool grows
+        # (resize: memory moved from weights to KV). num_blocks never goes below `floor`, the size every
+        # accepted request was checked against.
         self.num_blocks, self.block_size, self.salt, self.caching = num_blocks, block_size, salt, caching
-        self.refcount = [0] * num_blocks
+        self.floor = num_blocks
+        self.capacity = max(capacity or num_blocks, num_blocks)
+        self.refcount = [0] * self.capacity
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU: head first
         self.hash_of: dict[int, bytes] = {}  # full, hashed block -> its chain hash
         self.tokens_of: dict[int, tuple[int, ...]] = {}  # its tokens (collision check)
@@ -103,6 +109,31 @@ class BlockManager:
         # last block first: a sequence's tail is the least likely part to be shared, so it is evicted first
         for b in reversed(blocks):
             self.release(b)
+
+    def resize(self, n: int) -> list[tuple[int, Evicted]] | None:
+        """Grow to n blocks (the new ones free, reused first), or shrink to n when every block in [n, num_blocks)
+        is free: they leave the free list, and (block, what it held) is returned for the cached ones (for a
+        lower tier, read before the block's memory goes). None:
+        cannot shrink now (a block up there is in use) or n is outside [floor, capacity]."""
+        if not self.floor <= n <= self.capacity:
+            return None
+        old = self.num_blocks
+        if n >= old:
+            for b in range(old, n):
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
+            self.num_blocks = n
+            return []
+        if any(self.refcount[b] for b in range(n, old)):
+            return None
+        out = []
+        for b in range(n, old):
+            del self.free[b]
+            if b in self.hash_of:
+                out.append((b, Evicted(self.hash_of[b], self.parent_of[b], self.tokens_of[b])))
+                self._forget(b)
+        self.num_blocks = n
+        return out
 
     # --- prefix cache ------------------------------------------------------------------------------
     def register(self, block: int, parent: bytes, tokens: tuple[int, ...]) -> bytes:

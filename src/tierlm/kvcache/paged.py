@@ -53,10 +53,10 @@ class PagedKV:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  store: torch.dtype | None = None, caching: bool = True, salt: bytes = b"",
                  host_bytes: int = 0, disk_dir: Path | None = None, codec: str = "none", disk_gbps: float = 1.0,
-                 disk_capacity: int | None = None, host_log: Path | None = None):
+                 disk_capacity: int | None = None, host_log: Path | None = None, capacity: int | None = None):
         self.config, self.block_size, self.device = cfg, block_size, torch.device(device)
-        self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store)
-        self.manager = BlockManager(num_blocks, block_size, salt, caching)
+        self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store, capacity)
+        self.manager = BlockManager(num_blocks, block_size, salt, caching, capacity)
         self.tiers = KVTiers(str(self.pool.store).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps,
                              disk_capacity, host_log)
         self.live: set[Sequence] = set()  # sequences holding blocks (admitted, not yet freed)
@@ -124,6 +124,21 @@ class PagedKV:
         self.queried_tokens += len(seq.tokens)
         self.hit_tokens += hits * bs
         self.restored_tokens += (len(seq.blocks) - hits) * bs
+
+    def resize(self, n: int) -> bool:
+        """The pool's size in blocks, within [the size it started at, its capacity]: memory moved between
+        weights and KV (memory/migration.py). Shrinking needs the blocks given up free: their cached prefixes go
+        to the tiers, their pages back to the OS. False (nothing changed) when that cannot be done now."""
+        old = self.manager.num_blocks
+        gone = self.manager.resize(n)
+        if gone is None:
+            return False
+        for block, e in gone:
+            if self.tiers.host_bytes or self.tiers.disk_dir is not None:
+                self.tiers.put(StoredBlock(e.hash, e.parent, e.tokens, self.pool.read_block(block)))
+        self.pool.num_blocks = n
+        self.pool.discard(n, old)
+        return True
 
     def note_prefill(self, tokens: int, seconds: float) -> None:
         """A measured prefill: keeps the per-token recompute cost that restore decisions compare against."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tierlm.config import ModelConfig
+from tierlm.memory import allocator
 
 
 def block_nbytes(cfg: ModelConfig, block_size: int, store: torch.dtype) -> int:
@@ -27,12 +28,16 @@ class KVPool:
     same, a narrower float (bf16 KV for fp32 attention), or int8 with scales."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", store: torch.dtype | None = None):
+                 device: torch.device | str = "cpu", store: torch.dtype | None = None, capacity: int | None = None):
         store = store or dtype
         self.block_size, self.num_blocks, self.dtype, self.store = block_size, num_blocks, dtype, store
+        # `capacity` blocks are addressable (reserved with empty(): pages are committed only as blocks are used);
+        # the first `num_blocks` are the pool's now (the ledger counts those). Growing is raising num_blocks;
+        # shrinking discards the pages of the blocks given up.
+        self.capacity = max(capacity or num_blocks, num_blocks)
         self.int8 = store == torch.int8
         self.block_bytes = block_nbytes(cfg, block_size, store)  # every layer's K and V (and scales) of a block
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+        shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, block_size, cfg.head_dim)
         self.k: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
         self.v: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
         # int8: scales per token and head, [layers, nkv, num_blocks, block_size]; fp16 (2 B) keeps int8 KV at
@@ -85,6 +90,20 @@ class KVPool:
 
     def release(self) -> None:
         self.k = self.v = self.k_scale = self.v_scale = None
+
+    def discard(self, lo: int, hi: int) -> int:
+        """Hand the pages of blocks [lo, hi) back to the OS (CPU; their contents are gone: a block is zeroed
+        when it is next allocated). Each (layer, head) strip holds those blocks contiguously. Returns bytes."""
+        if self.k is None or self.k.device.type != "cpu" or hi <= lo:
+            return 0
+        done = 0
+        for t in self._tensors():
+            item, (s0, s1, s2) = t.element_size(), t.stride()[:3]
+            for layer in range(t.shape[0]):
+                for head in range(t.shape[1]):
+                    start = t.data_ptr() + (layer * s0 + head * s1 + lo * s2) * item
+                    done += allocator.discard(start, (hi - lo) * s2 * item)
+        return done
 
     def _parts(self, block: int) -> list[torch.Tensor]:
         return [t[:, :, block] for t in self._tensors()]  # [layers, nkv, bs(, hd)] each

@@ -45,3 +45,19 @@ def trim() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+_MADV_DONTNEED = 4  # sys/mman.h (Linux)
+
+
+def discard(address: int, nbytes: int) -> int:
+    """Give back the whole pages inside [address, address + nbytes) of an anonymous mapping (their contents read
+    as zeros afterwards); returns the bytes given back. A no-op without glibc."""
+    import mmap
+    libc = _libc()
+    page = mmap.PAGESIZE
+    lo, hi = -(-address // page) * page, (address + nbytes) // page * page
+    if libc is None or hi <= lo:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return hi - lo if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0 else 0

@@ -82,7 +82,7 @@ class OffloadStore:
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
         data = directory / DATA_FILE
-        if sorted(stored) != sorted(units) or not data.is_file() or data.stat().st_size != manifest["data_bytes"]:
+        if not set(units) <= set(stored) or not data.is_file() or data.stat().st_size != manifest["data_bytes"]:
             return None
         return cls(directory, stored, origin)
 

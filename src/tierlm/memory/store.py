@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tierlm.config import ModelConfig
+from tierlm.memory import allocator
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.memory.offload_store import OffloadStore
 from tierlm.memory.planner import Placement
@@ -68,7 +69,8 @@ class WeightStore:
                  layers: list[LayerWeights | None], tiers: list[Tier], head_weight: Matrix | None,
                  embed_weight: Matrix | None, head_tier: Tier = Tier.DEVICE, embed_tier: Tier = Tier.DEVICE,
                  streamer: Streamer | None = None, rows: _Rows | None = None, stats: TierStats | None = None,
-                 dtype: torch.dtype = torch.float32, quant: QuantScheme = QuantScheme()):
+                 dtype: torch.dtype = torch.float32, quant: QuantScheme = QuantScheme(),
+                 offload: OffloadStore | None = None):
         self.config = config
         self.dtype = dtype  # compute (activation) dtype: quantised matrices are prepared for it
         self.quant = quant
@@ -81,6 +83,9 @@ class WeightStore:
         self.head_tier, self.embed_tier = head_tier, embed_tier
         self.streamer, self._rows = streamer, rows
         self.stats = stats or TierStats()
+        self.offload = offload  # the offload store (None: nothing off memory, and nothing can move there)
+        self._owned: dict[int, AlignedBuffer] = {}  # promoted layers: their bytes, read from the offload store
+        self.stream_args = (2, 4, True)  # (ring depth, I/O threads, O_DIRECT) for a streamer made by a migration
 
     @classmethod
     def load_resident(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -93,17 +98,20 @@ class WeightStore:
     @classmethod
     def load_planned(cls, source: ModelSource, dtype: torch.dtype, device: torch.device | str, plan: Placement,
                      offload_dir: Path, progress: bool | None = None, direct: bool = True,
-                     io_threads: int = 4, quant: QuantScheme = QuantScheme()) -> "WeightStore":
+                     io_threads: int = 4, quant: QuantScheme = QuantScheme(),
+                     migratable: bool = False) -> "WeightStore":
         """Resident units from the source; the rest written once to (or reused from) the offload store and
-        streamed with `io_threads` concurrent reads (the queue depth calibration found fastest)."""
+        streamed with `io_threads` concurrent reads (the queue depth calibration found fastest).
+        migratable: every layer is in the offload store, so any can be demoted at run time (demote())."""
         return cls.load_placed(source, dtype, torch.device(device), list(plan.layer_tiers), plan.head_tier,
-                               plan.embed_tier, progress, plan.ring_depth, offload_dir, direct, io_threads, quant)
+                               plan.embed_tier, progress, plan.ring_depth, offload_dir, direct, io_threads, quant,
+                               migratable)
 
     @classmethod
     def load_placed(cls, source: ModelSource, dtype: torch.dtype, device: torch.device, tiers: list[Tier],
                     head_tier: Tier, embed_tier: Tier, progress: bool | None, ring_depth: int = 0,
                     offload_dir: Path | None = None, direct: bool = True, io_threads: int = 4,
-                    quant: QuantScheme = QuantScheme()) -> "WeightStore":
+                    quant: QuantScheme = QuantScheme(), migratable: bool = False) -> "WeightStore":
         """An explicit placement: tier of every layer, of the head and of the embedding (tests force every mix
         through here; load_planned passes the planner's)."""
         cfg = source.config
@@ -117,6 +125,8 @@ class WeightStore:
         schedule = [layer_unit(i) for i, t in enumerate(tiers) if t != Tier.DEVICE]
         schedule += [HEAD] if head_tier != Tier.DEVICE else []
         offloaded = schedule + ([EMBED] if rows_unit == EMBED and embed_tier != Tier.DEVICE else [])
+        if migratable:  # resident layers too: a migration reads or streams them from here
+            offloaded += [layer_unit(i) for i, t in enumerate(tiers) if t == Tier.DEVICE]
         store = None
         if offloaded:
             if offload_dir is None:
@@ -155,8 +165,10 @@ class WeightStore:
             streamer = Streamer(store, schedule, ring_depth, stats, device, host, io_threads, direct)
         if embed is None:
             rows = _Rows(store, rows_unit, store.open_reader(direct))
-        return cls(cfg, norm, rope_freqs, layers, tiers, head, embed, head_tier, embed_tier, streamer, rows, stats,
-                   dtype, quant)
+        ws = cls(cfg, norm, rope_freqs, layers, tiers, head, embed, head_tier, embed_tier, streamer, rows, stats,
+                 dtype, quant, store)
+        ws.stream_args = (ring_depth or 2, io_threads or 4, direct)
+        return ws
 
     @staticmethod
     def _tier_of(unit: str, tiers: list[Tier], head_tier: Tier) -> Tier:
@@ -210,9 +222,64 @@ class WeightStore:
         self.stats.disk_bytes += rows.numel() * rows.element_size()
         return rows.to(device)[inverse.to(device)]  # [B, T, H]
 
+    # --- migration: memory/migration.py decides, this moves (between passes: nothing acquired is held) ----------
+    @property
+    def migratable(self) -> bool:
+        """Layers can move between memory and the stream: every layer is in the offload store, on a CPU (a
+        promoted layer's bytes are host memory)."""
+        return (self.offload is not None and self.norm.device.type == "cpu"
+                and all(layer_unit(i) in self.offload.units for i in range(self.config.num_layers)))
+
+    def resident_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.tiers) if t == Tier.DEVICE]
+
+    def demote(self, layers: list[int]) -> int:
+        """Resident layers leave memory and stream from the offload store; returns the bytes freed."""
+        freed = 0
+        for i in layers:
+            freed += self.layer_nbytes(i)
+            self._layers[i] = None
+            self.tiers[i] = Tier.DISK
+            if (buf := self._owned.pop(i, None)) is not None:
+                buf.close()
+        self._restream()
+        allocator.trim()  # small resident tensors were heap memory
+        return freed
+
+    def promote(self, layers: list[int]) -> int:
+        """Streamed layers read once (verified) into memory of their own: the very bytes that streamed, so every
+        output is bit-identical whichever tier a layer is on. Returns the bytes now held."""
+        for i in layers:
+            self.tiers[i] = Tier.DEVICE
+        self._restream()  # first: a stream left empty frees its ring before the layers take memory
+        with self.offload.open_reader(self.stream_args[2]) as reader:
+            for i in layers:
+                unit = layer_unit(i)
+                buf = AlignedBuffer(self.offload.units[unit].nbytes)
+                self._layers[i] = LayerWeights(**self.offload.read_unit(reader, unit, buf, self.stats))
+                self._owned[i] = buf
+        return sum(self.layer_nbytes(i) for i in layers)
+
+    def _restream(self) -> None:
+        schedule = [layer_unit(i) for i, t in enumerate(self.tiers) if t != Tier.DEVICE]
+        schedule += [HEAD] if self.head_tier != Tier.DEVICE else []
+        if not schedule:
+            if self.streamer is not None:
+                self.streamer.close()
+                self.streamer = None
+        elif self.streamer is None:
+            depth, threads, direct = self.stream_args
+            self.streamer = Streamer(self.offload, schedule, depth, self.stats, torch.device("cpu"), None, threads,
+                                     direct)
+        else:
+            self.streamer.reschedule(schedule)
+
     # --- accounting ------------------------------------------------------------------------------
     def layer_nbytes(self, i: int) -> int:
-        """Bytes of a resident layer (0 for a streamed one: it lives in the ring)."""
+        """Bytes of a resident layer (0 for a streamed one: it lives in the ring; a promoted one holds its unit's
+        whole aligned extent)."""
+        if i in self._owned:
+            return self._owned[i].nbytes
         w = self._layers[i]
         return 0 if w is None else sum(_nbytes(getattr(w, f)) for f in _LAYER_FIELDS)
 
@@ -233,5 +300,9 @@ class WeightStore:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
+        self._layers = [None] * len(self._layers)  # promoted layers view their buffers: drop the views first
+        for buf in self._owned.values():
+            buf.close()
+        self._owned.clear()
         if self._rows is not None:
             self._rows.close()

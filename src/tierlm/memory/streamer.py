@@ -36,10 +36,23 @@ class Streamer:
         self.device = device
         self.cuda = device.type == "cuda"
         self._host_resident = host_resident or {}  # CUDA HOST tier: pinned copies, no disk read
+        self._buffers: list[AlignedBuffer] = []
+        self._make_slots(schedule)
+        self._reader = store.open_reader(direct)
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierlm-io")
+        self._clock = BusyClock()
+        self._pending: dict[int, list[tuple[tuple[int, int], Future]]] = {}
+        self._views: dict[tuple[int, str], dict] = {}  # (slot, unit) -> its tensors viewing that slot
+        self._next = 0  # load number the runner acquires next; load n streams schedule[n % len]
+        self._position = {u: k for k, u in enumerate(schedule)}
+        self._start(0)
+
+    def _make_slots(self, schedule: list[str]) -> None:
+        depth, store, device = self.depth, self.store, self.device
         slot_bytes = store.max_unit_bytes([u for u in schedule if u not in self._host_resident]) \
             if any(u not in self._host_resident for u in schedule) else 0
+        self.slot_bytes = slot_bytes
         self.ring_bytes = depth * slot_bytes  # host memory of the slots (pinned staging on CUDA)
-        self._buffers: list[AlignedBuffer] = []
         if self.cuda:
             self._host_slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
             dev_bytes = store.max_unit_bytes(schedule)
@@ -50,12 +63,19 @@ class Streamer:
         else:
             self._buffers = [AlignedBuffer(slot_bytes) for _ in range(depth)]
             self._host_slots = [b.tensor() for b in self._buffers]
-        self._reader = store.open_reader(direct)
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierlm-io")
-        self._clock = BusyClock()
-        self._pending: dict[int, list[tuple[tuple[int, int], Future]]] = {}
-        self._views: dict[tuple[int, str], dict] = {}  # (slot, unit) -> its tensors viewing that slot
-        self._next = 0  # load number the runner acquires next; load n streams schedule[n % len]
+
+    def reschedule(self, schedule: list[str]) -> None:
+        """Stream another set of units (layers migrated, memory/migration.py), between passes: nothing acquired
+        is held. Reads in flight finish first; the slots are reallocated only when a unit outgrows them."""
+        if not schedule:
+            raise ValueError("an empty schedule: close the streamer instead")
+        self._drain()
+        self._views.clear()  # the slot each unit lands in follows from its position
+        need = self.store.max_unit_bytes([u for u in schedule if u not in self._host_resident])
+        if need > self.slot_bytes:
+            self._free_slots()
+            self._make_slots(schedule)
+        self.schedule = schedule
         self._position = {u: k for k, u in enumerate(schedule)}
         self._start(0)
 
@@ -171,6 +191,9 @@ class Streamer:
         self._views.clear()
         self._pool.shutdown(wait=True)
         self._reader.close()
+        self._free_slots()
+
+    def _free_slots(self) -> None:
         self._host_slots = []
         for b in self._buffers:
             try:
