@@ -146,15 +146,16 @@ def test_quantised_offload_equals_quantised_resident(tiny_models, tmp_path, quan
     resident = _store(path, tmp_path, scheme)
     ref = _logits(resident, PROMPT, steps=4, dtype=torch.bfloat16)
     n = resident.config.num_layers
-    for layers, head, embed in (([K] * n, K, K), ([D] + [K] * (n - 1), D, K)):
-        tiered = _store(path, tmp_path, scheme, layers, head, embed)
+    for k, (layers, head, embed) in enumerate((([K] * n, K, K), ([D] + [K] * (n - 1), D, K))):
+        tiered = _store(path, tmp_path / str(k), scheme, layers, head, embed)  # a store each (one holding more
+        # units would serve the second placement too)
         got = _logits(tiered, PROMPT, steps=4, dtype=torch.bfloat16)
         assert tiered.stats.disk_bytes > 0
         assert all(torch.equal(a, b) for a, b in zip(ref, got)), (layers, head, embed)
         tiered.close()
     # the stored bytes are the packed ones: the offload store is far smaller than the fp32 model
     fp32_bytes = sum(p.numel() * 4 for p in tiny_models[model].hf.parameters())
-    assert (tmp_path / "off" / "layers.bin").stat().st_size < fp32_bytes / (2.5 if quant == "int8" else 3.5)
+    assert (tmp_path / "1" / "off" / "layers.bin").stat().st_size < fp32_bytes / (2.5 if quant == "int8" else 3.5)
 
 
 def test_quantised_greedy_tokens_follow_the_dense_model(tiny_models):

@@ -51,6 +51,9 @@ class Snapshot:
     pressure_fraction: float = 0.0  # of the cgroup's (or machine's) memory in use
     pressure_transitions: int = 0
     host_arena: ArenaStats | None = None  # the host KV tier's arena (None: no host tier)
+    resident_layers: int = 0
+    demotions: int = 0  # layers moved from memory to the stream (memory/migration.py)
+    promotions: int = 0
 
 
 class EngineLoop:
@@ -178,5 +181,8 @@ class EngineLoop:
                                  host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk),
                                  pressure=int(p.level) if p else 0, pressure_fraction=p.fraction if p else 0.0,
                                  pressure_transitions=p.transitions if p else 0,
-                                 host_arena=e.kv.tiers.host.stats() if e.kv.tiers.host.capacity else None)
+                                 host_arena=e.kv.tiers.host.stats() if e.kv.tiers.host.capacity else None,
+                                 resident_layers=len(e.runner.store.resident_layers()),
+                                 demotions=e.migrator.demotions if e.migrator else 0,
+                                 promotions=e.migrator.promotions if e.migrator else 0)
         self._last_snapshot = time.perf_counter()

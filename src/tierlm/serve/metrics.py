@@ -65,6 +65,13 @@ class _EngineCollector:
                                     value=a.fragmentation)
             yield GaugeMetricFamily("tierlm:kv_host_arena_utilisation", "Arena bytes in live blocks / capacity",
                                     value=a.utilisation)
+        yield GaugeMetricFamily("tierlm:resident_layers", "Decoder layers held in memory (the rest stream)",
+                                value=s.resident_layers)
+        moved = CounterMetricFamily("tierlm:layer_migrations", "Layers moved between memory and the stream",
+                                    labels=["direction"])
+        moved.add_metric(["demote"], s.demotions)
+        moved.add_metric(["promote"], s.promotions)
+        yield moved
         yield CounterMetricFamily("tierlm:num_preemptions", "Requests preempted", value=s.preemptions)
         yield GaugeMetricFamily("tierlm:memory_pressure_level", "0 normal, 1 elevated, 2 high, 3 critical",
                                 value=s.pressure)
