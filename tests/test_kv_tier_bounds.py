@@ -71,3 +71,17 @@ def test_outputs_unchanged_with_a_tiny_disk_tier(tiny_models, tmp_path):
     assert t.counters.disk_writes > 0 and t.counters.disk_evictions > 0 and t.disk_used <= 4 * per
     assert ("kv_disk", "disk") in llm.memory.by_owner()
     llm.close()
+
+
+def test_a_spill_dir_of_other_numerics_is_cleared_not_served(tmp_path):
+    from tierlm.kvcache.block_file import StoredBlock, write_block
+    from tierlm.kvcache.tiers import KVTiers
+    old = KVTiers("bfloat16", b"numerics1", 0, tmp_path / "kv")
+    old.put(StoredBlock(b"\1" * 16, b"\0" * 16, (1, 2), b"x" * 64))
+    old.close()
+    assert len(list((tmp_path / "kv").glob("*.kvb"))) == 1
+    new = KVTiers("bfloat16", b"numerics2", 0, tmp_path / "kv")  # the same directory, another salt
+    assert not list((tmp_path / "kv").glob("*.kvb")) and new.where(b"\1" * 16) is None
+    write_block(tmp_path / "kv", StoredBlock(b"\2" * 16, b"\0" * 16, (3,), b"y" * 64), "bfloat16")
+    new.close()
+    assert len(list((tmp_path / "kv").glob("*.kvb"))) == 1  # ours now: kept

@@ -76,11 +76,11 @@ def test_kernel_form_computes_what_the_loaded_form_does(scheme):
 def test_fallback_pieces_equal_one_piece(monkeypatch):
     torch.manual_seed(1)
     qt = kernels.prepare(quantize(torch.randn(320, 128), QuantScheme("int4", 32)), torch.bfloat16)
-    x = torch.randn(200, 128, dtype=torch.bfloat16)  # ≥ PREFILL_ROWS: the fallback
-    one = kernels.linear(x, qt)
+    x = torch.randn(200, 128, dtype=torch.bfloat16)
+    one = kernels.fallback_linear(x, qt)
     monkeypatch.setattr(kernels, "DEQUANT_PIECE_BYTES", 64 * 128 * 4)  # 64-row pieces
     assert kernels.piece_rows(qt) == 64
-    assert torch.equal(kernels.linear(x, qt), one)
+    assert torch.equal(kernels.fallback_linear(x, qt), one)
 
 
 def test_quant_auto_follows_the_file(embedded):

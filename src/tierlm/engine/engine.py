@@ -126,7 +126,7 @@ class Engine:
         for c in sched.prefills:
             start = c.req.seq.num_computed
             tokens = torch.tensor([c.req.seq.tokens[start:start + c.tokens]])  # [1, T]
-            groups.append((tokens, self.kv.step([c.req.seq], c.tokens), c.last))
+            groups.append((tokens, self.kv.step([c.req.seq], c.tokens, batch_invariant=True), c.last))
             owners.append([c.req])
         t0 = time.perf_counter()
         try:

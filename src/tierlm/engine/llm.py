@@ -33,7 +33,7 @@ from tierlm.memory.stats import describe_stats
 from tierlm.memory.trace import write_trace
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
-from tierlm.quant import QuantScheme
+from tierlm.quant import QuantScheme, kernels
 from tierlm.weights import open_model
 
 Prompt = str | Sequence[int]
@@ -170,7 +170,8 @@ class LLM:
         if pool < per_block:
             raise UsageError(f"kv_memory {format_size(pool)} is below one KV block ({format_size(per_block)})")
         # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)
-        salt = f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}".encode()
+        salt = (f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}"
+                f"|numerics{kernels.NUMERICS_VERSION}").encode()
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
                        disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps, disk_capacity=disk_capacity,

@@ -133,3 +133,17 @@ def open_block_dir(directory: Path, salt: bytes, create: bool) -> Path:
     else:
         raise UsageError(f"{directory} is not a saved KV cache (no {MANIFEST})")
     return directory
+
+
+def open_spill_dir(directory: Path, salt: bytes) -> tuple[Path, int]:
+    """A KV tier's spill directory is a cache the tier owns (it deletes files past its capacity): blocks another
+    model, KV format or numerics version wrote there are deleted, never served, and the directory is taken
+    over. Returns (directory, files deleted). A directory the user saved a cache to is open_block_dir's."""
+    try:
+        return open_block_dir(directory, salt, create=True), 0
+    except (UsageError, ModelFormatError):
+        stale = list(directory.glob("*.kvb"))
+        for f in stale:
+            f.unlink(missing_ok=True)
+        (directory / MANIFEST).unlink(missing_ok=True)
+        return open_block_dir(directory, salt, create=True), len(stale)

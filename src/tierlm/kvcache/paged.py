@@ -88,7 +88,8 @@ class PagedKV:
 
     def step(self, seqs: list[Sequence], t: int, batch_invariant: bool = False) -> "PagedStep":
         """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved.
-        batch_invariant: a decode step whose rows do not depend on the batch (PagedStep), as the engine needs."""
+        batch_invariant: a step whose rows depend neither on the batch nor on the chunk (PagedStep), as the
+        engine needs."""
         for s in seqs:
             if s.num_computed + t > len(s.tokens) or self.blocks_needed(s, t):
                 raise ValueError("a step past the sequence's known tokens or reserved blocks")

@@ -53,14 +53,13 @@ class PagedStep:
         self.block_ids = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
                                        for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
         # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
-        # The engine's decode steps (T = 1, no sliding window) read whole blocks with a BlockMask, attended by
-        # llama.blocked_decode_attention, whose rows do not depend on the batch (outputs must not depend on what
-        # else runs). valid [B, nb*bs]: key j of sequence b is one of its own (j <= its position). The others get
-        # the causal / window / padding mask for SDPA.
+        # The engine's steps (no sliding window) read whole blocks with a BlockMask, attended by
+        # llama.blocked_attention, whose rows depend neither on the batch nor on the chunk (outputs must not
+        # depend on what else runs, on prefix hits or on preemption). valid [B, T, nb*bs]: key j is visible to
+        # token t of sequence b (j <= its position). The others get the causal / window / padding mask for SDPA.
         self.block_mask = self.mask = None
-        if batch_invariant and t == 1 and kv.config.sliding_window is None:
-            valid = torch.arange(nb * bs, device=dev)[None, :] <= self.positions[:, -1:]  # [B, nb*bs]
-            self.block_mask = BlockMask(valid, bs)
+        if batch_invariant and kv.config.sliding_window is None:
+            self.block_mask = BlockMask.of(self.positions, nb, bs)  # valid [B, T, nb*bs]
         else:
             self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
 
@@ -78,7 +77,7 @@ class PagedStep:
             pool = st.kv.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
             if st.block_mask is not None:  # whole blocks, padded to the longest: [B, nkv, nb*bs, hd]
-                k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.block_mask.valid.shape[1])
+                k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.block_mask.valid.shape[-1])
                 return k_all, v_all, st.block_mask
             k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.length)
             return k_all, v_all, st.mask

@@ -11,15 +11,18 @@ identical). On a CPU-only machine the device pool *is* RAM, so the host tier def
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, open_block_dir, read_block, write_block
+from tierlm.kvcache.block_file import (CorruptBlockError, StoredBlock, open_block_dir, open_spill_dir, read_block,
+                                      write_block)
 from tierlm.kvcache.host_tier import HostTier
 
+log = logging.getLogger("tierlm.kv")
 HOST_GBPS = 8.0  # memcpy into the pool; refined by nothing yet (a host copy is never the slow path)
 
 
@@ -59,7 +62,12 @@ class KVTiers:
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._writer: threading.Thread | None = None
-        self.disk_dir = open_block_dir(disk_dir, salt, create=True) if disk_dir is not None else None
+        self.disk_dir = None
+        if disk_dir is not None:
+            self.disk_dir, stale = open_spill_dir(disk_dir, salt)
+            if stale:
+                log.warning("KV spill directory %s held %d blocks of another model, KV format or numerics: deleted",
+                            disk_dir, stale)
         if self.disk_dir is not None:
             self.add_dir(self.disk_dir)
 

@@ -34,33 +34,88 @@ class LayerWeights:
     bo: torch.Tensor | None = None  # [H]       (Llama with attention_bias)
 
 
+ATTN_ROWS = 64  # query positions attended at a time: bounds the [g*rows, S] score transient of a long chunk
+MIN_ROWS = 8  # fp32 matmuls of fewer rows take MKL's small-M path, which rounds differently: pad up to this
+ATTN_KEYS = 64  # keys per partial sum (a fixed shape for every row): 4x fewer, larger matmuls than per KV block
+
+
 @dataclass(frozen=True)
 class BlockMask:
-    """Keys of a decode batch laid out in KV blocks: valid [B, S] (S = blocks × block) marks each sequence's
-    own keys; the rest (its last block's tail, and blocks padding it to the longest) are hidden."""
-    valid: torch.Tensor  # [B, S] bool
+    """Keys of a step laid out in KV blocks: valid [B, T, S] (S = blocks × block) marks the keys each new token
+    of each sequence may see (its own, up to its position); the rest (a last block's tail, blocks padding a
+    sequence to the longest, future positions) are hidden. visible: for each ATTN_ROWS query positions, the
+    blocks any of them sees (the rest, a chunk's causal tail, is left out). Made once per step."""
+    valid: torch.Tensor  # [B, T, S] bool
     block: int
+    visible: tuple[int, ...]
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, num_blocks: int, block: int) -> "BlockMask":
+        """positions [B, T] of the step's new tokens; keys in num_blocks blocks of `block`."""
+        valid = torch.arange(num_blocks * block, device=positions.device)[None, None, :] <= positions[:, :, None]
+        last = positions.amax(dim=0).tolist()  # [T]: the furthest key any sequence's token t sees
+        visible = tuple(max(last[r0:r0 + ATTN_ROWS]) // block + 1 for r0 in range(0, len(last), ATTN_ROWS))
+        return cls(valid, block, visible)
 
 
-def blocked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: BlockMask) -> torch.Tensor:
-    """Attention of one new token per sequence: q [B, nh, 1, hd], k, v [B, nkv, S, hd] -> [B, nh, 1, hd].
+def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over `dim` in a fixed order that zero padding cannot change: as if padded with zeros to a power of two
+    P, element i gets element i + P/2 added, then the first half is halved again, until one is left. Entries
+    past the last nonzero one only ever add exact zeros, so a row's sum is the same however many hidden blocks
+    pad it (a cumsum is too, but 10x slower on a strided bf16 dim). Consumes x (adds in place)."""
+    n = x.shape[dim]
+    while n > 1:
+        half = (1 << (n - 1).bit_length()) // 2
+        x.narrow(dim, 0, n - half).add_(x.narrow(dim, half, n - half))  # i + half; the padding's zeros: no-ops
+        x, n = x.narrow(dim, 0, half), half
+    return x.squeeze(dim)
 
-    Every reduction has a fixed shape or a fixed order, so a row's result does not depend on how far the batch
-    pads it: the max is exact in any order; exp-sums are taken per block of `block` keys, then added block by
-    block in order (cumsum); the value sum likewise (a [g, block] x [block, hd] product per block, then in
-    order). Hidden keys contribute exact zeros. So a sequence decodes bit-identically alone or in any batch
-    (SDPA's kernel blocks the keys by the padded length, and its rounding followed the batch)."""
-    b, nh, _, hd = q.shape
-    nkv, s = k.shape[1], k.shape[2]
-    g, nb, bs = nh // nkv, s // m.block, m.block
-    qg = q.view(b, nkv, g, hd)  # query heads grouped by the KV head they share (GQA)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(hd ** -0.5)  # [B, nkv, g, S]
-    scores.masked_fill_(~m.valid[:, None, None, :], float("-inf"))
-    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).view(b, nkv, g, nb, bs)  # [B, nkv, g, nb, bs]
-    z = e.sum(dim=-1).cumsum(dim=-1)[..., -1:]  # [B, nkv, g, 1]
-    pv = torch.matmul(e.transpose(2, 3), v.reshape(b, nkv, nb, bs, hd))  # [B, nkv, nb, g, hd]
-    out = pv.cumsum(dim=2)[:, :, -1].div_(z)  # [B, nkv, g, hd]
-    return out.reshape(b, nh, 1, hd)
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: BlockMask) -> torch.Tensor:
+    """q [B, nh, T, hd], k, v [B, nkv, S, hd] -> [B, nh, T, hd]: every row computed the same way whatever else is
+    in the step, so a token's attention is bit-identical decoded alone, in a batch, or prefilled in a chunk of
+    any length (a prefix hit's suffix, a preempted sequence recomputed, a cold prompt).
+
+    Every reduction has a fixed shape or a fixed order: the max is exact in any order; exp-sums are taken per
+    group of ATTN_KEYS keys, then added across groups in a fixed tree (tree_sum); the value sum likewise (a
+    [rows, ATTN_KEYS] x [ATTN_KEYS, hd] product per group, then the tree). Hidden keys contribute exact zeros, so
+    padding, and leaving a causal tail out, change nothing. The math is fp32 (bf16 scores and sums lost the
+    embedded model its answers), and the matmuls stack a row's query heads with other rows (M = g·rows), at
+    least MIN_ROWS of them: fp32 matmuls are row-invariant from M = 6 up (measured; MKL's small-M path rounds
+    otherwise). SDPA blocks keys by the padded length and queries by the chunk: its rounding followed both."""
+    b, nh, t, hd = q.shape
+    nkv = k.shape[1]
+    g, bs = nh // nkv, m.block
+    q5 = q.reshape(b, nkv, g, t, hd).float()  # query heads grouped by the KV head they share (GQA)
+    groups = [-(-nv * bs // ATTN_KEYS) for nv in m.visible]  # key groups each chunk of rows reads
+    sk = max(groups) * ATTN_KEYS
+    kf, vf = (_padded(x, sk).float() for x in (k, v))  # [B, nkv, Sk, hd] fp32, zeros past the gathered keys
+    valid = _padded(m.valid, sk)  # [B, T, Sk]: padding hidden
+    parts = []
+    for j, r0 in enumerate(range(0, t, ATTN_ROWS)):
+        r, ng = min(ATTN_ROWS, t - r0), groups[j]
+        sv, rows = ng * ATTN_KEYS, max(g * r, MIN_ROWS)
+        qg = q5.new_zeros(b, nkv, rows, hd)  # zero rows pad a decode step's few to MIN_ROWS
+        qg[:, :, :g * r] = q5[:, :, :, r0:r0 + r].reshape(b, nkv, g * r, hd)
+        scores = torch.matmul(qg, kf[:, :, :sv].transpose(-1, -2)).mul_(hd ** -0.5)  # [B, nkv, rows, Sv]
+        scores[:, :, :g * r].view(b, nkv, g, r, sv).masked_fill_(~valid[:, None, None, r0:r0 + r, :sv], float("-inf"))
+        scores[:, :, g * r:] = float("-inf")  # padding rows: no keys (their results are dropped)
+        scores[:, :, g * r:, 0] = 0.0  # ...but one finite score, so they stay finite
+        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).view(b, nkv, rows, ng, ATTN_KEYS)
+        z = tree_sum(e.sum(dim=-1), -1)[..., None]  # [B, nkv, rows, 1]
+        pv = torch.matmul(e.transpose(2, 3), vf[:, :, :sv].reshape(b, nkv, ng, ATTN_KEYS, hd))  # [B, nkv, ng, rows, hd]
+        parts.append(tree_sum(pv, 2)[:, :, :g * r].div_(z[:, :, :g * r]).view(b, nkv, g, r, hd))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)  # [B, nkv, g, T, hd] fp32
+    return out.reshape(b, nh, t, hd).to(q.dtype)
+
+
+def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x with its key dim (dim 2) cut or zero-padded (False for a mask) to n."""
+    if x.shape[2] >= n:
+        return x[:, :, :n]
+    pad = list(x.shape)
+    pad[2] = n - x.shape[2]
+    return torch.cat([x, x.new_zeros(pad)], dim=2)
 
 
 def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,13 +212,13 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
     # op 3: store k, v; read back every stored key [B, nkv, S, hd] in the attention dtype, and the mask
     # ([T, S] or [B, 1, T, S]: causal, sliding window, padding of shorter sequences; None when nothing is hidden).
-    # The engine's decode steps get a BlockMask instead: keys in whole KV blocks, attended with fixed-shape
-    # reductions (blocked_decode_attention), so no row depends on what else is in the batch.
+    # The engine's steps get a BlockMask instead: keys in whole KV blocks, attended with fixed-shape
+    # reductions (blocked_attention), so no row depends on what else is in the step.
     k_all, v_all, mask = kv.update(k, v)
     if q.dtype != k_all.dtype:  # attention runs in the KV dtype (config.attention_dtype)
         q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
     if isinstance(mask, BlockMask):
-        attn = blocked_decode_attention(q, k_all, v_all, mask)  # op 4: [B, nh, 1, hd]
+        attn = blocked_attention(q, k_all, v_all, mask)  # op 4: [B, nh, T, hd]
     else:
         attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]

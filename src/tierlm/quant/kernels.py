@@ -2,11 +2,16 @@
 kernel form go to torch's fused weight-only kernels, else are dequantised (the fallback, tested against the
 fused path).
 
-The fused kernels want activations in bf16 (fp32 activations are 5-10x slower there). For many rows
-(prefill) a dequantised fp32 GEMM beats them on CPUs without native bf16 matmul (measured crossover on
-AVX2: ~128 rows), so at PREFILL_ROWS rows and above the weight is dequantised — in pieces of rows, so the
-dense transient is bounded (DEQUANT_PIECE_BYTES) whatever the matrix: a whole TinyLlama w_gateup in fp32
-would be 90 MiB, through three temporaries 290 MiB, counted nowhere.
+The fused kernels want activations in bf16 (fp32 activations are 5-10x slower there). Every row count
+takes them, prefill included: they are row-invariant (a row's result does not depend on how many rows share
+the call; checked for 1-600 rows on every matrix of the embedded model) while a dequantised GEMM is not
+(MKL takes other paths for small M), and exactness needs it: a prefix hit prefills only the suffix, a
+preempted sequence is recomputed in one chunk, and each must give the bits a cold prefill gave. On the
+AVX-512-bf16 EPYC they are faster too (512 rows of w_gateup: 11.9 ms vs 20.5 dequantised); an AVX2 machine
+measured a crossover near 128 rows once (PREFILL_ROWS), a speed given up for exactness.
+The fallback (no kernel form, other activation dtypes, CUDA) dequantises in pieces of rows, so the dense
+transient is bounded (DEQUANT_PIECE_BYTES) whatever the matrix: a whole TinyLlama w_gateup in fp32 would be
+90 MiB, through three temporaries 290 MiB, counted nowhere.
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from tierlm.quant import int4, int8
 from tierlm.quant.scheme import INT4_BLOCK_N
 from tierlm.quant.tensor import QuantTensor
 
-PREFILL_ROWS = 128  # at or above this many rows, dequantise + fp32 GEMM (measured crossover: ~128 rows)
+# Bumped whenever a change alters the bits a forward pass computes: it is part of the KV salt, so blocks that
+# earlier numerics wrote to disk (the KV tier persists between runs; saved sessions) are never served as ours.
+NUMERICS_VERSION = 2  # 2: fused int4/int8 kernels for every row count
+PREFILL_ROWS = 128  # the planner counts the fallback's transient from this many rows (when it applies)
 DEQUANT_PIECE_BYTES = 8 << 20  # the fallback's dense fp32 weight piece (plus its unpacked uint8 codes)
 
 
@@ -43,7 +51,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     ks = w.kernel_scales
-    if ks is not None and ks.dtype == x.dtype and x2.shape[0] < PREFILL_ROWS and x2.device.type == "cpu":
+    if ks is not None and ks.dtype == x.dtype and x2.device.type == "cpu":  # any row count: row-invariant
         if w.kind == "int8":
             y = torch._weight_int8pack_mm(x2, w.qweight, ks)  # [M, N]
         else:
