@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -93,9 +94,12 @@ def serve_cmd(a, port: int, extra: list[str]) -> list[str]:
     return cmd + (["--model", a.model] if a.model else []) + extra
 
 
-def run_config(a, config: str) -> dict:
+def run_config(a, config: str, run: int) -> dict:
     port = free_port()
-    extra = ["--max-memory", f"cpu={a.budget}", "--offload-dir", a.offload_dir, "--max-context", str(a.context)]
+    kv_dir = Path(a.offload_dir) / f"kv-run{run}"  # a fresh KV spill tier per run: no hits from an earlier run
+    shutil.rmtree(kv_dir, ignore_errors=True)
+    extra = ["--max-memory", f"cpu={a.budget}", "--offload-dir", a.offload_dir, "--max-context", str(a.context),
+             "--kv-offload-dir", str(kv_dir)]
     extra += ["--migrate"] if config == "migrate" else []
     extra += a.tierlm_args.split()
     cg = None if unavailable_reason() else MemoryCgroup.create(parse_size(a.cap), f"tierlm-pressure-{config}")
@@ -120,6 +124,7 @@ def run_config(a, config: str) -> dict:
     if alive:
         proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
+    shutil.rmtree(kv_dir, ignore_errors=True)
     out = {"config": config, "results": results, "wall_s": wall, "alive_at_end": alive, "exit_code": rc,
            "samples": samples}
     if cg is not None:
@@ -195,7 +200,7 @@ def main() -> None:
         configs = a.configs.split(",")
         for config in configs if rep % 2 == 0 else configs[::-1]:
             print(f"rep {rep + 1}: {config} ...", flush=True)
-            run = run_config(a, config)
+            run = run_config(a, config, len(runs))
             run["args_max_tokens"] = a.max_tokens
             runs.append(run)
     done = sorted({r["i"] for run in runs for r in run["results"] if r["status"] == 200})
@@ -219,7 +224,7 @@ def main() -> None:
               f"({med('migrate', 'running_per_gib'):.1f} vs {med('fixed', 'running_per_gib'):.1f} per GiB)")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine_info(), "args": vars(a), "rows": rows,
-                                            "runs": runs}, indent=1, default=str))
+                                            "runs": runs, "reference": ref}, indent=1, default=str))
 
 
 if __name__ == "__main__":
