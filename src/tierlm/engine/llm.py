@@ -152,6 +152,7 @@ class LLM:
                 where = {"kv_host": "cpu", "kv_disk": "disk"}.get(owner, tier)
                 held[owner] = self.memory.reserve(owner, where, n, check=False)
         return held
+
     def _movable(self) -> int:
         """Bytes the KV pool may grow by when memory migrates: resident weights, and the budget the plan left."""
         headroom = max(0, (self.budget.cpu or 0) - self.plan.device_bytes) if self.plan is not None else 0

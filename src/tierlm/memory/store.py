@@ -223,13 +223,6 @@ class WeightStore:
         return rows.to(device)[inverse.to(device)]  # [B, T, H]
 
     # --- migration: memory/migration.py decides, this moves (between passes: nothing acquired is held) ----------
-    @property
-    def migratable(self) -> bool:
-        """Layers can move between memory and the stream: every layer is in the offload store, on a CPU (a
-        promoted layer's bytes are host memory)."""
-        return (self.offload is not None and self.norm.device.type == "cpu"
-                and all(layer_unit(i) in self.offload.units for i in range(self.config.num_layers)))
-
     def resident_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t == Tier.DEVICE]
 
