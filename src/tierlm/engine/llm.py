@@ -175,7 +175,8 @@ class LLM:
                 f"|numerics{kernels.NUMERICS_VERSION}").encode()
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
-                       disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps, disk_capacity=disk_capacity,
+                       disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps,
+                       disk_capacity=disk_capacity,
                        host_log=Path(host_log) if host_log else None,
                        capacity=(pool + movable) // per_block)  # `movable`: weight bytes that may become KV
 

@@ -131,7 +131,8 @@ class Arena:
 
     def check(self) -> None:
         """Assert the invariants (tests): used and free extents tile the arena, no two free ones touch."""
-        extents = sorted([(o, s, "used") for o, s in self._used.items()] + [(o, s, "free") for o, s in self._free_at.items()])
+        extents = sorted([(o, s, "used") for o, s in self._used.items()]
+                         + [(o, s, "free") for o, s in self._free_at.items()])
         pos, last = 0, ""
         for off, size, kind in extents:
             assert off == pos and off % ALIGN == 0, f"gap or overlap at {off} (expected {pos})"

@@ -6,12 +6,13 @@
 The decision is the planner's cost model (pure functions here): a demotion is taken when the decode
 throughput it buys, (running + sequences gained) / predicted s per step, beats today's running / s per step
 by MARGIN; sequences gained = the bytes freed over what a waiting request needs. Budget no one holds is
-used first (the pool grows at no cost). Promotions need no trade-off (nobody waits). Hysteresis: a direction must be wanted for HOLD_STEPS engine steps in a row, and moves are at least
-DWELL_S apart, and the two triggers are a band apart (demote: the queue waits on a full pool; promote: the
-pool, once shrunk, would be at most 1 - MARGIN full), so a load hovering at the edge does not flap. The pool never shrinks below the size it
-started at (every accepted request was checked against that), and never grows past its capacity.
-Outputs do not change: a layer's bytes are the same streamed or resident (WeightStore.promote reads
-exactly what streams), and KV blocks do not move.
+used first (the pool grows at no cost). Promotions need no trade-off (nobody waits).
+Hysteresis: a direction must be wanted for HOLD_STEPS engine steps in a row, moves are at least DWELL_S
+apart, and the two triggers are a band apart (demote: the queue waits on a full pool; promote: the pool,
+once shrunk, would be at most 1 - MARGIN full), so a load hovering at the edge does not flap. The pool never
+shrinks below the size it started at (every accepted request was checked against that), nor grows past
+its capacity. Outputs do not change: a layer's bytes are the same streamed or resident (WeightStore.promote
+reads exactly what streams), and KV blocks do not move.
 """
 from __future__ import annotations
 
