@@ -78,6 +78,9 @@ class Scheduler:
         self.quotas: dict[str, Quota] = {}  # tenant -> quota (engine/quota.py); empty: FIFO admission
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []  # admission order: the last is preempted first
+        # blocks the request next in line lacked at the last schedule() (0: admission did not stop on KV);
+        # what memory/migration.py reads as KV demand
+        self.kv_short = 0
         self.counters = SchedulerCounters()
 
     def add(self, req: EngineRequest) -> None:
@@ -117,11 +120,13 @@ class Scheduler:
                 out.prefills.append(Chunk(r, n, r.seq.num_computed + n == r.prefill_end))
                 budget -= n
         # 3. admissions
+        self.kv_short = 0
         while self.waiting and len(self.running) < self.max_num_seqs and not self.paused:
             r = self._next_admissible()
             if r is None:
                 break  # every waiting request's tenant is at its quota
             if not kv.can_admit(r.seq.tokens):
+                self.kv_short = max(1, -(-(len(r.seq.tokens) + 1) // kv.block_size) - kv.manager.num_free)
                 break  # it waits: later, smaller requests must not starve it
             if r.next_chunk(self.chunk) > budget:
                 break

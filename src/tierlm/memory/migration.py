@@ -139,15 +139,12 @@ class Migrator:
         self._last = -float("inf")
 
     def demand(self, sched) -> Demand:
-        kv, man = self.kv, self.kv.manager
-        waiting = list(sched.waiting)
-        need = [-(-(len(r.seq.tokens) + 1) // kv.block_size) for r in waiting]
-        short = 0
-        if waiting and len(sched.running) < sched.max_num_seqs and not sched.paused \
-                and not kv.can_admit(waiting[0].seq.tokens):
-            short = max(1, need[0] - man.num_free)
-        return Demand(len(sched.running), len(waiting), short, sum(need) / len(need) if need else 0.0,
-                      man.num_blocks - man.num_free, man.num_blocks)
+        """The queue as the scheduler's last admission saw it (its kv_short: no prefix hashed twice a step)."""
+        man, short = self.kv.manager, sched.kv_short
+        waiting = sched.waiting
+        per = sum(-(-(len(r.seq.tokens) + 1) // self.kv.block_size) for r in waiting) / len(waiting) \
+            if short and waiting else 0.0  # only a demotion weighs it
+        return Demand(len(sched.running), len(waiting), short, per, man.num_blocks - man.num_free, man.num_blocks)
 
     def tick(self, sched) -> Move | None:
         """Called before each step: decide with hysteresis, apply. Returns the move made, if any."""
