@@ -53,7 +53,7 @@ class PagedStep:
         self.block_ids = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
                                        for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
         # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
-        # The engine's steps (no sliding window) read whole blocks with a BlockMask, attended by
+        # The engine's steps (no sliding window) get a BlockMask, attended by
         # llama.blocked_attention, whose rows depend neither on the batch nor on the chunk (outputs must not
         # depend on what else runs, on prefix hits or on preemption). valid [B, T, nb*bs]: key j is visible to
         # token t of sequence b (j <= its position). The others get the causal / window / padding mask for SDPA.
@@ -76,11 +76,9 @@ class PagedStep:
             st = self.step
             pool = st.kv.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
-            if st.block_mask is not None:  # whole blocks, padded to the longest: [B, nkv, nb*bs, hd]
-                k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.block_mask.valid.shape[-1])
-                return k_all, v_all, st.block_mask
             k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.length)
-            return k_all, v_all, st.mask
+            # blocked attention zero-pads the keys to whole groups itself (hidden by its mask)
+            return k_all, v_all, st.block_mask if st.block_mask is not None else st.mask
 
     def finish(self) -> None:
         """The step's K/V are stored: advance each sequence, register its newly full blocks, and, under a

@@ -43,19 +43,21 @@ ATTN_KEYS = 64  # keys per partial sum (a fixed shape for every row): 4x fewer, 
 class BlockMask:
     """Keys of a step laid out in KV blocks: valid [B, T, S] (S = blocks × block) marks the keys each new token
     of each sequence may see (its own, up to its position); the rest (a last block's tail, blocks padding a
-    sequence to the longest, future positions) are hidden. visible: for each ATTN_ROWS query positions, the
-    blocks any of them sees (the rest, a chunk's causal tail, is left out). Made once per step."""
-    valid: torch.Tensor  # [B, T, S] bool
-    block: int
-    visible: tuple[int, ...]
+    sequence to the longest, future positions, and keys padding S to whole ATTN_KEYS groups) are hidden.
+    groups: for each ATTN_ROWS query positions, the ATTN_KEYS groups any of them sees (the rest, a chunk's
+    causal tail, is left out). Made once per step, read by every layer."""
+    valid: torch.Tensor  # [B, T, max(groups) * ATTN_KEYS] bool
+    groups: tuple[int, ...]
 
     @classmethod
     def of(cls, positions: torch.Tensor, num_blocks: int, block: int) -> "BlockMask":
         """positions [B, T] of the step's new tokens; keys in num_blocks blocks of `block`."""
-        valid = torch.arange(num_blocks * block, device=positions.device)[None, None, :] <= positions[:, :, None]
         last = positions.amax(dim=0).tolist()  # [T]: the furthest key any sequence's token t sees
-        visible = tuple(max(last[r0:r0 + ATTN_ROWS]) // block + 1 for r0 in range(0, len(last), ATTN_ROWS))
-        return cls(valid, block, visible)
+        groups = tuple((max(last[r0:r0 + ATTN_ROWS]) // block + 1) * block // -ATTN_KEYS * -1
+                       for r0 in range(0, len(last), ATTN_ROWS))
+        keys = torch.arange(max(groups) * ATTN_KEYS, device=positions.device)
+        valid = (keys[None, None, :] <= positions[:, :, None]) & (keys < num_blocks * block)  # [B, T, Sk]
+        return cls(valid, groups)
 
 
 def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -85,15 +87,13 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Bloc
     otherwise). SDPA blocks keys by the padded length and queries by the chunk: its rounding followed both."""
     b, nh, t, hd = q.shape
     nkv = k.shape[1]
-    g, bs = nh // nkv, m.block
+    g, valid = nh // nkv, m.valid
     q5 = q.reshape(b, nkv, g, t, hd).float()  # query heads grouped by the KV head they share (GQA)
-    groups = [-(-nv * bs // ATTN_KEYS) for nv in m.visible]  # key groups each chunk of rows reads
-    sk = max(groups) * ATTN_KEYS
-    kf, vf = (_padded(x, sk).float() for x in (k, v))  # [B, nkv, Sk, hd] fp32, zeros past the gathered keys
-    valid = _padded(m.valid, sk)  # [B, T, Sk]: padding hidden
+    sk = valid.shape[-1]
+    kf, vf = (_fp32_keys(x, sk) for x in (k, v))  # [B, nkv, Sk, hd] fp32, zeros past the gathered keys
     parts = []
     for j, r0 in enumerate(range(0, t, ATTN_ROWS)):
-        r, ng = min(ATTN_ROWS, t - r0), groups[j]
+        r, ng = min(ATTN_ROWS, t - r0), m.groups[j]
         sv, rows = ng * ATTN_KEYS, max(g * r, MIN_ROWS)
         qg = q5.new_zeros(b, nkv, rows, hd)  # zero rows pad a decode step's few to MIN_ROWS
         qg[:, :, :g * r] = q5[:, :, :, r0:r0 + r].reshape(b, nkv, g * r, hd)
@@ -109,13 +109,13 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Bloc
     return out.reshape(b, nh, t, hd).to(q.dtype)
 
 
-def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x with its key dim (dim 2) cut or zero-padded (False for a mask) to n."""
-    if x.shape[2] >= n:
-        return x[:, :, :n]
-    pad = list(x.shape)
-    pad[2] = n - x.shape[2]
-    return torch.cat([x, x.new_zeros(pad)], dim=2)
+def _fp32_keys(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, nkv, S, hd] as fp32 with its key dim cut or zero-padded to n: one copy, converting."""
+    out = x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3], dtype=torch.float32) if x.shape[2] < n else \
+        torch.empty(x.shape[0], x.shape[1], n, x.shape[3], dtype=torch.float32, device=x.device)
+    m = min(n, x.shape[2])
+    out[:, :, :m].copy_(x[:, :, :m])
+    return out
 
 
 def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
