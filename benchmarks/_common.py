@@ -105,3 +105,11 @@ def start_server(cmd: list[str], port: int, what: str, timeout_s: float = 180, *
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"{what} server did not start")
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """tierlm's /metrics on 127.0.0.1:port as {"name{labels}": value} (its tierlm: series only)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                     if line.startswith("tierlm:") and " " in line)}

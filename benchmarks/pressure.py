@@ -27,11 +27,10 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from _cgroup import MemoryCgroup, unavailable_reason
-from _common import free_port, machine_info, start_server
+from _common import free_port, machine_info, scrape_metrics, start_server
 
 from tierlm.config import parse_size
 
@@ -42,13 +41,6 @@ WORDS = ("river stone light music garden window paper cloud engine forest coffee
 def prompt(i: int, words: int) -> str:
     r = random.Random(i)
     return f"Note {i}: " + " ".join(r.choice(WORDS) for _ in range(words)) + ". In short,"
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
-                                     if line.startswith("tierlm:") and " " in line)}
 
 
 async def one(client, i: int, a) -> dict:
@@ -110,7 +102,7 @@ def run_config(a, config: str, run: int) -> dict:
     def sampler():
         while not stop.wait(1.0):
             try:
-                samples.append(scrape(port))
+                samples.append(scrape_metrics(port))
             except OSError:
                 pass
     t = threading.Thread(target=sampler, daemon=True)

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from _common import free_port, machine_info, rss_of, start_server
+from _common import free_port, machine_info, rss_of, scrape_metrics, start_server
 
 WORDS = ("river stone light music garden window paper cloud engine forest coffee market winter signal letter "
          "bridge orange pencil mirror silver planet ladder candle rocket").split()
@@ -46,17 +46,6 @@ def post(port: int, body: dict, timeout: float) -> dict:
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("tierlm:") and " " in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def live(a: argparse.Namespace, log: Path) -> dict:
@@ -101,7 +90,7 @@ def live(a: argparse.Namespace, log: Path) -> dict:
     samples = []
     while time.monotonic() < end:
         time.sleep(a.sample_s)
-        m = metrics(port)
+        m = scrape_metrics(port)
         samples.append({"t": round(time.monotonic() - t0, 1), "rss": rss_of(proc.pid),
                         "frag": m.get("tierlm:kv_host_arena_fragmentation", 0.0),
                         "arena_used": m.get('tierlm:kv_host_arena_bytes{state="used"}', 0.0),

@@ -74,12 +74,16 @@ class HostTier:
             return None
         return self.arena.alloc(n)
 
-    def _free(self, e: _Entry) -> bytes:
+    def _payload(self, e: _Entry) -> bytes:
         raw = self.arena.read(e.off, e.stored)
+        return raw if self._decompress is None else self._decompress(raw, max_output_size=e.nbytes)
+
+    def _free(self, e: _Entry) -> bytes:
+        payload = self._payload(e)
         self.arena.free(e.off)
         if self._log:
             self._log.write(f"f {e.off}\n")
-        return raw if self._decompress is None else self._decompress(raw, max_output_size=e.nbytes)
+        return payload
 
     def _pop_oldest(self) -> StoredBlock:
         h, e = self.entries.popitem(last=False)
@@ -105,12 +109,7 @@ class HostTier:
 
     def items(self) -> list[tuple[bytes, StoredBlock]]:
         """Every block, decoded (they stay in the tier): for save_prefix_cache."""
-        out = []
-        for h, e in self.entries.items():
-            raw = self.arena.read(e.off, e.stored)
-            payload = raw if self._decompress is None else self._decompress(raw, max_output_size=e.nbytes)
-            out.append((h, StoredBlock(h, e.parent, e.tokens, payload)))
-        return out
+        return [(h, StoredBlock(h, e.parent, e.tokens, self._payload(e))) for h, e in self.entries.items()]
 
     def close(self) -> None:
         if self._log:

@@ -21,7 +21,7 @@ import torch
 from tierlm.config import ModelConfig
 from tierlm.errors import ContextLengthError
 from tierlm.kvcache.block_file import StoredBlock
-from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, block_hash, matchable
+from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, Evicted, block_hash, matchable
 from tierlm.kvcache.pool import KVPool
 from tierlm.kvcache.stats import KVStats
 from tierlm.kvcache.step import DROPPED, PagedStep
@@ -135,8 +135,7 @@ class PagedKV:
         if gone is None:
             return False
         for block, e in gone:
-            if self.tiers.host_bytes or self.tiers.disk_dir is not None:
-                self.tiers.put(StoredBlock(e.hash, e.parent, e.tokens, self.pool.read_block(block)))
+            self._to_tiers(block, e)
         self.pool.num_blocks = n
         self.pool.discard(n, old)
         return True
@@ -151,10 +150,15 @@ class PagedKV:
     def _allocate(self) -> int:
         """A zeroed block for new tokens; a cached block taken for them goes to the tiers first."""
         block, evicted = self.manager.allocate()
-        if evicted is not None and (self.tiers.host_bytes or self.tiers.disk_dir is not None):
-            self.tiers.put(StoredBlock(evicted.hash, evicted.parent, evicted.tokens, self.pool.read_block(block)))
+        if evicted is not None:
+            self._to_tiers(block, evicted)
         self.pool.zero(block)
         return block
+
+    def _to_tiers(self, block: int, e: Evicted) -> None:
+        """What a cached block held, handed to the tiers (when there are any) before the block is reused."""
+        if self.tiers.host_bytes or self.tiers.disk_dir is not None:
+            self.tiers.put(StoredBlock(e.hash, e.parent, e.tokens, self.pool.read_block(block)))
 
     def free(self, seq: Sequence) -> None:
         """Return seq's blocks; its full, hashed ones stay cached until reused."""
