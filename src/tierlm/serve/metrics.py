@@ -27,6 +27,15 @@ def _rss() -> int:
     except (OSError, ValueError, IndexError):
         return 0
 
+
+def _labeled(family, name: str, doc: str, label: str, values: dict[str, float]):
+    """A metric family (Gauge/CounterMetricFamily) with one label, a sample per {label value: value}."""
+    out = family(name, doc, labels=[label])
+    for key, value in values.items():
+        out.add_metric([key], value)
+    return out
+
+
 class _EngineCollector:
     def __init__(self, loop, metrics: "Metrics"):
         self.loop, self.metrics = loop, metrics
@@ -35,43 +44,31 @@ class _EngineCollector:
         s = self.loop.snapshot
         yield GaugeMetricFamily("tierlm:num_requests_running", "Requests holding KV blocks", value=s.running)
         yield GaugeMetricFamily("tierlm:num_requests_waiting", "Requests queued", value=s.waiting)
-        blocks = GaugeMetricFamily("tierlm:kv_blocks", "KV pool blocks by state", labels=["state"])
-        if s.kv is not None:
-            for state in ("used", "cached", "free"):
-                blocks.add_metric([state], getattr(s.kv, state))
-        yield blocks
+        yield _labeled(GaugeMetricFamily, "tierlm:kv_blocks", "KV pool blocks by state", "state",
+                       {k: getattr(s.kv, k) for k in ("used", "cached", "free")} if s.kv is not None else {})
         if s.kv is not None:
             yield GaugeMetricFamily("tierlm:kv_cache_usage_perc", "Fraction of KV blocks in use",
                                     value=s.kv.used / s.kv.blocks if s.kv.blocks else 0.0)
-            tier = GaugeMetricFamily("tierlm:kv_tier_blocks", "Cached KV blocks held below the pool", labels=["tier"])
-            tier.add_metric(["host"], s.host_blocks)
-            tier.add_metric(["disk"], s.disk_blocks)
-            yield tier
-            t = s.kv.tiers
-            moves = CounterMetricFamily("tierlm:kv_tier_moves", "KV blocks moved between tiers", labels=["move"])
-            for name in ("host_puts", "disk_writes", "host_restores", "disk_restores", "dropped", "corrupt"):
-                moves.add_metric([name], getattr(t, name))
-            yield moves
+            yield _labeled(GaugeMetricFamily, "tierlm:kv_tier_blocks", "Cached KV blocks held below the pool", "tier",
+                           {"host": s.host_blocks, "disk": s.disk_blocks})
+            moves = ("host_puts", "disk_writes", "host_restores", "disk_restores", "dropped", "corrupt")
+            yield _labeled(CounterMetricFamily, "tierlm:kv_tier_moves", "KV blocks moved between tiers", "move",
+                           {k: getattr(s.kv.tiers, k) for k in moves})
             yield CounterMetricFamily("tierlm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       value=s.kv.queried_tokens)
             yield CounterMetricFamily("tierlm:prefix_cache_hits", "Prompt tokens served by the prefix cache",
                                       value=s.kv.hit_tokens + s.kv.restored_tokens)
         if (a := s.host_arena) is not None:
-            arena = GaugeMetricFamily("tierlm:kv_host_arena_bytes", "The host KV tier's arena", labels=["state"])
-            for state in ("capacity", "used", "free", "largest_free"):
-                arena.add_metric([state], getattr(a, state))
-            yield arena
+            yield _labeled(GaugeMetricFamily, "tierlm:kv_host_arena_bytes", "The host KV tier's arena", "state",
+                           {k: getattr(a, k) for k in ("capacity", "used", "free", "largest_free")})
             yield GaugeMetricFamily("tierlm:kv_host_arena_fragmentation", "1 - largest free extent / free bytes",
                                     value=a.fragmentation)
             yield GaugeMetricFamily("tierlm:kv_host_arena_utilisation", "Arena bytes in live blocks / capacity",
                                     value=a.utilisation)
         yield GaugeMetricFamily("tierlm:resident_layers", "Decoder layers held in memory (the rest stream)",
                                 value=s.resident_layers)
-        moved = CounterMetricFamily("tierlm:layer_migrations", "Layers moved between memory and the stream",
-                                    labels=["direction"])
-        moved.add_metric(["demote"], s.demotions)
-        moved.add_metric(["promote"], s.promotions)
-        yield moved
+        yield _labeled(CounterMetricFamily, "tierlm:layer_migrations", "Layers moved between memory and the stream",
+                       "direction", {"demote": s.demotions, "promote": s.promotions})
         yield CounterMetricFamily("tierlm:num_preemptions", "Requests preempted", value=s.preemptions)
         yield GaugeMetricFamily("tierlm:memory_pressure_level", "0 normal, 1 elevated, 2 high, 3 critical",
                                 value=s.pressure)
@@ -80,10 +77,8 @@ class _EngineCollector:
         yield CounterMetricFamily("tierlm:memory_pressure_transitions", "Pressure level changes",
                                   value=s.pressure_transitions)
         yield CounterMetricFamily("tierlm:engine_step_errors", "Engine steps that failed", value=s.step_errors)
-        moved = CounterMetricFamily("tierlm:bytes_streamed", "Weight bytes streamed, by tier", labels=["tier"])
-        moved.add_metric(["disk"], s.tiers.disk_bytes)
-        moved.add_metric(["host_to_device"], s.tiers.h2d_bytes)
-        yield moved
+        yield _labeled(CounterMetricFamily, "tierlm:bytes_streamed", "Weight bytes streamed, by tier", "tier",
+                       {"disk": s.tiers.disk_bytes, "host_to_device": s.tiers.h2d_bytes})
         m = self.metrics
         yield CounterMetricFamily("tierlm:prompt_tokens", "Prompt tokens of finished requests", value=m.prompt_tokens)
         yield CounterMetricFamily("tierlm:generation_tokens", "Generated tokens of finished requests",
@@ -95,11 +90,8 @@ class _EngineCollector:
             for (owner, tier), n in m.ledger.by_owner().items():
                 held.add_metric([owner, tier], n)
             yield held
-            budget = GaugeMetricFamily("tierlm:memory_budget_bytes", "The ledger's budget per tier", labels=["tier"])
-            for tier, n in m.ledger.budgets.items():
-                if n is not None:
-                    budget.add_metric([tier], n)
-            yield budget
+            yield _labeled(GaugeMetricFamily, "tierlm:memory_budget_bytes", "The ledger's budget per tier", "tier",
+                           {tier: n for tier, n in m.ledger.budgets.items() if n is not None})
         yield GaugeMetricFamily("tierlm:rss_bytes", "Resident set size of the server now", value=_rss())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         yield GaugeMetricFamily("tierlm:peak_rss_bytes", "Peak resident set size of the server", value=peak)
