@@ -1,5 +1,7 @@
-"""Decode benchmark: tierlm (fp32, int8, int4) vs llama.cpp and HF transformers fp32 on the embedded
-SmolLM2-135M-Instruct Q4_1 GGUF.
+"""Decode benchmark: tierlm (fp32, int8, int4, int4 with exact kernels) vs llama.cpp and HF transformers fp32
+on the embedded SmolLM2-135M-Instruct Q4_1 GGUF, or on any GGUF (--model; e.g. a 7B-shaped Q4_1 file from
+`tierlm synth --format gguf`), plus tierlm's batched decode (--batch N: N sequences stepped together against
+one) and a per-token breakdown (native layer calls, the head's matmul, the rest: Python, sampling, embedding).
 
 Run from the repository root (anchors: `pip install -e ".[bench]"`; llama-cpp-python compiles for ~6 min on
 2 cores, so build its wheel once: `pip wheel --no-deps -w wheels llama-cpp-python`, then install the wheel):
@@ -7,9 +9,12 @@ Run from the repository root (anchors: `pip install -e ".[bench]"`; llama-cpp-py
     .venv/bin/python benchmarks/decode.py                       # defaults: 128 new tokens, 1 warm-up, 5 reps
     .venv/bin/python benchmarks/decode.py --threads 2 --reps 9 --json out/decode.json
     .venv/bin/python benchmarks/decode.py --engines tierlm-int4,llama.cpp
+    .venv/bin/python benchmarks/decode.py --model /work/models/llama-7b-q4_1.gguf --engines tierlm-int4,llama.cpp \
+        --max-tokens 32 --reps 3 --batch 16
 
-tierlm-int4 runs the file's Q4_1 blocks as int4 g=32 without loss (the Q8_0 head as int8 per channel);
-llama.cpp runs the same file as it is. Both get the same prompt token ids and thread count.
+tierlm-int4 runs the file's Q4_1 blocks as int4 g=32 without loss (a Q8_0 head as its own int8 g=32 blocks)
+on the native integer-dot kernels (int8 activations, as llama.cpp); tierlm-exact the same weights with fp32
+activations. llama.cpp runs the same file as it is. Both get the same prompt token ids and thread count.
 
 Method (the team's BENCHMARKS.md): all engines are loaded once into this process, then run
 ALTERNATING (tierlm, hf, tierlm, hf, ...). `--warmup` rounds run first and are not counted; `--reps`
@@ -42,11 +47,12 @@ from _llama_cpp import greedy  # noqa: E402
 
 
 class TierlmEngine:
-    def __init__(self, threads: int, quant: str = "none"):
+    def __init__(self, threads: int, quant: str = "none", model: str | None = None, kernels: str = "int8"):
         from tierlm import LLM
-        self.name = "tierlm-fp32" if quant == "none" else f"tierlm-{quant}"
+        self.name = "tierlm-exact" if kernels == "exact" else "tierlm-fp32" if quant == "none" else f"tierlm-{quant}"
         # prefix caching off: every rep prefills the whole prompt, as llama.cpp does after reset()
-        self.llm = LLM(model=None, threads=threads, progress=False, quant=quant, enable_prefix_caching=False)
+        self.llm = LLM(model=model, threads=threads, progress=False, quant=quant, enable_prefix_caching=False,
+                       kernels=kernels, max_context=2048)
 
     def run(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
         from tierlm import SamplingParams
@@ -99,21 +105,73 @@ class LlamaCppEngine:
         return ttft, (max_tokens - 1) / decode_s if decode_s > 0 else 0.0, tokens
 
 
-ENGINES = ("tierlm-fp32", "tierlm-int8", "tierlm-int4", "llama.cpp", "hf-fp32")
+ENGINES = ("tierlm-fp32", "tierlm-int8", "tierlm-int4", "tierlm-exact", "llama.cpp", "hf-fp32")
 
 
-def make_engines(names: list[str], threads: int) -> list:
+def make_engines(names: list[str], threads: int, model: str | None) -> list:
     from tierlm.weights.embedded import embedded_model_path
-    path = str(embedded_model_path())
-    make = {"tierlm-fp32": lambda: TierlmEngine(threads), "tierlm-int8": lambda: TierlmEngine(threads, "int8"),
-            "tierlm-int4": lambda: TierlmEngine(threads, "int4"), "llama.cpp": lambda: LlamaCppEngine(path, threads),
-            "hf-fp32": lambda: HFEngine(path)}
+    path = model or str(embedded_model_path())
+    make = {"tierlm-fp32": lambda: TierlmEngine(threads, "none", model),
+            "tierlm-int8": lambda: TierlmEngine(threads, "int8", model),
+            "tierlm-int4": lambda: TierlmEngine(threads, "int4", model),
+            "tierlm-exact": lambda: TierlmEngine(threads, "int4", model, "exact"),
+            "llama.cpp": lambda: LlamaCppEngine(path, threads), "hf-fp32": lambda: HFEngine(path)}
     return [make[n]() for n in names]
 
 
-def prompt_ids(prompt: str) -> list[int]:
+def prompt_ids(prompt: str, model: str | None) -> list[int]:
     from tierlm.weights import open_model
-    return open_model(None).tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    return open_model(model).tokenizer.encode_chat([{"role": "user", "content": prompt}])
+
+
+def batched(engine: TierlmEngine, ids: list[int], max_tokens: int, n: int) -> dict:
+    """Aggregate decode tok/s of n sequences stepped together (distinct prompts: ids with one token changed)
+    and of one alone, each after a warm-up; the ratio is what batching buys."""
+    from tierlm import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    rates = {}
+    for k in (1, n, 1, n):  # warm-up round, then the measured one
+        prompts = [ids[:-1] + [ids[-1]] + [100 + j] for j in range(k)]
+        t0 = time.perf_counter()
+        outs = engine.llm.generate(prompts, params)
+        first = max(o.metrics.ttft_s for o in outs)  # decode runs once every prompt is prefilled
+        rates[k] = k * (max_tokens - 1) / (time.perf_counter() - t0 - first)
+    print(f"\nbatched decode ({engine.name}): 1 sequence {rates[1]:.1f} tok/s, {n} sequences {rates[n]:.1f} tok/s "
+          f"in all = {rates[n] / rates[1]:.2f}x one", flush=True)
+    return {"one_tok_s": rates[1], f"batch{n}_tok_s": rates[n], "ratio": rates[n] / rates[1]}
+
+
+def breakdown(engine: TierlmEngine, ids: list[int], max_tokens: int) -> dict:
+    """One run with timers around the native layer calls and the head: per decoded token, ms in each and in
+    everything else (Python's layer loop, weight acquire/release, embedding, sampling, scheduling)."""
+    from tierlm.engine import runner
+    from tierlm.native import ops
+    spent = {"layers": 0.0, "head": 0.0}
+    real_step, real_head = ops.layer_step, runner.llama.head
+
+    def timed(key, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return wrapper
+    ops.layer_step, runner.llama.head = timed("layers", real_step), timed("head", real_head)
+    try:
+        engine.run(ids, 2)  # prefill's share, subtracted below
+        prefill = dict(spent)
+        spent.update(layers=0.0, head=0.0)
+        ttft, rate, _ = engine.run(ids, max_tokens)
+    finally:
+        ops.layer_step, runner.llama.head = real_step, real_head
+    n = max_tokens - 1
+    per = {k: (spent[k] - prefill[k]) / n * 1e3 for k in spent}
+    per["total"] = 1e3 / rate
+    per["rest"] = per["total"] - per["layers"] - per["head"]
+    print(f"per decoded token ({engine.name}): {per['total']:.2f} ms = native layers {per['layers']:.2f} + head "
+          f"{per['head']:.2f} + rest (Python, sampling, embedding) {per['rest']:.2f}", flush=True)
+    return per
 
 
 def run_alternating(engines: list, ids: list[int], max_tokens: int, warmup: int, reps: int) -> dict:
@@ -178,6 +236,8 @@ def main() -> None:
     ap.add_argument("--prompt", default="What is the capital of France?", help="user message (chat-formatted)")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list from {', '.join(ENGINES)}")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences in the batched-decode measurement (0: skip)")
     args = ap.parse_args()
     if args.threads < 1 or args.max_tokens < 2 or args.reps < 1 or args.warmup < 0:
         ap.error("need --threads >= 1, --max-tokens >= 2, --reps >= 1, --warmup >= 0")
@@ -185,10 +245,16 @@ def main() -> None:
     names = args.engines.split(",")
     if not set(names) <= set(ENGINES):
         ap.error(f"unknown engine in {args.engines!r} (choose from {', '.join(ENGINES)})")
-    engines = make_engines(names, args.threads)
-    ids = prompt_ids(args.prompt)
+    engines = make_engines(names, args.threads, args.model)
+    ids = prompt_ids(args.prompt, args.model)
     runs = run_alternating(engines, ids, args.max_tokens, args.warmup, args.reps)
     result = report(summarize(runs), machine_info(), len(ids), args)
+    result["model"] = args.model or "embedded"
+    first = next((e for e in engines if isinstance(e, TierlmEngine)), None)
+    if first is not None:
+        result["breakdown_ms"] = breakdown(first, ids, args.max_tokens)
+        if args.batch > 1:
+            result["batched"] = batched(first, ids, args.max_tokens, args.batch)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -69,8 +69,10 @@ def test_top_k_one_is_greedy(llm):
 def test_chat_many_conversations(llm):
     convs = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "user", "content": "What is 2+2?"}]]
-    outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=24))
-    assert len(outs) == 2 and "Paris" in outs[0].text
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    outs = llm.chat(convs, params)
+    assert [o.text for o in outs] == [llm.chat(c, params).text for c in convs]  # together as alone
+    assert "4" in outs[1].text
 
 
 def test_bad_prompt_values(llm):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tierlm import native
+from tierlm.native import ops as native_ops
 from tierlm.memory.planner import PlanInput
 from tierlm.memory.planning import MIN_DEFAULT_CONTEXT, choose_context
 from tierlm.memory.units import layer_tensors
@@ -45,7 +47,8 @@ def test_unit_tensor_from_small_pieces_equals_one_piece(embedded, monkeypatch):
     monkeypatch.setattr(type(embedded), "piece_rows", lambda self, name, target_bytes=0: 64)
     for s in specs:
         pieced = load_unit_tensor(embedded, s, torch.bfloat16, scheme, present)
-        assert pieced.kernel_scales is not None and pieced.scales is None  # kernel form
+        # kernel form: torch's, or the loaded form itself on the native kernels
+        assert native_ops.runs(pieced) or pieced.kernel_scales is not None and pieced.scales is None
         for part, t in whole[s.leaf].parts().items():
             assert torch.equal(pieced.parts()[part], t), (s.leaf, part)
 
@@ -85,9 +88,11 @@ def test_fallback_pieces_equal_one_piece(monkeypatch):
 
 def test_quant_auto_follows_the_file(embedded):
     assert QuantScheme.resolve("auto", None, embedded.storage_types(), embedded.head_storage_type()) == \
-        QuantScheme("int4", 32)  # Q4_1 layers; the tied Q8_0 head is requantised to int8 per channel
+        QuantScheme("int4", 32, head_q8=native.available())  # Q4_1 layers; the tied Q8_0 head keeps its blocks
+    # on the native kernels, else is requantised to int8 per channel
     assert QuantScheme.resolve("auto", None, {"Q4_0": 200, "F32": 60}, "Q4_0") == QuantScheme("int4", 32, head_int4=True)
-    assert QuantScheme.resolve("auto", None, {"Q8_0": 200, "F32": 60}, "Q8_0") == QuantScheme("int8", 32)
+    assert QuantScheme.resolve("auto", None, {"Q8_0": 200, "F32": 60}, "Q8_0") == \
+        QuantScheme("int8", 32, head_q8=native.available())
     assert QuantScheme.resolve("auto", None, {"Q4_K": 150, "Q6_K": 30}, "Q6_K") == QuantScheme("int4", 32)
     assert QuantScheme.resolve("auto", None, {"Q6_K": 150}, None) == QuantScheme("int8")
     assert QuantScheme.resolve("auto", None, {"bfloat16": 200}, None) == QuantScheme()

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=_positive_int, default=None)
     e.add_argument("--kv-dtype", default="auto", help="comma list of auto, bfloat16, int8: KV formats to score "
                    "(e.g. auto,int8)")
+    e.add_argument("--kernels", default="int8", help="comma list of int8, exact: quantised-matmul numerics to score "
+                   "(native kernels; e.g. exact,int8)")
 
     y = sub.add_parser("synth", help="write a random-weight model (HF dir or GGUF) at a real model's shapes")
     y.add_argument("out", help="output directory (--format hf) or .gguf file (--format gguf)")
@@ -284,17 +286,18 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read text {args.text}: {e}") from None
     schemes = [QuantScheme.parse(*_scheme_label(q)) for q in args.quant.split(",")]
-    kv_dtypes = args.kv_dtype.split(",")
+    kv_dtypes, kernel_kinds = args.kv_dtype.split(","), args.kernels.split(",")
     results, ids = [], None
-    for scheme, kv_dtype in [(s, k) for s in schemes for k in kv_dtypes]:
+    for scheme, kv_dtype, kind in [(s, k, n) for s in schemes for k in kv_dtypes for n in kernel_kinds]:
         with LLM(args.model, dtype=args.dtype, threads=args.threads, quant=scheme,
-                 max_context=args.window, kv_dtype=kv_dtype) as llm:
+                 max_context=args.window, kv_dtype=kv_dtype, kernels=kind) as llm:
             if ids is None:
                 ids = llm.tokenizer.encode(text)[:args.max_tokens]
                 if len(ids) < 2:
                     raise UsageError(f"{args.text} has fewer than 2 tokens")
             label = "fp32" if not scheme.enabled and llm.dtype.itemsize == 4 else str(scheme)
             label += "" if kv_dtype == "auto" else f" kv:{kv_dtype}"
+            label += f" kernels:{kind}" if len(kernel_kinds) > 1 else ""
             results.append(perplexity(llm, ids, min(args.window, len(ids)), args.stride, label))
         print(describe(results[-1:] if len(results) == 1 else results[:1] + results[-1:]), flush=True)
     if len(results) > 2:

@@ -21,6 +21,7 @@ from tierlm.quant import QuantScheme
 
 _KV_STORES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 KV_DTYPES = ("auto", *_KV_STORES)
+KERNELS = ("int8", "exact")  # EngineArgs.kernels
 
 
 def kv_store_dtype(kv_dtype: str, dtype: torch.dtype, cuda: bool) -> torch.dtype:
@@ -45,6 +46,9 @@ class EngineArgs:
     profile: str | Path | None = None
     quant: str | QuantScheme = "auto"
     group_size: int | None = None
+    # quantised matmuls on the native kernels: "int8" activations quantised per 32 columns (integer dot products,
+    # as llama.cpp), or "exact" fp32 activations (W4A32; slower). Without the native library: torch's W4A16.
+    kernels: str = "int8"
     kv_memory: str | int | None = None
     kv_dtype: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -80,6 +84,8 @@ class EngineArgs:
         if self.max_context is not None and self.max_context < 2:
             raise UsageError(f"max_context must be >= 2, got {self.max_context}")
         QuantScheme.check(self.quant, self.group_size)
+        if self.kernels not in KERNELS:
+            raise UsageError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         kv_store_dtype(self.kv_dtype, torch.float32, False)
         if self.kv_compress not in ("none", "zstd"):
             raise UsageError(f"kv_compress must be none or zstd, got {self.kv_compress!r}")
@@ -140,6 +146,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                         "GGUF runs in its own quantisation (K-quants: the nearest), other files dense")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
                    help="quantisation group along K (int8 default: per output channel; int4 default: 32)")
+    p.add_argument("--kernels", default="int8", choices=list(KERNELS),
+                   help="quantised matmuls on the native kernels: int8 (default) activations quantised per 32 "
+                        "columns for integer dot products, as llama.cpp; exact: fp32 activations (slower)")
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:

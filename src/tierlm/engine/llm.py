@@ -33,6 +33,7 @@ from tierlm.memory.stats import describe_stats
 from tierlm.memory.trace import write_trace
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
+from tierlm.native import ops as native_ops
 from tierlm.quant import QuantScheme, kernels
 from tierlm.weights import open_model
 
@@ -54,6 +55,8 @@ class LLM:
     quant: "auto" | "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per
         channel, int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss. "auto" (the
         default) runs a quantised GGUF in its own quantisation (QuantScheme.resolve), anything else dense.
+    kernels: "int8" (default) | "exact": with the native kernels (tierlm/native, built at install), quantised
+        matmuls take activations quantised to int8 per 32 columns (integer dot products, as llama.cpp), or fp32.
     kv_memory: the paged KV pool, e.g. "2GiB" (default: one sequence of max_context tokens, or what the
         planner reserved under max_memory). kv_dtype: "auto" (the attention dtype), "float32", "bfloat16" or
         "int8" (per token & head scales): what the pool stores; attention reads it back in its own dtype.
@@ -120,7 +123,8 @@ class LLM:
                                                   io_threads=self.plan.io_threads, quant=self.quant,
                                                   migratable=a.migrate)
         allocator.trim()  # loading's transients are freed: hand their heap pages back
-        self.runner = Runner(self.store, self.dtype, a.device, max_context=self.max_context, ledger=self.memory)
+        self.runner = Runner(self.store, self.dtype, a.device, max_context=self.max_context, ledger=self.memory,
+                             exact=a.kernels == "exact")
         kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
         self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
@@ -172,7 +176,7 @@ class LLM:
             raise UsageError(f"kv_memory {format_size(pool)} is below one KV block ({format_size(per_block)})")
         # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)
         salt = (f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}"
-                f"|numerics{kernels.NUMERICS_VERSION}").encode()
+                f"|numerics{kernels.NUMERICS_VERSION}|{native_ops.numerics_tag(self.runner.exact)}").encode()
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
                        disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps,

@@ -22,12 +22,13 @@ from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama
+from tierlm.native import ops as native_ops
 
 
 class Runner:
     def __init__(self, store: WeightStore, dtype: torch.dtype, device: torch.device | str = "cpu",
                  prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None,
-                 ledger: MemoryLedger | None = None):
+                 ledger: MemoryLedger | None = None, exact: bool = False):
         self.store = store
         self.config: ModelConfig = store.config
         self.dtype = dtype
@@ -40,6 +41,11 @@ class Runner:
         # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
         cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+        # Quantised layers on a CPU run as one native call each (native/ops.py) when the library is built; it
+        # ropes in fp32 from fp32 tables. exact: fp32 activations into the quantised matmuls (not int8).
+        self.exact = exact
+        self.native = self.device.type == "cpu" and native_ops.scratch_bytes(self.config, 1, store.quant.enabled) > 0
+        self.rope32 = llama.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
         # The arena is the ledger's "workspace" reservation (re-planned wider: resized, within the budget).
@@ -49,10 +55,12 @@ class Runner:
 
     def _plan_workspace(self, rows: int, check: bool = True) -> None:
         """(Re)plan the arena for steps of up to `rows` token rows (B*T); growing past the budget is refused."""
-        plan = plan_workspace(llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype))
+        native = native_ops.scratch_bytes(self.config, rows) if self.native else 0
+        plan = plan_workspace(llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype, native))
         if self._reservation is not None:
             self._reservation.resize(plan.nbytes, check=check)
         self.workspace, self.workspace_rows = Workspace(plan, self.device), rows
+        self.scratch = self.workspace.view("native", (native,), torch.uint8) if native else None
 
     def close(self) -> None:
         """Free the workspace (the store and KV caches have their own release)."""
@@ -112,8 +120,12 @@ class Runner:
             xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream, in place
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
+            native = self.native and native_ops.layer_supported(w)
             for x, (_, step, _), (cos, sin) in zip(xs, groups, rope):
-                llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace)
+                if native and native_ops.step_supported(step):
+                    native_ops.layer_step(self.config, w, x, self.rope32, step, i, self.scratch, self.exact)
+                else:
+                    llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
             self.store.release(i)
         out: list[torch.Tensor | None] = [None] * len(groups)
         if all(mode == "none" for _, _, mode in groups):
@@ -125,7 +137,7 @@ class Runner:
         for k, (x, (_, _, mode)) in enumerate(zip(xs, groups)):
             if mode != "none":  # "last": only the last position feeds sampling, skip the [T, V] head matmul
                 h = x if mode == "all" else x[:, -1:]
-                logits = llama.head(self.config, self.store.norm, lm_head, h, self.workspace)  # [B, T|1, V] fp32
+                logits = llama.head(self.config, self.store.norm, lm_head, h, self.workspace, self.exact)  # [B, T|1, V]
                 out[k] = logits if mode == "all" else logits[:, -1]
         self.store.release_head()
         return out

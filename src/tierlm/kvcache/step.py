@@ -7,6 +7,7 @@ and the model runs SDPA on that. Tables of shorter sequences are padded with the
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,11 +58,18 @@ class PagedStep:
         # llama.blocked_attention, whose rows depend neither on the batch nor on the chunk (outputs must not
         # depend on what else runs, on prefix hits or on preemption). valid [B, T, nb*bs]: key j is visible to
         # token t of sequence b (j <= its position). The others get the causal / window / padding mask for SDPA.
+        self._nb = nb
         self.block_mask = self.mask = None
         if batch_invariant and kv.config.sliding_window is None:
             self.block_mask = BlockMask.of(self.positions, nb, bs)  # valid [B, T, nb*bs]
         else:
             self.mask = attention_mask(self.positions, self.length, kv.config.sliding_window)
+
+    @functools.cached_property
+    def tables(self) -> torch.Tensor:
+        """[B, nb] int32 block tables for the native layer step, which reads keys where they lie (made once per
+        step, when it runs; not under a sliding window, whose tables have dropped entries)."""
+        return self.block_ids.view(len(self.seqs), self._nb).to(torch.int32)
 
     def layer(self, i: int) -> "PagedStep.Layer":
         return PagedStep.Layer(self, i)

@@ -19,6 +19,7 @@ from tierlm.memory.manager import MemoryLedger, Reservation
 from tierlm.memory.planner import Placement, PlanInput, plan
 from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_nbytes
 from tierlm.memory.workspace import plan_workspace
+from tierlm.native import ops as native_ops
 from tierlm.model.llama import workspace_buffers
 from tierlm.quant import kernels
 from tierlm.quant.scheme import QuantScheme
@@ -101,7 +102,9 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
     kv_host_bytes: a host-RAM KV tier, counted against the cpu budget on a CPU-only machine."""
     item = torch.finfo(dtype).bits // 8
     kv_dtype, rows = attention_dtype(dtype, cuda), min(PREFILL_CHUNK, max_context)
-    rope_tables = 2 * max_context * cfg.head_dim * item  # cos + sin [max_context, hd]
+    native = native_ops.scratch_bytes(cfg, rows, quant.enabled)  # the native layer step's (shares the arena)
+    acts = activation_bytes(cfg, rows, 1, item)
+    rope_tables = 2 * max_context * cfg.head_dim * (item + (4 if native else 0))  # cos + sin [max_context, hd] (+fp32)
     row_buffer = align_up(cfg.hidden_size * item) + ALIGN  # on-demand embedding rows
     prefix = "cuda:" if cuda else ""
     return PlanInput(
@@ -111,10 +114,12 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         embed_bytes=0 if cfg.tie_word_embeddings else unit_nbytes(cfg, EMBED, dtype, quant),
         kv_bytes=kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) if kv_bytes is None else kv_bytes,
         # kernel outputs (estimated) + the workspace arena the runner reserves (planned exactly) + one layer's
-        # K/V gathered from the paged pool for attention (a transient of max_context tokens)
-        activation_bytes=activation_bytes(cfg, rows, 1, item).total + plan_workspace(
-            workspace_buffers(cfg, rows, dtype, kv_dtype)).nbytes
-        + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) // cfg.num_layers + dequant_bytes(cfg, rows, quant, cuda),
+        # K/V gathered from the paged pool for attention (a transient of max_context tokens). The native layer
+        # step allocates none of these beyond the residual stream and the logits: its buffers are the
+        # workspace's, its attention reads the pool in place, nothing is dequantised.
+        activation_bytes=plan_workspace(workspace_buffers(cfg, rows, dtype, kv_dtype, native)).nbytes + (
+            acts.hidden + acts.logits if native else acts.total + dequant_bytes(cfg, rows, quant, cuda)
+            + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) // cfg.num_layers),
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer + (0 if cuda else kv_host_bytes),
         cuda=cuda,
         cpu_budget=budget.cpu,

@@ -180,8 +180,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
 # Workspace buffers of one layer step, by op index (see layer_forward): (name, width per row, dtype, first, last).
 # "act" is the compute dtype, "kv" the attention dtype. Kernel outputs (the matmuls, SDPA) are not here:
 # torch's fused kernels have no out= form.
-def workspace_buffers(cfg: ModelConfig, rows: int, act: torch.dtype, kv: torch.dtype) -> list[BufferSpec]:
-    """The activation buffers of a layer step over `rows` = B*T token rows, with lifetimes for plan_workspace."""
+def workspace_buffers(cfg: ModelConfig, rows: int, act: torch.dtype, kv: torch.dtype,
+                      native_bytes: int = 0) -> list[BufferSpec]:
+    """The activation buffers of a layer step over `rows` = B*T token rows, with lifetimes for plan_workspace.
+    native_bytes: the scratch of the native layer step (native/ops.py), which runs instead of ops 0-10: it is
+    given op 11 alone, so it shares the arena's bytes with them."""
     h, qk, q = cfg.hidden_size, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim, cfg.q_size
     f32 = torch.float32
     table = [("attn_x32", h, f32, 0, 0), ("attn_sq32", h, f32, 0, 0), ("attn_var32", 1, f32, 0, 0),
@@ -192,20 +195,22 @@ def workspace_buffers(cfg: ModelConfig, rows: int, act: torch.dtype, kv: torch.d
              ("ffn_x32", h, f32, 7, 7), ("ffn_sq32", h, f32, 7, 7), ("ffn_var32", 1, f32, 7, 7),
              ("h_ffn", h, act, 7, 8),  # op 8: the gate/up matmul
              ("ffn_act", cfg.intermediate_size, act, 9, 10)]  # op 9: silu(gate)*up, op 10: the down matmul
-    return [BufferSpec(n, rows * width * dt.itemsize, a, b) for n, width, dt, a, b in table]
+    native = [BufferSpec("native", native_bytes, 11, 11)] if native_bytes else []
+    return [BufferSpec(n, rows * width * dt.itemsize, a, b) for n, width, dt, a, b in table] + native
 
 
 def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  kv, ws: Workspace) -> torch.Tensor:
+                  kv, ws: Workspace, exact: bool = False) -> torch.Tensor:
     """One decoder layer. x [B, T, H] is the residual stream: updated in place and returned. cos, sin
     [B, 1, T, hd] at each token's position. `kv` is this layer's view of the step (kvcache/: update(k, v));
-    `ws` holds the intermediates (workspace_buffers, planned for >= B*T rows)."""
+    `ws` holds the intermediates (workspace_buffers, planned for >= B*T rows); exact: see kernels.linear.
+    (tierlm/native/csrc/layer.cpp is this function in one native call, for quantised layers.)"""
     b, t, _ = x.shape
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = cfg.rms_norm_eps
 
     h = norm_in_workspace(ws, "attn", "h_attn", x, w.attn_norm, eps)  # op 0: [B, T, H]
-    qkv = linear(h, w.wqkv, w.bqkv).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)  # op 1: [B, nh+2*nkv, T, hd]
+    qkv = linear(h, w.wqkv, w.bqkv, exact).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)  # op 1: [B, nh+2*nkv, T, hd]
     # op 2: q and k heads are adjacent: one rope application for both (fewer small ops per decode step)
     shape = (b, nh + nkv, t, hd)
     qk = apply_rope(qkv[:, :nh + nkv], cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
@@ -222,16 +227,17 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     else:
         attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]
-    x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo))  # op 6: [B, T, H]
+    x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo, exact))  # op 6: [B, T, H]
 
     h = norm_in_workspace(ws, "ffn", "h_ffn", x, w.ffn_norm, eps)  # op 7: [B, T, H]
-    gate, up = linear(h, w.w_gateup).chunk(2, dim=-1)  # op 8: [B, T, I] each
+    gate, up = linear(h, w.w_gateup, exact=exact).chunk(2, dim=-1)  # op 8: [B, T, I] each
     act = torch.mul(F.silu(gate, inplace=True), up, out=ws.view("ffn_act", gate.shape, x.dtype))  # op 9: [B, T, I]
-    return x.add_(linear(act, w.w_down))  # op 10: [B, T, H]
+    return x.add_(linear(act, w.w_down, exact=exact))  # op 10: [B, T, H]
 
 
-def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: Matrix, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: Matrix, x: torch.Tensor, ws: Workspace,
+         exact: bool = False) -> torch.Tensor:
     """x [B, T, H], norm [H], lm_head [V, H] -> logits [B, T, V] in fp32. Runs after every layer op, so it
     may use the attention-norm buffers of the workspace."""
     h = norm_in_workspace(ws, "attn", "h_attn", x, norm, cfg.rms_norm_eps)  # [B, T, H]
-    return linear(h, lm_head).float()
+    return linear(h, lm_head, exact=exact).float()

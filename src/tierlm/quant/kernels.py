@@ -1,6 +1,7 @@
-"""linear(x, w, b): the one matmul entry point of the model. Dense tensors go to F.linear; QuantTensors in
-kernel form go to torch's fused weight-only kernels, else are dequantised (the fallback, tested against the
-fused path).
+"""linear(x, w, b): the one matmul entry point of the model. Dense tensors go to F.linear; QuantTensors go to
+the native integer-dot kernels when they are built (tierlm/native: activations quantised to int8 per 32
+columns, as llama.cpp; `exact` keeps them fp32), else, in kernel form, to torch's fused weight-only kernels,
+else are dequantised (the fallback, tested against the fused paths). All of them are row-invariant.
 
 The fused kernels want activations in bf16 (fp32 activations are 5-10x slower there). Every row count
 takes them, prefill included: they are row-invariant (a row's result does not depend on how many rows share
@@ -20,21 +21,23 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from tierlm.native import ops as native_ops
 from tierlm.quant import int4, int8
 from tierlm.quant.scheme import INT4_BLOCK_N
 from tierlm.quant.tensor import QuantTensor
 
 # Bumped whenever a change alters the bits a forward pass computes: it is part of the KV salt, so blocks that
 # earlier numerics wrote to disk (the KV tier persists between runs; saved sessions) are never served as ours.
-NUMERICS_VERSION = 2  # 2: fused int4/int8 kernels for every row count
+NUMERICS_VERSION = 2  # 2: fused int4/int8 kernels for every row count (the native kernels: native_ops.numerics_tag)
 PREFILL_ROWS = 128  # the planner counts the fallback's transient from this many rows (when it applies)
 DEQUANT_PIECE_BYTES = 8 << 20  # the fallback's dense fp32 weight piece (plus its unpacked uint8 codes)
 
 
 def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
     """w in kernel form for activations in `act_dtype` (see tensor.py), or unchanged where no fused kernel
-    applies (group-wise int8; an int4 layout torch does not share). Idempotent."""
-    if w.kernel_scales is not None:
+    applies (group-wise int8; an int4 layout torch does not share), or the native kernels read the loaded form.
+    Idempotent."""
+    if w.kernel_scales is not None or native_ops.uses_native(w.kind, w.group_size, w.shape[1]):
         return w
     n = w.shape[0]
     if w.kind == "int8" and w.group_size == w.shape[1]:
@@ -44,10 +47,13 @@ def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
     return w
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype."""
+def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None,
+           exact: bool = False) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    if x.device.type == "cpu" and native_ops.runs(w):
+        return native_ops.linear(x, w, bias, exact)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     ks = w.kernel_scales

@@ -33,6 +33,9 @@ class QuantScheme:
     # blocks without loss (requantising 4-bit values to int8 per channel would add error, bytes and a minute
     # of load time at 7B) — else the head is int8 per channel.
     head_int4: bool = False
+    # A Q8_0 lm_head keeps its own blocks (int8 g=32, lossless) where the native kernels run them (their
+    # integer dot products are llama.cpp's for that matrix); torch's kernels want it per channel.
+    head_q8: bool = False
 
     @classmethod
     def parse(cls, kind: str | "QuantScheme" | None, group_size: int | None = None) -> "QuantScheme":
@@ -61,6 +64,8 @@ class QuantScheme:
             scheme = cls.parse(kind, group_size)
             # int4 g=32 asked of a file whose head is Q4_0/Q4_1: its own blocks are exact, int8 would not be
             lossless_head = scheme == cls("int4", 32) and head_type in _INT4_EXACT
+            if scheme.enabled and head_type == "Q8_0" and _native():
+                return cls(scheme.kind, scheme.group_size, head_q8=True)
             return cls("int4", 32, head_int4=True) if lossless_head else scheme
         if group_size is not None:
             raise UsageError("--group-size needs --quant int8 or int4 (auto follows the file)")
@@ -68,7 +73,7 @@ class QuantScheme:
         if not quantised:
             return cls()
         kind, group = _AUTO_SCHEMES[max(quantised, key=lambda t: quantised[t])]
-        return cls(kind, group, head_int4=head_type in _INT4_EXACT)
+        return cls(kind, group, head_int4=head_type in _INT4_EXACT, head_q8=head_type == "Q8_0" and _native())
 
     @classmethod
     def check(cls, kind: "str | QuantScheme | None", group_size: int | None) -> None:
@@ -85,7 +90,7 @@ class QuantScheme:
     def __str__(self) -> str:
         if not self.enabled:
             return "none"
-        head = "+head-int4" if self.head_int4 else ""
+        head = "+head-int4" if self.head_int4 else "+head-q8" if self.head_q8 else ""
         return f"{self.kind}-{'channel' if self.group_size is None else f'g{self.group_size}'}{head}"
 
     def for_matrix(self, leaf: str, shape: tuple[int, ...]) -> "QuantScheme":
@@ -96,6 +101,8 @@ class QuantScheme:
             return QuantScheme()
         if leaf == "lm_head":
             lossless = self.head_int4 and shape[0] % INT4_BLOCK_N == 0 and shape[1] % 32 == 0
+            if self.head_q8 and shape[1] % 32 == 0:
+                return QuantScheme("int8", 32)
             return QuantScheme("int4", 32) if lossless else QuantScheme("int8")
         n, k = shape
         if self.group_size is None:
@@ -104,3 +111,8 @@ class QuantScheme:
         if not groups or (self.kind == "int4" and n % INT4_BLOCK_N):
             return QuantScheme()
         return QuantScheme(self.kind, max(groups))
+
+
+def _native() -> bool:
+    from tierlm import native
+    return native.available()

@@ -7,7 +7,8 @@ As loaded (from GGUF blocks or quantised here), parts:
                   scales fp16 [N, K/g]     mins fp16 [N, K/g]        w = q * scale + min, q in 0..15
   Dense value: int8 w = q * scale; int4 w = q * scale + min, computed in fp32 (the exact formula GGUF uses,
   so Q8_0 / Q4_0 / Q4_1 blocks dequantise bit for bit as gguf-py does).
-Kernel form (kernels.prepare, done once when a unit is loaded or written to the offload store):
+Kernel form (kernels.prepare, done once when a unit is loaded or written to the offload store) — with the native
+kernels (tierlm/native) it is the loaded form itself; for torch's fused kernels:
   int8 per channel  qweight, kernel_scales [N] in the activation dtype
   int4              qweight, kernel_scales [G, N, 2] (scale, zero) in the activation dtype
   scales/mins are dropped: the kernel's numbers are the matrix's numbers from then on (the dequantising
@@ -75,9 +76,12 @@ def part_specs(scheme: QuantScheme, shape: tuple[int, int],
                act_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every stored part of a matrix `shape` under `scheme` in the kernel form that
     kernels.prepare gives it for activations in `act_dtype` (sizes without the data)."""
+    from tierlm.native.ops import uses_native
     from tierlm.quant.int4 import layout_matches_torch
     n, k = shape
     if scheme.kind == "int8" and scheme.group_size is None:
+        if uses_native("int8", k, k):  # the native kernels read the loaded form
+            return {"qweight": ((n, k), torch.int8), "scales": ((n, 1), torch.float32)}
         return {"qweight": ((n, k), torch.int8), "kernel_scales": ((n,), act_dtype)}
     groups = (n, k // scheme.group_size)
     if scheme.kind == "int8":

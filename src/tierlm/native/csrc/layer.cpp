@@ -1,0 +1,267 @@
+// One decoder layer in one call (the decode step's hot loop without Python), and the matmul entry point, bound
+// to Python. It mirrors tierlm/model/llama.py op for op — RMSNorm, fused QKV, rotate-half rope, the K/V write
+// into the paged pool, attention over the sequence's blocks read where they lie (no gather copy), output
+// projection, SwiGLU MLP, residual adds — with fp32 arithmetic between the matmuls (llama.py rounds to the
+// compute dtype there; these are other numerics, versioned in the KV salt). The residual stream keeps its dtype.
+//
+// Every row is computed on its own, in a fixed order (each token's attention sums its keys in position order),
+// so a token gets the same bits alone, batched, or prefilled in any chunk.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "qgemm.h"
+
+namespace tierlm {
+
+// (kind, q, d, m, dch) as tierlm.native.ops packs a QuantTensor
+using MatArg = std::tuple<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                          c10::optional<at::Tensor>>;
+
+static QMat to_qmat(const MatArg& a) {
+  QMat w;
+  w.kind = int(std::get<0>(a));
+  const at::Tensor& q = std::get<1>(a);
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 2 && q.element_size() == 1, "qweight must be a contiguous 8-bit matrix");
+  w.n = q.size(0);
+  w.k = w.kind == 4 ? 2 * q.size(1) : q.size(1);
+  TORCH_CHECK(w.k % 32 == 0, "K must be a multiple of 32");
+  w.q = static_cast<const uint8_t*>(q.data_ptr());
+  auto half = [&](const c10::optional<at::Tensor>& t) -> const uint16_t* {
+    if (!t) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == w.n * (w.k / 32),
+                "scales must be contiguous fp16 [N, K/32]");
+    return static_cast<const uint16_t*>(t->data_ptr());
+  };
+  w.d = half(std::get<2>(a));
+  w.m = half(std::get<3>(a));
+  if (std::get<4>(a)) {
+    const at::Tensor& c = *std::get<4>(a);
+    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == w.n, "per-channel scales: fp32 [N]");
+    w.dch = c.data_ptr<float>();
+  }
+  TORCH_CHECK(w.kind == 8 ? (w.d != nullptr) != (w.dch != nullptr) : (w.d && w.m), "scales do not match the kind");
+  return w;
+}
+
+static at::Tensor f32(const c10::optional<at::Tensor>& t) {
+  return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// Buffers of a step over R rows, carved out of the caller's scratch (fp32 unless said).
+struct Scratch {
+  float *h, *qkv, *att, *y, *gu, *act;
+  QAct qa;
+};
+
+static int64_t scratch_floats(int64_t r, int64_t h, int64_t qkv, int64_t att, int64_t inter) {
+  const int64_t kmax = std::max({h, att, inter});
+  return r * (2 * h + qkv + att + 3 * inter) + r * (kmax / 4 + 2 * (kmax / 32) + kmax / 4) + 64;
+}
+
+static void matmul(const QMat& w, const float* x, int64_t rows, float* y, const float* bias, bool exact, QAct& qa) {
+  if (exact) return fgemm(w, x, rows, w.k, y, w.n, bias);
+  qa.layout = w.kind, qa.m = rows, qa.k = w.k;
+  quantize_act(x, w.k, qa);
+  qgemm(w, qa, y, w.n, bias);
+}
+
+at::Tensor linear(const at::Tensor& x, const MatArg& wa, const c10::optional<at::Tensor>& bias, bool exact) {
+  const QMat w = to_qmat(wa);
+  TORCH_CHECK(x.size(-1) == w.k, "x has ", x.size(-1), " columns, the matrix ", w.k);
+  const at::Tensor x2 = x.reshape({-1, w.k}).to(at::kFloat).contiguous();
+  const int64_t m = x2.size(0);
+  at::Tensor y = at::empty({m, w.n}, x2.options());
+  const at::Tensor b = f32(bias);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  {
+    pybind11::gil_scoped_release nogil;
+    if (exact) {
+      fgemm(w, x2.data_ptr<float>(), m, w.k, y.data_ptr<float>(), w.n, bp);
+    } else {
+      at::Tensor q = at::empty({m, w.k}, x2.options().dtype(at::kChar));
+      at::Tensor s = at::empty({3, m, w.k / 4}, x2.options());
+      QAct qa{w.kind, m, w.k, q.data_ptr<int8_t>(), s[0].data_ptr<float>(), s[1].data_ptr<float>(), s[2].data_ptr<float>()};
+      quantize_act(x2.data_ptr<float>(), w.k, qa);
+      qgemm(w, qa, y.data_ptr<float>(), w.n, bp);
+    }
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.n;
+  return y.to(x.scalar_type()).view(shape);
+}
+
+static inline float load(const void* p, bool bf16, int64_t i) {
+  return bf16 ? bf2f(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+static inline void store(void* p, bool bf16, int64_t i, float v) {
+  if (bf16) static_cast<uint16_t*>(p)[i] = f2bf(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, fp32
+static void rms_norm(const void* x, bool bf16, const float* w, int64_t rows, int64_t h, double eps, float* out) {
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* o = out + r * h;
+      for (int64_t i = 0; i < h; ++i) o[i] = load(x, bf16, r * h + i);
+      const float inv = 1.f / std::sqrt(fixed_dot(o, o, h) / float(h) + float(eps));
+      for (int64_t i = 0; i < h; ++i) o[i] = o[i] * inv * w[i];
+    }
+  });
+}
+
+static void add_residual(void* x, bool bf16, const float* y, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) store(x, bf16, i, load(x, bf16, i) + y[i]);
+  });
+}
+
+struct Paged {  // one layer's K/V pool [nkv, cap, bs, hd] and the step's block tables
+  void *k, *v;
+  bool bf16;
+  int64_t cap, bs, nb;
+  const int32_t* tables;  // [B, nb]
+  const int64_t* pos;     // [R]: the position of each row's token
+  int64_t t;              // rows per sequence
+  int64_t at(int64_t r, int64_t kvh, int64_t p) const {  // element offset of key p of row r's sequence
+    return ((kvh * cap + tables[(r / t) * nb + p / bs]) * bs + p % bs);
+  }
+};
+
+// rope on q and k heads of every row (in place), then K and V into the pool at each row's position
+static void rope_and_store(float* qkv, int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const float* cos,
+                           const float* sin, const Paged& kv) {
+  const int64_t width = (nh + 2 * nkv) * hd, half = hd / 2;
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> tmp(hd);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *c = cos + kv.pos[r] * hd, *s = sin + kv.pos[r] * hd;
+      for (int64_t head = 0; head < nh + nkv; ++head) {
+        float* x = qkv + r * width + head * hd;
+        for (int64_t i = 0; i < half; ++i) tmp[i] = x[i] * c[i] - x[i + half] * s[i];
+        for (int64_t i = half; i < hd; ++i) tmp[i] = x[i] * c[i] + x[i - half] * s[i];
+        std::copy(tmp.begin(), tmp.end(), x);
+      }
+      for (int64_t j = 0; j < nkv; ++j) {
+        const int64_t off = kv.at(r, j, kv.pos[r]) * hd;
+        const float *kr = qkv + r * width + (nh + j) * hd, *vr = qkv + r * width + (nh + nkv + j) * hd;
+        for (int64_t i = 0; i < hd; ++i) store(kv.k, kv.bf16, off + i, kr[i]), store(kv.v, kv.bf16, off + i, vr[i]);
+      }
+    }
+  });
+}
+
+// att[r, head] = softmax(q . keys / sqrt(hd)) . values over keys 0..pos[r] of row r's sequence, read in the pool
+static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const Paged& kv, float* att) {
+  const int64_t width = (nh + 2 * nkv) * hd, g = nh / nkv;
+  const float scale = 1.f / std::sqrt(float(hd));
+  at::parallel_for(0, rows * nkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc, kf(hd), o(g * hd);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / nkv, j = it % nkv, n = kv.pos[r] + 1;
+      const float* q = qkv + r * width + j * g * hd;  // the g query heads sharing kv head j
+      sc.resize(g * n);
+      for (int64_t p = 0; p < n; ++p) {
+        const int64_t off = kv.at(r, j, p) * hd;
+        for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.k, kv.bf16, off + i);
+        for (int64_t h = 0; h < g; ++h) sc[h * n + p] = fixed_dot(q + h * hd, kf.data(), hd) * scale;
+      }
+      std::vector<float> z(g, 0.f);
+      for (int64_t h = 0; h < g; ++h) {
+        float* s = sc.data() + h * n;
+        float mx = s[0];
+        for (int64_t p = 1; p < n; ++p) mx = std::max(mx, s[p]);
+        for (int64_t p = 0; p < n; ++p) s[p] = std::exp(s[p] - mx), z[h] += s[p];
+      }
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t p = 0; p < n; ++p) {
+        const int64_t off = kv.at(r, j, p) * hd;
+        for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.v, kv.bf16, off + i);
+        for (int64_t h = 0; h < g; ++h) {
+          const float e = sc[h * n + p];
+          for (int64_t i = 0; i < hd; ++i) o[h * hd + i] += e * kf[i];
+        }
+      }
+      for (int64_t h = 0; h < g; ++h)
+        for (int64_t i = 0; i < hd; ++i) att[r * nh * hd + (j * g + h) * hd + i] = o[h * hd + i] / z[h];
+    }
+  });
+}
+
+int64_t scratch_bytes(int64_t rows, int64_t h, int64_t qkv, int64_t att, int64_t inter) {
+  return 4 * scratch_floats(rows, h, qkv, att, inter);
+}
+
+void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const MatArg& wqkv,
+                const c10::optional<at::Tensor>& bqkv, const MatArg& wo, const c10::optional<at::Tensor>& bo,
+                const MatArg& wgu, const MatArg& wdown, const at::Tensor& cos, const at::Tensor& sin,
+                const at::Tensor& positions, const at::Tensor& tables, at::Tensor kpool, at::Tensor vpool,
+                int64_t nh, int64_t nkv, double eps, bool exact, at::Tensor scratch) {
+  const QMat Wqkv = to_qmat(wqkv), Wo = to_qmat(wo), Wgu = to_qmat(wgu), Wd = to_qmat(wdown);
+  const int64_t h = x.size(-1), rows = x.numel() / h, hd = cos.size(1), inter = Wd.k, b = tables.size(0);
+  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat), "x: bf16|fp32");
+  TORCH_CHECK(Wqkv.k == h && Wqkv.n == (nh + 2 * nkv) * hd && Wo.k == nh * hd && Wo.n == h && Wgu.k == h &&
+              Wgu.n == 2 * inter && Wd.n == h, "layer matrices do not match the config");
+  TORCH_CHECK(positions.numel() == rows && positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions [B, T]");
+  TORCH_CHECK(tables.scalar_type() == at::kInt && tables.is_contiguous() && rows % b == 0, "tables: int32 [B, nb]");
+  TORCH_CHECK(kpool.is_contiguous() && vpool.is_contiguous() && kpool.scalar_type() == vpool.scalar_type() &&
+              (kpool.scalar_type() == at::kBFloat16 || kpool.scalar_type() == at::kFloat) && kpool.size(3) == hd,
+              "pool: [nkv, cap, bs, hd] bf16|fp32");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "rope tables: fp32");
+  TORCH_CHECK(scratch.nbytes() >= size_t(scratch_bytes(rows, h, Wqkv.n, Wo.k, inter)), "scratch too small");
+  const at::Tensor an = attn_norm.to(at::kFloat).contiguous(), fn = ffn_norm.to(at::kFloat).contiguous();
+  const at::Tensor bq = f32(bqkv), bb = f32(bo);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  Paged kv{kpool.data_ptr(), vpool.data_ptr(), kpool.scalar_type() == at::kBFloat16, kpool.size(1), kpool.size(2),
+           tables.size(1), tables.data_ptr<int32_t>(), positions.data_ptr<int64_t>(), rows / b};
+
+  pybind11::gil_scoped_release nogil;
+  float* f = static_cast<float*>(scratch.data_ptr());
+  const int64_t kmax = std::max({h, Wo.k, inter});
+  Scratch s;
+  s.h = f, f += rows * h;
+  s.qkv = f, f += rows * Wqkv.n;
+  s.att = f, f += rows * Wo.k;
+  s.y = f, f += rows * h;
+  s.gu = f, f += rows * 2 * inter;
+  s.act = f, f += rows * inter;
+  s.qa.q = reinterpret_cast<int8_t*>(f), f += rows * kmax / 4;
+  s.qa.dx = f, f += rows * (kmax / 32);
+  s.qa.sx = f, f += rows * (kmax / 32);
+  s.qa.dxe = f;
+
+  rms_norm(x.data_ptr(), bf16, an.data_ptr<float>(), rows, h, eps, s.h);  // [R, H]
+  matmul(Wqkv, s.h, rows, s.qkv, bq.defined() ? bq.data_ptr<float>() : nullptr, exact, s.qa);  // [R, (nh+2nkv)*hd]
+  rope_and_store(s.qkv, rows, nh, nkv, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), kv);
+  attention(s.qkv, rows, nh, nkv, hd, kv, s.att);  // [R, nh*hd]
+  matmul(Wo, s.att, rows, s.y, bb.defined() ? bb.data_ptr<float>() : nullptr, exact, s.qa);  // [R, H]
+  add_residual(x.data_ptr(), bf16, s.y, rows * h);
+  rms_norm(x.data_ptr(), bf16, fn.data_ptr<float>(), rows, h, eps, s.h);
+  matmul(Wgu, s.h, rows, s.gu, nullptr, exact, s.qa);  // [R, 2I]: gate then up
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < inter; ++i) {
+        const float gate = s.gu[r * 2 * inter + i];
+        s.act[r * inter + i] = gate / (1.f + std::exp(-gate)) * s.gu[r * 2 * inter + inter + i];
+      }
+  });
+  matmul(Wd, s.act, rows, s.y, nullptr, exact, s.qa);  // [R, H]
+  add_residual(x.data_ptr(), bf16, s.y, rows * h);
+}
+
+}  // namespace tierlm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tierlm native kernels: integer-dot int4/int8 matmuls and a one-call decoder layer";
+  m.def("linear", &tierlm::linear, "x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype");
+  m.def("layer_step", &tierlm::layer_step, "one decoder layer over a paged step, in place on x");
+  m.def("scratch_bytes", &tierlm::scratch_bytes, "scratch a layer_step over `rows` rows needs");
+  m.def("set_isa", &tierlm::set_isa);
+  m.def("isa", [] { return std::string(tierlm::isa_name(tierlm::current_isa())); });
+  m.def("best_isa", [] { return tierlm::best_isa(); });
+}
