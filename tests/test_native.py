@@ -14,7 +14,23 @@ from tierlm import LLM, native
 from tierlm.eval_ppl import perplexity
 from tierlm.native import build
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels {native.status()}")
+from tierlm.quant import int4
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"native kernels {native.status()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_on():
+    """The engine on the native kernels for this module (opt-in: TIERLM_NATIVE=1), torch's after it."""
+    old = os.environ.get("TIERLM_NATIVE")
+    os.environ["TIERLM_NATIVE"] = "1"
+    native._load.cache_clear(), int4.layout.cache_clear()
+    yield
+    if old is None:
+        del os.environ["TIERLM_NATIVE"]
+    else:
+        os.environ["TIERLM_NATIVE"] = old
+    native._load.cache_clear(), int4.layout.cache_clear()
 SHAPES = [(64, 96, 1), (128, 576, 3), (192, 1536, 17), (64, 4096, 5), (320, 160, 64), (64, 224, 33)]
 
 
@@ -73,6 +89,7 @@ def test_kernels_match_a_float_reference(isa):
 
 def test_isa_is_the_best_this_cpu_has():
     assert native.status() == ["scalar", "avx2", "avx512-vnni"][native.lib().best_isa()]
+    assert int4.layout() == int4.GGUF
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +148,7 @@ def test_without_the_library_torch_kernels_run():
                          env={**os.environ, "TIERLM_NATIVE": "0"})
     assert out.returncode == 0, out.stderr
     status, tag, _ = out.stdout.split("\n", 2)
-    assert status == "off (TIERLM_NATIVE=0)" and tag.startswith("int4pack")
+    assert status.startswith("off (built") and tag.startswith("int4pack")
 
 
 def test_a_failed_build_is_one_line_and_not_fatal(tmp_path, monkeypatch, capsys):

@@ -52,7 +52,7 @@ def test_chat_equals_the_python_api(client):
     got = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=24, temperature=0)
     with LLM(progress=False) as llm:
         want = llm.chat(MESSAGES, SamplingParams(temperature=0.0, max_tokens=24))
-    assert got.choices[0].message.content == want.text and want.text
+    assert got.choices[0].message.content == want.text and "Paris" in want.text
     assert got.choices[0].finish_reason == want.finish_reason
     assert got.usage.completion_tokens == len(want.token_ids)
     assert got.usage.prompt_tokens == len(want.prompt_token_ids)

@@ -1,6 +1,8 @@
 """The native kernels (csrc/, built by `python -m tierlm.native.build` at install): integer-dot int4/int8
-matmuls and a decoder layer in one call. Optional: when they are not built (no compiler), stale (other sources
-or torch), or disabled (TIERLM_NATIVE=0), tierlm runs on torch's kernels — `status()` says which and why.
+matmuls and a decoder layer in one call. Opt-in for now (TIERLM_NATIVE=1): single-stream decode is 1.5x
+torch's W4A16 path on the embedded model, but their M > 1 GEMM is still slower than torch's (prefill, batched
+decode); see the README. When not enabled, not built (no compiler) or stale (other sources or torch), tierlm
+runs on torch's kernels — `status()` says which and why. `lib()` loads a built library either way (tests).
 """
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ import os
 from types import ModuleType
 
 
+def enabled() -> bool:
+    return os.environ.get("TIERLM_NATIVE", "0") == "1"
+
+
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
-    from tierlm.native.build import NAME, OUT, STAMP, fingerprint  # not at import: `python -m ...build` runs it
-    if os.environ.get("TIERLM_NATIVE", "1") == "0":
-        return None, "off (TIERLM_NATIVE=0)"
+    from tierlm.native.build import NAME, OUT, fingerprint, stamp  # not at import: `python -m ...build` runs it
     libs = sorted(OUT.glob(f"{NAME}*.so"))
-    if not libs or not STAMP.exists():
+    if not libs or not stamp().exists():
         return None, "off (not built: make install, or python -m tierlm.native.build)"
-    if STAMP.read_text().strip() != fingerprint():
+    if stamp().read_text().strip() != fingerprint():
         return None, "off (built from other sources or another torch: rebuild with python -m tierlm.native.build)"
     import torch  # noqa: F401 - the library links against torch's, which must be loaded first
     loader = importlib.machinery.ExtensionFileLoader(NAME, str(libs[0]))
@@ -33,15 +37,18 @@ def _load() -> tuple[ModuleType | None, str]:
 
 
 def lib() -> ModuleType | None:
-    """The loaded extension, or None."""
+    """The loaded extension (built and current), or None."""
     return _load()[0]
 
 
 def available() -> bool:
-    return lib() is not None
+    """Whether tierlm runs on the native kernels: built, current, and enabled."""
+    return enabled() and lib() is not None
 
 
 def status() -> str:
     """The int-dot path in use ("avx512-vnni", "avx2", "scalar"), or "off (why)"."""
     mod, why = _load()
+    if mod is not None and not enabled():
+        return f"off (built, {mod.isa()}; TIERLM_NATIVE=1 enables)"
     return mod.isa() if mod is not None else why

@@ -16,7 +16,11 @@ SOURCES = sorted((HERE / "csrc").glob("*.cpp"))
 HEADERS = sorted((HERE / "csrc").glob("*.h"))
 OUT = HERE / "_built"
 NAME = "tierlm_native"
-STAMP = OUT / "stamp.txt"
+
+
+def stamp() -> Path:
+    """Written last by a successful build: the fingerprint the library was built with."""
+    return OUT / "stamp.txt"
 
 
 def fingerprint() -> str:
@@ -32,11 +36,11 @@ def build(verbose: bool = False) -> Path:
     """Compile (ninja rebuilds only what changed) and record the fingerprint; returns the library's path."""
     from torch.utils.cpp_extension import load
     OUT.mkdir(exist_ok=True)
-    STAMP.unlink(missing_ok=True)
+    stamp().unlink(missing_ok=True)
     load(name=NAME, sources=[str(s) for s in SOURCES], build_directory=str(OUT), verbose=verbose,
          extra_cflags=["-O3", "-march=native", "-fno-math-errno"], extra_include_paths=[str(HERE / "csrc")])
     lib = next(OUT.glob(f"{NAME}*.so"))
-    STAMP.write_text(fingerprint())
+    stamp().write_text(fingerprint())
     return lib
 
 
