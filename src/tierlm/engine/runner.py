@@ -22,6 +22,7 @@ from tierlm.memory.planning import PREFILL_CHUNK
 from tierlm.memory.store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama
+from tierlm import native
 from tierlm.native import ops as native_ops
 
 
@@ -44,7 +45,7 @@ class Runner:
         # Quantised layers on a CPU run as one native call each (native/ops.py) when the library is built; it
         # ropes in fp32 from fp32 tables. exact: fp32 activations into the quantised matmuls (not int8).
         self.exact = exact
-        self.native = self.device.type == "cpu" and native_ops.scratch_bytes(self.config, 1, store.quant.enabled) > 0
+        self.native = self.device.type == "cpu" and store.quant.enabled and native.available()
         self.rope32 = llama.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
@@ -118,11 +119,12 @@ class Runner:
                 raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
             rope.append((self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)))  # [B, 1, T, hd] each
             xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream, in place
+        on_native = [self.native and native_ops.step_supported(step) for _, step, _ in groups]  # same every layer
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
-            native = self.native and native_ops.layer_supported(w)
-            for x, (_, step, _), (cos, sin) in zip(xs, groups, rope):
-                if native and native_ops.step_supported(step):
+            native = any(on_native) and native_ops.layer_supported(w)
+            for x, (_, step, _), (cos, sin), on in zip(xs, groups, rope, on_native):
+                if native and on:
                     native_ops.layer_step(self.config, w, x, self.rope32, step, i, self.scratch, self.exact)
                 else:
                     llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)

@@ -14,11 +14,18 @@ from types import ModuleType
 
 
 def enabled() -> bool:
-    return os.environ.get("TIERLM_NATIVE", "0") == "1"
+    """TIERLM_NATIVE=1, read once per load (available() sits under every matmul's dispatch)."""
+    return _load()[2]
 
 
 @functools.cache
-def _load() -> tuple[ModuleType | None, str]:
+def _load() -> tuple[ModuleType | None, str, bool]:
+    """(the library or None, why not, whether enabled); tests clear the cache to switch."""
+    mod, why = _import()
+    return mod, why, os.environ.get("TIERLM_NATIVE", "0") == "1"
+
+
+def _import() -> tuple[ModuleType | None, str]:
     from tierlm.native.build import NAME, OUT, fingerprint, stamp  # not at import: `python -m ...build` runs it
     libs = sorted(OUT.glob(f"{NAME}*.so"))
     if not libs or not stamp().exists():
@@ -43,12 +50,13 @@ def lib() -> ModuleType | None:
 
 def available() -> bool:
     """Whether tierlm runs on the native kernels: built, current, and enabled."""
-    return enabled() and lib() is not None
+    mod, _, on = _load()
+    return on and mod is not None
 
 
 def status() -> str:
     """The int-dot path in use ("avx512-vnni", "avx2", "scalar"), or "off (why)"."""
-    mod, why = _load()
-    if mod is not None and not enabled():
+    mod, why, on = _load()
+    if mod is not None and not on:
         return f"off (built, {mod.isa()}; TIERLM_NATIVE=1 enables)"
     return mod.isa() if mod is not None else why

@@ -103,14 +103,14 @@ static inline void store(void* p, bool bf16, int64_t i, float v) {
   else static_cast<float*>(p)[i] = v;
 }
 
-// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, fp32
-static void rms_norm(const void* x, bool bf16, const float* w, int64_t rows, int64_t h, double eps, float* out) {
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, fp32; x and w in the compute dtype (read in place)
+static void rms_norm(const void* x, bool bf16, const void* w, int64_t rows, int64_t h, double eps, float* out) {
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* o = out + r * h;
       for (int64_t i = 0; i < h; ++i) o[i] = load(x, bf16, r * h + i);
       const float inv = 1.f / std::sqrt(fixed_dot(o, o, h) / float(h) + float(eps));
-      for (int64_t i = 0; i < h; ++i) o[i] = o[i] * inv * w[i];
+      for (int64_t i = 0; i < h; ++i) o[i] = o[i] * inv * load(w, bf16, i);
     }
   });
 }
@@ -161,7 +161,7 @@ static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, i
   const int64_t width = (nh + 2 * nkv) * hd, g = nh / nkv;
   const float scale = 1.f / std::sqrt(float(hd));
   at::parallel_for(0, rows * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> sc, kf(hd), o(g * hd);
+    std::vector<float> sc, kf(hd), o(g * hd), z(g);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = it / nkv, j = it % nkv, n = kv.pos[r] + 1;
       const float* q = qkv + r * width + j * g * hd;  // the g query heads sharing kv head j
@@ -171,7 +171,7 @@ static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, i
         for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.k, kv.bf16, off + i);
         for (int64_t h = 0; h < g; ++h) sc[h * n + p] = fixed_dot(q + h * hd, kf.data(), hd) * scale;
       }
-      std::vector<float> z(g, 0.f);
+      std::fill(z.begin(), z.end(), 0.f);
       for (int64_t h = 0; h < g; ++h) {
         float* s = sc.data() + h * n;
         float mx = s[0];
@@ -214,8 +214,9 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
               "pool: [nkv, cap, bs, hd] bf16|fp32");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "rope tables: fp32");
   TORCH_CHECK(scratch.nbytes() >= size_t(scratch_bytes(rows, h, Wqkv.n, Wo.k, inter)), "scratch too small");
-  const at::Tensor an = attn_norm.to(at::kFloat).contiguous(), fn = ffn_norm.to(at::kFloat).contiguous();
-  const at::Tensor bq = f32(bqkv), bb = f32(bo);
+  TORCH_CHECK(attn_norm.scalar_type() == x.scalar_type() && ffn_norm.scalar_type() == x.scalar_type() &&
+              attn_norm.is_contiguous() && ffn_norm.is_contiguous(), "norm weights: contiguous, in x's dtype");
+  const at::Tensor bq = f32(bqkv), bb = f32(bo);  // Qwen2 / attention-bias models only
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Paged kv{kpool.data_ptr(), vpool.data_ptr(), kpool.scalar_type() == at::kBFloat16, kpool.size(1), kpool.size(2),
            tables.size(1), tables.data_ptr<int32_t>(), positions.data_ptr<int64_t>(), rows / b};
@@ -235,13 +236,13 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
   s.qa.sx = f, f += rows * (kmax / 32);
   s.qa.dxe = f;
 
-  rms_norm(x.data_ptr(), bf16, an.data_ptr<float>(), rows, h, eps, s.h);  // [R, H]
+  rms_norm(x.data_ptr(), bf16, attn_norm.data_ptr(), rows, h, eps, s.h);  // [R, H]
   matmul(Wqkv, s.h, rows, s.qkv, bq.defined() ? bq.data_ptr<float>() : nullptr, exact, s.qa);  // [R, (nh+2nkv)*hd]
   rope_and_store(s.qkv, rows, nh, nkv, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), kv);
   attention(s.qkv, rows, nh, nkv, hd, kv, s.att);  // [R, nh*hd]
   matmul(Wo, s.att, rows, s.y, bb.defined() ? bb.data_ptr<float>() : nullptr, exact, s.qa);  // [R, H]
   add_residual(x.data_ptr(), bf16, s.y, rows * h);
-  rms_norm(x.data_ptr(), bf16, fn.data_ptr<float>(), rows, h, eps, s.h);
+  rms_norm(x.data_ptr(), bf16, ffn_norm.data_ptr(), rows, h, eps, s.h);
   matmul(Wgu, s.h, rows, s.gu, nullptr, exact, s.qa);  // [R, 2I]: gate then up
   at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
