@@ -3,6 +3,7 @@ path this CPU has, row invariance, the one-call layer step against the Python la
 activations against the exact path, and the fallback when the library is missing."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,24 +14,35 @@ import torch
 from tierlm import LLM, native
 from tierlm.eval_ppl import perplexity
 from tierlm.native import build
+from tierlm.native import ops as native_ops
 
 from tierlm.quant import int4
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"native kernels {native.status()}")
 
 
+@contextlib.contextmanager
+def _mode(value: str | None):
+    """TIERLM_NATIVE=value (None: unset) for the block; the caches that read it are cleared on both sides."""
+    def put(v: str | None) -> None:
+        if v is None:
+            os.environ.pop("TIERLM_NATIVE", None)
+        else:
+            os.environ["TIERLM_NATIVE"] = v
+        native._load.cache_clear(), int4.layout.cache_clear()
+    old = os.environ.get("TIERLM_NATIVE")
+    put(value)
+    try:
+        yield
+    finally:  # a failing test must not leave the next ones in its mode
+        put(old)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def native_on():
-    """The engine on the native kernels for this module (opt-in: TIERLM_NATIVE=1), torch's after it."""
-    old = os.environ.get("TIERLM_NATIVE")
-    os.environ["TIERLM_NATIVE"] = "1"
-    native._load.cache_clear(), int4.layout.cache_clear()
-    yield
-    if old is None:
-        del os.environ["TIERLM_NATIVE"]
-    else:
-        os.environ["TIERLM_NATIVE"] = old
-    native._load.cache_clear(), int4.layout.cache_clear()
+    """The engine on the integer-dot kernels for this module (opt-in: TIERLM_NATIVE=1), the default after it."""
+    with _mode("1"):
+        yield
 SHAPES = [(64, 96, 1), (128, 576, 3), (192, 1536, 17), (64, 4096, 5), (320, 160, 64), (64, 224, 33)]
 
 
@@ -88,7 +100,7 @@ def test_kernels_match_a_float_reference(isa):
 
 
 def test_isa_is_the_best_this_cpu_has():
-    assert native.status() == ["scalar", "avx2", "avx512-vnni"][native.lib().best_isa()]
+    assert native.status() == "int-dot " + ["scalar", "avx2", "avx512-vnni"][native.lib().best_isa()]
     assert int4.layout() == int4.GGUF
 
 
@@ -124,8 +136,22 @@ def test_layer_step_matches_the_python_layer(fp32_llm):
 
 @pytest.mark.parametrize("kernels", ["int8", "exact"])
 def test_decoded_tokens_equal_a_prefill(kernels):
-    with LLM(progress=False, kernels=kernels) as llm:  # bf16 activations, bf16 KV: the default numerics
+    with LLM(progress=False, kernels=kernels) as llm:  # bf16 activations, bf16 KV
         assert torch.equal(_logits(llm, IDS, True, step=True), _logits(llm, IDS, True))
+
+
+def test_the_default_layer_step_runs_torch_matmuls():
+    """Without TIERLM_NATIVE: int4 stays in torch's layout and kernels, inside the one-call layer step; decoded
+    tokens equal a prefill bit for bit, and the logits stay close to the Python layer's."""
+    with _mode(None), LLM(progress=False) as llm:
+        assert native.status().startswith("layer step") and int4.layout() != int4.GGUF and llm.runner.native
+        w = llm.store.acquire(0)
+        assert w.wqkv.kernel_scales is not None and native_ops.layer_supported(w)
+        llm.store.release(0)
+        a, b = _logits(llm, IDS, True), _logits(llm, IDS, False)
+        assert torch.equal(_logits(llm, IDS, True, step=True), a)
+        # fp32 between the matmuls vs bf16: near-ties may go either way
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9 and (a - b).abs().max() < 0.05 * b.abs().max()
 
 
 def test_int8_activations_cost_little_perplexity():
@@ -148,7 +174,7 @@ def test_without_the_library_torch_kernels_run():
                          env={**os.environ, "TIERLM_NATIVE": "0"})
     assert out.returncode == 0, out.stderr
     status, tag, _ = out.stdout.split("\n", 2)
-    assert status.startswith("off (built") and tag.startswith("int4pack")
+    assert status == "off (TIERLM_NATIVE=0)" and tag.startswith("int4pack")
 
 
 def test_a_failed_build_is_one_line_and_not_fatal(tmp_path, monkeypatch, capsys):

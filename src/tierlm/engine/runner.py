@@ -43,9 +43,9 @@ class Runner:
         cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         # Quantised layers on a CPU run as one native call each (native/ops.py) when the library is built; it
-        # ropes in fp32 from fp32 tables. exact: fp32 activations into the quantised matmuls (not int8).
+        # ropes in fp32 from fp32 tables. exact: fp32 activations into the integer-dot kernels' matmuls.
         self.exact = exact
-        self.native = self.device.type == "cpu" and store.quant.enabled and native.available()
+        self.native = self.device.type == "cpu" and store.quant.enabled and native.layer_step_available()
         self.rope32 = llama.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.

@@ -115,11 +115,12 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         kv_bytes=kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) if kv_bytes is None else kv_bytes,
         # kernel outputs (estimated) + the workspace arena the runner reserves (planned exactly) + one layer's
         # K/V gathered from the paged pool for attention (a transient of max_context tokens). The native layer
-        # step allocates none of these beyond the residual stream and the logits: its buffers are the
-        # workspace's, its attention reads the pool in place, nothing is dequantised.
+        # step reads the pool in place and dequantises nothing; on the integer-dot kernels it allocates nothing
+        # beyond the residual stream and the logits (its buffers are the workspace's).
         activation_bytes=plan_workspace(workspace_buffers(cfg, rows, dtype, kv_dtype, native)).nbytes + (
-            acts.hidden + acts.logits if native else acts.total + dequant_bytes(cfg, rows, quant, cuda)
-            + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize) // cfg.num_layers),
+            (acts.hidden + acts.logits if native_ops.int_dot() else acts.total) if native  # torch's matmul outputs
+            else acts.total + dequant_bytes(cfg, rows, quant, cuda) + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize)
+            // cfg.num_layers),
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer + (0 if cuda else kv_host_bytes),
         cuda=cuda,
         cpu_budget=budget.cpu,

@@ -1,8 +1,9 @@
-"""The native kernels (csrc/, built by `python -m tierlm.native.build` at install): integer-dot int4/int8
-matmuls and a decoder layer in one call. Opt-in for now (TIERLM_NATIVE=1): single-stream decode is 1.5x
-torch's W4A16 path on the embedded model, but their M > 1 GEMM is still slower than torch's (prefill, batched
-decode); see the README. When not enabled, not built (no compiler) or stale (other sources or torch), tierlm
-runs on torch's kernels — `status()` says which and why. `lib()` loads a built library either way (tests).
+"""The native library (csrc/, built by `python -m tierlm.native.build` at install): a decoder layer in one call
+and integer-dot int4/int8 matmuls. TIERLM_NATIVE selects: unset, the layer step with torch's fused W4A16/W8A16
+matmuls inside it (the default); 1, the integer-dot kernels too (opt-in: their M > 1 GEMM is still slower than
+torch's; see the README); 0, neither (the Python layer). When the library is not built (no compiler) or stale
+(other sources or torch), tierlm runs the Python layer on torch's kernels — `status()` says which and why.
+`lib()` loads a built library whatever the setting (tests).
 """
 from __future__ import annotations
 
@@ -13,16 +14,12 @@ import os
 from types import ModuleType
 
 
-def enabled() -> bool:
-    """TIERLM_NATIVE=1, read once per load (available() sits under every matmul's dispatch)."""
-    return _load()[2]
-
-
 @functools.cache
-def _load() -> tuple[ModuleType | None, str, bool]:
-    """(the library or None, why not, whether enabled); tests clear the cache to switch."""
+def _load() -> tuple[ModuleType | None, str, str]:
+    """(the library or None, why not, TIERLM_NATIVE) read once (available() sits under every matmul's
+    dispatch); tests clear the cache to switch."""
     mod, why = _import()
-    return mod, why, os.environ.get("TIERLM_NATIVE", "0") == "1"
+    return mod, why, os.environ.get("TIERLM_NATIVE", "")
 
 
 def _import() -> tuple[ModuleType | None, str]:
@@ -49,14 +46,22 @@ def lib() -> ModuleType | None:
 
 
 def available() -> bool:
-    """Whether tierlm runs on the native kernels: built, current, and enabled."""
-    mod, _, on = _load()
-    return on and mod is not None
+    """Whether the integer-dot kernels run (int4 matrices then take GGUF's layout): built, current, TIERLM_NATIVE=1."""
+    mod, _, env = _load()
+    return env == "1" and mod is not None
+
+
+def layer_step_available() -> bool:
+    """Whether quantised layers run as one native call each (unless TIERLM_NATIVE=0)."""
+    mod, _, env = _load()
+    return env != "0" and mod is not None
 
 
 def status() -> str:
-    """The int-dot path in use ("avx512-vnni", "avx2", "scalar"), or "off (why)"."""
-    mod, why, on = _load()
-    if mod is not None and not on:
-        return f"off (built, {mod.isa()}; TIERLM_NATIVE=1 enables)"
-    return mod.isa() if mod is not None else why
+    """What runs: "int-dot avx512-vnni" (or avx2, scalar), "layer step, torch matmuls", or "off (why)"."""
+    mod, why, env = _load()
+    if mod is None:
+        return why
+    if env == "0":
+        return "off (TIERLM_NATIVE=0)"
+    return f"int-dot {mod.isa()}" if env == "1" else f"layer step, torch matmuls (int-dot {mod.isa()}: TIERLM_NATIVE=1)"

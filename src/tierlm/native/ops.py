@@ -1,11 +1,12 @@
-"""Python side of the native kernels: which matrices and steps they take, and the calls.
+"""Python side of the native library: which matrices and steps it takes, and the calls.
 
-A matrix goes to the native integer-dot kernels in its loaded form (QuantTensor: int4 g=32 scales/mins fp16 in
-GGUF nibble order; int8 g=32 with fp16 scales, or one fp32 scale per row) when the library is built. A layer
-step goes to `layer_step` (one call: norm, QKV, rope, K/V write, paged attention, output projection, MLP) when
-all its matrices do, its KV pool holds bf16 or fp32 (int8 KV and sliding windows take the Python layer), and
-the step is a paged one. `exact` multiplies with fp32 activations instead of int8 ones (W4A32): slower, and
-the reference the int-dot numerics are measured against.
+A matrix goes to the integer-dot kernels in its loaded form (QuantTensor: int4 g=32 scales/mins fp16 in GGUF
+nibble order; int8 g=32 with fp16 scales, or one fp32 scale per row) when they are enabled (TIERLM_NATIVE=1).
+A layer goes to `layer_step` (one call: norm, QKV, rope, K/V write, paged attention, output projection, MLP)
+when all its matrices are in that form or in torch's fused form (multiplied there by torch's own kernels), its
+KV pool holds bf16 or fp32 (int8 KV and sliding windows take the Python layer), and the step is a paged one.
+`exact` multiplies with fp32 activations instead of int8 ones (W4A32): slower, and the reference the int-dot
+numerics are measured against.
 """
 from __future__ import annotations
 
@@ -26,12 +27,33 @@ NUMERICS = 3  # bumped when the native kernels change what they compute (goes in
 
 
 def uses_native(kind: str, group_size: int, k: int) -> bool:
-    """Whether a matrix of this kind and K runs on the native kernels (stored in its loaded form)."""
-    return native.available() and k % 32 == 0 and (group_size == 32 or (kind == "int8" and group_size == k))
+    """Whether a matrix of this kind and K runs on the integer-dot kernels (stored in its loaded form): int8 g=32
+    (GGUF Q8_0 blocks, for which torch has no fused kernel) whenever the library is in use; int4 g=32 and int8
+    per channel with TIERLM_NATIVE=1."""
+    if k % 32 or not native.layer_step_available():
+        return False
+    return (kind == "int8" and group_size == 32) or native.available() and (group_size == 32 or group_size == k)
+
+
+def int_dot() -> bool:
+    """Whether the integer-dot kernels are on (TIERLM_NATIVE=1)."""
+    return native.available()
 
 
 def runs(w: object) -> bool:
     return isinstance(w, QuantTensor) and w.kernel_scales is None and uses_native(w.kind, w.group_size, w.shape[1])
+
+
+TORCH_INT4, TORCH_INT8 = 104, 108  # layer.cpp: torch's fused form, multiplied by torch's kernels
+
+
+def layer_mat(w: object) -> tuple | None:
+    """A layer matrix as layer_step takes it: the integer-dot form, or torch's fused form; None: neither."""
+    if runs(w):
+        return _mat(w)
+    if isinstance(w, QuantTensor) and w.kernel_scales is not None:
+        return (TORCH_INT4 if w.kind == "int4" else TORCH_INT8), w.qweight, w.kernel_scales, None, None
+    return None
 
 
 def _mat(w: QuantTensor) -> tuple:
@@ -43,13 +65,22 @@ def _mat(w: QuantTensor) -> tuple:
     return 8, w.qweight, w.scales, None, None
 
 
+def runs_exact(w: object) -> bool:
+    """An int8 per-channel matrix in torch's form (the lm_head) that the library multiplies exactly (fp32
+    activations): a faster GEMV than torch's W8A16 kernel here (measured on the embedded model's head)."""
+    return isinstance(w, QuantTensor) and w.kind == "int8" and w.group_size == w.shape[1] and \
+        w.kernel_scales is not None and w.shape[1] % 32 == 0 and native.layer_step_available()
+
+
 def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None, exact: bool) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype."""
+    if w.kernel_scales is not None:  # runs_exact: torch's per-row scales, in the activation dtype
+        return native.lib().linear(x, (8, w.qweight, None, None, w.kernel_scales.float()), bias, True)
     return native.lib().linear(x, _mat(w), bias, exact)
 
 
 def layer_supported(w: LayerWeights) -> bool:
-    return all(runs(m) for m in (w.wqkv, w.wo, w.w_gateup, w.w_down))
+    return all(layer_mat(m) is not None for m in (w.wqkv, w.wo, w.w_gateup, w.w_down))
 
 
 def step_supported(step: object) -> bool:
@@ -61,7 +92,7 @@ def step_supported(step: object) -> bool:
 def scratch_bytes(cfg: ModelConfig, rows: int, quantised: bool = True) -> int:
     """The scratch one layer_step over `rows` token rows needs (its activations, fp32, and their int8 form);
     0 when no layer step will run (no library, or dense weights)."""
-    if not (native.available() and quantised):
+    if not (native.layer_step_available() and quantised):
         return 0
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     return native.lib().scratch_bytes(rows, cfg.hidden_size, qkv, cfg.q_size, cfg.intermediate_size)
@@ -71,13 +102,15 @@ def layer_step(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rope32: tuple
                step: PagedStep, layer: int, scratch: torch.Tensor, exact: bool) -> None:
     """One decoder layer over the step's rows, x [B, T, H] updated in place (llama.layer_forward's contract)."""
     pool = step.kv.pool
-    native.lib().layer_step(x, w.attn_norm, w.ffn_norm, _mat(w.wqkv), w.bqkv, _mat(w.wo), w.bo, _mat(w.w_gateup),
-                            _mat(w.w_down), rope32[0], rope32[1], step.positions, step.tables, pool.k[layer],
+    native.lib().layer_step(x, w.attn_norm, w.ffn_norm, layer_mat(w.wqkv), w.bqkv, layer_mat(w.wo), w.bo,
+                            layer_mat(w.w_gateup), layer_mat(w.w_down), rope32[0], rope32[1], step.positions, step.tables, pool.k[layer],
                             pool.v[layer], cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, exact, scratch)
 
 
 def numerics_tag(exact: bool) -> str:
     """What the bits of a forward pass depend on beyond the weights (the KV salt has it)."""
-    if not native.available():
+    if not native.layer_step_available():
         return "torch"
+    if not native.available():
+        return f"layer{NUMERICS}-torchmm"
     return f"native{NUMERICS}-{native.status()}-{'a32' if exact else 'a8'}"

@@ -114,5 +114,8 @@ class QuantScheme:
 
 
 def _native() -> bool:
+    """Whether the integer-dot kernels are on. Not merely the library: multiplying the head with int8
+    activations (its Q8_0 blocks, 18.468 ppl on the embedded model vs 18.518 per channel) flips the near-tie
+    first token of "What is the capital of France?" ("L'Étoile" for "The"), so the default keeps W8A16 there."""
     from tierlm import native
     return native.available()

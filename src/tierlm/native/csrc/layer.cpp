@@ -18,9 +18,18 @@
 
 namespace tierlm {
 
-// (kind, q, d, m, dch) as tierlm.native.ops packs a QuantTensor
+// (kind, q, d, m, dch) as tierlm.native.ops packs a QuantTensor. Kinds 4 and 8: the integer-dot kernels' form
+// (qgemm.h). Kinds TORCH_INT4 / TORCH_INT8: torch's fused weight-only form (q in its int4pack layout or int8,
+// d = kernel_scales in the activation dtype: [K/g, N, 2] or [N]), multiplied by torch's own kernels.
 using MatArg = std::tuple<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                           c10::optional<at::Tensor>>;
+constexpr int64_t TORCH_INT4 = 104, TORCH_INT8 = 108;
+
+struct Mat {  // a layer matrix in either form
+  QMat q;  // the integer-dot form (q.kind 4 / 8), or only n, k for torch's
+  int64_t torch_kind = 0;
+  at::Tensor weight, scales;
+};
 
 static QMat to_qmat(const MatArg& a) {
   QMat w;
@@ -48,6 +57,21 @@ static QMat to_qmat(const MatArg& a) {
   return w;
 }
 
+static Mat to_mat(const MatArg& a) {
+  Mat m;
+  m.torch_kind = std::get<0>(a);
+  if (m.torch_kind != TORCH_INT4 && m.torch_kind != TORCH_INT8) {
+    m.torch_kind = 0;
+    m.q = to_qmat(a);
+    return m;
+  }
+  m.weight = std::get<1>(a);
+  m.scales = *std::get<2>(a);
+  m.q.n = m.weight.size(0);
+  m.q.k = m.torch_kind == TORCH_INT4 ? 2 * m.weight.size(1) : m.weight.size(1);
+  return m;
+}
+
 static at::Tensor f32(const c10::optional<at::Tensor>& t) {
   return t ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
@@ -63,7 +87,19 @@ static int64_t scratch_floats(int64_t r, int64_t h, int64_t qkv, int64_t att, in
   return r * (2 * h + qkv + att + 3 * inter) + r * (kmax / 4 + 2 * (kmax / 32) + kmax / 4) + 64;
 }
 
-static void matmul(const QMat& w, const float* x, int64_t rows, float* y, const float* bias, bool exact, QAct& qa) {
+static void matmul(const Mat& mat, const float* x, int64_t rows, float* y, const float* bias, bool exact, QAct& qa) {
+  const QMat& w = mat.q;
+  if (mat.torch_kind) {  // torch's kernel: activations in its scales' dtype, the product back to fp32
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    const at::Tensor xin = at::from_blob(const_cast<float*>(x), {rows, w.k}, opts).to(mat.scales.scalar_type());
+    const at::Tensor out = mat.torch_kind == TORCH_INT4
+        ? at::_weight_int4pack_mm_for_cpu(xin, mat.weight, w.k / mat.scales.size(0), mat.scales)
+        : at::_weight_int8pack_mm(xin, mat.weight, mat.scales);  // [rows, N]
+    at::Tensor dst = at::from_blob(y, {rows, w.n}, opts);
+    dst.copy_(out);
+    if (bias) dst.add_(at::from_blob(const_cast<float*>(bias), {w.n}, opts));
+    return;
+  }
   if (exact) return fgemm(w, x, rows, w.k, y, w.n, bias);
   qa.layout = w.kind, qa.m = rows, qa.k = w.k;
   quantize_act(x, w.k, qa);
@@ -202,7 +238,8 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
                 const MatArg& wgu, const MatArg& wdown, const at::Tensor& cos, const at::Tensor& sin,
                 const at::Tensor& positions, const at::Tensor& tables, at::Tensor kpool, at::Tensor vpool,
                 int64_t nh, int64_t nkv, double eps, bool exact, at::Tensor scratch) {
-  const QMat Wqkv = to_qmat(wqkv), Wo = to_qmat(wo), Wgu = to_qmat(wgu), Wd = to_qmat(wdown);
+  const Mat mqkv = to_mat(wqkv), mo = to_mat(wo), mgu = to_mat(wgu), md = to_mat(wdown);
+  const QMat &Wqkv = mqkv.q, &Wo = mo.q, &Wgu = mgu.q, &Wd = md.q;
   const int64_t h = x.size(-1), rows = x.numel() / h, hd = cos.size(1), inter = Wd.k, b = tables.size(0);
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat), "x: bf16|fp32");
   TORCH_CHECK(Wqkv.k == h && Wqkv.n == (nh + 2 * nkv) * hd && Wo.k == nh * hd && Wo.n == h && Wgu.k == h &&
@@ -237,13 +274,13 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
   s.qa.dxe = f;
 
   rms_norm(x.data_ptr(), bf16, attn_norm.data_ptr(), rows, h, eps, s.h);  // [R, H]
-  matmul(Wqkv, s.h, rows, s.qkv, bq.defined() ? bq.data_ptr<float>() : nullptr, exact, s.qa);  // [R, (nh+2nkv)*hd]
+  matmul(mqkv, s.h, rows, s.qkv, bq.defined() ? bq.data_ptr<float>() : nullptr, exact, s.qa);  // [R, (nh+2nkv)*hd]
   rope_and_store(s.qkv, rows, nh, nkv, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), kv);
   attention(s.qkv, rows, nh, nkv, hd, kv, s.att);  // [R, nh*hd]
-  matmul(Wo, s.att, rows, s.y, bb.defined() ? bb.data_ptr<float>() : nullptr, exact, s.qa);  // [R, H]
+  matmul(mo, s.att, rows, s.y, bb.defined() ? bb.data_ptr<float>() : nullptr, exact, s.qa);  // [R, H]
   add_residual(x.data_ptr(), bf16, s.y, rows * h);
   rms_norm(x.data_ptr(), bf16, ffn_norm.data_ptr(), rows, h, eps, s.h);
-  matmul(Wgu, s.h, rows, s.gu, nullptr, exact, s.qa);  // [R, 2I]: gate then up
+  matmul(mgu, s.h, rows, s.gu, nullptr, exact, s.qa);  // [R, 2I]: gate then up
   at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < inter; ++i) {
@@ -251,7 +288,7 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
         s.act[r * inter + i] = gate / (1.f + std::exp(-gate)) * s.gu[r * 2 * inter + inter + i];
       }
   });
-  matmul(Wd, s.act, rows, s.y, nullptr, exact, s.qa);  // [R, H]
+  matmul(md, s.act, rows, s.y, nullptr, exact, s.qa);  // [R, H]
   add_residual(x.data_ptr(), bf16, s.y, rows * h);
 }
 

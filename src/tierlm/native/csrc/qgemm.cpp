@@ -169,71 +169,104 @@ TGT2 static void row_avx2(const QMat& w, int64_t n, const QAct& a, int64_t m0, f
   for (int i = 0; i < MT; ++i) out[i] = hsum8f(acc[i]) + mins[i];
 }
 
-template <int MT>
-TGT512 static void row_avx512(const QMat& w, int64_t n, const QAct& a, int64_t m0, float* out) {
-  const int64_t K = w.k, G = K / 32;
-  const bool q4 = w.kind == 4;
-  const int64_t width = q4 ? 128 : 64, chunks = K / width, per = q4 ? 4 : 2;
+// AVX-512: NR weight rows x MT activation rows per visit. A chunk (128 columns int4 = 4 groups, 64 int8 = 2) of
+// each weight row is unpacked once and serves every activation row; each activation chunk is loaded once and
+// serves every weight row. Every (row, column) pair runs the same intrinsics in the same order whatever NR and
+// MT are (so tiles change speed, not bits). Template flags, not run-time branches, pick int4 / int8 and
+// per-group / per-row scales: the inner loop has no branches.
+template <bool Q4, bool PERCH, int NR, int MT>
+TGT512 static void tile_avx512(const QMat& w, int64_t n0, const QAct& a, int64_t m0, float (*out)[4]) {
+  const int64_t K = w.k, G = K / 32, width = Q4 ? 128 : 64, chunks = K / width, per = Q4 ? 4 : 2;
+  const int64_t wrow = Q4 ? K / 2 : K;
   const __m512i zero = _mm512_setzero_si512(), m4 = _mm512_set1_epi8(15);
-  const __m512i spread = q4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+  const __m512i spread = Q4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
                             : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc[MT];
-  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
-  const __m512 dch = _mm512_set1_ps(w.dch ? w.dch[n] : 0.f);
+  __m512 acc[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
-    const __m512i wb = _mm512_loadu_si512(w.q + n * (q4 ? K / 2 : K) + c * 64);
-    __m512i lo, hi;
-    __mmask64 neg = 0;
-    if (q4) {
-      lo = _mm512_and_si512(wb, m4);
-      hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), m4);
-    } else {
-      lo = _mm512_abs_epi8(wb);
-      neg = _mm512_movepi8_mask(wb);
-    }
-    __m512 dv = dch;
-    if (w.d) {
-      const uint16_t* d = w.d + n * G + c * per;
-      const __m128i raw = q4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d)) : _mm_cvtsi32_si128(*reinterpret_cast<const int*>(d));
-      dv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(raw)));
-    }
-    for (int i = 0; i < MT; ++i) {
-      const int64_t m = m0 + i;
-      const int8_t* x = a.q + m * K + c * width;
-      const __m512i x0 = _mm512_loadu_si512(x);
-      __m512i isum;
-      if (q4) {
-        isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x0), hi, _mm512_loadu_si512(x + 64));
+    __m512i lo[NR], hi[NR];
+    __mmask64 neg[NR];
+    __m512 dv[NR];
+    for (int r = 0; r < NR; ++r) {
+      const __m512i wb = _mm512_loadu_si512(w.q + (n0 + r) * wrow + c * 64);
+      if constexpr (Q4) {
+        lo[r] = _mm512_and_si512(wb, m4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(wb, 4), m4);
       } else {
-        isum = _mm512_dpbusd_epi32(zero, lo, _mm512_mask_sub_epi8(x0, neg, zero, x0));
+        lo[r] = _mm512_abs_epi8(wb);
+        neg[r] = _mm512_movepi8_mask(wb);
       }
-      const __m512 sc = _mm512_mul_ps(dv, _mm512_loadu_ps(a.dxe + m * (K / 4) + 16 * c));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[i]);
+      if constexpr (PERCH) {
+        dv[r] = _mm512_set1_ps(w.dch[n0 + r]);
+      } else {
+        const uint16_t* d = w.d + (n0 + r) * G + c * per;
+        const __m128i raw = Q4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))
+                               : _mm_cvtsi32_si128(*reinterpret_cast<const int*>(d));
+        dv[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(raw)));
+      }
     }
-  }
-  float tail[MT] = {0}, mins[MT] = {0};
-  for (int64_t g = chunks * per; g < G; ++g) {  // groups past the last whole chunk (exact integers, AVX2)
-    const float ws = wscale(w, n, g);
     for (int i = 0; i < MT; ++i) {
-      const int64_t m = m0 + i;
-      const int isum = dot_group_avx2(w, n, g, act_group(a.q + m * K, g, K / 128, a.layout));
-      tail[i] = std::fma(float(isum), ws * a.dx[m * G + g], tail[i]);
+      const int8_t* x = a.q + (m0 + i) * K + c * width;
+      const __m512i x0 = _mm512_loadu_si512(x);
+      const __m512i x1 = Q4 ? _mm512_loadu_si512(x + 64) : zero;
+      const __m512 e = _mm512_loadu_ps(a.dxe + (m0 + i) * (K / 4) + 16 * c);
+      for (int r = 0; r < NR; ++r) {
+        __m512i isum;
+        if constexpr (Q4) isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x0), hi[r], x1);
+        else isum = _mm512_dpbusd_epi32(zero, lo[r], _mm512_mask_sub_epi8(x0, neg[r], zero, x0));
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv[r], e), acc[r][i]);
+      }
     }
   }
-  if (q4) {  // sum over groups of min * dx * sum(q): 16 groups at a time, then the rest
-    __m512 macc[MT];
-    for (int i = 0; i < MT; ++i) macc[i] = _mm512_setzero_ps();
+  float tail[NR][MT] = {}, mins[NR][MT] = {};
+  for (int64_t g = chunks * per; g < G; ++g)  // groups past the last whole chunk (exact integers, AVX2)
+    for (int r = 0; r < NR; ++r) {
+      const float ws = wscale(w, n0 + r, g);
+      for (int i = 0; i < MT; ++i) {
+        const int64_t m = m0 + i;
+        const int isum = dot_group_avx2(w, n0 + r, g, act_group(a.q + m * K, g, K / 128, a.layout));
+        tail[r][i] = std::fma(float(isum), ws * a.dx[m * G + g], tail[r][i]);
+      }
+    }
+  if constexpr (Q4) {  // sum over groups of min * dx * sum(q): 16 groups at a time, then the rest
+    __m512 macc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) macc[r][i] = _mm512_setzero_ps();
     int64_t g = 0;
-    for (; g + 16 <= G; g += 16) {
-      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + n * G + g)));
-      for (int i = 0; i < MT; ++i) macc[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(a.sx + (m0 + i) * G + g), macc[i]);
-    }
-    for (int i = 0; i < MT; ++i) {
-      mins[i] = _mm512_reduce_add_ps(macc[i]);
-      for (int64_t r = g; r < G; ++r) mins[i] = std::fma(h2f(w.m[n * G + r]), a.sx[(m0 + i) * G + r], mins[i]);
+    for (; g + 16 <= G; g += 16)
+      for (int r = 0; r < NR; ++r) {
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + (n0 + r) * G + g)));
+        for (int i = 0; i < MT; ++i) macc[r][i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(a.sx + (m0 + i) * G + g), macc[r][i]);
+      }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) {
+        mins[r][i] = _mm512_reduce_add_ps(macc[r][i]);
+        for (int64_t q = g; q < G; ++q) mins[r][i] = std::fma(h2f(w.m[(n0 + r) * G + q]), a.sx[(m0 + i) * G + q], mins[r][i]);
+      }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) out[r][i] = _mm512_reduce_add_ps(acc[r][i]) + tail[r][i] + mins[r][i];
+}
+
+// One block of weight rows [n0, n1) against every activation row, on AVX-512: with several activation rows, 4
+// weight rows x 2 activation rows at a time (8 accumulators, 12 unpacked weight vectors); with one, a weight row
+// at a time (4 interleaved rows streamed a 22016 x 4096 matrix from DRAM at 7.9 GB/s, one at 13.6).
+template <bool Q4, bool PERCH>
+static void block_avx512(const QMat& w, int64_t n0, int64_t n1, const QAct& a, float* y, int64_t ldy, const float* bias) {
+  float out[4][4];
+  const int64_t step = a.m == 1 ? 1 : 2;
+  for (int64_t m0 = 0; m0 < a.m; m0 += step) {
+    const bool two = m0 + 1 < a.m && step == 2;
+    for (int64_t n = n0; n < n1;) {
+      const int nr = a.m > 1 && n + 4 <= n1 ? 4 : 1;  // one row at a time streams better from DRAM (measured)
+      if (nr == 4) two ? tile_avx512<Q4, PERCH, 4, 2>(w, n, a, m0, out) : tile_avx512<Q4, PERCH, 4, 1>(w, n, a, m0, out);
+      else two ? tile_avx512<Q4, PERCH, 1, 2>(w, n, a, m0, out) : tile_avx512<Q4, PERCH, 1, 1>(w, n, a, m0, out);
+      for (int r = 0; r < nr; ++r)
+        for (int i = 0; i < (two ? 2 : 1); ++i) y[(m0 + i) * ldy + n + r] = out[r][i] + (bias ? bias[n + r] : 0.f);
+      n += nr;
     }
   }
-  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(acc[i]) + tail[i] + mins[i];
 }
 
 constexpr int MT = 4;  // activation rows per weight-row visit: a decoded weight chunk serves 4 rows
@@ -245,7 +278,6 @@ static void run_row(int isa, int mt, const QMat& w, int64_t n, const QAct& a, in
     case 2: return fn<2>(w, n, a, m0, out);       \
     default: return fn<1>(w, n, a, m0, out);      \
   }
-  if (isa == ISA_AVX512) { TIER(row_avx512) }
   if (isa == ISA_AVX2) { TIER(row_avx2) }
   TIER(row_scalar)
 #undef TIER
@@ -262,6 +294,12 @@ void qgemm(const QMat& w, const QAct& a, float* y, int64_t ldy, const float* bia
     float out[MT];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB, n1 = std::min(w.n, n0 + NB);
+      if (isa == ISA_AVX512) {
+        if (w.kind == 4) block_avx512<true, false>(w, n0, n1, a, y, ldy, bias);
+        else if (w.dch) block_avx512<false, true>(w, n0, n1, a, y, ldy, bias);
+        else block_avx512<false, false>(w, n0, n1, a, y, ldy, bias);
+        continue;
+      }
       for (int64_t m0 = 0; m0 < a.m; m0 += MT) {
         const int mt = int(std::min<int64_t>(MT, a.m - m0));
         for (int64_t n = n0; n < n1; ++n) {
@@ -292,8 +330,39 @@ static void dequant_row(const QMat& w, int64_t n, float* out) {
   }
 }
 
+// Exact int8 with one scale per row on AVX-512 (the lm_head): int8 weights widened to fp32 in registers and
+// multiplied with fp32 activations, four 16-lane partial sums added in a fixed order, then the row's scale.
+// One pass over the weight bytes (a 49152 x 576 head: the DRAM-bound GEMV the token waits for).
+TGT512 static float dot_i8_f32(const int8_t* q, const float* x, int64_t k) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    const __m512i b = _mm512_loadu_si512(q + i);
+    for (int j = 0; j < 4; ++j) {
+      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, j)));
+      acc[j] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + i + 16 * j), acc[j]);
+    }
+  }
+  for (int j = 0; i + 16 <= k; i += 16, ++j) {
+    const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+    acc[j] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + i), acc[j]);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  for (; i < k; ++i) s = std::fma(float(q[i]), x[i], s);
+  return s;
+}
+
 void fgemm(const QMat& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, const float* bias) {
   const int64_t blocks = (w.n + NB - 1) / NB;
+  if (w.kind == 8 && w.dch && current_isa() == ISA_AVX512) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.q);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t n = b0 * NB; n < std::min(w.n, b1 * NB); ++n)
+        for (int64_t r = 0; r < m; ++r)
+          y[r * ldy + n] = dot_i8_f32(q + n * w.k, x + r * ldx, w.k) * w.dch[n] + (bias ? bias[n] : 0.f);
+    });
+    return;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> wf(size_t(NB * w.k));
     for (int64_t b = b0; b < b1; ++b) {
