@@ -65,17 +65,8 @@ def _mat(w: QuantTensor) -> tuple:
     return 8, w.qweight, w.scales, None, None
 
 
-def runs_exact(w: object) -> bool:
-    """An int8 per-channel matrix in torch's form (the lm_head) that the library multiplies exactly (fp32
-    activations): a faster GEMV than torch's W8A16 kernel here (measured on the embedded model's head)."""
-    return isinstance(w, QuantTensor) and w.kind == "int8" and w.group_size == w.shape[1] and \
-        w.kernel_scales is not None and w.shape[1] % 32 == 0 and native.layer_step_available()
-
-
 def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None, exact: bool) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype."""
-    if w.kernel_scales is not None:  # runs_exact: torch's per-row scales, in the activation dtype
-        return native.lib().linear(x, (8, w.qweight, None, None, w.kernel_scales.float()), bias, True)
     return native.lib().linear(x, _mat(w), bias, exact)
 
 

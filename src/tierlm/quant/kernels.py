@@ -52,7 +52,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
     """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if x.device.type == "cpu" and (native_ops.runs(w) or native_ops.runs_exact(w)):
+    if x.device.type == "cpu" and native_ops.runs(w):
         return native_ops.linear(x, w, bias, exact)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]

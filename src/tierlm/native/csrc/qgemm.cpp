@@ -330,39 +330,8 @@ static void dequant_row(const QMat& w, int64_t n, float* out) {
   }
 }
 
-// Exact int8 with one scale per row on AVX-512 (the lm_head): int8 weights widened to fp32 in registers and
-// multiplied with fp32 activations, four 16-lane partial sums added in a fixed order, then the row's scale.
-// One pass over the weight bytes (a 49152 x 576 head: the DRAM-bound GEMV the token waits for).
-TGT512 static float dot_i8_f32(const int8_t* q, const float* x, int64_t k) {
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 64 <= k; i += 64) {
-    const __m512i b = _mm512_loadu_si512(q + i);
-    for (int j = 0; j < 4; ++j) {
-      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, j)));
-      acc[j] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + i + 16 * j), acc[j]);
-    }
-  }
-  for (int j = 0; i + 16 <= k; i += 16, ++j) {
-    const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
-    acc[j] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + i), acc[j]);
-  }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-  for (; i < k; ++i) s = std::fma(float(q[i]), x[i], s);
-  return s;
-}
-
 void fgemm(const QMat& w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, const float* bias) {
   const int64_t blocks = (w.n + NB - 1) / NB;
-  if (w.kind == 8 && w.dch && current_isa() == ISA_AVX512) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(w.q);
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t n = b0 * NB; n < std::min(w.n, b1 * NB); ++n)
-        for (int64_t r = 0; r < m; ++r)
-          y[r * ldy + n] = dot_i8_f32(q + n * w.k, x + r * ldx, w.k) * w.dch[n] + (bias ? bias[n] : 0.f);
-    });
-    return;
-  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> wf(size_t(NB * w.k));
     for (int64_t b = b0; b < b1; ++b) {
