@@ -19,6 +19,7 @@ from tierlm.memory.manager import MemoryLedger, Reservation
 from tierlm.memory.planner import Placement, PlanInput, plan
 from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_nbytes
 from tierlm.memory.workspace import plan_workspace
+from tierlm import native
 from tierlm.native import ops as native_ops
 from tierlm.model.llama import workspace_buffers
 from tierlm.quant import kernels
@@ -118,7 +119,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         # step reads the pool in place and dequantises nothing; on the integer-dot kernels it allocates nothing
         # beyond the residual stream and the logits (its buffers are the workspace's).
         activation_bytes=plan_workspace(workspace_buffers(cfg, rows, dtype, kv_dtype, native)).nbytes + (
-            (acts.hidden + acts.logits if native_ops.int_dot() else acts.total) if native  # torch's matmul outputs
+            (acts.hidden + acts.logits if native.available() else acts.total) if native  # torch's matmul outputs
             else acts.total + dequant_bytes(cfg, rows, quant, cuda) + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize)
             // cfg.num_layers),
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer + (0 if cuda else kv_host_bytes),

@@ -35,11 +35,6 @@ def uses_native(kind: str, group_size: int, k: int) -> bool:
     return (kind == "int8" and group_size == 32) or native.available() and (group_size == 32 or group_size == k)
 
 
-def int_dot() -> bool:
-    """Whether the integer-dot kernels are on (TIERLM_NATIVE=1)."""
-    return native.available()
-
-
 def runs(w: object) -> bool:
     return isinstance(w, QuantTensor) and w.kernel_scales is None and uses_native(w.kind, w.group_size, w.shape[1])
 
@@ -103,5 +98,5 @@ def numerics_tag(exact: bool) -> str:
     if not native.layer_step_available():
         return "torch"
     if not native.available():
-        return f"layer{NUMERICS}-torchmm"
+        return f"layer{NUMERICS}-torchmm-{native.lib().isa()}"  # Q8_0 matrices take the int-dot kernels here too
     return f"native{NUMERICS}-{native.status()}-{'a32' if exact else 'a8'}"
