@@ -103,9 +103,9 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
     kv_host_bytes: a host-RAM KV tier, counted against the cpu budget on a CPU-only machine."""
     item = torch.finfo(dtype).bits // 8
     kv_dtype, rows = attention_dtype(dtype, cuda), min(PREFILL_CHUNK, max_context)
-    native = native_ops.scratch_bytes(cfg, rows, quant.enabled)  # the native layer step's (shares the arena)
+    scratch = native_ops.scratch_bytes(cfg, rows, quant.enabled)  # the native layer step's (shares the arena)
     acts = activation_bytes(cfg, rows, 1, item)
-    rope_tables = 2 * max_context * cfg.head_dim * (item + (4 if native else 0))  # cos + sin [max_context, hd] (+fp32)
+    rope_tables = 2 * max_context * cfg.head_dim * (item + (4 if scratch else 0))  # cos + sin [max_context, hd] (+fp32)
     row_buffer = align_up(cfg.hidden_size * item) + ALIGN  # on-demand embedding rows
     prefix = "cuda:" if cuda else ""
     return PlanInput(
@@ -118,8 +118,8 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         # K/V gathered from the paged pool for attention (a transient of max_context tokens). The native layer
         # step reads the pool in place and dequantises nothing; on the integer-dot kernels it allocates nothing
         # beyond the residual stream and the logits (its buffers are the workspace's).
-        activation_bytes=plan_workspace(workspace_buffers(cfg, rows, dtype, kv_dtype, native)).nbytes + (
-            (acts.hidden + acts.logits if native.available() else acts.total) if native  # torch's matmul outputs
+        activation_bytes=plan_workspace(workspace_buffers(cfg, rows, dtype, kv_dtype, scratch)).nbytes + (
+            (acts.hidden + acts.logits if native.available() else acts.total) if scratch  # torch's matmul outputs
             else acts.total + dequant_bytes(cfg, rows, quant, cuda) + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize)
             // cfg.num_layers),
         fixed_bytes=cfg.hidden_size * item + rope_tables + row_buffer + (0 if cuda else kv_host_bytes),
