@@ -42,8 +42,10 @@ $(STAMP)-native: $(STAMP)-base $(wildcard src/tierlm/native/csrc/*)
 	$(BIN)/python -m tierlm.native.build
 	touch $@
 
+# The tests start a real redis-server (the shared KV tier); Debian's package, installed when missing (CI is root).
 $(STAMP)-dev: $(STAMP)-native
 	$(PIP) install -q -e ".[dev]"
+	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	touch $@
 
 clean:

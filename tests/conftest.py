@@ -134,3 +134,21 @@ def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
 @pytest.fixture(scope="session", params=TINY_NAMES)
 def tiny(request, tiny_models) -> TinyModel:
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free 127.0.0.1 port (maxmemory 256mb, allkeys-lru) for the session; stopped after."""
+    from redis_server import RedisServer
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's server, emptied for this test."""
+    import redis
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url

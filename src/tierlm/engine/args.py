@@ -57,6 +57,9 @@ class EngineArgs:
     kv_offload_dir: str | Path | None = None
     kv_compress: str = "none"
     kv_disk_size: str | int = "4GiB"  # the disk KV tier's capacity (least recently used blocks deleted past it)
+    # a KV tier shared by replicas and machines, below host and disk: "redis://HOST:PORT/DB" (kvcache/remote.py)
+    kv_remote: str | None = None
+    kv_remote_namespace: str = "tierlm"  # key prefix: deployments sharing one Redis keep their blocks apart
     migrate: bool = False  # move memory between resident layers and KV at run time (memory/migration.py)
     kv_host_log: str | Path | None = None  # one line per host-tier allocation/free, for benchmarks/soak.py's replay
     memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
@@ -93,6 +96,11 @@ class EngineArgs:
             parse_size(self.kv_memory)
         parse_size(self.kv_host_memory)
         parse_size(self.kv_disk_size)
+        if self.kv_remote is not None:
+            check_remote_url(self.kv_remote)
+        if not self.kv_remote_namespace or any(c in self.kv_remote_namespace for c in " :{}"):
+            raise UsageError(f"kv_remote_namespace must be a non-empty word without spaces, ':' or braces, "
+                             f"got {self.kv_remote_namespace!r}")
         budget = MemoryBudget.parse(self.max_memory)
         if self.migrate and (not budget.limited or self.offload_dir is None or self.device != "cpu"):
             raise UsageError("migrate needs max_memory and offload_dir (--max-memory, --offload-dir) and runs on a CPU")
@@ -106,6 +114,24 @@ class EngineArgs:
         if hasattr(ns, "no_prefix_cache"):
             values["enable_prefix_caching"] = not ns.no_prefix_cache
         return cls(**values)
+
+
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_remote_url(url: str) -> None:
+    """kv_remote must name a Redis server: redis://[user:password@]host:port/db, rediss://..., unix://path."""
+    if not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES):
+        raise UsageError(f"kv_remote must be a redis:// (or rediss://, unix://) URL, got {url!r}")
+    from urllib.parse import urlparse
+    try:
+        u = urlparse(url)
+        u.port  # noqa: B018 - raises ValueError on a bad port
+        db = u.path.strip("/")
+    except ValueError as e:
+        raise UsageError(f"kv_remote {url!r}: {e}") from None
+    if u.scheme != "unix" and (not u.hostname or (db and not db.isdigit())):
+        raise UsageError(f"kv_remote {url!r}: expected redis://HOST:PORT/DB")
 
 
 def positive_int(text: str) -> int:
@@ -164,6 +190,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-compress", default="none", choices=["none", "zstd"], help="KV blocks on disk")
     p.add_argument("--kv-disk-size", default=EngineArgs.kv_disk_size, metavar="SIZE",
                    help=f"capacity of the disk KV tier (default {EngineArgs.kv_disk_size}; LRU eviction)")
+    p.add_argument("--kv-remote", default=None, metavar="URL",
+                   help="a KV tier shared by replicas, below host and disk: redis://HOST:PORT/DB")
+    p.add_argument("--kv-remote-namespace", default=EngineArgs.kv_remote_namespace, metavar="NAME",
+                   help="key prefix in the shared KV tier (default %(default)s)")
     p.add_argument("--migrate", action="store_true",
                    help="under --max-memory: demote resident layers to streamed when requests wait for KV, and "
                         "promote them back when they do not (needs --offload-dir)")
