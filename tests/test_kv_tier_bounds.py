@@ -15,6 +15,11 @@ def _block(i: int) -> StoredBlock:
     return StoredBlock(i.to_bytes(16, "big"), b"\0" * 16, (i, i + 1), bytes([i % 256]) * PAYLOAD)
 
 
+def _take(t: KVTiers, b: StoredBlock) -> StoredBlock | None:
+    got = t.fetch([(b.hash, b.tokens)], len(b.payload), float("inf"))
+    return got[0] if got else None
+
+
 def test_disk_tier_keeps_its_capacity_lru(tmp_path):
     t = KVTiers("float32", SALT, disk_dir=tmp_path / "kv", disk_capacity=3 * (PAYLOAD + 400))
     for i in range(10):
@@ -22,8 +27,8 @@ def test_disk_tier_keeps_its_capacity_lru(tmp_path):
     t.flush()
     files = list((tmp_path / "kv").glob("*.kvb"))
     assert t.disk_used <= t.disk_capacity and len(files) == 3 and t.counters.disk_evictions == 7
-    assert t.where(_block(9).hash) == "disk" and t.where(_block(0).hash) is None  # the oldest went first
-    assert t.take(_block(8).hash, (8, 9)).payload == _block(8).payload  # a restore refreshes it in the LRU
+    assert t.disk.contains([_block(9).hash, _block(0).hash]) == [True, False]  # the oldest went first
+    assert _take(t, _block(8)).payload == _block(8).payload  # a restore refreshes it in the LRU
     t.close()
     # a later run over the same directory: what it finds counts against its (smaller) capacity
     again = KVTiers("float32", SALT, disk_dir=tmp_path / "kv", disk_capacity=2 * (PAYLOAD + 400))
@@ -38,8 +43,8 @@ def test_host_re_put_is_counted_once_and_spills_are_served_while_queued(tmp_path
     assert t.host_used == PAYLOAD and t.counters.host_puts == 1
     t.put(_block(2))
     t.put(_block(3))  # the host tier holds 2: block 1 spills to the writer
-    assert t.where(_block(1).hash) in ("host", "disk")  # queued (served from memory) or already written
-    assert t.take(_block(1).hash, (1, 2)).payload == _block(1).payload
+    assert t.host.contains([_block(1).hash]) == [False] and t.disk.contains([_block(1).hash]) == [True]  # queued or written
+    assert _take(t, _block(1)).payload == _block(1).payload
     t.close()
 
 
@@ -50,7 +55,7 @@ def test_a_failing_disk_tier_drops_blocks_and_never_fails_a_step(tmp_path):
     t.put(_block(2))
     t.flush()
     assert t.counters.write_errors == 1 and t.counters.disk_writes == 1
-    assert t.where(_block(1).hash) is None and t.where(_block(2).hash) == "disk"
+    assert t.disk.contains([_block(1).hash, _block(2).hash]) == [False, True]
     t.close()
 
 
@@ -81,7 +86,7 @@ def test_a_spill_dir_of_other_numerics_is_cleared_not_served(tmp_path):
     old.close()
     assert len(list((tmp_path / "kv").glob("*.kvb"))) == 1
     new = KVTiers("bfloat16", b"numerics2", 0, tmp_path / "kv")  # the same directory, another salt
-    assert not list((tmp_path / "kv").glob("*.kvb")) and new.where(b"\1" * 16) is None
+    assert not list((tmp_path / "kv").glob("*.kvb")) and new.disk.contains([b"\1" * 16]) == [False]
     write_block(tmp_path / "kv", StoredBlock(b"\2" * 16, b"\0" * 16, (3,), b"y" * 64), "bfloat16")
     new.close()
     assert len(list((tmp_path / "kv").glob("*.kvb"))) == 1  # ours now: kept

@@ -1,7 +1,10 @@
 """One KV block on disk: a self-describing, checksummed file written atomically.
 
     "TLKVBLK1" | u32 header length | header (JSON) | payload
-    header: {"hash", "parent", "tokens", "store", "nbytes" (payload before compression), "codec", "xxh3"}
+    header: {"hash", "parent", "tokens", "store", "nbytes" (payload before compression), "codec", ["salt",] "xxh3"}
+
+The same bytes are a value of the remote (Redis) tier (encode_block / decode_block), with the salt's digest in
+the header there: a shared store may hold blocks of many models.
 
 The checksum (XXH3-64) covers the header fields and the stored payload, so a flipped bit anywhere is
 caught on read; a torn write cannot be seen because files are written to a temporary name, fsync'ed and
@@ -80,15 +83,47 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "none") -> int:
-    """Write one block file (named by its hash); returns the bytes written."""
+def encode_block(block: StoredBlock, store: str, codec: str = "none", salt: bytes | None = None) -> bytes:
+    """One block as self-describing, checksummed bytes (the file's and the remote tier's value). `salt`: the
+    model/KV-format identity it was computed under, recorded (as a digest) so a reader of a shared store can
+    refuse another model's block even under a colliding key."""
     mod = codec_module(codec)
     data = block.payload if mod is None else mod.ZstdCompressor(level=3).compress(block.payload)
     meta = {"hash": block.hash.hex(), "parent": block.parent.hex(), "tokens": list(block.tokens), "store": store,
             "nbytes": len(block.payload), "codec": codec}
+    if salt is not None:
+        meta["salt"] = xxhash.xxh3_64_hexdigest(salt)
     meta["xxh3"] = _digest(meta, data)
     header = json.dumps(meta).encode()
-    blob = MAGIC + struct.pack("<I", len(header)) + header + data
+    return MAGIC + struct.pack("<I", len(header)) + header + data
+
+
+def decode_block(blob: bytes, store: str, want_hash: bytes, salt: bytes | None = None, name: str = "") -> StoredBlock:
+    """The inverse of encode_block, verified: CorruptBlockError when the bytes do not check out, are of another
+    KV format, block (hash) or salt."""
+    name = name or want_hash.hex()
+    try:
+        if blob[:8] != MAGIC:
+            raise CorruptBlockError(f"{name}: not a KV block")
+        (n,) = struct.unpack_from("<I", blob, 8)
+        meta = json.loads(blob[12:12 + n])
+        data = blob[12 + n:]
+        if meta["xxh3"] != _digest(meta, data) or meta["store"] != store or meta["hash"] != want_hash.hex():
+            raise CorruptBlockError(f"{name}: checksum or format mismatch")
+        if salt is not None and meta.get("salt") != xxhash.xxh3_64_hexdigest(salt):
+            raise CorruptBlockError(f"{name}: a block of another model or KV format")
+        mod = codec_module(meta["codec"])
+        payload = data if mod is None else mod.ZstdDecompressor().decompress(data, max_output_size=meta["nbytes"])
+        if len(payload) != meta["nbytes"]:
+            raise CorruptBlockError(f"{name}: payload is {len(payload)} bytes, header says {meta['nbytes']}")
+        return StoredBlock(want_hash, bytes.fromhex(meta["parent"]), tuple(meta["tokens"]), payload)
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise CorruptBlockError(f"{name}: {e}") from None
+
+
+def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "none") -> int:
+    """Write one block file (named by its hash); returns the bytes written."""
+    blob = encode_block(block, store, codec)
     path = directory / f"{block.hash.hex()}.kvb"
     atomic_write(path, blob)
     drop_from_page_cache(path)
@@ -100,20 +135,10 @@ def read_block(path: Path, store: str) -> StoredBlock:
     try:
         blob = path.read_bytes()
         drop_from_page_cache(path)
-        if blob[:8] != MAGIC:
-            raise CorruptBlockError(f"{path.name}: not a KV block file")
-        (n,) = struct.unpack_from("<I", blob, 8)
-        meta = json.loads(blob[12:12 + n])
-        data = blob[12 + n:]
-        if meta["xxh3"] != _digest(meta, data) or meta["store"] != store or meta["hash"] != path.stem:
-            raise CorruptBlockError(f"{path.name}: checksum or format mismatch")
-        mod = codec_module(meta["codec"])
-        payload = data if mod is None else mod.ZstdDecompressor().decompress(data, max_output_size=meta["nbytes"])
-        if len(payload) != meta["nbytes"]:
-            raise CorruptBlockError(f"{path.name}: payload is {len(payload)} bytes, header says {meta['nbytes']}")
-        return StoredBlock(bytes.fromhex(meta["hash"]), bytes.fromhex(meta["parent"]), tuple(meta["tokens"]), payload)
-    except (OSError, ValueError, KeyError, struct.error) as e:
+        want = bytes.fromhex(path.stem)
+    except (OSError, ValueError) as e:
         raise CorruptBlockError(f"{path.name}: {e}") from None
+    return decode_block(blob, store, want, name=path.name)
 
 
 def open_block_dir(directory: Path, salt: bytes, create: bool) -> Path:

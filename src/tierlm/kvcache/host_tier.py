@@ -14,10 +14,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Sequence
 
 from tierlm.kvcache.block_file import StoredBlock, codec_module
+from tierlm.kvcache.tier import Wanted
 from tierlm.memory.arena import ALIGN, Arena, ArenaStats
+
+HOST_GBPS = 8.0  # memcpy into the pool (a host copy is never the slow path)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,23 @@ class HostTier:
 
     def stats(self) -> ArenaStats:
         return self.arena.stats()
+
+    # --- the tier protocol (tier.py); put spills through KVTiers, which sends what it pushes out to disk -----
+    name = "host"
+
+    def contains(self, hashes: Sequence[bytes]) -> list[bool]:
+        return [h in self.entries for h in hashes]
+
+    def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
+        out: list[StoredBlock | None] = [None] * len(wanted)
+        for i, (h, tokens) in enumerate(wanted):  # up to the first miss: a restore stops there
+            out[i] = self.take(h, tokens)
+            if out[i] is None:
+                break
+        return out
+
+    def cost(self, nbytes: int, count: int) -> float:
+        return count * nbytes / (HOST_GBPS * 1e9)
 
     def put(self, block: StoredBlock) -> tuple[bool, list[StoredBlock]]:
         """(stored here, the blocks pushed out to make room). A block larger than the limit is not stored."""

@@ -3,9 +3,9 @@
 
     sequence: block table [b0, b1, ...]: token p lives in block table[p // block_size], slot p % block_size
 
-Admission (admit): a sequence takes the cached blocks of its longest cached prefix from the pool, then,
-block by block, restores what the host/disk tiers hold when restoring is predicted cheaper than
-recomputing; prefill starts after the last block found. Allocation (begin) takes free blocks; a cached
+Admission (admit): a sequence takes the cached blocks of its longest cached prefix from the pool, then
+restores the following blocks that the host/disk/remote tiers hold (batched: tiers.fetch) when restoring is
+predicted cheaper than recomputing; prefill starts after the last block found. Allocation (begin) takes free blocks; a cached
 block taken for new tokens is first handed to the tiers.
 
 Lifetimes: the pool is reserved by PagedKV(...) and freed by release(); blocks are taken and returned
@@ -25,6 +25,7 @@ from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, Evicted, block_hash, 
 from tierlm.kvcache.pool import KVPool
 from tierlm.kvcache.stats import KVStats
 from tierlm.kvcache.step import DROPPED, PagedStep
+from tierlm.kvcache.remote import RemoteTier
 from tierlm.kvcache.tiers import KVTiers
 
 DEFAULT_BLOCK_SIZE = 16
@@ -53,12 +54,13 @@ class PagedKV:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  store: torch.dtype | None = None, caching: bool = True, salt: bytes = b"",
                  host_bytes: int = 0, disk_dir: Path | None = None, codec: str = "none", disk_gbps: float = 1.0,
-                 disk_capacity: int | None = None, host_log: Path | None = None, capacity: int | None = None):
+                 disk_capacity: int | None = None, host_log: Path | None = None, capacity: int | None = None,
+                 remote: RemoteTier | None = None):
         self.config, self.block_size, self.device = cfg, block_size, torch.device(device)
         self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store, capacity)
         self.manager = BlockManager(num_blocks, block_size, salt, caching, capacity)
         self.tiers = KVTiers(str(self.pool.store).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps,
-                             disk_capacity, host_log)
+                             disk_capacity, host_log, remote)
         self.live: set[Sequence] = set()  # sequences holding blocks (admitted, not yet freed)
         self.preemptions = self.recomputed_tokens = 0  # counted by the scheduler, reported by stats()
         self.hit_tokens = self.restored_tokens = self.queried_tokens = 0
@@ -102,25 +104,21 @@ class PagedKV:
         seq.blocks, parent = self.manager.match_prefix(seq.tokens)
         self.live.add(seq)
         hits = len(seq.blocks)
-        if self.manager.caching and self.tiers.enabled:
+        if self.manager.caching and self.tiers.enabled and self.manager.num_free:
+            wanted, h = [], parent
             for start in range(hits * bs, matchable(len(seq.tokens), bs), bs):
+                if len(wanted) == self.manager.num_free:
+                    break
                 tokens = tuple(seq.tokens[start:start + bs])
-                h = block_hash(parent, tokens, self.manager.salt)
-                tier = self.tiers.where(h)
-                if tier is None or self.manager.num_free == 0:
-                    break
-                recompute_s = bs * self.prefill_s_per_token if self.prefill_s_per_token else float("inf")
-                if self.tiers.restore_s(tier, self.pool.block_bytes) > recompute_s:
-                    self.tiers.counters.recompute_chosen += 1
-                    break
-                stored = self.tiers.take(h, tokens)
-                if stored is None:  # corrupt (deleted, counted) or another prefix: recompute from here
-                    break
+                h = block_hash(h, tokens, self.manager.salt)
+                wanted.append((h, tokens))
+            recompute_s = bs * self.prefill_s_per_token if self.prefill_s_per_token else float("inf")
+            for stored in self.tiers.fetch(wanted, self.pool.block_bytes, recompute_s):
                 block = self._allocate()
                 self.pool.write_block(block, stored.payload)
-                self.manager.adopt(block, h, parent, tokens)
+                self.manager.adopt(block, stored.hash, parent, stored.tokens)
                 seq.blocks.append(block)
-                parent = h
+                parent = stored.hash
         seq.parent_hash, seq.num_hashed, seq.num_computed = parent, len(seq.blocks), len(seq.blocks) * bs
         self.queried_tokens += len(seq.tokens)
         self.hit_tokens += hits * bs
@@ -198,7 +196,7 @@ class PagedKV:
         return KVStats(block_size=self.block_size, blocks=man.num_blocks, used=used, cached=cached,
                        free=man.num_free - cached, block_bytes=self.pool.block_bytes,
                        hit_tokens=self.hit_tokens, restored_tokens=self.restored_tokens,
-                       queried_tokens=self.queried_tokens, evictions=man.counters.evictions, tiers=self.tiers.counters,
+                       queried_tokens=self.queried_tokens, evictions=man.counters.evictions, tiers=self.tiers.snapshot(),
                        preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
                        filled_slots=self.filled_slots(), store=self.tiers.store)
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tierlm.kvcache.block_file import StoredBlock
 from tierlm.model.llama import BlockMask
 
 if TYPE_CHECKING:  # paged.py imports this module
@@ -97,8 +98,12 @@ class PagedStep:
             s.num_computed += self.t
             while (s.num_hashed + 1) * bs <= s.num_computed:
                 b = s.num_hashed
-                s.parent_hash = man.register(s.blocks[b], s.parent_hash, tuple(s.tokens[b * bs:(b + 1) * bs]))
+                tokens = tuple(s.tokens[b * bs:(b + 1) * bs])
+                parent, s.parent_hash = s.parent_hash, man.register(s.blocks[b], s.parent_hash, tokens)
                 s.num_hashed += 1
+                if self.kv.tiers.writes_through:  # shared at once with other replicas (a copy; written behind)
+                    payload = self.kv.pool.read_block(s.blocks[b])
+                    self.kv.tiers.register(StoredBlock(s.parent_hash, parent, tokens, payload))
             while window is not None and s.num_dropped < s.num_hashed and \
                     (s.num_dropped + 1) * bs - 1 <= s.num_computed - window:
                 man.release(s.blocks[s.num_dropped])

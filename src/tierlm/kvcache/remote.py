@@ -1,0 +1,268 @@
+"""The remote KV tier: blocks in a Redis shared by replicas (and machines), below host and disk.
+
+    key   NAMESPACE:SALT64:HASH   HASH = the block's chain hash (its whole prefix, under the salt: model content
+                                  fingerprint, KV format, block size, numerics); SALT64 groups one model's keys
+    value encode_block(...)       the disk tier's self-describing, checksummed format, salt digest in the header
+
+Reads are batched: a prefix hit asks EXISTS for all its blocks in one pipeline (one round trip), then MGETs them
+in batches of at most FETCH_BYTES (a few round trips); each value is verified (checksum, hash, tokens, salt), and
+a miss, an evicted key or a bad value means recompute from there. Writes go through a bounded queue to one writer
+thread that pipelines SETs: blocks are offered when registered (a prefix one replica computed is visible to the
+others at once), the engine thread only copies the block and never waits on Redis; a full queue drops the block
+(counted). Redis down or slow (timeouts) turns the tier off for a back-off (1 s doubling to 60 s): local tiers only,
+a warning, `up` = 0 in the metrics, and no failed request. Eviction is Redis's (maxmemory + allkeys-lru).
+
+Cost: restore vs recompute uses the measured round-trip time and bandwidth (a probe at start, then every fetch).
+For benchmarks, the URL may carry `cap_gbps=X` and `rtt_ms=Y`: this client then holds each transfer to X GB/s and
+adds Y ms per round trip (a remote host's network, simulated on one machine).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import xxhash
+
+from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, decode_block, encode_block
+from tierlm.kvcache.tier import Wanted
+
+log = logging.getLogger("tierlm.kv")
+FETCH_BYTES = 32 << 20  # values fetched per MGET (bounds the transient memory of a restore)
+QUEUE_BYTES = 32 << 20  # write-through copies waiting for the writer; past it a block is dropped, not waited for
+TIMEOUT_S = 0.5  # a Redis slower than this per call is treated as down
+BACKOFF_S = (1.0, 60.0)
+SIM_PARAMS = ("cap_gbps", "rtt_ms")
+
+
+@dataclass
+class RemoteCounters:
+    puts: int = 0  # blocks written
+    put_bytes: int = 0
+    dropped_puts: int = 0  # write-through queue full, or Redis down
+    restores: int = 0
+    get_bytes: int = 0
+    misses: int = 0  # asked for, absent (never written, or evicted by Redis)
+    corrupt: int = 0  # present but failed verification (another model, a torn or flipped value)
+    errors: int = 0  # calls that failed or timed out (the tier went down for a back-off)
+
+
+def split_url(url: str) -> tuple[str, dict[str, float]]:
+    """(the URL redis-py takes, the simulation parameters it carried)."""
+    u = urlparse(url)
+    query = parse_qsl(u.query)
+    sim = {k: float(v) for k, v in query if k in SIM_PARAMS}
+    rest = urlencode([(k, v) for k, v in query if k not in SIM_PARAMS])
+    return urlunparse(u._replace(query=rest)), sim
+
+
+class RemoteTier:
+    name = "remote"
+
+    def __init__(self, url: str, namespace: str, store: str, salt: bytes, codec: str = "none",
+                 block_bytes: int = 0):
+        import redis  # a core dependency; imported here so tierlm starts without touching it when unused
+
+        self.url, self.store, self.salt, self.codec = url, store, salt, codec
+        clean, sim = split_url(url)
+        self.cap_gbps, self.extra_rtt_s = sim.get("cap_gbps"), sim.get("rtt_ms", 0.0) / 1e3
+        self._errors = (redis.RedisError, OSError)
+        self.client = redis.Redis.from_url(clean, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        self.prefix = f"{namespace}:{xxhash.xxh3_64_hexdigest(salt)}:".encode()
+        self.counters = RemoteCounters()
+        self.rtt_s, self.gbps = 1e-3, 1.0  # until measured
+        self.up, self._down_until, self._backoff = True, 0.0, BACKOFF_S[0]
+        self.queue_limit = max(QUEUE_BYTES, block_bytes)  # at least one block fits
+        self._queued_bytes = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name="tierlm-kv-remote", daemon=True)
+        self._writer.start()
+        self.probe()
+
+    def key(self, h: bytes) -> bytes:
+        return self.prefix + h.hex().encode()
+
+    # --- health -----------------------------------------------------------------------------------------
+    def _usable(self) -> bool:
+        if self.up:
+            return True
+        if time.monotonic() < self._down_until:
+            return False
+        self.up = True  # try again; the next failure doubles the back-off
+        log.warning("KV remote tier %s: retrying", self.url)
+        return True
+
+    def _failed(self, e: Exception) -> None:
+        self.counters.errors += 1
+        if self.up:
+            log.warning("KV remote tier %s unreachable (%s): local tiers only for %.0f s", self.url,
+                        type(e).__name__, self._backoff)
+        self.up = False
+        self._down_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_S[1])
+
+    def _ok(self) -> None:
+        self._backoff = BACKOFF_S[0]
+
+    def _simulate(self, t0: float, nbytes: int) -> None:
+        """Hold a transfer to the simulated network (cap_gbps, rtt_ms) when the URL asked for one."""
+        want = self.extra_rtt_s + (nbytes / (self.cap_gbps * 1e9) if self.cap_gbps else 0.0)
+        if want:
+            time.sleep(max(0.0, t0 + want - time.perf_counter()))
+
+    def probe(self) -> None:
+        """Measure the round trip (median of 5 PINGs) and the bandwidth (a 4 MiB value written and read back)."""
+        try:
+            rtts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                self.client.ping()
+                self._simulate(t0, 0)
+                rtts.append(time.perf_counter() - t0)
+            self.rtt_s = sorted(rtts)[2]
+            data, k = os.urandom(4 << 20), self.prefix + b"probe:" + os.urandom(4).hex().encode()
+            t0 = time.perf_counter()
+            self.client.set(k, data, ex=60)
+            back = self.client.get(k)
+            self._simulate(t0, 2 * len(data))
+            dt = time.perf_counter() - t0
+            self.client.delete(k)
+            if back == data:
+                self.gbps = 2 * len(data) / max(dt - 2 * self.rtt_s, 1e-6) / 1e9
+            self._ok()
+        except self._errors as e:
+            self._failed(e)
+
+    # --- the tier protocol ------------------------------------------------------------------------------
+    def cost(self, nbytes: int, count: int) -> float:
+        if not count:
+            return 0.0
+        trips = 1 + math.ceil(count * nbytes / FETCH_BYTES)  # EXISTS, then the MGETs
+        return trips * self.rtt_s + count * nbytes / (self.gbps * 1e9)
+
+    def contains(self, hashes: Sequence[bytes]) -> list[bool]:
+        if not hashes or not self._usable():
+            return [False] * len(hashes)
+        try:
+            t0 = time.perf_counter()
+            pipe = self.client.pipeline(transaction=False)
+            for h in hashes:
+                pipe.exists(self.key(h))
+            found = [bool(n) for n in pipe.execute()]
+            self._simulate(t0, 0)
+            self.rtt_s = 0.8 * self.rtt_s + 0.2 * (time.perf_counter() - t0)
+            self._ok()
+            return found
+        except self._errors as e:
+            self._failed(e)
+            return [False] * len(hashes)
+
+    def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
+        """Fetch `wanted` in MGETs of at most FETCH_BYTES (the expected value size learnt from the last ones);
+        verified; a failure leaves the rest None."""
+        out: list[StoredBlock | None] = [None] * len(wanted)
+        per = max(1, FETCH_BYTES // max(self._value_size, 1))
+        for start in range(0, len(wanted), per):
+            part = wanted[start:start + per]
+            if not self._usable():
+                return out
+            try:
+                t0 = time.perf_counter()
+                values = self.client.mget([self.key(h) for h, _ in part])
+                got = sum(len(v) for v in values if v)
+                self._simulate(t0, got)
+                dt = time.perf_counter() - t0
+                self._ok()
+            except self._errors as e:
+                self._failed(e)
+                return out
+            if got > (1 << 20):  # a transfer large enough to measure bandwidth by
+                self.gbps = 0.7 * self.gbps + 0.3 * got / max(dt - self.rtt_s, 1e-6) / 1e9
+            self.counters.get_bytes += got
+            for i, ((h, tokens), value) in enumerate(zip(part, values)):
+                out[start + i] = self._verify(h, tokens, value)
+        return out
+
+    _value_size = 1 << 20  # learnt from the values seen
+
+    def _verify(self, h: bytes, tokens: tuple[int, ...], value: bytes | None) -> StoredBlock | None:
+        if value is None:
+            self.counters.misses += 1
+            return None
+        self._value_size = len(value)
+        try:
+            block = decode_block(value, self.store, h, self.salt)
+        except CorruptBlockError as e:
+            self.counters.corrupt += 1
+            log.warning("KV remote tier: %s (recomputed)", e)
+            return None
+        if block.tokens != tokens:
+            self.counters.corrupt += 1
+            return None
+        self.counters.restores += 1
+        return block
+
+    def put(self, block: StoredBlock) -> None:
+        """Offer a block for writing (never waits: a full queue or a down Redis drops it, counted)."""
+        n = len(block.payload)
+        with self._lock:
+            if not self.up or self._queued_bytes + n > self.queue_limit:
+                self.counters.dropped_puts += 1
+                return
+            self._queued_bytes += n
+        self._queue.put(block)
+
+    # --- the writer -------------------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < 64:
+                batch.append(self._queue.get_nowait())
+            stop = any(b is None for b in batch)
+            blocks = [b for b in batch if b is not None]
+            try:
+                if blocks and self._usable():
+                    self._write(blocks)
+                elif blocks:
+                    self.counters.dropped_puts += len(blocks)
+            finally:
+                with self._lock:
+                    self._queued_bytes -= sum(len(b.payload) for b in blocks)
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, blocks: list[StoredBlock]) -> None:
+        values = [encode_block(b, self.store, self.codec, self.salt) for b in blocks]
+        try:
+            t0 = time.perf_counter()
+            pipe = self.client.pipeline(transaction=False)
+            for b, v in zip(blocks, values):
+                pipe.set(self.key(b.hash), v)
+            pipe.execute()
+            self._simulate(t0, sum(map(len, values)))
+            self._ok()
+        except self._errors as e:
+            self._failed(e)
+            self.counters.dropped_puts += len(blocks)
+            return
+        self.counters.puts += len(blocks)
+        self.counters.put_bytes += sum(map(len, values))
+
+    def flush(self) -> None:
+        """Wait until every queued write is done (or dropped)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+        self.client.close()
