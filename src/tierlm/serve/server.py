@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from tierlm.engine.args import EngineArgs
 from tierlm.engine.pressure import PressureControl
@@ -34,9 +35,25 @@ class ServeArgs:
     tenants: tuple[str, ...] = ()  # "KEY=NAME:running=N,queued=N,kv_blocks=N" (engine/quota.py)
 
 
-def default_model_name(llm) -> str:
-    path = getattr(llm.source, "path", None)
-    return Path(path).stem if path else (llm.config.name or llm.config.arch)
+def default_model_name(source) -> str:
+    """The model id clients send by default: the file's name (a ModelSource's, as LLM.source)."""
+    path = getattr(source, "path", None)
+    return Path(path).stem if path else (source.config.name or source.config.arch)
+
+
+def api_key(args: ServeArgs) -> str | None:
+    return args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
+
+
+def engine_app(llm, args: ServeArgs) -> tuple[EngineLoop, FastAPI, str]:
+    """The engine loop (not started) and the HTTP app over a loaded model, and the model id it serves: one of
+    each in `tierlm serve`, one per replica on Ray Serve (cluster.py)."""
+    parsed = [parse_tenant(t) for t in args.tenants]
+    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory),
+                      {name: quota for _, name, quota in parsed})
+    name = args.served_model_name or default_model_name(llm.source)
+    app = create_app(llm, loop, name, api_key(args), {k: tenant for k, tenant, _ in parsed})
+    return loop, app, name
 
 
 def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
@@ -46,13 +63,10 @@ def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
     from tierlm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parsed = [parse_tenant(t) for t in args.tenants]  # bad specs fail before the model loads
+    for spec in args.tenants:  # bad specs fail before the model loads
+        parse_tenant(spec)
     llm = LLM.from_args(engine_args)
-    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory),
-                      {name: quota for _, name, quota in parsed})
-    name = args.served_model_name or default_model_name(llm)
-    key = args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
-    app = create_app(llm, loop, name, key, {k: tenant for k, tenant, _ in parsed})
+    loop, app, name = engine_app(llm, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)  # in a thread, uvicorn installs no signal handlers: they are ours
     http = threading.Thread(target=server.run, name="tierlm-http", daemon=True)
