@@ -81,3 +81,17 @@ def test_info_on_hf_directory(capsys, tiny_models):
     assert code == 0
     assert "safetensors" in out and "qwen2" in out and "untied" in out and "q/k/v biases" in out
     assert "KV cache (bf16" in out
+
+
+def test_serve_replicas_bad_input_is_one_line_exit_2(capsys, monkeypatch):
+    for argv, says in [(["--replicas", "0"], "--replicas: must be >= 1"),
+                       (["--replicas", "2", "--routing", "sticky"], "--routing: invalid choice"),
+                       (["--replicas", "2", "--threads", "0"], "--threads: must be >= 1")]:
+        code, out, err = run_cli(capsys, "serve", *argv)
+        assert code == 2 and out == "" and err.count("\n") == 1 and says in err, (argv, err)
+    ours = ("ray.", "tierlm.serve.cluster", "tierlm.serve.replicas", "tierlm.serve.router")
+    for name in [m for m in sys.modules if m == "ray" or m.startswith(ours)]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    code, out, err = run_cli(capsys, "serve", "--replicas", "2")
+    assert code == 2 and err.count("\n") == 1 and "--replicas needs Ray Serve" in err and "tierlm[ray]" in err

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests get to finish on SIGTERM (default 30)")
     s.add_argument("--tenant", action="append", default=[], metavar="KEY=NAME[:running=N,queued=N,kv_blocks=N]",
                    help="an API key for a tenant with quotas (repeatable; over quota: queued, then 429)")
+    s.add_argument("--replicas", type=_positive_int, default=1,
+                   help="engine replicas behind the one endpoint, on Ray Serve (default 1: one process, no Ray)")
+    s.add_argument("--routing", default="prefix", choices=["prefix", "random"],
+                   help="with --replicas > 1: prefix (a prompt's leading blocks keep their replica, load bounded; "
+                        "default) or random")
 
     t = sub.add_parser("memory-timeline", help="draw a --memory-trace file: reserved bytes by owner over time")
     t.add_argument("trace", help="the JSON written by --memory-trace")
@@ -181,9 +186,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tierlm.engine.args import EngineArgs
     from tierlm.serve.server import ServeArgs, serve
 
-    return serve(EngineArgs.from_cli(args), ServeArgs(args.host, args.port, args.api_key, args.max_queue,
-                                                      args.served_model_name, args.drain_timeout,
-                                                      tuple(args.tenant)))
+    engine_args = EngineArgs.from_cli(args)
+    serve_args = ServeArgs(args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
+                           args.drain_timeout, tuple(args.tenant))
+    if args.replicas == 1:
+        return serve(engine_args, serve_args)
+    try:
+        from tierlm.serve.cluster import serve_replicas
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] != "ray":
+            raise
+        raise UsageError(f"--replicas needs Ray Serve ({e}): pip install 'tierlm[ray]'") from None
+    return serve_replicas(engine_args, serve_args, args.replicas, args.routing)
 
 
 def cmd_memory_timeline(args: argparse.Namespace) -> int:
