@@ -105,6 +105,9 @@ def _start_ray(cpus: int) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a local server
+    # Ray runs workers at nice 15 (its daemons keep the CPU); here the workers are the server: at 15 the
+    # engines lose the cores to any ordinary process on the machine, a load generator included
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
              object_store_memory=OBJECT_STORE_BYTES)
     return True

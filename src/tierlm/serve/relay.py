@@ -67,16 +67,26 @@ async def run_app(app: Callable, req: Forwarded, replica_id: str) -> AsyncIterat
     task.add_done_callback(lambda _: messages.put_nowait(None))
     complete = False
     try:
-        while (m := await messages.get()) is not None:
+        ended = False
+        while not ended and (m := await messages.get()) is not None:
             if m["type"] == "http.response.start":
                 served_by = (REPLICA_HEADER.encode(), replica_id.encode())
                 yield ResponseStart(m["status"], [*m.get("headers", []), served_by])
-            elif m["type"] == "http.response.body":
-                if m.get("body"):
-                    yield bytes(m["body"])
-                if not m.get("more_body", False):
-                    complete = True
-                    return
+                continue
+            body, more = bytearray(m.get("body", b"")), m.get("more_body", False)
+            # NOTE: chunks that queued while the last item was relayed go as one item: each item costs a Ray
+            # object and two hops (replica -> ingress -> proxy), so a relay that falls behind catches up
+            while more and not messages.empty():
+                if (m := messages.get_nowait()) is None:
+                    ended = True
+                    break
+                body += m.get("body", b"")
+                more = m.get("more_body", False)
+            if body:
+                yield bytes(body)
+            if not more:
+                complete = True
+                return
         task.result()  # the app ended without a whole response: its exception, if it raised one
         raise RuntimeError(f"the app sent no complete response to {req.method} {req.path}")
     finally:
