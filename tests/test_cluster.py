@@ -93,8 +93,8 @@ def test_shared_prefix_keeps_its_replica_and_its_cache(client):
 
 
 def test_distinct_prefixes_spread_over_both_replicas(cluster, client):
-    replicas = {_ask(client, _document(100 + i))[0] for i in range(12)}
-    assert replicas == set(cluster.replica_ids())  # all on one: 2^-11 if the ring splits keys evenly
+    replicas = {_ask(client, _document(100 + i, words=60))[0] for i in range(16)}
+    assert replicas == set(cluster.replica_ids())  # all on one: 2^-15 if the ring splits keys evenly, 0.6^16 at 60:40
 
 
 def test_a_hot_prefix_burst_spills_onto_the_other_replica(cluster, client):

@@ -113,6 +113,20 @@ def _start_ray(cpus: int) -> bool:
     return True
 
 
+def _failure(app: str) -> str | None:
+    """Why a deployment of `app` failed: the last line of its error, the exception its constructor raised
+    (e.g. "BudgetError: ..."); Serve's own exception only names the deployment."""
+    try:
+        status = serve.status().applications.get(app)
+    except Exception:  # noqa: BLE001 - no reason is better than a second error
+        return None
+    for d in status.deployments.values() if status else ():
+        lines = [line for line in d.message.splitlines() if line.strip()]
+        if d.status == "DEPLOY_FAILED" and lines:
+            return lines[-1].strip().removeprefix("tierlm.errors.")
+    return None
+
+
 def deploy(engine_args: EngineArgs, replicas: int = 2, routing: str = "prefix",
            serve_args: ServeArgs | None = None) -> Cluster:
     """Deploy `replicas` engine replicas of `engine_args` behind one endpoint and wait until they serve.
@@ -131,7 +145,8 @@ def deploy(engine_args: EngineArgs, replicas: int = 2, routing: str = "prefix",
     source = open_model(engine_args.model)  # a bad model fails here, in one line, not N times in replica logs
     name = serve_args.served_model_name or default_model_name(source)
     source.close()
-    if not _serve_running():  # else this replaces the running application (Serve's proxy holds the port)
+    started_serve = not _serve_running()  # else this replaces the running application
+    if started_serve:  # (whose proxy holds the port)
         _check_port(serve_args.host, serve_args.port)
     # resolved here: a replica's environment is Ray's, not necessarily this process's ("" = no key)
     serve_args = replace(serve_args, api_key=api_key(serve_args) or "")
@@ -152,11 +167,13 @@ def deploy(engine_args: EngineArgs, replicas: int = 2, routing: str = "prefix",
         ingress = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
         serve.run(ingress.bind(engine, engine_args.model, engine_args.block_size), name=APP, route_prefix="/")
     except BaseException as e:
-        serve.shutdown()
+        reason = _failure(APP) if isinstance(e, RuntimeError) else None  # Serve's "deploying ... failed"
         if owns_ray:
-            ray.shutdown()
-        if isinstance(e, RuntimeError):  # Serve's "deployment failed": the replica's error is its last line
-            raise TierlmError(f"a replica failed to start: {str(e).strip().splitlines()[-1]}") from e
+            ray.shutdown()  # Serve's actors with it (Serve's own shutdown would add a raylet warning here)
+        elif started_serve:
+            serve.shutdown()
+        if reason is not None:
+            raise TierlmError(f"a replica failed to start: {reason}") from e
         raise
     host = f"[{serve_args.host}]" if ":" in serve_args.host else serve_args.host
     return Cluster(f"http://{host}:{serve_args.port}", name, replicas, routing, owns_ray)
