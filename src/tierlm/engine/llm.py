@@ -17,13 +17,13 @@ from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import PagedKV
+from tierlm.kvcache.remote import FETCH_BYTES, RemoteTier
 from tierlm.kvcache.persist import save_prefix_cache
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.kvcache.stats import KVStats
 from tierlm.memory import allocator
 from tierlm.memory.budget import MemoryBudget
 from tierlm.memory.calibrate import load_profile_or_default
-from tierlm.memory.offload_store import source_fingerprint
 from tierlm.memory.planner import Placement, plan
 from tierlm.memory.manager import MemoryLedger, Reservation
 from tierlm.memory.migration import Migrator
@@ -34,8 +34,9 @@ from tierlm.memory.trace import write_trace
 from tierlm.memory.store import WeightStore
 from tierlm.memory.tiers import Tier
 from tierlm.native import ops as native_ops
-from tierlm.quant import QuantScheme, kernels
+from tierlm.quant import QuantScheme, int4, kernels
 from tierlm.weights import open_model
+from tierlm.weights.fingerprint import content_fingerprint
 
 Prompt = str | Sequence[int]
 Messages = list[dict[str, str]]
@@ -127,7 +128,7 @@ class LLM:
                              exact=a.kernels == "exact")
         kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
-        self.kv = self._make_kv(kv_pool, a.kv_dtype, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
+        self.kv = self._make_kv(kv_pool, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size),
                                 a.kv_host_log, self._movable() if a.migrate else 0)
         self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
@@ -149,11 +150,13 @@ class LLM:
         actual["activations"] = max(inp.activation_bytes - self.runner.workspace.nbytes, 0)
         if self.kv.tiers.disk_dir is not None:
             actual["kv_disk"] = self.kv.tiers.disk_capacity or 0
+        if (remote := self.kv.tiers.remote) is not None:  # write-through copies queued + one fetch batch
+            actual["kv_remote"] = remote.queue_limit + FETCH_BYTES
         for owner, n in actual.items():
             if owner in held:
                 held[owner].resize(n, check=False)
             else:
-                where = {"kv_host": "cpu", "kv_disk": "disk"}.get(owner, tier)
+                where = {"kv_host": "cpu", "kv_remote": "cpu", "kv_disk": "disk"}.get(owner, tier)
                 held[owner] = self.memory.reserve(owner, where, n, check=False)
         return held
 
@@ -162,7 +165,7 @@ class LLM:
         headroom = max(0, (self.budget.cpu or 0) - self.plan.device_bytes) if self.plan is not None else 0
         return self.store.nbytes_by_tier()[Tier.DEVICE] + headroom
 
-    def _make_kv(self, kv_pool: int | None, kv_dtype: str, store: torch.dtype, block_size: int, caching: bool,
+    def _make_kv(self, kv_pool: int | None, store: torch.dtype, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str, disk_capacity: int,
                  host_log: str | Path | None = None, movable: int = 0) -> PagedKV:
         per_block = block_nbytes(self.config, block_size, store)
@@ -175,14 +178,29 @@ class LLM:
         if pool < per_block:
             raise UsageError(f"kv_memory {format_size(pool)} is below one KV block ({format_size(per_block)})")
         # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)
-        salt = (f"{source_fingerprint(self.source, self.dtype, self.quant)}|{kv_dtype}|{block_size}"
-                f"|numerics{kernels.NUMERICS_VERSION}|{native_ops.numerics_tag(self.runner.exact)}").encode()
+        salt = self.kv_salt(store, block_size)
+        remote = None
+        if self.args.kv_remote is not None:
+            remote = RemoteTier(self.args.kv_remote, self.args.kv_remote_namespace,
+                                str(store).removeprefix("torch."), salt, codec, per_block)
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
                        disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps,
                        disk_capacity=disk_capacity,
                        host_log=Path(host_log) if host_log else None,
-                       capacity=(pool + movable) // per_block)  # `movable`: weight bytes that may become KV
+                       capacity=(pool + movable) // per_block,  # `movable`: weight bytes that may become KV
+                       remote=remote)
+
+    def kv_salt(self, store: torch.dtype, block_size: int) -> bytes:
+        """What a cached KV block's keys mean, so cached prefixes of different weights, KV formats or numerics
+        never meet (in saved sessions, the disk tier and a Redis shared by replicas): the model's content
+        fingerprint (the same model in two places shares keys), how its weights are computed (dtype, quant
+        scheme, int4 layout), the KV format *resolved* on this hardware and the block size, the numerics."""
+        fingerprint = content_fingerprint(self.source.content_files(), self.args.progress)
+        layout = int4.layout_tag() if self.quant.enabled else ""
+        return (f"{fingerprint}|{self.dtype}|{self.quant}|{layout}|kv={store}|bs={block_size}"
+                f"|{self.runner.device.type}|numerics{kernels.NUMERICS_VERSION}"
+                f"|{native_ops.numerics_tag(self.runner.exact)}").encode()
 
     def save_prefix_cache(self, directory: str | Path) -> int:
         """Write every cached KV block (pool, host and disk tiers) to `directory`, skipping blocks already

@@ -198,7 +198,8 @@ class PagedKV:
                        hit_tokens=self.hit_tokens, restored_tokens=self.restored_tokens,
                        queried_tokens=self.queried_tokens, evictions=man.counters.evictions, tiers=self.tiers.snapshot(),
                        preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
-                       filled_slots=self.filled_slots(), store=self.tiers.store)
+                       filled_slots=self.filled_slots(), store=self.tiers.store,
+                       remote=self.tiers.remote.stats() if self.tiers.remote else None)
 
     def release(self) -> None:
         self.tiers.close()  # queued spills are written first

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
@@ -51,6 +51,15 @@ class RemoteCounters:
     misses: int = 0  # asked for, absent (never written, or evicted by Redis)
     corrupt: int = 0  # present but failed verification (another model, a torn or flipped value)
     errors: int = 0  # calls that failed or timed out (the tier went down for a back-off)
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    """A snapshot for /metrics and stats lines."""
+    up: bool
+    rtt_s: float
+    gbps: float
+    counters: RemoteCounters
 
 
 def split_url(url: str) -> tuple[str, dict[str, float]]:
@@ -86,6 +95,9 @@ class RemoteTier:
         self._writer.start()
         self.probe()
 
+    def stats(self) -> RemoteStats:
+        return RemoteStats(self.up, self.rtt_s, self.gbps, replace(self.counters))
+
     def key(self, h: bytes) -> bytes:
         return self.prefix + h.hex().encode()
 
@@ -111,28 +123,30 @@ class RemoteTier:
     def _ok(self) -> None:
         self._backoff = BACKOFF_S[0]
 
+    def _sim_s(self, nbytes: int) -> float:
+        """The time a transfer of nbytes takes on the simulated network (cap_gbps, rtt_ms), 0 without one."""
+        return self.extra_rtt_s + (nbytes / (self.cap_gbps * 1e9) if self.cap_gbps else 0.0)
+
     def _simulate(self, t0: float, nbytes: int) -> None:
-        """Hold a transfer to the simulated network (cap_gbps, rtt_ms) when the URL asked for one."""
-        want = self.extra_rtt_s + (nbytes / (self.cap_gbps * 1e9) if self.cap_gbps else 0.0)
-        if want:
+        """Hold a transfer to the simulated network when the URL asked for one."""
+        if want := self._sim_s(nbytes):
             time.sleep(max(0.0, t0 + want - time.perf_counter()))
 
     def probe(self) -> None:
-        """Measure the round trip (median of 5 PINGs) and the bandwidth (a 4 MiB value written and read back)."""
+        """Measure the round trip (median of 5 PINGs) and the bandwidth (a 4 MiB value written and read back;
+        a simulated network is added to the measurement, not slept through)."""
         try:
             rtts = []
             for _ in range(5):
                 t0 = time.perf_counter()
                 self.client.ping()
-                self._simulate(t0, 0)
-                rtts.append(time.perf_counter() - t0)
+                rtts.append(time.perf_counter() - t0 + self._sim_s(0))
             self.rtt_s = sorted(rtts)[2]
             data, k = os.urandom(4 << 20), self.prefix + b"probe:" + os.urandom(4).hex().encode()
             t0 = time.perf_counter()
             self.client.set(k, data, ex=60)
             back = self.client.get(k)
-            self._simulate(t0, 2 * len(data))
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0 + 2 * self._sim_s(len(data))
             self.client.delete(k)
             if back == data:
                 self.gbps = 2 * len(data) / max(dt - 2 * self.rtt_s, 1e-6) / 1e9

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tierlm.config import format_size
+from tierlm.kvcache.remote import RemoteStats
 from tierlm.kvcache.tiers import TierCounters
 
 
@@ -24,6 +25,7 @@ class KVStats:
     recomputed_tokens: int
     filled_slots: int  # token slots of used blocks that hold a token
     store: str  # what the pool holds: float32, bfloat16, int8
+    remote: RemoteStats | None = None  # the shared (Redis) tier, when there is one
 
     @property
     def hit_rate(self) -> float:
@@ -44,4 +46,10 @@ class KVStats:
                 f"disk tier evicted {t.disk_evictions}, write errors {t.write_errors}); "
                 f"restores host {t.host_restores} disk {t.disk_restores}, {t.recompute_chosen} recomputed by cost, "
                 f"{t.corrupt} corrupt; {self.preemptions} preemptions ({self.recomputed_tokens} tokens recomputed); "
-                f"waste {self.waste:.1%}")
+                f"waste {self.waste:.1%}" + (self._remote() if self.remote else ""))
+
+    def _remote(self) -> str:
+        r, c = self.remote, self.remote.counters
+        return (f"; remote {'up' if r.up else 'DOWN'} (rtt {r.rtt_s * 1e3:.2f} ms, {r.gbps:.2f} GB/s): "
+                f"{c.puts} written, {c.restores} restored, {c.misses} missing, {c.corrupt} refused, "
+                f"{c.dropped_puts} writes dropped, {c.errors} errors")

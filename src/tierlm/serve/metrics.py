@@ -51,9 +51,22 @@ class _EngineCollector:
                                     value=s.kv.used / s.kv.blocks if s.kv.blocks else 0.0)
             yield _labeled(GaugeMetricFamily, "tierlm:kv_tier_blocks", "Cached KV blocks held below the pool", "tier",
                            {"host": s.host_blocks, "disk": s.disk_blocks})
-            moves = ("host_puts", "disk_writes", "host_restores", "disk_restores", "dropped", "corrupt")
+            moves = ("host_puts", "disk_writes", "host_restores", "disk_restores", "remote_restores", "dropped",
+                     "corrupt")
             yield _labeled(CounterMetricFamily, "tierlm:kv_tier_moves", "KV blocks moved between tiers", "move",
                            {k: getattr(s.kv.tiers, k) for k in moves})
+            if (r := s.kv.remote) is not None:
+                yield GaugeMetricFamily("tierlm:kv_remote_up", "1 while the shared KV tier answers; 0: local tiers only",
+                                        value=int(r.up))
+                c = r.counters
+                yield _labeled(CounterMetricFamily, "tierlm:kv_remote_blocks", "KV blocks of the shared tier", "op",
+                               {"written": c.puts, "restored": c.restores, "missing": c.misses,
+                                "refused": c.corrupt, "dropped": c.dropped_puts})
+                yield _labeled(CounterMetricFamily, "tierlm:kv_remote_bytes", "Bytes to and from the shared tier",
+                               "direction", {"put": c.put_bytes, "get": c.get_bytes})
+                yield CounterMetricFamily("tierlm:kv_remote_errors", "Shared-tier calls that failed or timed out",
+                                          value=c.errors)
+                yield GaugeMetricFamily("tierlm:kv_remote_rtt_seconds", "Measured round trip", value=r.rtt_s)
             yield CounterMetricFamily("tierlm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       value=s.kv.queried_tokens)
             yield CounterMetricFamily("tierlm:prefix_cache_hits", "Prompt tokens served by the prefix cache",

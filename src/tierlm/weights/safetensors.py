@@ -186,6 +186,11 @@ class SafetensorsSource(ModelSource):
     def files(self) -> list[Path]:
         return list(self._files)
 
+    def content_files(self) -> list[Path]:
+        meta = [self.path / n for n in ("config.json", "generation_config.json", "tokenizer.json",
+                                        "tokenizer_config.json", "special_tokens_map.json")]
+        return [f for f in meta if f.is_file()] + self.files()
+
     def storage_types(self) -> dict[str, int]:
         return dict(self._dtypes)
 

@@ -73,6 +73,10 @@ class ModelSource(ABC):
         """The files the weights are read from (the GGUF file; the safetensors shards)."""
         return [self.path]
 
+    def content_files(self) -> list[Path]:
+        """Every file the model's behaviour depends on (weights, config, tokenizer): its content fingerprint."""
+        return self.files()
+
     def close(self) -> None:  # noqa: B027 — a no-op default: sources that hold no mapping need nothing
         """Release file mappings; load() must not be called afterwards. Config and tokenizer stay valid."""
 
