@@ -87,7 +87,7 @@ def machine_cpus() -> int:
 
 
 def _check_port(host: str, port: int) -> None:
-    """Ray's proxy would fail to bind only in its own log, leaving deploy waiting: find out here."""
+    """A busy port, in one line and at once (Ray's proxy reports it seconds later, as its actor's traceback)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -108,8 +108,17 @@ def _start_ray(cpus: int) -> bool:
     # Ray runs workers at nice 15 (its daemons keep the CPU); here the workers are the server: at 15 the
     # engines lose the cores to any ordinary process on the machine, a load generator included
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-             object_store_memory=OBJECT_STORE_BYTES)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 object_store_memory=OBJECT_STORE_BYTES)
+    except BaseException:  # SystemExit(15) too: ray.init's SIGTERM handler, while it starts
+        ray.shutdown()  # what it started (its agents would outlive this process)
+        raise
+    if callable(previous) and threading.current_thread() is threading.main_thread():
+        # the caller's handler (the CLI's) over ray.init's, which aborts the process with a stack dump; without
+        # one, Ray's stays: a default SIGTERM death would leave Ray's agent processes behind
+        signal.signal(signal.SIGTERM, previous)
     return True
 
 
@@ -189,21 +198,23 @@ def shutdown() -> None:
 def serve_replicas(engine_args: EngineArgs, serve_args: ServeArgs, replicas: int, routing: str) -> int:
     """The CLI: deploy, print the URL, serve until SIGTERM/SIGINT, drain (new requests get 503, running ones get
     drain_timeout seconds; a second signal ends the wait), stop Serve and Ray; exit code 0."""
-    cluster = deploy(engine_args, replicas, routing, serve_args)
+    # while deploying, SIGTERM interrupts like SIGINT: deploy stops what it started, the CLI exits 130
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        cluster = deploy(engine_args, replicas, routing, serve_args)
+    except SystemExit as e:  # SIGTERM while ray.init starts Ray (its handler exits; deploy cleaned up)
+        raise KeyboardInterrupt from e
     print(f"serving {cluster.model_name} on {cluster.url}/v1 ({replicas} replicas on Ray Serve, {routing} routing)",
           flush=True)
-    stop = threading.Event()
+    stop, now = threading.Event(), threading.Event()  # now: a second signal, stop draining
 
     def on_signal(signum, frame) -> None:
-        stop.set()
+        (now if stop.is_set() else stop).set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(0.5):
         pass
-    now = threading.Event()  # a second signal: stop draining
-    signal.signal(signal.SIGTERM, lambda *_: now.set())
-    signal.signal(signal.SIGINT, lambda *_: now.set())
     print(f"draining: new requests get 503; running ones have {serve_args.drain_timeout:.0f} s to finish",
           file=sys.stderr, flush=True)
     try:
