@@ -41,9 +41,10 @@ WORDS = ("river stone lantern copper meadow harbor violet engine quiet thunder m
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(redis_server):
+    """Two replicas sharing the session's Redis as their KV tier (one deployment for the whole file)."""
     from tierlm.serve.cluster import deploy
-    c = deploy(ENGINE, replicas=2, routing="prefix",
+    c = deploy(replace(ENGINE, kv_remote=redis_server.url), replicas=2, routing="prefix",
                serve_args=ServeArgs(port=free_port(), drain_timeout=5, served_model_name=MODEL))
     yield c
     c.shutdown()
@@ -184,13 +185,9 @@ def _ttft(client, ids: list[int], replica_id: str) -> tuple[float, str]:
 def test_a_prefix_computed_on_one_replica_is_a_hit_on_the_other(cluster, client, redis_url):
     import redis
 
-    from tierlm.serve.cluster import deploy
-    c = deploy(replace(ENGINE, kv_remote=redis_url), replicas=2, routing="random",
-               serve_args=ServeArgs(port=urllib.parse.urlsplit(cluster.url).port, drain_timeout=5,
-                                     served_model_name=MODEL))
-    end = time.monotonic() + 60  # the first deployment's replicas are leaving
-    while len(ids := c.replica_ids()) != 2 or not all(_served_by(client, r) for r in ids):
-        assert time.monotonic() < end, f"replicas: {c.replica_ids()}"
+    end = time.monotonic() + 60  # a replica killed by an earlier test may still be coming back
+    while len(ids := cluster.replica_ids()) != 2 or not all(_served_by(client, r) for r in ids):
+        assert time.monotonic() < end, f"replicas: {cluster.replica_ids()}"
         time.sleep(0.5)
     a, b = ids
     prompt = random.Random(time.time_ns()).choices(range(1000, 30000), k=500)
