@@ -88,6 +88,7 @@ class RemoteTier:
         self.rtt_s, self.gbps = 1e-3, 1.0  # until measured
         self.up, self._down_until, self._backoff = True, 0.0, BACKOFF_S[0]
         self.queue_limit = max(QUEUE_BYTES, block_bytes)  # at least one block fits
+        self._value_size = max(block_bytes, 1)  # a value's size: MGET batches stay within FETCH_BYTES
         self._queued_bytes = 0
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -203,8 +204,6 @@ class RemoteTier:
             for i, ((h, tokens), value) in enumerate(zip(part, values)):
                 out[start + i] = self._verify(h, tokens, value)
         return out
-
-    _value_size = 1 << 20  # learnt from the values seen
 
     def _verify(self, h: bytes, tokens: tuple[int, ...], value: bytes | None) -> StoredBlock | None:
         if value is None:
