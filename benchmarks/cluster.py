@@ -125,7 +125,8 @@ def run_config(name: str, routing: str, remote: str | None, a: argparse.Namespac
 
     redis.Redis.from_url(redis_url).flushall()
     args = EngineArgs(model=a.model, kv_remote=remote, threads=a.threads, max_context=a.context)
-    cluster = deploy(args, replicas=a.replicas, routing=routing, serve_args=ServeArgs(port=a.port))
+    cluster = deploy(args, replicas=a.replicas, routing=routing,
+                     serve_args=ServeArgs(port=a.port, served_model_name="m"))
     try:
         ids = cluster.replica_ids()
         out, wall = asyncio.run(workload(cluster.url, a))
@@ -144,7 +145,8 @@ def run_config(name: str, routing: str, remote: str | None, a: argparse.Namespac
            "tok_s": sum(r["tokens"] for r in out) / wall, "wall_s": wall}
     print(f"  {name:<28} hit {row['hit_rate']:6.1%}  redis restores {row['remote_restores']:5.0f}  "
           f"TTFT p50 {row['ttft_p50'] or 0:6.3f} s p99 {row['ttft_p99'] or 0:6.3f} s  {row['tok_s']:6.1f} tok/s  "
-          f"errors {row['errors']}", flush=True)
+          f"errors {row['errors']}" + (f" ({next(r['error'] for r in out if r['error'])})" if row["errors"] else ""),
+          flush=True)
     return row
 
 
