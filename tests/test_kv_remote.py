@@ -163,3 +163,17 @@ def test_bad_remote_urls_are_one_line_errors(capsys):
     assert main(["generate", "--prompt", "hi", "--kv-remote", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "kv_remote" in err[0]
+
+
+def test_the_shared_tier_is_inside_the_budget(redis_url, isolated_cache, tmp_path):
+    """Its queue and fetch batch are planned (the embedded model's plan fills a 200 MiB budget: the pool gives
+    way) and reserved in the ledger."""
+    from tierlm.kvcache.remote import reserved_bytes
+    budget = dict(max_memory={"cpu": "200MiB"}, offload_dir=tmp_path / "off", threads=1, progress=False)
+    alone, shared = LLM(None, **budget), LLM(None, kv_remote=redis_url, **budget)
+    cpu = {owner: n for (owner, tier), n in shared.memory.by_owner().items() if tier == "cpu"}
+    assert cpu["kv_remote"] == reserved_bytes(shared.kv.pool.block_bytes)
+    assert sum(cpu.values()) <= shared.memory.budgets["cpu"] == 200 << 20
+    assert shared.kv.nbytes < alone.kv.nbytes
+    prompt = list(range(1000, 1100))
+    assert shared.generate([prompt], GREEDY)[0].token_ids == alone.generate([prompt], GREEDY)[0].token_ids

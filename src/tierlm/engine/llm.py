@@ -17,7 +17,7 @@ from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import PagedKV
-from tierlm.kvcache.remote import FETCH_BYTES, RemoteTier
+from tierlm.kvcache.remote import RemoteTier, reserved_bytes
 from tierlm.kvcache.persist import save_prefix_cache
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.kvcache.stats import KVStats
@@ -106,13 +106,15 @@ class LLM:
             # written at close(), or when the process exits without one (the CLI's commands)
             self._trace_writer = weakref.finalize(self, write_trace, self.memory.events, a.memory_trace)
         held: dict[str, Reservation] = {}
+        # the shared tier's buffers (host RAM) are planned like the host tier's
+        remote_bytes = reserved_bytes(block_nbytes(self.config, a.block_size, kv_store)) if a.kv_remote else 0
         if not self.budget.limited:
             self.max_context = default_context(self.config, self.budget, a.max_context)
             self.store = WeightStore.load_resident(self.source, self.dtype, a.device, a.progress, self.quant)
         else:
             self.max_context, inp, self.context_options = budget_plan_input(
                 self.config, self.dtype, self.budget, a.max_context, self.profile, cuda, a.ring_depth, self.quant,
-                kv_store, a.block_size, kv_pool, kv_host)
+                kv_store, a.block_size, kv_pool, kv_host + remote_bytes)
             self.plan = plan(inp)
             self.planned_kv_bytes = inp.kv_bytes
             held = reserve_placement(self.memory, inp, self.plan, kv_host)  # before a byte is loaded
@@ -151,7 +153,7 @@ class LLM:
         if self.kv.tiers.disk_dir is not None:
             actual["kv_disk"] = self.kv.tiers.disk_capacity or 0
         if (remote := self.kv.tiers.remote) is not None:  # write-through copies queued + one fetch batch
-            actual["kv_remote"] = remote.queue_limit + FETCH_BYTES
+            actual["kv_remote"] = reserved_bytes(self.kv.pool.block_bytes)
         for owner, n in actual.items():
             if owner in held:
                 held[owner].resize(n, check=False)

@@ -41,6 +41,12 @@ BACKOFF_S = (1.0, 60.0)
 SIM_PARAMS = ("cap_gbps", "rtt_ms")
 
 
+def reserved_bytes(block_bytes: int) -> int:
+    """Host memory the tier may hold at once: the write-through queue and one fetch batch (the ledger's
+    `kv_remote` reservation; the planner leaves room for it under a budget)."""
+    return max(QUEUE_BYTES, block_bytes) + max(FETCH_BYTES, block_bytes)
+
+
 @dataclass
 class RemoteCounters:
     puts: int = 0  # blocks written
