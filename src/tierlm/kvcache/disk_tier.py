@@ -18,7 +18,7 @@ from typing import Sequence
 
 from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, open_block_dir, open_spill_dir, read_block, \
     write_block
-from tierlm.kvcache.tier import Wanted
+from tierlm.kvcache.tier import Wanted, until_miss
 
 log = logging.getLogger("tierlm.kv")
 WRITE_QUEUE = 32  # spills waiting for the writer; a full queue makes the evicting step wait (backpressure)
@@ -100,12 +100,7 @@ class DiskTier:
         self._queue.put(block)
 
     def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
-        out: list[StoredBlock | None] = [None] * len(wanted)
-        for i, (h, tokens) in enumerate(wanted):  # up to the first miss: a restore stops there
-            out[i] = self._get(h, tokens)
-            if out[i] is None:
-                break
-        return out
+        return until_miss(wanted, self._get)
 
     def _get(self, h: bytes, tokens: tuple[int, ...]) -> StoredBlock | None:
         with self._lock:

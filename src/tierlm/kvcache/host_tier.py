@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from tierlm.kvcache.block_file import StoredBlock, codec_module
-from tierlm.kvcache.tier import Wanted
+from tierlm.kvcache.tier import Wanted, until_miss
 from tierlm.memory.arena import ALIGN, Arena, ArenaStats
 
 HOST_GBPS = 8.0  # memcpy into the pool (a host copy is never the slow path)
@@ -65,12 +65,7 @@ class HostTier:
         return [h in self.entries for h in hashes]
 
     def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
-        out: list[StoredBlock | None] = [None] * len(wanted)
-        for i, (h, tokens) in enumerate(wanted):  # up to the first miss: a restore stops there
-            out[i] = self.take(h, tokens)
-            if out[i] is None:
-                break
-        return out
+        return until_miss(wanted, self.take)
 
     def cost(self, nbytes: int, count: int) -> float:
         return count * nbytes / (HOST_GBPS * 1e9)

@@ -10,7 +10,7 @@ A miss, a corrupt value or an unreachable tier answers False / None: the caller 
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from tierlm.kvcache.block_file import StoredBlock
 
@@ -27,3 +27,15 @@ class KVTier(Protocol):
     def put(self, block: StoredBlock) -> None: ...
 
     def cost(self, nbytes: int, count: int) -> float: ...
+
+
+def until_miss(wanted: Sequence[Wanted], get: Callable[[bytes, tuple[int, ...]], StoredBlock | None]
+               ) -> list[StoredBlock | None]:
+    """get_many for a tier read one block at a time: up to the first miss (a restore stops there; the blocks
+    after it are not read, or taken out of the tier)."""
+    out: list[StoredBlock | None] = [None] * len(wanted)
+    for i, (h, tokens) in enumerate(wanted):
+        out[i] = get(h, tokens)
+        if out[i] is None:
+            break
+    return out
