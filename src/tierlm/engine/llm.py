@@ -64,7 +64,8 @@ class LLM:
         block_size: tokens per KV block. enable_prefix_caching: reuse the KV of shared prompt prefixes.
         kv_host_memory: a host-RAM tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
         RAM already); kv_offload_dir: a disk tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
-        kv_compress: "none" or "zstd" for blocks on disk.
+        kv_compress: "none" or "zstd" for blocks on disk. kv_remote: "redis://HOST:PORT/DB", a KV tier shared by
+        replicas below host and disk (kvcache/remote.py; keys under kv_remote_namespace).
     max_num_seqs, max_num_batched_tokens: the engine loop's limits per step (engine/args.py).
     Every keyword is a field of EngineArgs (LLM.from_args takes one), the same as the CLI's and the server's.
     """
@@ -152,7 +153,7 @@ class LLM:
         actual["activations"] = max(inp.activation_bytes - self.runner.workspace.nbytes, 0)
         if self.kv.tiers.disk_dir is not None:
             actual["kv_disk"] = self.kv.tiers.disk_capacity or 0
-        if (remote := self.kv.tiers.remote) is not None:  # write-through copies queued + one fetch batch
+        if self.kv.tiers.remote is not None:  # write-through copies queued + one fetch batch
             actual["kv_remote"] = reserved_bytes(self.kv.pool.block_bytes)
         for owner, n in actual.items():
             if owner in held:

@@ -5,8 +5,9 @@
 
 Admission (admit): a sequence takes the cached blocks of its longest cached prefix from the pool, then
 restores the following blocks that the host/disk/remote tiers hold (batched: tiers.fetch) when restoring is
-predicted cheaper than recomputing; prefill starts after the last block found. Allocation (begin) takes free blocks; a cached
-block taken for new tokens is first handed to the tiers.
+predicted cheaper than recomputing; prefill starts after the last block found. Allocation (begin) takes free
+blocks; a cached block taken for new tokens is first handed to the tiers. A block registered by a step is
+also written through to the remote tier, when there is one (step.py).
 
 Lifetimes: the pool is reserved by PagedKV(...) and freed by release(); blocks are taken and returned
 through the BlockManager as sequences grow and finish (free()).
