@@ -165,8 +165,6 @@ def redis_bandwidth(url: str, a: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         for b in blocks:
             tier.put(b)
-            if tier._queued_bytes > tier.queue_limit // 2:
-                tier.flush()
         tier.flush()
         put_s = time.perf_counter() - t0
         wanted = [(b.hash, b.tokens) for b in blocks]

@@ -87,6 +87,21 @@ def test_a_prefix_computed_by_one_engine_is_restored_by_another(tiny_models, tmp
     assert c.generate([P], GREEDY)[0].token_ids == want and c.kv.restored_tokens == 0
 
 
+def test_a_block_reused_before_the_writer_reads_it_is_never_written(tiny_models, isolated_cache):
+    """Write-through reads the pool block on the writer's thread, later: only while it holds the offered prefix."""
+    e = _engine(tiny_models["llama_gqa_tied"].path, kv_memory=None)
+    e.generate([P], GREEDY)
+    kv = e.kv
+    block, h = next(iter(kv.manager.hash_of.items()))
+    read = kv.reader(block, h)
+    assert read() == kv.pool.read_block(block)
+    gen, taken = kv.manager.generation[block], []
+    while kv.manager.generation[block] == gen:
+        taken.append(kv._allocate())  # free blocks, oldest first, until ours is reused for other tokens
+    assert read() is None and kv.reader(block, h)() is None
+    kv.manager.release_all(taken)
+
+
 @pytest.mark.parametrize("damage", ["evicted", "corrupt", "foreign"])
 def test_missing_corrupt_or_foreign_values_mean_recompute(tiny_models, redis_url, isolated_cache, damage):
     src = tiny_models["qwen2"].path

@@ -61,6 +61,8 @@ class BlockManager:
         self.floor = num_blocks
         self.capacity = max(capacity or num_blocks, num_blocks)
         self.refcount = [0] * self.capacity
+        self.generation = [0] * self.capacity  # + 1 each time a block is allocated: a reader on another thread
+        # (the remote tier's writer) knows the block still holds what it was offered when this has not moved
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU: head first
         self.hash_of: dict[int, bytes] = {}  # full, hashed block -> its chain hash
         self.tokens_of: dict[int, tuple[int, ...]] = {}  # its tokens (collision check)
@@ -90,6 +92,7 @@ class BlockManager:
             self._forget(block)
             self.counters.evictions += 1
         self.refcount[block] = 1
+        self.generation[block] += 1
         return block, evicted
 
     def adopt(self, block: int, h: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:

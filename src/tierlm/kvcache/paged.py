@@ -15,6 +15,7 @@ through the BlockManager as sequences grow and finish (free()).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, Evicted, block_hash, 
 from tierlm.kvcache.pool import KVPool
 from tierlm.kvcache.stats import KVStats
 from tierlm.kvcache.step import DROPPED, PagedStep
-from tierlm.kvcache.remote import RemoteTier
+from tierlm.kvcache.remote import Offer, RemoteTier
 from tierlm.kvcache.tiers import KVTiers
 
 DEFAULT_BLOCK_SIZE = 16
@@ -145,6 +146,24 @@ class PagedKV:
             rate = seconds / tokens
             p = self.prefill_s_per_token
             self.prefill_s_per_token = rate if p is None else 0.7 * p + 0.3 * rate
+
+    def offer_remote(self, block: int, h: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
+        """A block just registered, written through to the remote tier: its writer thread reads the block from the
+        pool later (reader), so neither the copy nor the write is on the engine's thread."""
+        self.tiers.remote.offer(Offer(h, parent, tokens, self.reader(block, h)))
+
+    def reader(self, block: int, h: bytes) -> Callable[[], bytes | None]:
+        """Reads pool block `block` on any thread while it still holds prefix h: None once the block was
+        reused (its generation moved) or forgotten (hash checked before and after the read: no torn copy)."""
+        man, pool, gen = self.manager, self.pool, self.manager.generation[block]
+
+        def read() -> bytes | None:
+            if man.generation[block] != gen or man.hash_of.get(block) != h:
+                return None
+            payload = pool.read_block(block)
+            return payload if man.generation[block] == gen and man.hash_of.get(block) == h else None
+
+        return read
 
     def _allocate(self) -> int:
         """A zeroed block for new tokens; a cached block taken for them goes to the tiers first."""

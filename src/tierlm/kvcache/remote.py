@@ -8,9 +8,11 @@ Reads are batched: a prefix hit asks EXISTS for all its blocks in one pipeline (
 in batches of at most FETCH_BYTES (a few round trips); each value is verified (checksum, hash, tokens, salt), and
 a miss, an evicted key or a bad value means recompute from there. Writes go through a bounded queue to one writer
 thread that pipelines SETs: blocks are offered when registered (a prefix one replica computed is visible to the
-others at once), the engine thread only copies the block and never waits on Redis; a full queue drops the block
-(counted). Redis down or slow (timeouts) turns the tier off for a back-off (1 s doubling to 60 s): local tiers only,
-a warning, `up` = 0 in the metrics, and no failed request. Eviction is Redis's (maxmemory + allkeys-lru).
+others at once) as an Offer the writer reads from the pool when it gets to it (the engine thread neither copies
+nor waits; a block the pool reused meanwhile is skipped, never written torn: its generation is checked before and
+after the read); a full queue drops the offer (counted). Redis down or slow (timeouts) turns the tier off for a
+back-off (1 s doubling to 60 s): local tiers only, a warning, `up` = 0 in the metrics, and no failed request.
+Eviction is Redis's (maxmemory + allkeys-lru).
 
 Cost: restore vs recompute uses the measured round-trip time and bandwidth (a probe at start, then every fetch).
 For benchmarks, the URL may carry `cap_gbps=X` and `rtt_ms=Y`: this client then holds each transfer to X GB/s and
@@ -25,7 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import xxhash
@@ -35,16 +37,27 @@ from tierlm.kvcache.tier import Wanted
 
 log = logging.getLogger("tierlm.kv")
 FETCH_BYTES = 32 << 20  # values fetched per MGET (bounds the transient memory of a restore)
-QUEUE_BYTES = 32 << 20  # write-through copies waiting for the writer; past it a block is dropped, not waited for
+WRITE_BYTES = 32 << 20  # blocks read and sent per pipeline by the writer
+QUEUE_BLOCKS = 4096  # offers waiting for the writer (no payload: it is read when written); past it: dropped
 TIMEOUT_S = 0.5  # a Redis slower than this per call is treated as down
 BACKOFF_S = (1.0, 60.0)
 SIM_PARAMS = ("cap_gbps", "rtt_ms")
 
 
 def reserved_bytes(block_bytes: int) -> int:
-    """Host memory the tier may hold at once: the write-through queue and one fetch batch (the ledger's
+    """Host memory the tier may hold at once: one write batch and one fetch batch (the ledger's
     `kv_remote` reservation; the planner leaves room for it under a budget)."""
-    return max(QUEUE_BYTES, block_bytes) + max(FETCH_BYTES, block_bytes)
+    return max(WRITE_BYTES, block_bytes) + max(FETCH_BYTES, block_bytes)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A registered block to write through. `read` returns its payload while the pool block still holds this
+    prefix, else None; the writer calls it, so the copy is off the engine's thread too."""
+    hash: bytes
+    parent: bytes
+    tokens: tuple[int, ...]
+    read: Callable[[], bytes | None]
 
 
 @dataclass
@@ -52,6 +65,7 @@ class RemoteCounters:
     puts: int = 0  # blocks written
     put_bytes: int = 0
     dropped_puts: int = 0  # write-through queue full, or Redis down
+    stale: int = 0  # reused by the pool before the writer got to them (not written)
     restores: int = 0
     get_bytes: int = 0
     misses: int = 0  # asked for, absent (never written, or evicted by Redis)
@@ -93,9 +107,7 @@ class RemoteTier:
         self.counters = RemoteCounters()
         self.rtt_s, self.gbps = 1e-3, 1.0  # until measured
         self.up, self._down_until, self._backoff = True, 0.0, BACKOFF_S[0]
-        self.queue_limit = max(QUEUE_BYTES, block_bytes)  # at least one block fits
         self._value_size = max(block_bytes, 1)  # a value's size: MGET batches stay within FETCH_BYTES
-        self._queued_bytes = 0
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="tierlm-kv-remote", daemon=True)
@@ -228,35 +240,45 @@ class RemoteTier:
         self.counters.restores += 1
         return block
 
+    def offer(self, o: Offer) -> None:
+        """Queue a block for writing (never waits: a full queue or a down Redis drops it, counted)."""
+        if not self.up or self._queue.qsize() >= QUEUE_BLOCKS:
+            self.counters.dropped_puts += 1
+            return
+        self._queue.put(o)
+
     def put(self, block: StoredBlock) -> None:
-        """Offer a block for writing (never waits: a full queue or a down Redis drops it, counted)."""
-        n = len(block.payload)
-        with self._lock:
-            if not self.up or self._queued_bytes + n > self.queue_limit:
-                self.counters.dropped_puts += 1
-                return
-            self._queued_bytes += n
-        self._queue.put(block)
+        self.offer(Offer(block.hash, block.parent, block.tokens, lambda: block.payload))
 
     # --- the writer -------------------------------------------------------------------------------------
     def _write_loop(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while not self._queue.empty() and len(batch) < 64:
+            while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
-            stop = any(b is None for b in batch)
-            blocks = [b for b in batch if b is not None]
             try:
-                if blocks and self._usable():
-                    self._write(blocks)
-                elif blocks:
-                    self.counters.dropped_puts += len(blocks)
+                ready, nbytes = [], 0
+                for o in batch:
+                    if o is None:
+                        continue
+                    if not self._usable():
+                        self.counters.dropped_puts += 1
+                        continue
+                    payload = o.read()
+                    if payload is None:
+                        self.counters.stale += 1
+                        continue
+                    ready.append(StoredBlock(o.hash, o.parent, o.tokens, payload))
+                    nbytes += len(payload)
+                    if nbytes >= WRITE_BYTES:
+                        self._write(ready)
+                        ready, nbytes = [], 0
+                if ready:
+                    self._write(ready)
             finally:
-                with self._lock:
-                    self._queued_bytes -= sum(len(b.payload) for b in blocks)
                 for _ in batch:
                     self._queue.task_done()
-            if stop:
+            if None in batch:
                 return
 
     def _write(self, blocks: list[StoredBlock]) -> None:

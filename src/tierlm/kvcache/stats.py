@@ -52,4 +52,4 @@ class KVStats:
         r, c = self.remote, self.remote.counters
         return (f"; remote {'up' if r.up else 'DOWN'} (rtt {r.rtt_s * 1e3:.2f} ms, {r.gbps:.2f} GB/s): "
                 f"{c.puts} written, {c.restores} restored, {c.misses} missing, {c.corrupt} refused, "
-                f"{c.dropped_puts} writes dropped, {c.errors} errors")
+                f"{c.dropped_puts} writes dropped, {c.stale} reused before written, {c.errors} errors")

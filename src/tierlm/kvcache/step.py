@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tierlm.kvcache.block_file import StoredBlock
 from tierlm.model.llama import BlockMask
 
 if TYPE_CHECKING:  # paged.py imports this module
@@ -101,9 +100,8 @@ class PagedStep:
                 tokens = tuple(s.tokens[b * bs:(b + 1) * bs])
                 parent, s.parent_hash = s.parent_hash, man.register(s.blocks[b], s.parent_hash, tokens)
                 s.num_hashed += 1
-                if self.kv.tiers.writes_through:  # shared at once with other replicas (a copy; written behind)
-                    payload = self.kv.pool.read_block(s.blocks[b])
-                    self.kv.tiers.register(StoredBlock(s.parent_hash, parent, tokens, payload))
+                if self.kv.tiers.writes_through:  # shared with other replicas at once (read and written behind)
+                    self.kv.offer_remote(s.blocks[b], s.parent_hash, parent, tokens)
             while window is not None and s.num_dropped < s.num_hashed and \
                     (s.num_dropped + 1) * bs - 1 <= s.num_computed - window:
                 man.release(s.blocks[s.num_dropped])

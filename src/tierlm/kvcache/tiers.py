@@ -114,12 +114,6 @@ class KVTiers:
         for b in pushed if stored else [block]:
             self._to_disk(b)
 
-    def register(self, block: StoredBlock) -> None:
-        """A block just computed and registered in the prefix cache: written through to the remote tier (its
-        writer thread; this call only queues the copy)."""
-        if self.remote is not None:
-            self.remote.put(block)
-
     @property
     def writes_through(self) -> bool:
         return self.remote is not None

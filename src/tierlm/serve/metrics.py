@@ -61,7 +61,7 @@ class _EngineCollector:
                 c = r.counters
                 yield _labeled(CounterMetricFamily, "tierlm:kv_remote_blocks", "KV blocks of the shared tier", "op",
                                {"written": c.puts, "restored": c.restores, "missing": c.misses,
-                                "refused": c.corrupt, "dropped": c.dropped_puts})
+                                "refused": c.corrupt, "dropped": c.dropped_puts, "stale": c.stale})
                 yield _labeled(CounterMetricFamily, "tierlm:kv_remote_bytes", "Bytes to and from the shared tier",
                                "direction", {"put": c.put_bytes, "get": c.get_bytes})
                 yield CounterMetricFamily("tierlm:kv_remote_errors", "Shared-tier calls that failed or timed out",
