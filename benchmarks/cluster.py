@@ -150,6 +150,15 @@ def run_config(name: str, routing: str, remote: str | None, a: argparse.Namespac
     return row
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per configuration (in run order), the median of each column over the rounds."""
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    cols = ("hit_rate", "remote_restores", "ttft_p50", "ttft_p99", "tok_s")
+    return [{"config": n, "rounds": sum(r["config"] == n for r in rows),
+             **{c: statistics.median(r[c] for r in rows if r["config"] == n and r[c] is not None) for c in cols}}
+            for n in names]
+
+
 def redis_bandwidth(url: str, a: argparse.Namespace) -> list[dict]:
     """Put/get GB/s of KV blocks through RemoteTier (encode + pipelined SETs; MGET + verify)."""
     import os
@@ -266,11 +275,14 @@ def main() -> int:
                     results["configs"].append(run_config(name, routing, remote, a, url))
         finally:
             ray.shutdown()
-    base = {r["config"]: r for r in results["configs"]}
-    ref = base.get("random, no Redis")
-    if ref and ref["ttft_p50"]:
-        print("TTFT p50 vs random routing without Redis: " + ", ".join(
-            f"{k} {ref['ttft_p50'] / r['ttft_p50']:.2f}x" for k, r in base.items() if r["ttft_p50"]))
+    summary = summarize(results["configs"])
+    results["summary"] = summary
+    print("medians over rounds (ratios against random routing without Redis):")
+    ref = summary[0]
+    for r in summary:
+        print(f"  {r['config']:<28} hit {r['hit_rate']:6.1%}  redis restores {r['remote_restores']:5.0f}  "
+              f"TTFT p50 {r['ttft_p50']:6.3f} s ({ref['ttft_p50'] / r['ttft_p50']:.2f}x)  p99 {r['ttft_p99']:6.3f} s  "
+              f"{r['tok_s']:6.1f} tok/s ({r['tok_s'] / ref['tok_s']:.2f}x)")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(results, indent=1))
