@@ -153,7 +153,7 @@ class LLM:
         actual["activations"] = max(inp.activation_bytes - self.runner.workspace.nbytes, 0)
         if self.kv.tiers.disk_dir is not None:
             actual["kv_disk"] = self.kv.tiers.disk_capacity or 0
-        if self.kv.tiers.remote is not None:  # write-through copies queued + one fetch batch
+        if self.kv.tiers.remote is not None:  # one write batch + one fetch batch
             actual["kv_remote"] = reserved_bytes(self.kv.pool.block_bytes)
         for owner, n in actual.items():
             if owner in held:

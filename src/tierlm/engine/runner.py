@@ -122,10 +122,10 @@ class Runner:
         on_native = [self.native and native_ops.step_supported(step) for _, step, _ in groups]  # same every layer
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
-            native = any(on_native) and native_ops.layer_supported(w)
+            mats = native_ops.layer_mats(w) if any(on_native) else None  # None: the Python layer
             for x, (_, step, _), (cos, sin), on in zip(xs, groups, rope, on_native):
-                if native and on:
-                    native_ops.layer_step(self.config, w, x, self.rope32, step, i, self.scratch, self.exact)
+                if mats is not None and on:
+                    native_ops.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
                 else:
                     llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
             self.store.release(i)

@@ -40,6 +40,7 @@ class HostTier:
         self._compress = mod.ZstdCompressor(level=1).compress if mod else None
         self._decompress = mod.ZstdDecompressor().decompress if mod else None
         self.entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU: oldest first
+        self.restores = 0  # blocks taken back to the pool by get_many
         self._log: IO[str] | None = open(log, "a", buffering=1 << 16) if log else None
 
     @property
@@ -65,7 +66,9 @@ class HostTier:
         return [h in self.entries for h in hashes]
 
     def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
-        return until_miss(wanted, self.take)
+        got = until_miss(wanted, self.take)
+        self.restores += sum(b is not None for b in got)
+        return got
 
     def cost(self, nbytes: int, count: int) -> float:
         return count * nbytes / (HOST_GBPS * 1e9)

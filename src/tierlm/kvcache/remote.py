@@ -109,7 +109,6 @@ class RemoteTier:
         self.up, self._down_until, self._backoff = True, 0.0, BACKOFF_S[0]
         self._value_size = max(block_bytes, 1)  # a value's size: MGET batches stay within FETCH_BYTES
         self._queue: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="tierlm-kv-remote", daemon=True)
         self._writer.start()
         self.probe()

@@ -50,8 +50,9 @@ class _LiveCounters:
 
 
 class KVTiers:
-    """Host, disk and (optionally) remote tiers. The engine's thread calls put / register / fetch; the disk and
-    remote tiers write on threads of their own, so no step waits on a tier write."""
+    """Host, disk and (optionally) remote tiers. The engine's thread calls put / fetch (and offers registered
+    blocks to the remote tier: PagedKV.offer_remote); the disk and remote tiers write on threads of their own,
+    so no step waits on a tier write."""
 
     def __init__(self, store: str, salt: bytes, host_bytes: int = 0, disk_dir: Path | None = None,
                  codec: str = "none", disk_gbps: float = 1.0, disk_capacity: int | None = None,
@@ -60,7 +61,7 @@ class KVTiers:
         self.host = HostTier(host_bytes, codec, host_log)  # its bytes live in one preallocated arena
         self.disk = DiskTier(store, salt, disk_dir, codec, disk_gbps, disk_capacity)
         self.remote = remote
-        self._host_puts = self._dropped = self._host_restores = self._recompute_chosen = 0
+        self._host_puts = self._dropped = self._recompute_chosen = 0
 
     @property
     def chain(self) -> list[KVTier]:
@@ -79,7 +80,7 @@ class KVTiers:
     def snapshot(self) -> TierCounters:
         d, r = self.disk.counters, self.remote.counters if self.remote else None
         return TierCounters(host_puts=self._host_puts, disk_writes=d.writes, dropped=self._dropped,
-                            host_restores=self._host_restores + d.pending_restores, disk_restores=d.restores,
+                            host_restores=self.host.restores + d.pending_restores, disk_restores=d.restores,
                             remote_restores=r.restores if r else 0, recompute_chosen=self._recompute_chosen,
                             corrupt=d.corrupt + (r.corrupt if r else 0), disk_evictions=d.evictions,
                             write_errors=d.write_errors)
@@ -156,10 +157,7 @@ class KVTiers:
             return []
         out: list[StoredBlock] = []
         for tier, s, e in segments:
-            got = tier.get_many(wanted[s:e])
-            if tier is self.host:
-                self._host_restores += sum(b is not None for b in got)
-            for b in got:
+            for b in tier.get_many(wanted[s:e]):
                 if b is None:
                     return out
                 out.append(b)

@@ -65,8 +65,15 @@ def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None, exact: bo
     return native.lib().linear(x, _mat(w), bias, exact)
 
 
+def layer_mats(w: LayerWeights) -> tuple | None:
+    """The layer's four matrices (wqkv, wo, w_gateup, w_down) as layer_step takes them, packed once per layer
+    and step; None when one of them is in neither form (the layer takes the Python path)."""
+    mats = tuple(layer_mat(m) for m in (w.wqkv, w.wo, w.w_gateup, w.w_down))
+    return None if None in mats else mats
+
+
 def layer_supported(w: LayerWeights) -> bool:
-    return all(layer_mat(m) is not None for m in (w.wqkv, w.wo, w.w_gateup, w.w_down))
+    return layer_mats(w) is not None
 
 
 def step_supported(step: object) -> bool:
@@ -84,13 +91,16 @@ def scratch_bytes(cfg: ModelConfig, rows: int, quantised: bool = True) -> int:
     return native.lib().scratch_bytes(rows, cfg.hidden_size, qkv, cfg.q_size, cfg.intermediate_size)
 
 
-def layer_step(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, rope32: tuple[torch.Tensor, torch.Tensor],
-               step: PagedStep, layer: int, scratch: torch.Tensor, exact: bool) -> None:
-    """One decoder layer over the step's rows, x [B, T, H] updated in place (llama.layer_forward's contract)."""
+def layer_step(cfg: ModelConfig, w: LayerWeights, mats: tuple, x: torch.Tensor,
+               rope32: tuple[torch.Tensor, torch.Tensor], step: PagedStep, layer: int, scratch: torch.Tensor,
+               exact: bool) -> None:
+    """One decoder layer over the step's rows, x [B, T, H] updated in place (llama.layer_forward's contract);
+    mats: layer_mats(w)."""
     pool = step.kv.pool
-    native.lib().layer_step(x, w.attn_norm, w.ffn_norm, layer_mat(w.wqkv), w.bqkv, layer_mat(w.wo), w.bo,
-                            layer_mat(w.w_gateup), layer_mat(w.w_down), rope32[0], rope32[1], step.positions, step.tables, pool.k[layer],
-                            pool.v[layer], cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, exact, scratch)
+    wqkv, wo, w_gateup, w_down = mats
+    native.lib().layer_step(x, w.attn_norm, w.ffn_norm, wqkv, w.bqkv, wo, w.bo, w_gateup, w_down, rope32[0],
+                            rope32[1], step.positions, step.tables, pool.k[layer], pool.v[layer], cfg.num_heads,
+                            cfg.num_kv_heads, cfg.rms_norm_eps, exact, scratch)
 
 
 def numerics_tag(exact: bool) -> str:
