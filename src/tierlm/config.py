@@ -1,8 +1,10 @@
 """Model and engine configuration: one `ModelConfig` whatever the file format it came from."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -129,3 +131,9 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def cache_dir() -> Path:
+    """tierlm's per-user cache ($XDG_CACHE_HOME/tierlm, ~/.cache/tierlm): the calibrated profile, saved
+    sessions, model fingerprints."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tierlm"

@@ -11,10 +11,10 @@ refused at load time, a corrupt one is recomputed.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from tierlm.config import cache_dir
 from tierlm.errors import ModelFormatError, UsageError
 from tierlm.kvcache.block_file import atomic_write
 
@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def session_dir(name: str, root: str | Path | None = None) -> Path:
     if not _NAME.match(name) or name in (".", ".."):
         raise UsageError(f"session name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    base = Path(root) if root is not None else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tierlm" / "sessions"
+    base = Path(root) if root is not None else cache_dir() / "sessions"
     return base / name
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tierlm.config import ModelConfig, format_size
+from tierlm.config import ModelConfig, cache_dir, format_size
 from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.memory.offload_store import CHUNK_BYTES
@@ -50,8 +50,7 @@ class Profile:
 
 
 def default_profile_path() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "tierlm" / "profile.json"
+    return cache_dir() / "profile.json"
 
 
 def _median_time(fn, reps: int) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import xxhash
 
+from tierlm.config import cache_dir
 from tierlm.progress import progress_bar
 
 CHUNK = 4 << 20
@@ -24,7 +25,7 @@ CACHE_ENTRIES = 256  # file identities remembered (oldest forgotten first)
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tierlm" / "fingerprints.json"
+    return cache_dir() / "fingerprints.json"
 
 
 def _identity(f: Path) -> str:
