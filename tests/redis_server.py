@@ -5,16 +5,11 @@ Started by `RedisServer(...)` (context manager), stopped and waited for on exit;
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_helpers import free_port
 
 
 class RedisServer:

@@ -133,7 +133,7 @@ def test_missing_corrupt_or_foreign_values_mean_recompute(tiny_models, redis_url
 
 
 def test_redis_down_means_local_tiers_only(tiny_models, isolated_cache):
-    from redis_server import free_port
+    from serve_helpers import free_port
     src = tiny_models["llama_gqa_tied"].path
     want = _engine(src).generate([P], GREEDY)[0].token_ids
     e = _engine(src, kv_remote=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
