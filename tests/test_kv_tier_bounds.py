@@ -16,8 +16,7 @@ def _block(i: int) -> StoredBlock:
 
 
 def _take(t: KVTiers, b: StoredBlock) -> StoredBlock | None:
-    got = t.fetch([(b.hash, b.tokens)], len(b.payload), float("inf"))
-    return got[0] if got else None
+    return next(t.fetch([(b.hash, b.tokens)], len(b.payload), float("inf")), None)
 
 
 def test_disk_tier_keeps_its_capacity_lru(tmp_path):

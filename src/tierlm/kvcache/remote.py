@@ -107,7 +107,7 @@ class RemoteTier:
         self.counters = RemoteCounters()
         self.rtt_s, self.gbps = 1e-3, 1.0  # until measured
         self.up, self._down_until, self._backoff = True, 0.0, BACKOFF_S[0]
-        self._value_size = max(block_bytes, 1)  # a value's size: MGET batches stay within FETCH_BYTES
+        self.block_bytes = max(block_bytes, 1)  # a block's payload: MGET batches stay within FETCH_BYTES
         self._queue: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="tierlm-kv-remote", daemon=True)
         self._writer.start()
@@ -197,10 +197,11 @@ class RemoteTier:
             return [False] * len(hashes)
 
     def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
-        """Fetch `wanted` in MGETs of at most FETCH_BYTES (the expected value size learnt from the last ones);
-        verified; a failure leaves the rest None."""
+        """Fetch `wanted` in MGETs of at most FETCH_BYTES of payload, each value
+        verified and let go as it is decoded; a failure leaves the rest None. KVTiers.fetch asks for at most
+        FETCH_BYTES at a time, so one call is one MGET and its blocks reach the pool before the next."""
         out: list[StoredBlock | None] = [None] * len(wanted)
-        per = max(1, FETCH_BYTES // max(self._value_size, 1))
+        per = max(1, FETCH_BYTES // self.block_bytes)
         for start in range(0, len(wanted), per):
             part = wanted[start:start + per]
             if not self._usable():
@@ -218,15 +219,14 @@ class RemoteTier:
             if got > (1 << 20):  # a transfer large enough to measure bandwidth by
                 self.gbps = 0.7 * self.gbps + 0.3 * got / max(dt - self.rtt_s, 1e-6) / 1e9
             self.counters.get_bytes += got
-            for i, ((h, tokens), value) in enumerate(zip(part, values)):
-                out[start + i] = self._verify(h, tokens, value)
+            for i, (h, tokens) in enumerate(part):
+                out[start + i], values[i] = self._verify(h, tokens, values[i]), None
         return out
 
     def _verify(self, h: bytes, tokens: tuple[int, ...], value: bytes | None) -> StoredBlock | None:
         if value is None:
             self.counters.misses += 1
             return None
-        self._value_size = len(value)
         try:
             block = decode_block(value, self.store, h, self.salt)
         except CorruptBlockError as e:
@@ -256,7 +256,8 @@ class RemoteTier:
             while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
             try:
-                ready, nbytes = [], 0
+                ready: list[tuple[bytes, bytes]] = []  # (key, encoded value): a block's payload is dropped once
+                nbytes = 0  # encoded, so a batch holds at most max(WRITE_BYTES, one block) (reserved_bytes)
                 for o in batch:
                     if o is None:
                         continue
@@ -267,11 +268,14 @@ class RemoteTier:
                     if payload is None:
                         self.counters.stale += 1
                         continue
-                    ready.append(StoredBlock(o.hash, o.parent, o.tokens, payload))
-                    nbytes += len(payload)
-                    if nbytes >= WRITE_BYTES:
+                    value = encode_block(StoredBlock(o.hash, o.parent, o.tokens, payload), self.store, self.codec,
+                                         self.salt)
+                    del payload
+                    if ready and nbytes + len(value) > WRITE_BYTES:
                         self._write(ready)
                         ready, nbytes = [], 0
+                    ready.append((self.key(o.hash), value))
+                    nbytes += len(value)
                 if ready:
                     self._write(ready)
             finally:
@@ -280,22 +284,23 @@ class RemoteTier:
             if None in batch:
                 return
 
-    def _write(self, blocks: list[StoredBlock]) -> None:
-        values = [encode_block(b, self.store, self.codec, self.salt) for b in blocks]
+    def _write(self, items: list[tuple[bytes, bytes]]) -> None:
+        """One pipeline of SETs (redis-py sends large values as they are, without copying them again)."""
+        nbytes = sum(len(v) for _, v in items)
         try:
             t0 = time.perf_counter()
             pipe = self.client.pipeline(transaction=False)
-            for b, v in zip(blocks, values):
-                pipe.set(self.key(b.hash), v)
+            for key, value in items:
+                pipe.set(key, value)
             pipe.execute()
-            self._simulate(t0, sum(map(len, values)))
+            self._simulate(t0, nbytes)
             self._ok()
         except self._errors as e:
             self._failed(e)
-            self.counters.dropped_puts += len(blocks)
+            self.counters.dropped_puts += len(items)
             return
-        self.counters.puts += len(blocks)
-        self.counters.put_bytes += sum(map(len, values))
+        self.counters.puts += len(items)
+        self.counters.put_bytes += nbytes
 
     def flush(self) -> None:
         """Wait until every queued write is done (or dropped)."""

@@ -14,13 +14,14 @@ identical. On a CPU-only machine the device pool *is* RAM, so the host tier defa
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tierlm.kvcache.block_file import StoredBlock
 from tierlm.kvcache.disk_tier import DiskTier
 from tierlm.kvcache.host_tier import HostTier
-from tierlm.kvcache.remote import RemoteTier
+from tierlm.kvcache.remote import FETCH_BYTES, RemoteTier
 from tierlm.kvcache.tier import KVTier, Wanted
 
 
@@ -131,10 +132,12 @@ class KVTiers:
             return
         self.disk.put(block)
 
-    def fetch(self, wanted: list[Wanted], block_bytes: int, recompute_s: float) -> list[StoredBlock]:
+    def fetch(self, wanted: list[Wanted], block_bytes: int, recompute_s: float) -> Iterator[StoredBlock]:
         """The leading blocks of `wanted` (a prompt's next full blocks, in order) that the tiers hold, fetched
         and verified, when that is predicted faster than recomputing them (`recompute_s` per block); the run
-        ends at the first block no tier has or that fails verification."""
+        ends at the first block no tier has or that fails verification. Yielded FETCH_BYTES at a time: the
+        caller moves each piece into the pool before the next is read (a restore's transient memory is bounded
+        by what kv_remote reserves, not by the prompt)."""
         where: list[KVTier | None] = [None] * len(wanted)
         for tier in self.chain:
             ask = [i for i, t in enumerate(where) if t is None]
@@ -145,7 +148,7 @@ class KVTiers:
                     where[i] = tier
         run = next((i for i, t in enumerate(where) if t is None), len(where))
         if not run:
-            return []
+            return
         segments: list[tuple[KVTier, int, int]] = []  # (tier, start, end) over the run, in order
         for i in range(run):
             if segments and segments[-1][0] is where[i]:
@@ -154,14 +157,14 @@ class KVTiers:
                 segments.append((where[i], i, i + 1))
         if sum(t.cost(block_bytes, e - s) for t, s, e in segments) > run * recompute_s:
             self._recompute_chosen += 1
-            return []
-        out: list[StoredBlock] = []
+            return
+        per = max(1, FETCH_BYTES // max(block_bytes, 1))
         for tier, s, e in segments:
-            for b in tier.get_many(wanted[s:e]):
-                if b is None:
-                    return out
-                out.append(b)
-        return out
+            for p in range(s, e, per):
+                for b in tier.get_many(wanted[p:min(e, p + per)]):
+                    if b is None:
+                        return
+                    yield b
 
     def flush(self) -> None:
         """Wait until every queued spill and remote write is done (or failed)."""
