@@ -94,7 +94,7 @@ class TierlmWorker:
     def info(self) -> dict:
         import torch
 
-        from tierlm.memory.tiers import Tier
+        from tierlm.offload.tier import Tier
         llm, p = self.llm, self.llm.plan
         d = {"dtype": str(llm.dtype).removeprefix("torch."), "max_context": llm.max_context,
              "profile_calibrated": llm.profile_calibrated, "profile_disk_gbps": llm.profile.disk_read_gbps,

@@ -164,7 +164,7 @@ def redis_bandwidth(url: str, a: argparse.Namespace) -> list[dict]:
     import os
 
     from tierlm.kvcache.block_file import StoredBlock
-    from tierlm.kvcache.remote import RemoteTier
+    from tierlm.kvcache.remote_tier import RemoteTier
 
     rows = []
     for label, nbytes in (("embedded fp32 block (16 tok)", 737_280), ("7B bf16 block (16 tok)", 8 << 20)):

@@ -22,7 +22,7 @@ rounds are counted, and the median of each is reported. Every engine gets the sa
 (tokenized once by tierlm's tokenizer), greedy decoding, EOS ignored, and the same torch thread count
 (torch.set_num_threads is process-wide and is set once, before any engine loads).
 
-Timing matches tierlm's own metrics (src/tierlm/engine/generation.py):
+Timing matches tierlm's own metrics (src/tierlm/engine/output.py):
   TTFT   = prefill forward + argmax of the first token;
   decode = each later token's forward + argmax; tok/s = (max_tokens - 1) / decode time.
 Detokenization is not timed in either engine.
@@ -145,7 +145,7 @@ def breakdown(engine: TierlmEngine, ids: list[int], max_tokens: int) -> dict:
     """One run with timers around the native layer calls and the head: per decoded token, ms in each and in
     everything else (Python's layer loop, weight acquire/release, embedding, sampling, scheduling)."""
     from tierlm.engine import runner
-    from tierlm.native import ops
+    from tierlm.model import native_layer as ops
     spent = {"layers": 0.0, "head": 0.0}
     real_step, real_head = ops.layer_step, runner.llama.head
 

@@ -68,7 +68,7 @@ def section_a(args, common: dict) -> dict:
     probe = LLM(args.model, **common)
     ids = corpus(probe, args.prefix * 2 + 400)
     prefix, other = ids[:args.prefix], ids[args.prefix + 300:2 * args.prefix + 300]  # `other` evicts `prefix`
-    per_block = block_nbytes(probe.config, probe.kv.block_size, probe.kv.pool.store)
+    per_block = block_nbytes(probe.config, probe.kv.block_size, probe.kv.pool.storage)
     small = -(-(args.prefix + 100) // probe.kv.block_size) * per_block  # the pool holds one long prompt
     probe.close()
     tmp = Path(tempfile.mkdtemp(prefix="tierlm-kvbench-"))

@@ -30,7 +30,7 @@ Method (the team's BENCHMARKS.md):
     so nobody starts warm; then the disk is measured before and after the run it serves, on the file that
     run reads, and the highest rate counts (a virtual disk's rate depends on what its host cached; tierlm's
     worker also times its streamer alone, no compute, after its generations):
-    O_DIRECT 8 MiB reads (tierlm.memory.calibrate.read_bandwidth) of tierlm's offload store with its plan's
+    O_DIRECT 8 MiB reads (tierlm.offload.calibrate.read_bandwidth) of tierlm's offload store with its plan's
     I/O threads, or of the GGUF with --disk-queue-depth in flight for llama.cpp.
   * Rounds (--reps) alternate the engines (every cap's engines, then the resident ones); medians over all
     counted generations. The offload stores are built once before the rounds, outside any cgroup, untimed.
@@ -128,7 +128,7 @@ def measure_disk(a: argparse.Namespace, engine: str, budget: str | None, io_thre
     (the host caches what was read lately), so the GGUF's speed is not the store's."""
     from _ltm_engines import store_dir
 
-    from tierlm.memory.calibrate import read_bandwidth
+    from tierlm.offload.calibrate import read_bandwidth
     spec = ENGINES[engine]
     if spec.kind == "tierlm" and budget is not None:
         store = store_dir(a.offload_dir, spec.quant, budget) / "layers.bin"

@@ -86,8 +86,8 @@ class TierlmWorker:
         """The planner's s/token for this placement with the disk bandwidth measured in this round."""
         from dataclasses import replace
 
-        from tierlm.memory.planner import predict
-        from tierlm.memory.planning import plan_input
+        from tierlm.offload.planner import predict
+        from tierlm.offload.plan_input import plan_input
         llm = self.llm
         if llm.plan is None:
             return None
@@ -96,7 +96,7 @@ class TierlmWorker:
         return predict(inp, llm.plan).token_s
 
     def describe(self) -> dict:
-        from tierlm.memory.tiers import Tier
+        from tierlm.offload.tier import Tier
         p = self.llm.plan
         return {} if p is None else {"layers_on_disk": p.count(Tier.DISK),
                                      "ring_depth": p.ring_depth, "predicted_s": p.token_s,
@@ -139,7 +139,7 @@ def worker(a: argparse.Namespace) -> None:
     budget = None if resident else a.budget
     engine = AccelerateWorker(a, budget) if a.worker == "accelerate" else TierlmWorker(a, budget, _quant(a.worker))
     # this engine's own files: the model, and its offload store / folder
-    from tierlm.memory.stats import peak_rss_bytes
+    from tierlm.offload.stats import peak_rss_bytes
 
     own = Path(a.offload_dir) / "accelerate" if a.worker == "accelerate" else _offload_dir(a, a.worker) / "layers.bin"
     files = [Path(a.model)] + ([own] if not resident else [])
@@ -203,7 +203,7 @@ def main() -> None:
     if a.worker:
         return worker(a)
 
-    from tierlm.memory.calibrate import read_bandwidth
+    from tierlm.offload.calibrate import read_bandwidth
 
     kinds = a.engines.split(",")
     workers = {k: Worker(k, a) for k in kinds}  # tierlm first: it builds the offload store

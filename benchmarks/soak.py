@@ -121,7 +121,7 @@ def replay(log: Path, design: str, capacity: int, points: int = 200) -> dict:
     import os
 
     from tierlm.memory import allocator
-    from tierlm.memory.arena import Arena
+    from tierlm.kvcache.arena import Arena
     allocator.return_freed_memory_promptly()  # the server's malloc settings
     ops = [line.split() for line in log.read_text().splitlines()]
     arena = Arena(capacity) if design == "arena" else None

@@ -9,7 +9,7 @@ import pytest
 
 from tierlm.kvcache.block_file import StoredBlock
 from tierlm.kvcache.host_tier import HostTier
-from tierlm.memory.arena import ALIGN, Arena
+from tierlm.kvcache.arena import ALIGN, Arena
 
 
 def test_best_fit_and_coalescing():

@@ -10,7 +10,7 @@ import pytest
 from helpers import cached_pages
 
 from tierlm.memory.directio import drop_from_page_cache
-from tierlm.memory.offload_store import DATA_FILE
+from tierlm.offload.disk_store import DATA_FILE
 from tierlm.synth import synth
 
 MiB = 1 << 20
@@ -24,7 +24,7 @@ mode, model = sys.argv[1], sys.argv[2]
 if mode == "overhead":
     # everything a run does except holding weights: torch and tierlm imported, the model's config and
     # tokenizer loaded, one decoder layer run (so the CPU kernels are initialised)
-    from tierlm.memory.calibrate import measure_layer_overhead
+    from tierlm.offload.calibrate import measure_layer_overhead
     from tierlm.weights import open_model
     source = open_model(model)
     source.tokenizer.encode("hello")

@@ -8,7 +8,7 @@ import pytest
 from helpers import cached_pages
 
 from tierlm.cli import main
-from tierlm.memory.calibrate import (
+from tierlm.offload.calibrate import (
     PROFILE_VERSION,
     Profile,
     describe_profile,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tierlm.memory.calibrate import measure_disk
-from tierlm.memory.disk_model import DiskModel, in_flight, io_threads_for
-from tierlm.memory.planner import PlanInput, plan
-from tierlm.memory.tiers import Tier
+from tierlm.offload.calibrate import measure_disk
+from tierlm.offload.disk_model import DiskModel, in_flight, io_threads_for
+from tierlm.offload.planner import PlanInput, plan
+from tierlm.offload.tier import Tier
 
 MiB = 1 << 20
 # a virtual disk that needs ~32 MiB in flight: 0.4 GB/s with one 1 MiB read, 2.0 GB/s from 32 MiB

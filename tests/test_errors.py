@@ -16,7 +16,7 @@ from tierlm import cli
 from tierlm.cli import main
 from tierlm.errors import ModelFormatError, StorageError
 from tierlm.kvcache import block_file
-from tierlm.memory import offload_build
+from tierlm.offload import disk_build as offload_build
 from tierlm.weights import open_model
 from tierlm.weights.embedded import embedded_model_path
 

@@ -124,7 +124,7 @@ def test_missing_corrupt_or_foreign_values_mean_recompute(tiny_models, redis_url
         r.set(key, bytes(value))
     else:  # a block of another model stored under this key: its salt digest does not match
         block = StoredBlock(hashes[bad], hashes[bad - 1], tuple(P[16:20]), b"\0" * len(a.kv.pool.read_block(0)))
-        r.set(key, encode_block(block, a.kv.tiers.store, "none", b"another model"))
+        r.set(key, encode_block(block, a.kv.tiers.storage, "none", b"another model"))
     b = _engine(src, kv_remote=redis_url)
     assert b.generate([P], GREEDY)[0].token_ids == want
     assert b.kv.restored_tokens == 4 * bad
@@ -183,7 +183,7 @@ def test_bad_remote_urls_are_one_line_errors(capsys):
 def test_the_shared_tier_is_inside_the_budget(redis_url, isolated_cache, tmp_path):
     """Its queue and fetch batch are planned (the embedded model's plan fills a 200 MiB budget: the pool gives
     way) and reserved in the ledger."""
-    from tierlm.kvcache.remote import reserved_bytes
+    from tierlm.kvcache.remote_tier import reserved_bytes
     budget = dict(max_memory={"cpu": "200MiB"}, offload_dir=tmp_path / "off", threads=1, progress=False)
     alone, shared = LLM(None, **budget), LLM(None, kv_remote=redis_url, **budget)
     cpu = {owner: n for (owner, tier), n in shared.memory.by_owner().items() if tier == "cpu"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tierlm import LLM, SamplingParams
 from tierlm.kvcache.block_file import StoredBlock
-from tierlm.kvcache.tiers import KVTiers
+from tierlm.kvcache.tier_stack import KVTiers
 
 SALT = b"test-salt"
 PAYLOAD = 4096
@@ -62,7 +62,7 @@ def test_outputs_unchanged_with_a_tiny_disk_tier(tiny_models, tmp_path):
     from tierlm.kvcache.pool import block_nbytes
     path = tiny_models["llama_gqa_tied"].path
     probe = LLM(path, progress=False, block_size=4)
-    per = block_nbytes(probe.config, 4, probe.kv.pool.store)
+    per = block_nbytes(probe.config, 4, probe.kv.pool.storage)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     prompts = [[2 + 40 * k + i for i in range(30)] for k in range(5)]
     want = [probe.generate([p], params)[0].token_ids for p in prompts]
@@ -79,7 +79,7 @@ def test_outputs_unchanged_with_a_tiny_disk_tier(tiny_models, tmp_path):
 
 def test_a_spill_dir_of_other_numerics_is_cleared_not_served(tmp_path):
     from tierlm.kvcache.block_file import StoredBlock, write_block
-    from tierlm.kvcache.tiers import KVTiers
+    from tierlm.kvcache.tier_stack import KVTiers
     old = KVTiers("bfloat16", b"numerics1", 0, tmp_path / "kv")
     old.put(StoredBlock(b"\1" * 16, b"\0" * 16, (1, 2), b"x" * 64))
     old.close()

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tierlm import native
-from tierlm.native import ops as native_ops
-from tierlm.memory.planner import PlanInput
-from tierlm.memory.planning import MIN_DEFAULT_CONTEXT, choose_context
-from tierlm.memory.units import layer_tensors
+from tierlm.quant import intdot
+from tierlm.offload.planner import PlanInput
+from tierlm.offload.plan_input import MIN_DEFAULT_CONTEXT, choose_context
+from tierlm.offload.units import layer_tensors
 from tierlm.quant import QuantBlocks, QuantScheme, from_blocks, kernels, quantize
 from tierlm.weights import open_model
-from tierlm.weights.unit_load import load_unit_tensor
+from tierlm.offload.unit_load import load_unit_tensor
 
 MiB = 1 << 20
 
@@ -48,7 +48,7 @@ def test_unit_tensor_from_small_pieces_equals_one_piece(embedded, monkeypatch):
     for s in specs:
         pieced = load_unit_tensor(embedded, s, torch.bfloat16, scheme, present)
         # kernel form: torch's, or the loaded form itself on the native kernels
-        assert native_ops.runs(pieced) or pieced.kernel_scales is not None and pieced.scales is None
+        assert intdot.runs(pieced) or pieced.kernel_scales is not None and pieced.scales is None
         for part, t in whole[s.leaf].parts().items():
             assert torch.equal(pieced.parts()[part], t), (s.leaf, part)
 

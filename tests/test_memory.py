@@ -7,9 +7,9 @@ import torch
 from tierlm import LLM, SamplingParams
 from tierlm.config import attention_dtype
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.memory.estimate import kv_bytes, weight_bytes
-from tierlm.memory.store import WeightStore
-from tierlm.memory.tiers import Tier
+from tierlm.offload.estimate import kv_bytes, weight_bytes
+from tierlm.offload.weight_store import WeightStore
+from tierlm.offload.tier import Tier
 from tierlm.weights import open_model
 
 

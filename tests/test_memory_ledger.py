@@ -7,7 +7,7 @@ from helpers import run_cli
 
 from tierlm import LLM
 from tierlm.errors import BudgetError
-from tierlm.memory.manager import MemoryLedger
+from tierlm.memory.ledger import MemoryLedger
 
 MiB = 1 << 20
 
@@ -61,7 +61,7 @@ def test_memory_trace_and_timeline(tiny_models, tmp_path, capsys):
     path = tiny_models["llama_gqa_tied"].path
     trace = tmp_path / "mem.json"
     probe = LLM(path, progress=False)
-    per_block = block_nbytes(probe.config, 4, probe.kv.pool.store)
+    per_block = block_nbytes(probe.config, 4, probe.kv.pool.storage)
     llm = LLM(path, progress=False, block_size=4, kv_memory=12 * per_block, memory_trace=trace)
     for seed in range(4):  # distinct prompts through a 12-block pool: cached blocks get evicted
         llm.generate([[2 + seed * 50 + i for i in range(20)]], SamplingParams(temperature=0.0, max_tokens=8))

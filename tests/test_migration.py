@@ -9,9 +9,9 @@ import torch
 
 from tierlm import LLM, SamplingParams
 from tierlm.kvcache.blocks import BlockManager
-from tierlm.memory.migration import MARGIN, Demand, decide_demote, decide_promote
-from tierlm.memory.planner import PlanInput, plan, spread
-from tierlm.memory.tiers import Tier
+from tierlm.offload.migration import MARGIN, Demand, decide_demote, decide_promote
+from tierlm.offload.planner import PlanInput, plan, spread
+from tierlm.offload.tier import Tier
 
 MiB = 1 << 20
 BLOCK = 1 * MiB  # a KV block of 1 MiB: a layer of 168 MiB is 168 blocks
@@ -179,7 +179,7 @@ def test_hysteresis_a_flapping_demand_moves_nothing(tiny_models, tmp_path):
 
 
 def test_high_pressure_sheds_a_layer_and_freezes_promotions(tiny_models, tmp_path):
-    from tierlm.engine.pressure import PressureControl
+    from tierlm.engine.pressure_control import PressureControl
     from tierlm.memory.pressure import Level
     llm = _migrating(tiny_models, tmp_path)
     m = llm.engine.migrator

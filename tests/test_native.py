@@ -14,7 +14,7 @@ import torch
 from tierlm import LLM, native
 from tierlm.eval_ppl import perplexity
 from tierlm.native import build
-from tierlm.native import ops as native_ops
+from tierlm.model import native_layer
 
 from tierlm.quant import int4
 
@@ -146,7 +146,7 @@ def test_the_default_layer_step_runs_torch_matmuls():
     with _mode(None), LLM(progress=False) as llm:
         assert native.status().startswith("layer step") and int4.layout() != int4.GGUF and llm.runner.native
         w = llm.store.acquire(0)
-        assert w.wqkv.kernel_scales is not None and native_ops.layer_supported(w)
+        assert w.wqkv.kernel_scales is not None and native_layer.layer_supported(w)
         llm.store.release(0)
         a, b = _logits(llm, IDS, True), _logits(llm, IDS, False)
         assert torch.equal(_logits(llm, IDS, True, step=True), a)

@@ -15,12 +15,12 @@ import torch
 from helpers import cached_pages, flip
 
 from tierlm.errors import StorageError
-from tierlm.memory import offload_build
+from tierlm.offload import disk_build as offload_build
 from tierlm.memory.directio import ALIGN, AlignedBuffer
 from tierlm.memory.dirlock import dir_lock
-from tierlm.memory.offload_store import DATA_FILE, MANIFEST, ChecksumError, OffloadStore
-from tierlm.memory.stats import TierStats
-from tierlm.memory.units import EMBED, HEAD, layer_unit
+from tierlm.offload.disk_store import DATA_FILE, MANIFEST, ChecksumError, OffloadStore
+from tierlm.offload.stats import TierStats
+from tierlm.offload.units import EMBED, HEAD, layer_unit
 from tierlm.quant.scheme import QuantScheme
 from tierlm.weights import open_model
 from tierlm.weights.names import layer_name

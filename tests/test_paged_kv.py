@@ -9,7 +9,8 @@ from tierlm import LLM, SamplingParams
 from tierlm.errors import KVCacheFullError
 from tierlm.kvcache.blocks import ROOT_HASH, BlockManager
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.kvcache.paged import PagedKV, Sequence
+from tierlm.kvcache.paged import PagedKV
+from tierlm.kvcache.sequence import KVSequence
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -29,7 +30,7 @@ def test_paged_logits_equal_contiguous(tiny, block_size):
     ids = torch.tensor([_prompts(1, seed=3)[0] + list(range(5, 30))])  # [1, T]
     contiguous = KVCache(llm.config, batch=1, capacity=64, dtype=runner.kv_dtype)
     paged = PagedKV(llm.config, num_blocks=64 // block_size + 1, block_size=block_size, dtype=runner.kv_dtype)
-    seq = Sequence(tokens=ids[0].tolist())
+    seq = KVSequence(tokens=ids[0].tolist())
     want = runner.forward(ids, contiguous, all_logits=True)
     got = runner.forward(ids, paged.batch([seq]), all_logits=True)
     assert torch.equal(got, want)
@@ -130,7 +131,7 @@ def test_int8_kv_is_close_and_smaller(tiny_models):
     assert q.kv.nbytes / q.kv.manager.num_blocks < 0.3 * ref.kv.nbytes / ref.kv.manager.num_blocks
     ids = torch.tensor([_prompts(1, seed=5)[0]])
     a = ref.runner.forward(ids, ref.runner.new_kv(64), all_logits=True)
-    seq = Sequence(tokens=ids[0].tolist())
+    seq = KVSequence(tokens=ids[0].tolist())
     b = q.runner.forward(ids, q.kv.batch([seq]), all_logits=True)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
@@ -148,7 +149,7 @@ def test_stats_count_blocks_hits_and_waste(tiny_models):
     s = llm.kv_stats()
     assert s.hit_tokens == 32 and s.hit_rate == pytest.approx(32 / 76)
     # waste while sequences hold blocks: one sequence of 13 tokens in 2 blocks of 8 -> 3 of 16 slots empty
-    from tierlm.kvcache.paged import Sequence as Seq
+    from tierlm.kvcache.sequence import KVSequence as Seq
     seq = Seq(tokens=list(range(100, 113)))
     llm.kv.admit(seq)
     llm.runner.forward(torch.tensor([seq.tokens]), llm.kv.batch([seq]))
@@ -176,7 +177,7 @@ def test_sliding_window_frees_blocks_outside_the_window(tiny_models):
     paged = PagedKV(llm.config, num_blocks=12, block_size=4, dtype=runner.kv_dtype)
     contiguous = KVCache(llm.config, batch=1, capacity=80, dtype=runner.kv_dtype)
     ids = list(range(3, 23))
-    seq = Sequence(tokens=list(ids))
+    seq = KVSequence(tokens=list(ids))
     assert torch.equal(runner.forward(torch.tensor([ids]), paged.batch([seq]), all_logits=True),
                        runner.forward(torch.tensor([ids]), contiguous, all_logits=True))
     for tok in range(30, 70):  # 60 tokens in all: 15 blocks' worth through a pool of 12

@@ -5,8 +5,8 @@ import pytest
 
 from tierlm.errors import BudgetError, UsageError
 from tierlm.memory.budget import MemoryBudget
-from tierlm.memory.planner import PlanInput, minimum_bytes, plan, simulate, spread
-from tierlm.memory.tiers import Tier
+from tierlm.offload.planner import PlanInput, minimum_bytes, plan, simulate, spread
+from tierlm.offload.tier import Tier
 
 MiB = 1 << 20
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tierlm import LLM, SamplingParams
-from tierlm.engine.pressure import PressureControl
+from tierlm.engine.pressure_control import PressureControl
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.memory.pressure import Level, level_of, read_memory
 from tierlm.serve.loop import EngineLoop
@@ -40,7 +40,7 @@ def test_graded_responses_lose_nothing(tiny_models):
     prompts = [[2 + 30 * k + i for i in range(18)] for k in range(4)]
     ref = LLM(path, progress=False)
     want = [ref.generate([p], params)[0].token_ids for p in prompts]
-    per = block_nbytes(ref.config, 16, ref.kv.pool.store)
+    per = block_nbytes(ref.config, 16, ref.kv.pool.storage)
     llm = LLM(path, progress=False, kv_host_memory=8 * per)
     reading = Scripted()
     control = PressureControl(llm.engine, llm.memory, reading)

@@ -10,11 +10,11 @@ from helpers import assert_one_line_error, run_cli
 from test_tiered import PROMPT, _logits
 
 from tierlm import native
-from tierlm.native import ops as native_ops
+from tierlm.quant import intdot
 from tierlm.errors import UsageError
-from tierlm.memory.store import WeightStore
-from tierlm.memory.tiers import Tier
-from tierlm.memory.units import HEAD, layer_unit, unit_nbytes
+from tierlm.offload.weight_store import WeightStore
+from tierlm.offload.tier import Tier
+from tierlm.offload.units import HEAD, layer_unit, unit_nbytes
 from tierlm.quant import QuantBlocks, QuantScheme, QuantTensor, from_blocks, int4, kernels, quantize
 from tierlm.weights import open_model
 
@@ -63,7 +63,7 @@ def test_int4_layout_is_torch_cpu_int4pack_and_unpacks():
 def test_fused_kernel_matches_dequantising_fallback(scheme, rows, dtype):
     qt = quantize(_weight(), scheme)
     ready = kernels.prepare(qt, dtype)
-    on_native = native_ops.runs(ready)  # else torch's fused kernel, where its layout is the one in use
+    on_native = intdot.runs(ready)  # else torch's fused kernel, where its layout is the one in use
     assert on_native or ready.kernel_scales is not None or not int4.layout_matches_torch() and scheme.kind == "int4"
     x = torch.randn(rows, 256).to(dtype)
     bias = torch.randn(192).to(dtype)
@@ -133,8 +133,8 @@ def test_gguf_blocks_map_without_loss(source, q4_gguf):
         assert torch.equal(qt.dequantize(), src.load(name, torch.float32)), name  # bit for bit
     assert src.load_blocks("layers.0.wq", QuantScheme("int4", 64)) is None  # another group: requantised instead
     if not source.startswith("embedded"):  # wk/wv have 32 rows: only the fused wqkv fits the 64-row layout
-        from tierlm.memory.units import layer_tensors
-        from tierlm.weights.unit_load import load_unit_tensor
+        from tierlm.offload.units import layer_tensors
+        from tierlm.offload.unit_load import load_unit_tensor
         spec = layer_tensors(src.config, 0)[1]
         fused = load_unit_tensor(src, spec, torch.float32, QuantScheme("int4", 32), set(src.tensor_names()))
         dense = torch.cat([src.load(n, torch.float32) for n in spec.source_names])

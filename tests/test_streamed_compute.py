@@ -25,8 +25,8 @@ import torch
 from tierlm.config import resolve_dtype
 from tierlm.engine.runner import Runner
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.memory.store import WeightStore
-from tierlm.memory.tiers import Tier
+from tierlm.offload.weight_store import WeightStore
+from tierlm.offload.tier import Tier
 from tierlm.model import llama
 from tierlm.quant import QuantScheme
 from tierlm.synth import synth

@@ -13,11 +13,11 @@ from helpers import cached_pages, flip
 from tierlm import LLM, SamplingParams
 from tierlm.engine.runner import Runner
 from tierlm.kvcache.contiguous import KVCache
-from tierlm.memory import offload_layout
-from tierlm.memory.offload_store import DATA_FILE, ChecksumError
-from tierlm.memory.stats import describe_stats
-from tierlm.memory.store import WeightStore
-from tierlm.memory.tiers import Tier
+from tierlm.offload import disk_layout as offload_layout
+from tierlm.offload.disk_store import DATA_FILE, ChecksumError
+from tierlm.offload.stats import describe_stats
+from tierlm.offload.weight_store import WeightStore
+from tierlm.offload.tier import Tier
 from tierlm.weights import open_model
 
 D, K = Tier.DEVICE, Tier.DISK

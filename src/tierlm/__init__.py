@@ -1,5 +1,5 @@
 """tierlm: run language models larger than your memory, as fast as the hardware allows."""
-from tierlm.engine.generation import RequestOutput
+from tierlm.engine.output import RequestOutput
 from tierlm.engine.llm import LLM
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import ContextLengthError, ModelFormatError, TierlmError, UnsupportedModelError, UsageError

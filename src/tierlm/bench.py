@@ -14,8 +14,8 @@ import torch
 from tierlm.config import format_size
 from tierlm.engine.llm import LLM
 from tierlm.errors import ContextLengthError
-from tierlm.memory.stats import TierStats, describe_stats
-from tierlm.memory.tiers import Tier
+from tierlm.offload.stats import TierStats, describe_stats
+from tierlm.offload.tier import Tier
 
 
 def prompt_ids(vocab_size: int, n: int) -> torch.Tensor:

@@ -219,7 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _profile_note(path: str | None, calibrated: bool) -> str:
-    from tierlm.memory.calibrate import default_profile_path
+    from tierlm.offload.calibrate import default_profile_path
 
     if calibrated:
         return f"measured ({path or default_profile_path()})"
@@ -230,12 +230,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tierlm.config import parse_size, resolve_dtype
-    from tierlm.engine.args import kv_store_dtype
+    from tierlm.engine.args import kv_storage_dtype
     from tierlm.memory.budget import MemoryBudget
-    from tierlm.memory.calibrate import load_profile_or_default
-    from tierlm.memory.planner import plan
-    from tierlm.memory.manager import MemoryLedger
-    from tierlm.memory.planning import budget_plan_input, default_context, plan_input, reserve_placement
+    from tierlm.offload.calibrate import load_profile_or_default
+    from tierlm.offload.planner import plan
+    from tierlm.memory.ledger import MemoryLedger
+    from tierlm.offload.plan_input import budget_plan_input, default_context, plan_input, reserve_placement
     import torch
 
     from tierlm.plan_report import describe_context_options, describe_kv_int8, describe_plan, plot_plan
@@ -254,7 +254,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = []
     if budget.limited:
         ctx, inp, options = budget_plan_input(cfg, dtype, budget, args.max_context, profile, cuda, args.ring_depth,
-                                              quant, kv_store_dtype(args.kv_dtype, dtype, cuda), args.block_size,
+                                              quant, kv_storage_dtype(args.kv_dtype, dtype, cuda), args.block_size,
                                               kv_pool)
     else:
         ctx = default_context(cfg, budget, args.max_context)
@@ -269,7 +269,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("\n" + ledger.describe().replace("reserved now", "first reservations of a run"))
     if options:
         print("\n" + describe_context_options(options, ctx))
-        if kv_store_dtype(args.kv_dtype, dtype, cuda) != torch.int8:  # the other side of the trade: KV's format
+        if kv_storage_dtype(args.kv_dtype, dtype, cuda) != torch.int8:  # the other side of the trade: KV's format
             c8, inp8, _ = budget_plan_input(cfg, dtype, budget, None, profile, cuda, args.ring_depth, quant,
                                             torch.int8, args.block_size)
             print(describe_kv_int8(c8, inp8, plan(inp8)))
@@ -350,7 +350,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tierlm.config import parse_size
-    from tierlm.memory import calibrate as cal
+    from tierlm.offload import calibrate as cal
 
     path = Path(args.profile) if args.profile else cal.default_profile_path()
     directory = Path(args.dir)

@@ -54,7 +54,7 @@ def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progre
     bar = progress_bar(len(plan), f"perplexity {label}", progress, unit="window")
     t0 = time.perf_counter()
     for begin, end, first in plan:
-        kv = runner.new_kv(end - begin, store=llm.kv.pool.store)  # the LLM's KV format (kv_dtype)
+        kv = runner.new_kv(end - begin, storage=llm.kv.pool.storage)  # the LLM's KV format (kv_dtype)
         try:
             logits = runner.forward(torch.tensor([ids[begin:end]]), kv, all_logits=True)[0]  # [T, V] fp32
         finally:

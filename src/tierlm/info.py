@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from tierlm.config import ModelConfig, format_size
-from tierlm.memory.estimate import SCHEMES, activation_bytes, kv_bytes, weight_bytes
+from tierlm.offload.estimate import SCHEMES, activation_bytes, kv_bytes, weight_bytes
 from tierlm.weights.source import ModelSource
 
 CONTEXTS = (512, 1024, 2048, 4096, 8192)

@@ -7,8 +7,8 @@ from pathlib import Path
 from tierlm.config import ModelConfig, format_size
 from tierlm.errors import UsageError
 from tierlm.memory.budget import MemoryBudget
-from tierlm.memory.planner import Placement, PlanInput
-from tierlm.memory.tiers import Tier
+from tierlm.offload.planner import Placement, PlanInput
+from tierlm.offload.tier import Tier
 
 
 def _unit_rows(cfg: ModelConfig, inp: PlanInput, p: Placement) -> list[tuple[str, str, str]]:

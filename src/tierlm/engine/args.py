@@ -16,7 +16,7 @@ from tierlm.config import attention_dtype, parse_size
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE
 from tierlm.memory.budget import MemoryBudget
-from tierlm.memory.planning import PREFILL_CHUNK
+from tierlm.offload.plan_input import PREFILL_CHUNK
 from tierlm.quant import QuantScheme
 
 _KV_STORES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -24,7 +24,7 @@ KV_DTYPES = ("auto", *_KV_STORES)
 KERNELS = ("int8", "exact")  # EngineArgs.kernels
 
 
-def kv_store_dtype(kv_dtype: str, dtype: torch.dtype, cuda: bool) -> torch.dtype:
+def kv_storage_dtype(kv_dtype: str, dtype: torch.dtype, cuda: bool) -> torch.dtype:
     """What the KV pool stores for the user's kv_dtype ("auto": the attention dtype)."""
     if kv_dtype not in KV_DTYPES:
         raise UsageError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
@@ -57,10 +57,10 @@ class EngineArgs:
     kv_offload_dir: str | Path | None = None
     kv_compress: str = "none"
     kv_disk_size: str | int = "4GiB"  # the disk KV tier's capacity (least recently used blocks deleted past it)
-    # a KV tier shared by replicas and machines, below host and disk: "redis://HOST:PORT/DB" (kvcache/remote.py)
+    # a KV tier shared by replicas and machines, below host and disk: "redis://HOST:PORT/DB" (kvcache/remote_tier.py)
     kv_remote: str | None = None
     kv_remote_namespace: str = "tierlm"  # key prefix: deployments sharing one Redis keep their blocks apart
-    migrate: bool = False  # move memory between resident layers and KV at run time (memory/migration.py)
+    migrate: bool = False  # move memory between resident layers and KV at run time (offload/migration.py)
     kv_host_log: str | Path | None = None  # one line per host-tier allocation/free, for benchmarks/soak.py's replay
     memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
     max_num_seqs: int = 64  # requests running at once (decoded together)
@@ -89,7 +89,7 @@ class EngineArgs:
         QuantScheme.check(self.quant, self.group_size)
         if self.kernels not in KERNELS:
             raise UsageError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
-        kv_store_dtype(self.kv_dtype, torch.float32, False)
+        kv_storage_dtype(self.kv_dtype, torch.float32, False)
         if self.kv_compress not in ("none", "zstd"):
             raise UsageError(f"kv_compress must be none or zstd, got {self.kv_compress!r}")
         if self.kv_memory is not None:

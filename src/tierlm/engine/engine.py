@@ -22,13 +22,13 @@ from dataclasses import replace
 
 import torch
 
-from tierlm.engine.generation import RequestOutput, check_request
+from tierlm.engine.output import RequestOutput, check_request
 from tierlm.engine.request import EngineRequest, RequestUpdate, Sink, Status, new_request_id
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.engine.scheduler import Scheduler
 from tierlm.kvcache.paged import PagedKV
-from tierlm.memory.manager import MemoryLedger
+from tierlm.memory.ledger import MemoryLedger
 from tierlm.weights.tokenizer import Tokenizer
 
 

@@ -9,32 +9,31 @@ from typing import Iterator, Sequence
 import torch
 
 from tierlm.config import format_size, parse_size, resolve_dtype
-from tierlm.engine.args import EngineArgs, kv_store_dtype
+from tierlm.engine.args import EngineArgs, kv_storage_dtype
 from tierlm.engine.engine import Engine
-from tierlm.engine.generation import RequestOutput, check_request
+from tierlm.engine.output import RequestOutput, check_request
 from tierlm.engine.request import RequestUpdate
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
 from tierlm.kvcache.paged import PagedKV
-from tierlm.kvcache.remote import RemoteTier, reserved_bytes
+from tierlm.kvcache.remote_tier import RemoteTier, reserved_bytes
 from tierlm.kvcache.persist import save_prefix_cache
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.kvcache.stats import KVStats
 from tierlm.memory import allocator
 from tierlm.memory.budget import MemoryBudget
-from tierlm.memory.calibrate import load_profile_or_default
-from tierlm.memory.planner import Placement, plan
-from tierlm.memory.manager import MemoryLedger, Reservation
-from tierlm.memory.migration import Migrator
-from tierlm.memory.planning import (ContextOption, budget_plan_input, default_context, kv_pool_bytes, plan_input,
+from tierlm.offload.calibrate import load_profile_or_default
+from tierlm.offload.planner import Placement, plan
+from tierlm.memory.ledger import MemoryLedger, Reservation
+from tierlm.offload.migration import Migrator
+from tierlm.offload.plan_input import (ContextOption, budget_plan_input, default_context, kv_pool_bytes, plan_input,
                                     reserve_placement)
-from tierlm.memory.stats import describe_stats
+from tierlm.offload.stats import describe_stats
 from tierlm.memory.trace import write_trace
-from tierlm.memory.store import WeightStore
-from tierlm.memory.tiers import Tier
-from tierlm.native import ops as native_ops
-from tierlm.quant import QuantScheme, int4, kernels
+from tierlm.offload.weight_store import WeightStore
+from tierlm.offload.tier import Tier
+from tierlm.quant import QuantScheme, int4, intdot, kernels
 from tierlm.weights import open_model
 from tierlm.weights.fingerprint import content_fingerprint
 
@@ -65,7 +64,7 @@ class LLM:
         kv_host_memory: a host-RAM tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
         RAM already); kv_offload_dir: a disk tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
         kv_compress: "none" or "zstd" for blocks on disk. kv_remote: "redis://HOST:PORT/DB", a KV tier shared by
-        replicas below host and disk (kvcache/remote.py; keys under kv_remote_namespace).
+        replicas below host and disk (kvcache/remote_tier.py; keys under kv_remote_namespace).
     max_num_seqs, max_num_batched_tokens: the engine loop's limits per step (engine/args.py).
     Every keyword is a field of EngineArgs (LLM.from_args takes one), the same as the CLI's and the server's.
     """
@@ -96,7 +95,7 @@ class LLM:
         self.dtype = resolve_dtype(a.dtype, self.quant.enabled)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
-        kv_store = kv_store_dtype(a.kv_dtype, self.dtype, cuda)
+        kv_storage = kv_storage_dtype(a.kv_dtype, self.dtype, cuda)
         self.profile, self.profile_calibrated = load_profile_or_default(a.profile)
         self.plan: Placement | None = None
         self.planned_kv_bytes: int | None = None
@@ -108,14 +107,14 @@ class LLM:
             self._trace_writer = weakref.finalize(self, write_trace, self.memory.events, a.memory_trace)
         held: dict[str, Reservation] = {}
         # the shared tier's buffers (host RAM) are planned like the host tier's
-        remote_bytes = reserved_bytes(block_nbytes(self.config, a.block_size, kv_store)) if a.kv_remote else 0
+        remote_bytes = reserved_bytes(block_nbytes(self.config, a.block_size, kv_storage)) if a.kv_remote else 0
         if not self.budget.limited:
             self.max_context = default_context(self.config, self.budget, a.max_context)
             self.store = WeightStore.load_resident(self.source, self.dtype, a.device, a.progress, self.quant)
         else:
             self.max_context, inp, self.context_options = budget_plan_input(
                 self.config, self.dtype, self.budget, a.max_context, self.profile, cuda, a.ring_depth, self.quant,
-                kv_store, a.block_size, kv_pool, kv_host + remote_bytes)
+                kv_storage, a.block_size, kv_pool, kv_host + remote_bytes)
             self.plan = plan(inp)
             self.planned_kv_bytes = inp.kv_bytes
             held = reserve_placement(self.memory, inp, self.plan, kv_host)  # before a byte is loaded
@@ -131,7 +130,7 @@ class LLM:
                              exact=a.kernels == "exact")
         kv_dir = a.kv_offload_dir if a.kv_offload_dir is not None else \
             Path(a.offload_dir) / "kv" if a.offload_dir is not None else None
-        self.kv = self._make_kv(kv_pool, kv_store, a.block_size, a.enable_prefix_caching, kv_host,
+        self.kv = self._make_kv(kv_pool, kv_storage, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size),
                                 a.kv_host_log, self._movable() if a.migrate else 0)
         self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
@@ -168,42 +167,42 @@ class LLM:
         headroom = max(0, (self.budget.cpu or 0) - self.plan.device_bytes) if self.plan is not None else 0
         return self.store.nbytes_by_tier()[Tier.DEVICE] + headroom
 
-    def _make_kv(self, kv_pool: int | None, store: torch.dtype, block_size: int, caching: bool,
+    def _make_kv(self, kv_pool: int | None, storage: torch.dtype, block_size: int, caching: bool,
                  host_bytes: int, disk_dir: Path | None, codec: str, disk_capacity: int,
                  host_log: str | Path | None = None, movable: int = 0) -> PagedKV:
-        per_block = block_nbytes(self.config, block_size, store)
+        per_block = block_nbytes(self.config, block_size, storage)
         if kv_pool is not None:
             pool = kv_pool
         elif self.planned_kv_bytes is not None:
             pool = self.planned_kv_bytes  # what the planner reserved for the KV cache under max_memory
         else:
-            pool = kv_pool_bytes(self.config, self.max_context, store, block_size)  # one sequence of max_context
+            pool = kv_pool_bytes(self.config, self.max_context, storage, block_size)  # one sequence of max_context
         if pool < per_block:
             raise UsageError(f"kv_memory {format_size(pool)} is below one KV block ({format_size(per_block)})")
         # the salt keeps cached prefixes of different weights or KV formats apart (sessions saved on disk too)
-        salt = self.kv_salt(store, block_size)
+        salt = self.kv_salt(storage, block_size)
         remote = None
         if self.args.kv_remote is not None:
             remote = RemoteTier(self.args.kv_remote, self.args.kv_remote_namespace,
-                                str(store).removeprefix("torch."), salt, codec, per_block)
+                                str(storage).removeprefix("torch."), salt, codec, per_block)
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
-                       device=self.runner.device, store=store, caching=caching, salt=salt, host_bytes=host_bytes,
+                       device=self.runner.device, storage=storage, caching=caching, salt=salt, host_bytes=host_bytes,
                        disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps,
                        disk_capacity=disk_capacity,
                        host_log=Path(host_log) if host_log else None,
                        capacity=(pool + movable) // per_block,  # `movable`: weight bytes that may become KV
                        remote=remote)
 
-    def kv_salt(self, store: torch.dtype, block_size: int) -> bytes:
+    def kv_salt(self, storage: torch.dtype, block_size: int) -> bytes:
         """What a cached KV block's keys mean, so cached prefixes of different weights, KV formats or numerics
         never meet (in saved sessions, the disk tier and a Redis shared by replicas): the model's content
         fingerprint (the same model in two places shares keys), how its weights are computed (dtype, quant
         scheme, int4 layout), the KV format *resolved* on this hardware and the block size, the numerics."""
         fingerprint = content_fingerprint(self.source.content_files(), self.args.progress)
         layout = int4.layout_tag() if self.quant.enabled else ""
-        return (f"{fingerprint}|{self.dtype}|{self.quant}|{layout}|kv={store}|bs={block_size}"
+        return (f"{fingerprint}|{self.dtype}|{self.quant}|{layout}|kv={storage}|bs={block_size}"
                 f"|{self.runner.device.type}|numerics{kernels.NUMERICS_VERSION}"
-                f"|{native_ops.numerics_tag(self.runner.exact)}").encode()
+                f"|{intdot.numerics_tag(self.runner.exact)}").encode()
 
     def save_prefix_cache(self, directory: str | Path) -> int:
         """Write every cached KV block (pool, host and disk tiers) to `directory`, skipping blocks already

@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 
 from tierlm.engine.detok import IncrementalDetokenizer
-from tierlm.engine.generation import RequestOutput
+from tierlm.engine.output import RequestOutput
 from tierlm.engine.sampler import Sampler, SamplingParams
-from tierlm.kvcache.paged import Sequence
-from tierlm.memory.stats import TierStats
+from tierlm.kvcache.sequence import KVSequence
+from tierlm.offload.stats import TierStats
 from tierlm.weights.tokenizer import Tokenizer
 
 _ids = itertools.count()
@@ -71,14 +71,14 @@ class EngineRequest:
     status: Status = Status.WAITING
     prefill_end: int = 0  # tokens of seq.tokens to compute before sampling (the prompt, + output after a preemption)
     sampler: Sampler = field(init=False)
-    seq: Sequence = field(init=False)
+    seq: KVSequence = field(init=False)
     detok: IncrementalDetokenizer = field(init=False)
     stats_at_arrival: TierStats | None = None
     last_token_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
-        self.seq = Sequence(tokens=list(self.prompt_ids))
+        self.seq = KVSequence(tokens=list(self.prompt_ids))
         self.detok = IncrementalDetokenizer(self.tokenizer, self.params.stop)
         self.prefill_end = len(self.prompt_ids)
 

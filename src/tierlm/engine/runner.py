@@ -17,13 +17,12 @@ from tierlm.config import ModelConfig, attention_dtype
 from tierlm.errors import ContextLengthError
 from tierlm.kvcache.paged import SequenceKV
 from tierlm.kvcache.step import PagedStep
-from tierlm.memory.manager import MemoryLedger
-from tierlm.memory.planning import PREFILL_CHUNK
-from tierlm.memory.store import WeightStore
+from tierlm.memory.ledger import MemoryLedger
+from tierlm.offload.plan_input import PREFILL_CHUNK
+from tierlm.offload.weight_store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
-from tierlm.model import llama
+from tierlm.model import llama, native_layer
 from tierlm import native
-from tierlm.native import ops as native_ops
 
 
 class Runner:
@@ -42,7 +41,7 @@ class Runner:
         # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
         cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
-        # Quantised layers on a CPU run as one native call each (native/ops.py) when the library is built; it
+        # Quantised layers on a CPU run as one native call each (model/native_layer.py) when the library is built; it
         # ropes in fp32 from fp32 tables. exact: fp32 activations into the integer-dot kernels' matmuls.
         self.exact = exact
         self.native = self.device.type == "cpu" and store.quant.enabled and native.layer_step_available()
@@ -56,7 +55,7 @@ class Runner:
 
     def _plan_workspace(self, rows: int, check: bool = True) -> None:
         """(Re)plan the arena for steps of up to `rows` token rows (B*T); growing past the budget is refused."""
-        native = native_ops.scratch_bytes(self.config, rows) if self.native else 0
+        native = native_layer.scratch_bytes(self.config, rows) if self.native else 0
         plan = plan_workspace(llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype, native))
         if self._reservation is not None:
             self._reservation.resize(plan.nbytes, check=check)
@@ -69,10 +68,10 @@ class Runner:
         if self._reservation is not None:
             self._reservation.release()
 
-    def new_kv(self, capacity: int, store: torch.dtype | None = None) -> SequenceKV:
+    def new_kv(self, capacity: int, storage: torch.dtype | None = None) -> SequenceKV:
         """A paged KV cache for one sequence of up to `capacity` tokens, read in this runner's KV dtype on its
-        device; `store`: what the pool holds (default the same; bf16, or int8 with scales)."""
-        return SequenceKV(self.config, capacity, self.kv_dtype, self.device, store=store)
+        device; `storage`: what the pool holds (default the same; bf16, or int8 with scales)."""
+        return SequenceKV(self.config, capacity, self.kv_dtype, self.device, storage=storage)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv, all_logits: bool = False) -> torch.Tensor:
@@ -119,13 +118,13 @@ class Runner:
                 raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
             rope.append((self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)))  # [B, 1, T, hd] each
             xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream, in place
-        on_native = [self.native and native_ops.step_supported(step) for _, step, _ in groups]  # same every layer
+        on_native = [self.native and native_layer.step_supported(step) for _, step, _ in groups]  # same every layer
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
-            mats = native_ops.layer_mats(w) if any(on_native) else None  # None: the Python layer
+            mats = native_layer.layer_mats(w) if any(on_native) else None  # None: the Python layer
             for x, (_, step, _), (cos, sin), on in zip(xs, groups, rope, on_native):
                 if mats is not None and on:
-                    native_ops.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
+                    native_layer.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
                 else:
                     llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
             self.store.release(i)

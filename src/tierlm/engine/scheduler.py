@@ -79,7 +79,7 @@ class Scheduler:
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []  # admission order: the last is preempted first
         # blocks the request next in line lacked at the last schedule() (0: admission did not stop on KV);
-        # what memory/migration.py reads as KV demand
+        # what offload/migration.py reads as KV demand
         self.kv_short = 0
         self.counters = SchedulerCounters()
 

@@ -83,13 +83,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def encode_block(block: StoredBlock, store: str, codec: str = "none", salt: bytes | None = None) -> bytes:
+def encode_block(block: StoredBlock, storage: str, codec: str = "none", salt: bytes | None = None) -> bytes:
     """One block as self-describing, checksummed bytes (the file's and the remote tier's value). `salt`: the
-    model/KV-format identity it was computed under, recorded (as a digest) so a reader of a shared store can
+    model/KV-format identity it was computed under, recorded (as a digest) so a reader of a shared Redis or directory can
     refuse another model's block even under a colliding key."""
     mod = codec_module(codec)
     data = block.payload if mod is None else mod.ZstdCompressor(level=3).compress(block.payload)
-    meta = {"hash": block.hash.hex(), "parent": block.parent.hex(), "tokens": list(block.tokens), "store": store,
+    meta = {"hash": block.hash.hex(), "parent": block.parent.hex(), "tokens": list(block.tokens), "store": storage,
             "nbytes": len(block.payload), "codec": codec}
     if salt is not None:
         meta["salt"] = xxhash.xxh3_64_hexdigest(salt)
@@ -98,7 +98,7 @@ def encode_block(block: StoredBlock, store: str, codec: str = "none", salt: byte
     return MAGIC + struct.pack("<I", len(header)) + header + data
 
 
-def decode_block(blob: bytes, store: str, want_hash: bytes, salt: bytes | None = None, name: str = "") -> StoredBlock:
+def decode_block(blob: bytes, storage: str, want_hash: bytes, salt: bytes | None = None, name: str = "") -> StoredBlock:
     """The inverse of encode_block, verified: CorruptBlockError when the bytes do not check out, are of another
     KV format, block (hash) or salt."""
     name = name or want_hash.hex()
@@ -108,7 +108,7 @@ def decode_block(blob: bytes, store: str, want_hash: bytes, salt: bytes | None =
         (n,) = struct.unpack_from("<I", blob, 8)
         meta = json.loads(blob[12:12 + n])
         data = blob[12 + n:]
-        if meta["xxh3"] != _digest(meta, data) or meta["store"] != store or meta["hash"] != want_hash.hex():
+        if meta["xxh3"] != _digest(meta, data) or meta["store"] != storage or meta["hash"] != want_hash.hex():
             raise CorruptBlockError(f"{name}: checksum or format mismatch")
         if salt is not None and meta.get("salt") != xxhash.xxh3_64_hexdigest(salt):
             raise CorruptBlockError(f"{name}: a block of another model or KV format")
@@ -121,16 +121,16 @@ def decode_block(blob: bytes, store: str, want_hash: bytes, salt: bytes | None =
         raise CorruptBlockError(f"{name}: {e}") from None
 
 
-def write_block(directory: Path, block: StoredBlock, store: str, codec: str = "none") -> int:
+def write_block(directory: Path, block: StoredBlock, storage: str, codec: str = "none") -> int:
     """Write one block file (named by its hash); returns the bytes written."""
-    blob = encode_block(block, store, codec)
+    blob = encode_block(block, storage, codec)
     path = directory / f"{block.hash.hex()}.kvb"
     atomic_write(path, blob)
     drop_from_page_cache(path)
     return len(blob)
 
 
-def read_block(path: Path, store: str) -> StoredBlock:
+def read_block(path: Path, storage: str) -> StoredBlock:
     """Read and verify one block file; CorruptBlockError when it does not check out."""
     try:
         blob = path.read_bytes()
@@ -138,7 +138,7 @@ def read_block(path: Path, store: str) -> StoredBlock:
         want = bytes.fromhex(path.stem)
     except (OSError, ValueError) as e:
         raise CorruptBlockError(f"{path.name}: {e}") from None
-    return decode_block(blob, store, want, name=path.name)
+    return decode_block(blob, storage, want, name=path.name)
 
 
 def open_block_dir(directory: Path, salt: bytes, create: bool) -> Path:

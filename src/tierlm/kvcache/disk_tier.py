@@ -18,7 +18,7 @@ from typing import Sequence
 
 from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, open_block_dir, open_spill_dir, read_block, \
     write_block
-from tierlm.kvcache.tier import Wanted, until_miss
+from tierlm.kvcache.tier_protocol import Wanted, until_miss
 
 log = logging.getLogger("tierlm.kv")
 WRITE_QUEUE = 32  # spills waiting for the writer; a full queue makes the evicting step wait (backpressure)
@@ -37,9 +37,9 @@ class DiskCounters:
 class DiskTier:
     name = "disk"
 
-    def __init__(self, store: str, salt: bytes, directory: Path | None, codec: str = "none", gbps: float = 1.0,
+    def __init__(self, storage: str, salt: bytes, directory: Path | None, codec: str = "none", gbps: float = 1.0,
                  capacity: int | None = None):
-        self.store, self.salt, self.codec, self.gbps, self.capacity = store, salt, codec, gbps, capacity
+        self.storage, self.salt, self.codec, self.gbps, self.capacity = storage, salt, codec, gbps, capacity
         self.counters = DiskCounters()
         self.files: OrderedDict[bytes, Path] = OrderedDict()  # LRU: the spill dir and loaded caches
         self._spilled: dict[bytes, int] = {}  # files of our spill dir (the only ones evicted) -> bytes
@@ -116,7 +116,7 @@ class DiskTier:
         if path is None:
             return None
         try:
-            block = read_block(path, self.store)
+            block = read_block(path, self.storage)
         except CorruptBlockError:  # corrupt, or evicted by the writer meanwhile
             self.counters.corrupt += path.exists()
             with self._lock:
@@ -138,7 +138,7 @@ class DiskTier:
                 if block is None:
                     return
                 try:
-                    size = write_block(self.directory, block, self.store, self.codec)
+                    size = write_block(self.directory, block, self.storage, self.codec)
                 except Exception:  # disk full, permissions, a codec: the block is dropped, the writer goes on
                     with self._lock:
                         self._pending.pop(block.hash, None)

@@ -1,4 +1,4 @@
-"""The host-RAM KV tier: evicted cached blocks, LRU, their bytes in one preallocated arena (memory/arena.py).
+"""The host-RAM KV tier: evicted cached blocks, LRU, their bytes in one preallocated arena (kvcache/arena.py).
 
     put(block) -> blocks pushed out     the oldest blocks leave until the new one fits (they go to disk)
     take(h, tokens) -> block | None     a prefix hit: the block leaves the tier (back to the device pool)
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from tierlm.kvcache.block_file import StoredBlock, codec_module
-from tierlm.kvcache.tier import Wanted, until_miss
-from tierlm.memory.arena import ALIGN, Arena, ArenaStats
+from tierlm.kvcache.tier_protocol import Wanted, until_miss
+from tierlm.kvcache.arena import ALIGN, Arena, ArenaStats
 
 HOST_GBPS = 8.0  # memcpy into the pool (a host copy is never the slow path)
 

@@ -1,5 +1,5 @@
 """The paged KV cache: a pool of fixed-size blocks (pool.py), block tables per sequence, a block manager
-(blocks.py) with prefix caching, and tiers below the pool (tiers.py) for evicted cached blocks.
+(blocks.py) with prefix caching, and tiers below the pool (tier_stack.py) for evicted cached blocks.
 
     sequence: block table [b0, b1, ...]: token p lives in block table[p // block_size], slot p % block_size
 
@@ -14,7 +14,6 @@ through the BlockManager as sequences grow and finish (free()).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
@@ -26,27 +25,12 @@ from tierlm.kvcache.block_file import StoredBlock
 from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, Evicted, block_hash, matchable
 from tierlm.kvcache.pool import KVPool
 from tierlm.kvcache.stats import KVStats
-from tierlm.kvcache.step import DROPPED, PagedStep
-from tierlm.kvcache.remote import Offer, RemoteTier
-from tierlm.kvcache.tiers import KVTiers
+from tierlm.kvcache.sequence import DROPPED, KVSequence
+from tierlm.kvcache.step import PagedStep
+from tierlm.kvcache.remote_tier import Offer, RemoteTier
+from tierlm.kvcache.tier_stack import KVTiers
 
 DEFAULT_BLOCK_SIZE = 16
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One sequence's tokens and blocks. `num_computed` tokens have K/V in the pool."""
-    tokens: list[int]
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    parent_hash: bytes = ROOT_HASH  # chain hash of the last registered (full) block
-    num_hashed: int = 0  # blocks registered in the prefix cache
-    num_dropped: int = 0  # leading blocks freed because a sliding window hides them (table entries DROPPED)
-
-    @property
-    def held(self) -> list[int]:
-        """The blocks this sequence holds (not the dropped ones)."""
-        return [b for b in self.blocks if b != DROPPED]
 
 
 class PagedKV:
@@ -54,16 +38,16 @@ class PagedKV:
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 store: torch.dtype | None = None, caching: bool = True, salt: bytes = b"",
+                 storage: torch.dtype | None = None, caching: bool = True, salt: bytes = b"",
                  host_bytes: int = 0, disk_dir: Path | None = None, codec: str = "none", disk_gbps: float = 1.0,
                  disk_capacity: int | None = None, host_log: Path | None = None, capacity: int | None = None,
                  remote: RemoteTier | None = None):
         self.config, self.block_size, self.device = cfg, block_size, torch.device(device)
-        self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, store, capacity)
+        self.pool = KVPool(cfg, num_blocks, block_size, dtype, device, storage, capacity)
         self.manager = BlockManager(num_blocks, block_size, salt, caching, capacity)
-        self.tiers = KVTiers(str(self.pool.store).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps,
+        self.tiers = KVTiers(str(self.pool.storage).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps,
                              disk_capacity, host_log, remote)
-        self.live: set[Sequence] = set()  # sequences holding blocks (admitted, not yet freed)
+        self.live: set[KVSequence] = set()  # sequences holding blocks (admitted, not yet freed)
         self.preemptions = self.recomputed_tokens = 0  # counted by the scheduler, reported by stats()
         self.hit_tokens = self.restored_tokens = self.queried_tokens = 0
         self.prefill_s_per_token: float | None = None  # measured (note_prefill): the recompute side of restore-or-recompute
@@ -72,7 +56,7 @@ class PagedKV:
     def nbytes(self) -> int:
         return self.pool.nbytes
 
-    def blocks_needed(self, seq: Sequence, new_tokens: int) -> int:
+    def blocks_needed(self, seq: KVSequence, new_tokens: int) -> int:
         """Blocks to allocate before `new_tokens` more tokens of seq can be stored."""
         need = -(-(seq.num_computed + new_tokens) // self.block_size)
         return max(0, need - len(seq.blocks))
@@ -85,21 +69,21 @@ class PagedKV:
         need = -(-(len(tokens) + extra) // self.block_size) - hits
         return need <= self.manager.num_free - hits_free
 
-    def reserve(self, seq: Sequence, new_tokens: int) -> None:
+    def reserve(self, seq: KVSequence, new_tokens: int) -> None:
         """Allocate the blocks `new_tokens` more tokens of seq will need (the scheduler's side of a step)."""
         for _ in range(self.blocks_needed(seq, new_tokens)):
             seq.blocks.append(self._allocate())
 
-    def step(self, seqs: list[Sequence], t: int, batch_invariant: bool = False) -> "PagedStep":
+    def step(self, seqs: list[KVSequence], t: int, batch_invariant: bool = False) -> "PagedStep":
         """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved.
         batch_invariant: a step whose rows depend neither on the batch nor on the chunk (PagedStep), as the
         engine needs."""
         for s in seqs:
             if s.num_computed + t > len(s.tokens) or self.blocks_needed(s, t):
                 raise ValueError("a step past the sequence's known tokens or reserved blocks")
-        return PagedStep(self, seqs, t, batch_invariant)
+        return PagedStep(self.pool, self.config.sliding_window, seqs, t, self.finish, batch_invariant)
 
-    def admit(self, seq: Sequence) -> None:
+    def admit(self, seq: KVSequence) -> None:
         """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers."""
         assert not seq.blocks
         bs = self.block_size
@@ -128,7 +112,7 @@ class PagedKV:
 
     def resize(self, n: int) -> bool:
         """The pool's size in blocks, within [the size it started at, its capacity]: memory moved between
-        weights and KV (memory/migration.py). Shrinking needs the blocks given up free: their cached prefixes go
+        weights and KV (offload/migration.py). Shrinking needs the blocks given up free: their cached prefixes go
         to the tiers, their pages back to the OS. False (nothing changed) when that cannot be done now."""
         old = self.manager.num_blocks
         gone = self.manager.resize(n)
@@ -139,6 +123,26 @@ class PagedKV:
         self.pool.num_blocks = n
         self.pool.discard(n, old)
         return True
+
+    def finish(self, step: PagedStep) -> None:
+        """The step's K/V are stored (PagedStep.finish calls this): advance each sequence, register its newly full blocks, and, under a
+        sliding window W, free the blocks no later query can see (every key <= num_computed - W): they stay
+        cached for prefix hits, but the sequence no longer holds them."""
+        bs, man, window = self.block_size, self.manager, self.config.sliding_window
+        for s in step.seqs:
+            s.num_computed += step.t
+            while (s.num_hashed + 1) * bs <= s.num_computed:
+                b = s.num_hashed
+                tokens = tuple(s.tokens[b * bs:(b + 1) * bs])
+                parent, s.parent_hash = s.parent_hash, man.register(s.blocks[b], s.parent_hash, tokens)
+                s.num_hashed += 1
+                if self.tiers.writes_through:  # shared with other replicas at once (read and written behind)
+                    self.offer_remote(s.blocks[b], s.parent_hash, parent, tokens)
+            while window is not None and s.num_dropped < s.num_hashed and \
+                    (s.num_dropped + 1) * bs - 1 <= s.num_computed - window:
+                man.release(s.blocks[s.num_dropped])
+                s.blocks[s.num_dropped] = DROPPED
+                s.num_dropped += 1
 
     def note_prefill(self, tokens: int, seconds: float) -> None:
         """A measured prefill: keeps the per-token recompute cost that restore decisions compare against."""
@@ -178,16 +182,16 @@ class PagedKV:
         if self.tiers.host_bytes or self.tiers.disk_dir is not None:
             self.tiers.put(StoredBlock(e.hash, e.parent, e.tokens, self.pool.read_block(block)))
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: KVSequence) -> None:
         """Return seq's blocks; its full, hashed ones stay cached until reused."""
         self.manager.release_all(seq.held)
         self.live.discard(seq)
         seq.blocks, seq.num_computed, seq.num_hashed, seq.num_dropped, seq.parent_hash = [], 0, 0, 0, ROOT_HASH
 
-    def batch(self, seqs: list[Sequence]) -> "Batch":
+    def batch(self, seqs: list[KVSequence]) -> "Batch":
         return Batch(self, seqs)
 
-    def begin(self, seqs: list[Sequence], t: int) -> "PagedStep":
+    def begin(self, seqs: list[KVSequence], t: int) -> "PagedStep":
         """Reserve and step at once: the single-sequence paths (SequenceKV, Batch) that allocate as they go."""
         for s in seqs:
             self.reserve(s, t)
@@ -218,7 +222,7 @@ class PagedKV:
                        hit_tokens=self.hit_tokens, restored_tokens=self.restored_tokens,
                        queried_tokens=self.queried_tokens, evictions=man.counters.evictions, tiers=self.tiers.snapshot(),
                        preemptions=self.preemptions, recomputed_tokens=self.recomputed_tokens,
-                       filled_slots=self.filled_slots(), store=self.tiers.store,
+                       filled_slots=self.filled_slots(), storage=self.tiers.storage,
                        remote=self.tiers.remote.stats() if self.tiers.remote else None)
 
     def release(self) -> None:
@@ -229,7 +233,7 @@ class PagedKV:
 class Batch:
     """Sequences stepped together by the runner: their next tokens are already in seq.tokens."""
 
-    def __init__(self, kv: PagedKV, seqs: list[Sequence]):
+    def __init__(self, kv: PagedKV, seqs: list[KVSequence]):
         self.kv, self.seqs = kv, seqs
 
     def step(self, tokens: torch.Tensor) -> PagedStep:
@@ -242,11 +246,11 @@ class SequenceKV:
     `capacity` tokens at most; tokens are appended as the runner steps (`length` = tokens stored)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 block_size: int = DEFAULT_BLOCK_SIZE, store: torch.dtype | None = None):
+                 block_size: int = DEFAULT_BLOCK_SIZE, storage: torch.dtype | None = None):
         self.capacity = capacity
-        self.paged = PagedKV(cfg, -(-capacity // block_size), block_size, dtype=dtype, device=device, store=store,
+        self.paged = PagedKV(cfg, -(-capacity // block_size), block_size, dtype=dtype, device=device, storage=storage,
                              caching=False)
-        self.seq = Sequence(tokens=[])
+        self.seq = KVSequence(tokens=[])
 
     @property
     def length(self) -> int:

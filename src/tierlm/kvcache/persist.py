@@ -21,7 +21,7 @@ def save_prefix_cache(kv: PagedKV, directory: Path) -> int:
     for block, h in list(man.hash_of.items()):
         if h not in have:
             payload = kv.pool.read_block(block)
-            write_block(directory, StoredBlock(h, man.parent_of[block], man.tokens_of[block], payload), tiers.store,
+            write_block(directory, StoredBlock(h, man.parent_of[block], man.tokens_of[block], payload), tiers.storage,
                         tiers.codec)
             have.add(h)
             written += 1
@@ -30,10 +30,10 @@ def save_prefix_cache(kv: PagedKV, directory: Path) -> int:
             continue
         if isinstance(item, Path):
             try:
-                item = read_block(item, tiers.store)
+                item = read_block(item, tiers.storage)
             except CorruptBlockError:
                 continue  # not worth saving; it will be recomputed when needed
-        write_block(directory, item, tiers.store, tiers.codec)
+        write_block(directory, item, tiers.storage, tiers.codec)
         have.add(h)
         written += 1
     return written

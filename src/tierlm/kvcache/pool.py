@@ -16,30 +16,31 @@ from tierlm.config import ModelConfig
 from tierlm.memory import allocator
 
 
-def block_nbytes(cfg: ModelConfig, block_size: int, store: torch.dtype) -> int:
-    """Bytes of one block across every layer, K and V, stored as `store` (int8: 1 B per value + a 2 B scale
+def block_nbytes(cfg: ModelConfig, block_size: int, storage: torch.dtype) -> int:
+    """Bytes of one block across every layer, K and V, stored as `storage` (int8: 1 B per value + a 2 B scale
     per token & head)."""
-    per_token_head = cfg.head_dim * store.itemsize + (2 if store == torch.int8 else 0)
+    per_token_head = cfg.head_dim * storage.itemsize + (2 if storage == torch.int8 else 0)
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * per_token_head
 
 
 class KVPool:
-    """K/V storage. `dtype` is what attention reads (gather returns it); `store` what the pool holds: the
+    """K/V storage. `dtype` is what attention reads (gather returns it); `storage` what the pool holds: the
     same, a narrower float (bf16 KV for fp32 attention), or int8 with scales."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", store: torch.dtype | None = None, capacity: int | None = None):
-        store = store or dtype
-        self.block_size, self.num_blocks, self.dtype, self.store = block_size, num_blocks, dtype, store
+                 device: torch.device | str = "cpu", storage: torch.dtype | None = None, capacity: int | None = None):
+        storage = storage or dtype
+        self.block_size, self.num_blocks, self.dtype, self.storage = block_size, num_blocks, dtype, storage
+        self.device = torch.device(device)
         # `capacity` blocks are addressable (reserved with empty(): pages are committed only as blocks are used);
         # the first `num_blocks` are the pool's now (the ledger counts those). Growing is raising num_blocks;
         # shrinking discards the pages of the blocks given up.
         self.capacity = max(capacity or num_blocks, num_blocks)
-        self.int8 = store == torch.int8
-        self.block_bytes = block_nbytes(cfg, block_size, store)  # every layer's K and V (and scales) of a block
+        self.int8 = storage == torch.int8
+        self.block_bytes = block_nbytes(cfg, block_size, storage)  # every layer's K and V (and scales) of a block
         shape = (cfg.num_layers, cfg.num_kv_heads, self.capacity, block_size, cfg.head_dim)
-        self.k: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
-        self.v: torch.Tensor | None = torch.empty(shape, dtype=store, device=device)
+        self.k: torch.Tensor | None = torch.empty(shape, dtype=storage, device=device)
+        self.v: torch.Tensor | None = torch.empty(shape, dtype=storage, device=device)
         # int8: scales per token and head, [layers, nkv, num_blocks, block_size]; fp16 (2 B) keeps int8 KV at
         # 66 B per token & head for hd 64, 1.94x smaller than bf16 (fp32 scales would give 1.88x)
         scale = (lambda: torch.empty(shape[:-1], dtype=torch.float16, device=device)) if self.int8 else (lambda: None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tierlm.config import format_size
-from tierlm.kvcache.remote import RemoteStats
-from tierlm.kvcache.tiers import TierCounters
+from tierlm.kvcache.remote_tier import RemoteStats
+from tierlm.kvcache.tier_stack import TierCounters
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class KVStats:
     preemptions: int  # sequences whose blocks were taken back (then recomputed)
     recomputed_tokens: int
     filled_slots: int  # token slots of used blocks that hold a token
-    store: str  # what the pool holds: float32, bfloat16, int8
+    storage: str  # what the pool holds: float32, bfloat16, int8
     remote: RemoteStats | None = None  # the shared (Redis) tier, when there is one
 
     @property
@@ -39,7 +39,7 @@ class KVStats:
 
     def describe(self) -> str:
         t = self.tiers
-        return (f"KV ({self.store}, {self.blocks} blocks of {self.block_size} tokens, {format_size(self.blocks * self.block_bytes)}): "
+        return (f"KV ({self.storage}, {self.blocks} blocks of {self.block_size} tokens, {format_size(self.blocks * self.block_bytes)}): "
                 f"{self.used} used, {self.cached} cached, {self.free} free; prefix hits {self.hit_tokens}/"
                 f"{self.queried_tokens} tokens + {self.restored_tokens} restored ({self.hit_rate:.0%}); "
                 f"{self.evictions} evictions (host {t.host_puts}, disk {t.disk_writes}, dropped {t.dropped}; "

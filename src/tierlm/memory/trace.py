@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from tierlm.errors import UsageError
-from tierlm.memory.manager import LedgerEvent
+from tierlm.memory.ledger import LedgerEvent
 
 RESERVATION_KINDS = ("reserve", "resize", "release")
 

@@ -13,6 +13,8 @@ import importlib.util
 import os
 from types import ModuleType
 
+from tierlm.native.files import NAME, OUT, fingerprint, stamp
+
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str, str]:
@@ -23,7 +25,6 @@ def _load() -> tuple[ModuleType | None, str, str]:
 
 
 def _import() -> tuple[ModuleType | None, str]:
-    from tierlm.native.build import NAME, OUT, fingerprint, stamp  # not at import: `python -m ...build` runs it
     libs = sorted(OUT.glob(f"{NAME}*.so"))
     if not libs or not stamp().exists():
         return None, "off (not built: make install, or python -m tierlm.native.build)"

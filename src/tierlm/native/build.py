@@ -5,32 +5,13 @@ compiler, no ninja) prints one line and tierlm runs on torch's kernels.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-SOURCES = sorted((HERE / "csrc").glob("*.cpp"))
-HEADERS = sorted((HERE / "csrc").glob("*.h"))
-OUT = HERE / "_built"
-NAME = "tierlm_native"
-
-
-def stamp() -> Path:
-    """Written last by a successful build: the fingerprint the library was built with."""
-    return OUT / "stamp.txt"
-
-
-def fingerprint() -> str:
-    """What a built library must match to be loaded: the sources and the torch it was built against."""
-    import torch
-    h = hashlib.sha256(torch.__version__.encode())
-    for f in SOURCES + HEADERS:
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
+from tierlm import native
+from tierlm.native.files import HERE, NAME, OUT, SOURCES, fingerprint, stamp
 
 def build(verbose: bool = False) -> Path:
     """Compile (ninja rebuilds only what changed) and record the fingerprint; returns the library's path."""
@@ -55,7 +36,6 @@ def main() -> int:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         print(f"tierlm: native kernels not built ({msg}); torch's kernels will be used", file=sys.stderr)
         return 0
-    from tierlm import native
     print(f"tierlm: native kernels built in {time.perf_counter() - t0:.0f} s ({lib.name}, {native.status()})")
     return 0
 

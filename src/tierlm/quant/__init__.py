@@ -37,10 +37,13 @@ def quantize_blocks(w: torch.Tensor, scheme: QuantScheme) -> QuantBlocks:
 
 
 def from_blocks(b: QuantBlocks) -> QuantTensor:
-    """Pack unpacked rows (GGUF blocks or quantize_blocks') without changing a single dense value."""
+    """Pack unpacked rows (GGUF blocks or quantize_blocks') without changing a single dense value.
+    int8: w = d * q per group (GGUF Q8_0: d fp16 [N, K/32], q int8 [N, K]); int4: w = d*q + m per group (GGUF
+    Q4_1; Q4_0 comes as m = -8d), d, m fp16 [N, K/g], q uint8 [N, K] in 0..15, N a multiple of 64."""
+    n, k = b.q.shape
     if b.kind == "int8":
-        return int8.from_blocks(b.scales, b.q, b.group_size)
-    return int4.from_blocks(b.scales, b.mins, b.q, b.group_size)
+        return QuantTensor("int8", (n, k), b.group_size, b.q.contiguous(), b.scales.contiguous())
+    return QuantTensor("int4", (n, k), b.group_size, int4.pack(b.q), b.scales.contiguous(), b.mins.contiguous())
 
 
 def quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantTensor:

@@ -18,11 +18,14 @@ formula); as the kernel wants it, `kernel_scales` [G, N, 2] in the activation dt
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from tierlm.quant.scheme import INT4_BLOCK_N
-from tierlm.quant.tensor import QuantTensor
+
+if TYPE_CHECKING:  # annotations only: tensor.py imports this codec, which needs no QuantTensor to run
+    from tierlm.quant.tensor import QuantTensor
 
 _LANES = (16, 32)  # AVX2, AVX-512 builds of torch's CPU int4 kernel
 GGUF = 0  # lanes() of GGUF's nibble order (the native kernels')
@@ -100,13 +103,6 @@ def quantize_unpacked(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tens
     mins = lo.to(torch.float16)
     q = torch.round((wf - mins.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
     return q.to(torch.uint8).reshape(n, k), scale, mins
-
-
-def from_blocks(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, group_size: int = 32) -> QuantTensor:
-    """w = d*q + m per group: GGUF Q4_1 (Q4_0 comes as m = -8d) without loss, or quantize_unpacked's.
-    d, m fp16 [N, K/g]; q uint8 [N, K] in 0..15; N a multiple of 64."""
-    n, k = q.shape
-    return QuantTensor("int4", (n, k), group_size, pack(q), d.contiguous(), m.contiguous())
 
 
 def pack_gguf_nibbles(qs: torch.Tensor, lanes: int | None = None) -> torch.Tensor:

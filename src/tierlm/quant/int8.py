@@ -4,9 +4,12 @@ Per channel feeds torch's fused `_weight_int8pack_mm`; group-wise (GGUF Q8_0 is 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from tierlm.quant.tensor import QuantTensor
+if TYPE_CHECKING:  # annotations only: tensor.py imports this codec, which needs no QuantTensor to run
+    from tierlm.quant.tensor import QuantTensor
 
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)  # per-channel scale search (fractions of amax/127)
 
@@ -37,12 +40,6 @@ def quantize_unpacked(w: torch.Tensor, group_size: int | None = None) -> tuple[t
             best_err = torch.minimum(err, best_err)
     q, scale = best
     return q.to(torch.int8).reshape(n, k), scale
-
-
-def from_blocks(d: torch.Tensor, q: torch.Tensor, group_size: int = 32) -> QuantTensor:
-    """w = d * q per group: GGUF Q8_0 (d fp16 [N, K/32], q int8 [N, K]) without loss, or quantize_unpacked's."""
-    n, k = q.shape
-    return QuantTensor("int8", (n, k), group_size, q.contiguous(), d.contiguous())
 
 
 def _scales(t: QuantTensor, rows: torch.Tensor | slice) -> torch.Tensor:

@@ -21,14 +21,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from tierlm.native import ops as native_ops
-from tierlm.quant import int4, int8
-from tierlm.quant.scheme import INT4_BLOCK_N
+from tierlm.quant import int4, int8, intdot
+from tierlm.quant.scheme import INT4_BLOCK_N, uses_native
 from tierlm.quant.tensor import QuantTensor
 
 # Bumped whenever a change alters the bits a forward pass computes: it is part of the KV salt, so blocks that
 # earlier numerics wrote to disk (the KV tier persists between runs; saved sessions) are never served as ours.
-NUMERICS_VERSION = 2  # 2: fused int4/int8 kernels for every row count (the native kernels: native_ops.numerics_tag)
+NUMERICS_VERSION = 2  # 2: fused int4/int8 kernels for every row count (the native kernels: intdot.numerics_tag)
 PREFILL_ROWS = 128  # the planner counts the fallback's transient from this many rows (when it applies)
 DEQUANT_PIECE_BYTES = 8 << 20  # the fallback's dense fp32 weight piece (plus its unpacked uint8 codes)
 
@@ -37,7 +36,7 @@ def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
     """w in kernel form for activations in `act_dtype` (see tensor.py), or unchanged where no fused kernel
     applies (group-wise int8; an int4 layout torch does not share), or the native kernels read the loaded form.
     Idempotent."""
-    if w.kernel_scales is not None or native_ops.uses_native(w.kind, w.group_size, w.shape[1]):
+    if w.kernel_scales is not None or uses_native(w.kind, w.group_size, w.shape[1]):
         return w
     n = w.shape[0]
     if w.kind == "int8" and w.group_size == w.shape[1]:
@@ -52,8 +51,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | 
     """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if x.device.type == "cpu" and native_ops.runs(w):
-        return native_ops.linear(x, w, bias, exact)
+    if x.device.type == "cpu" and intdot.runs(w):
+        return intdot.linear(x, w, bias, exact)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     ks = w.kernel_scales

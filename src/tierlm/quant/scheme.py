@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tierlm import native
 from tierlm.errors import UsageError
 
 KINDS = ("none", "int8", "int4")
@@ -117,5 +118,13 @@ def _native() -> bool:
     """Whether the integer-dot kernels are on. Not merely the library: multiplying the head with int8
     activations (its Q8_0 blocks, 18.468 ppl on the embedded model vs 18.518 per channel) flips the near-tie
     first token of "What is the capital of France?" ("L'Étoile" for "The"), so the default keeps W8A16 there."""
-    from tierlm import native
     return native.available()
+
+
+def uses_native(kind: str, group_size: int, k: int) -> bool:
+    """Whether a matrix of this kind and K runs on the integer-dot kernels (stored in its loaded form): int8 g=32
+    (GGUF Q8_0 blocks, for which torch has no fused kernel) whenever the library is in use; int4 g=32 and int8
+    per channel with TIERLM_NATIVE=1."""
+    if k % 32 or not native.layer_step_available():
+        return False
+    return (kind == "int8" and group_size == 32) or native.available() and (group_size == 32 or group_size == k)

@@ -22,7 +22,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tierlm.quant.scheme import QuantScheme
+from tierlm.quant import int4, int8
+from tierlm.quant.int4 import layout_matches_torch
+from tierlm.quant.scheme import QuantScheme, uses_native
 
 PARTS = ("qweight", "scales", "mins", "kernel_scales")
 
@@ -59,7 +61,6 @@ class QuantTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """Dense rows (default all; int4: slice bounds multiples of 64) in `dtype`, computed in fp32."""
-        from tierlm.quant import int4, int8
         return (int8 if self.kind == "int8" else int4).dequantize(self, rows).to(dtype)
 
     def dequantize_in_pieces(self, dtype: torch.dtype, piece_rows: int) -> torch.Tensor:
@@ -76,8 +77,6 @@ def part_specs(scheme: QuantScheme, shape: tuple[int, int],
                act_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every stored part of a matrix `shape` under `scheme` in the kernel form that
     kernels.prepare gives it for activations in `act_dtype` (sizes without the data)."""
-    from tierlm.native.ops import uses_native
-    from tierlm.quant.int4 import layout_matches_torch
     n, k = shape
     if scheme.kind == "int8" and scheme.group_size is None:
         if uses_native("int8", k, k):  # the native kernels read the loaded form

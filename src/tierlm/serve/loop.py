@@ -6,7 +6,7 @@ await their updates; they never block on the engine.
     drain(deadline)                                       refuse new work (503), let running requests finish
 
 With a PressureControl, the snapshot also checks memory pressure and applies its level's response
-(engine/pressure.py); at critical, new requests get 503 with Retry-After.
+(engine/pressure_control.py); at critical, new requests get 503 with Retry-After.
 
 The thread steps the engine while it has work and sleeps on an event otherwise. A step that raises fails
 only its own requests (the engine returns their blocks and sends them an "error" update); the loop goes on
@@ -22,14 +22,14 @@ import time
 from dataclasses import dataclass, field, replace
 
 from tierlm.engine.engine import Engine
-from tierlm.engine.pressure import PressureControl
+from tierlm.engine.pressure_control import PressureControl
 from tierlm.engine.quota import Quota
 from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.engine.sampler import SamplingParams
 from tierlm.kvcache.stats import KVStats
-from tierlm.memory.arena import ArenaStats
+from tierlm.kvcache.arena import ArenaStats
 from tierlm.memory.pressure import Level
-from tierlm.memory.stats import TierStats
+from tierlm.offload.stats import TierStats
 from tierlm.serve.protocol import OpenAIError
 
 log = logging.getLogger("tierlm.serve")
@@ -52,7 +52,7 @@ class Snapshot:
     pressure_transitions: int = 0
     host_arena: ArenaStats | None = None  # the host KV tier's arena (None: no host tier)
     resident_layers: int = 0
-    demotions: int = 0  # layers moved from memory to the stream (memory/migration.py)
+    demotions: int = 0  # layers moved from memory to the stream (offload/migration.py)
     promotions: int = 0
 
 

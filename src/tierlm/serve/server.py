@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tierlm.engine.args import EngineArgs
-from tierlm.engine.pressure import PressureControl
+from tierlm.engine.pressure_control import PressureControl
 from tierlm.engine.quota import parse_tenant
 from tierlm.errors import UsageError
 from tierlm.serve.app import create_app

@@ -1,5 +1,5 @@
 """The offload store's on-disk format: file names, version, chunk size, the manifest's records, the checksum and
-the source fingerprint. Shared by the read side (offload_store.py) and the write side (offload_build.py).
+the source fingerprint. Shared by the read side (disk_store.py) and the write side (disk_build.py).
 
 Layout of `layers.bin`: each unit's tensors are contiguous and every tensor starts 4 KiB-aligned, so one
 unit is one aligned extent read with O_DIRECT into a ring slot, and tensors are views of the slot.
@@ -8,7 +8,7 @@ as it lands, on the I/O threads). XXH3 rather than zlib's CRC32 because CRC32 ru
 disk speed it would take most of a core on a 2-core machine away from compute; XXH3 runs at 10-25 GB/s. `manifest.json` records shapes, dtypes, offsets, checksums and a fingerprint of
 the source; it is written last, atomically (temp + rename), so a store without a manifest is incomplete
 and is rebuilt. A store whose fingerprint and unit list match is reused.
-NOTE: other modules read CHUNK_BYTES as `offload_layout.CHUNK_BYTES` (not a copy), so one setting of it
+NOTE: other modules read CHUNK_BYTES as `disk_layout.CHUNK_BYTES` (not a copy), so one setting of it
 (tests make it small) holds for building, reading and checking alike.
 """
 from __future__ import annotations

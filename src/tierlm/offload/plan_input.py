@@ -9,18 +9,18 @@ import torch
 
 from tierlm.config import ModelConfig, attention_dtype
 from tierlm.memory.budget import MemoryBudget
-from tierlm.memory.calibrate import Profile
+from tierlm.offload.calibrate import Profile
 from tierlm.memory.directio import ALIGN, align_up
-from tierlm.memory.estimate import activation_bytes
-from tierlm.memory.estimate import kv_bytes as kv_bytes_fn
+from tierlm.offload.estimate import activation_bytes
+from tierlm.offload.estimate import kv_bytes as kv_bytes_fn
 from tierlm.errors import BudgetError
 from tierlm.kvcache.pool import block_nbytes
-from tierlm.memory.manager import MemoryLedger, Reservation
-from tierlm.memory.planner import Placement, PlanInput, plan
-from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_nbytes
+from tierlm.memory.ledger import MemoryLedger, Reservation
+from tierlm.offload.planner import Placement, PlanInput, plan
+from tierlm.offload.units import EMBED, HEAD, layer_unit, unit_nbytes
 from tierlm.memory.workspace import plan_workspace
 from tierlm import native
-from tierlm.native import ops as native_ops
+from tierlm.model import native_layer
 from tierlm.model.llama import workspace_buffers
 from tierlm.quant import kernels
 from tierlm.quant.scheme import QuantScheme
@@ -103,7 +103,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
     kv_host_bytes: a host-RAM KV tier, counted against the cpu budget on a CPU-only machine."""
     item = torch.finfo(dtype).bits // 8
     kv_dtype, rows = attention_dtype(dtype, cuda), min(PREFILL_CHUNK, max_context)
-    scratch = native_ops.scratch_bytes(cfg, rows, quant.enabled)  # the native layer step's (shares the arena)
+    scratch = native_layer.scratch_bytes(cfg, rows, quant.enabled)  # the native layer step's (shares the arena)
     acts = activation_bytes(cfg, rows, 1, item)
     rope_tables = 2 * max_context * cfg.head_dim * (item + (4 if scratch else 0))  # cos + sin [max_context, hd] (+fp32)
     row_buffer = align_up(cfg.hidden_size * item) + ALIGN  # on-demand embedding rows

@@ -8,7 +8,7 @@ from tierlm.config import ModelConfig
 from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import ContextLengthError, KVCacheFullError, UsageError
 from tierlm.kvcache.paged import PagedKV
-from tierlm.memory.stats import TierStats
+from tierlm.offload.stats import TierStats
 
 
 @dataclass

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, replace
 
 from tierlm.errors import BudgetError
-from tierlm.memory.manager import MemoryLedger, Reservation
-from tierlm.memory.planner import Placement, PlanInput, predict, spread
-from tierlm.memory.tiers import Tier
-from tierlm.memory.units import layer_unit
+from tierlm.memory.ledger import MemoryLedger, Reservation
+from tierlm.offload.planner import Placement, PlanInput, predict, spread
+from tierlm.offload.tier import Tier
+from tierlm.offload.units import layer_unit
 
 log = logging.getLogger("tierlm.migration")
 
@@ -133,7 +133,7 @@ class Migrator:
         self.hold_steps, self.dwell_s = hold_steps, dwell_s
         self.demoted: list[int] = []  # demoted by us, most recent last (promoted back in reverse)
         self.demotions = self.promotions = 0
-        self.frozen = False  # memory pressure (engine/pressure.py): no promotions, no growing into free budget
+        self.frozen = False  # memory pressure (engine/pressure_control.py): no promotions, no growing into free budget
         self._want: str | None = None
         self._streak = 0
         self._last = -float("inf")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tierlm.errors import ModelFormatError
-from tierlm.memory.units import UnitTensor
+from tierlm.offload.units import UnitTensor
 from tierlm.quant import QuantBlocks, from_blocks, kernels, quantize_blocks
 from tierlm.quant.scheme import INT4_BLOCK_N, QuantScheme
 from tierlm.quant.tensor import QuantTensor

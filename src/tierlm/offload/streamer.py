@@ -22,8 +22,8 @@ import torch
 
 from tierlm.errors import ModelFormatError
 from tierlm.memory.directio import AlignedBuffer
-from tierlm.memory.offload_store import OffloadStore
-from tierlm.memory.stats import BusyClock, TierStats
+from tierlm.offload.disk_store import OffloadStore
+from tierlm.offload.stats import BusyClock, TierStats
 
 
 class Streamer:
@@ -65,7 +65,7 @@ class Streamer:
             self._host_slots = [b.tensor() for b in self._buffers]
 
     def reschedule(self, schedule: list[str]) -> None:
-        """Stream another set of units (layers migrated, memory/migration.py), between passes: nothing acquired
+        """Stream another set of units (layers migrated, offload/migration.py), between passes: nothing acquired
         is held. Reads in flight finish first; the slots are reallocated only when a unit outgrows them."""
         if not schedule:
             raise ValueError("an empty schedule: close the streamer instead")

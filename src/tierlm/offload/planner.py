@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from tierlm.config import format_size
 from tierlm.errors import BudgetError
-from tierlm.memory.disk_model import DiskModel, in_flight, io_threads_for
-from tierlm.memory.tiers import Tier
+from tierlm.offload.disk_model import DiskModel, in_flight, io_threads_for
+from tierlm.offload.tier import Tier
 
 EMBED_ROW_S = 1e-4  # one on-demand embedding row read per prompt token: latency-bound, ~0.1 ms
 RING_DEPTHS = (2, 3, 4, 6, 8)  # deeper rings only win where small units leave the disk short of bytes in flight
-REQUEST_BYTES = 8 << 20  # the streamer's read request (offload_layout.CHUNK_BYTES)
+REQUEST_BYTES = 8 << 20  # the streamer's read request (disk_layout.CHUNK_BYTES)
 
 
 @dataclass(frozen=True)

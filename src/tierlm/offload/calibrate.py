@@ -2,7 +2,7 @@
 
 Measures disk O_DIRECT read bandwidth as a curve over bytes in flight (1-64 MiB, as the streamer reads:
 CHUNK_BYTES requests from several threads; networked/virtual disks need more in flight than local ones), from
-which the planner sizes the ring and the I/O threads (memory/disk_model.py), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
+which the planner sizes the ring and the I/O threads (offload/disk_model.py), RAM bandwidth (a large tensor copy), GEMV throughput per dtype (weight bytes streamed per
 second in a decode-shaped matmul), the fixed cost of one decoder layer beyond its matmul bytes (dispatch,
 norms, attention on a tiny layer) and, with CUDA, pinned host->device bandwidth and CUDA GEMV.
 Pure measurement; no model needed.
@@ -23,7 +23,7 @@ import torch
 from tierlm.config import ModelConfig, cache_dir, format_size
 from tierlm.kvcache.contiguous import KVCache
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
-from tierlm.memory.offload_store import CHUNK_BYTES
+from tierlm.offload.disk_store import CHUNK_BYTES
 from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama
 from tierlm.progress import progress_bar

@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 import xxhash
 
 from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, decode_block, encode_block
-from tierlm.kvcache.tier import Wanted
+from tierlm.kvcache.tier_protocol import Wanted
 
 log = logging.getLogger("tierlm.kv")
 FETCH_BYTES = 32 << 20  # values fetched per MGET (bounds the transient memory of a restore)
@@ -94,11 +94,11 @@ def split_url(url: str) -> tuple[str, dict[str, float]]:
 class RemoteTier:
     name = "remote"
 
-    def __init__(self, url: str, namespace: str, store: str, salt: bytes, codec: str = "none",
+    def __init__(self, url: str, namespace: str, storage: str, salt: bytes, codec: str = "none",
                  block_bytes: int = 0):
         import redis  # a core dependency; imported here so tierlm starts without touching it when unused
 
-        self.url, self.store, self.salt, self.codec = url, store, salt, codec
+        self.url, self.storage, self.salt, self.codec = url, storage, salt, codec
         clean, sim = split_url(url)
         self.cap_gbps, self.extra_rtt_s = sim.get("cap_gbps"), sim.get("rtt_ms", 0.0) / 1e3
         self._errors = (redis.RedisError, OSError)
@@ -228,7 +228,7 @@ class RemoteTier:
             self.counters.misses += 1
             return None
         try:
-            block = decode_block(value, self.store, h, self.salt)
+            block = decode_block(value, self.storage, h, self.salt)
         except CorruptBlockError as e:
             self.counters.corrupt += 1
             log.warning("KV remote tier: %s (recomputed)", e)
@@ -268,7 +268,7 @@ class RemoteTier:
                     if payload is None:
                         self.counters.stale += 1
                         continue
-                    value = encode_block(StoredBlock(o.hash, o.parent, o.tokens, payload), self.store, self.codec,
+                    value = encode_block(StoredBlock(o.hash, o.parent, o.tokens, payload), self.storage, self.codec,
                                          self.salt)
                     del payload
                     if ready and nbytes + len(value) > WRITE_BYTES:

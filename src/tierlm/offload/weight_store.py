@@ -18,19 +18,19 @@ import torch
 from tierlm.config import ModelConfig
 from tierlm.memory import allocator
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
-from tierlm.memory.offload_store import OffloadStore
-from tierlm.memory.planner import Placement
-from tierlm.memory.stats import TierStats
-from tierlm.memory.streamer import Streamer
-from tierlm.memory.tiers import Tier
-from tierlm.memory.units import EMBED, HEAD, layer_unit, unit_tensors
+from tierlm.offload.disk_store import OffloadStore
+from tierlm.offload.planner import Placement
+from tierlm.offload.stats import TierStats
+from tierlm.offload.streamer import Streamer
+from tierlm.offload.tier import Tier
+from tierlm.offload.units import EMBED, HEAD, layer_unit, unit_tensors
 from tierlm.model.llama import LayerWeights, Matrix
 from tierlm.progress import progress_bar
 from tierlm.quant import kernels
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
-from tierlm.weights.unit_load import load_unit_tensor
+from tierlm.offload.unit_load import load_unit_tensor
 
 _LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
 
@@ -222,7 +222,7 @@ class WeightStore:
         self.stats.disk_bytes += rows.numel() * rows.element_size()
         return rows.to(device)[inverse.to(device)]  # [B, T, H]
 
-    # --- migration: memory/migration.py decides, this moves (between passes: nothing acquired is held) ----------
+    # --- migration: offload/migration.py decides, this moves (between passes: nothing acquired is held) ----------
     def resident_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t == Tier.DEVICE]
 

@@ -1,7 +1,7 @@
 """The offload store: units placed off the compute device, written once to `offload_dir` for streaming. This
 module is the read side: opening a store (reused when its manifest matches, else built under `DIR/.lock`),
 reading and verifying chunks, whole units and on-demand rows, and the tensors of a unit as views of its bytes.
-The format is in offload_layout.py, the writing (build and in-place repair) in offload_build.py; the format's
+The format is in disk_layout.py, the writing (build and in-place repair) in disk_build.py; the format's
 public names are re-exported here.
 Self-healing: a unit whose bytes fail their checksum twice is rebuilt from the source in place (repair), when
 the source is unchanged; the rebuilt bytes must match the manifest's sums, as the same source and the same
@@ -18,13 +18,13 @@ import torch
 
 from tierlm.config import STORAGE_DTYPES
 from tierlm.errors import ModelFormatError, TierlmError, is_storage_error, storage_error
-from tierlm.memory import offload_layout as layout
+from tierlm.offload import disk_layout as layout
 from tierlm.memory.directio import ALIGN, AlignedBuffer, DirectFile, align_up, drop_from_page_cache
 from tierlm.memory.dirlock import dir_lock
-from tierlm.memory.offload_build import build_store, rewrite_unit
-from tierlm.memory.offload_layout import (CHUNK_BYTES, DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin,
+from tierlm.offload.disk_build import build_store, rewrite_unit
+from tierlm.offload.disk_layout import (CHUNK_BYTES, DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin,
                                           StoredTensor, StoredUnit, checksum, source_fingerprint)
-from tierlm.memory.stats import TierStats
+from tierlm.offload.stats import TierStats
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import PARTS, QuantTensor
 from tierlm.weights import open_model
@@ -89,7 +89,7 @@ class OffloadStore:
     @classmethod
     def _build(cls, source: ModelSource, units: list[str], origin: Origin, directory: Path,
                progress: bool | None) -> "OffloadStore":
-        """Write the store (offload_build.build_store); called under the directory lock."""
+        """Write the store (disk_build.build_store); called under the directory lock."""
         return cls(directory, build_store(source, units, origin, directory, progress), origin)
 
     # --- self-healing ----------------------------------------------------------------------------

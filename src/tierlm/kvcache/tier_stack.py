@@ -3,7 +3,7 @@
     device pool (PagedKV) --evict--> host (RAM, LRU, `host_bytes`) --spill--> disk (block files, LRU within
                           <--------- restore from the first tier that has each block ----------  `disk_capacity`,
                                                                                                  saved caches)
-                          --register (write-through)--> remote (Redis shared by replicas; kvcache/remote.py)
+                          --register (write-through)--> remote (Redis shared by replicas; kvcache/remote_tier.py)
 
 Every tier speaks tier.py's protocol (contains / get_many / put / cost); a prefix hit walks them in order
 (host, disk, remote): one batched `contains` per tier for the blocks the earlier ones lack, the run of blocks
@@ -21,8 +21,8 @@ from pathlib import Path
 from tierlm.kvcache.block_file import StoredBlock
 from tierlm.kvcache.disk_tier import DiskTier
 from tierlm.kvcache.host_tier import HostTier
-from tierlm.kvcache.remote import FETCH_BYTES, RemoteTier
-from tierlm.kvcache.tier import KVTier, Wanted
+from tierlm.kvcache.remote_tier import FETCH_BYTES, RemoteTier
+from tierlm.kvcache.tier_protocol import KVTier, Wanted
 
 
 @dataclass
@@ -55,12 +55,12 @@ class KVTiers:
     blocks to the remote tier: PagedKV.offer_remote); the disk and remote tiers write on threads of their own,
     so no step waits on a tier write."""
 
-    def __init__(self, store: str, salt: bytes, host_bytes: int = 0, disk_dir: Path | None = None,
+    def __init__(self, storage: str, salt: bytes, host_bytes: int = 0, disk_dir: Path | None = None,
                  codec: str = "none", disk_gbps: float = 1.0, disk_capacity: int | None = None,
                  host_log: Path | None = None, remote: RemoteTier | None = None):
-        self.store, self.salt, self.codec = store, salt, codec
+        self.storage, self.salt, self.codec = storage, salt, codec
         self.host = HostTier(host_bytes, codec, host_log)  # its bytes live in one preallocated arena
-        self.disk = DiskTier(store, salt, disk_dir, codec, disk_gbps, disk_capacity)
+        self.disk = DiskTier(storage, salt, disk_dir, codec, disk_gbps, disk_capacity)
         self.remote = remote
         self._host_puts = self._dropped = self._recompute_chosen = 0
 

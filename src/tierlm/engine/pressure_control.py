@@ -8,7 +8,7 @@
                recently admitted request is preempted: its blocks go back, it waits first in line and is
                recomputed (or restored) when the pressure falls. Nothing accepted is lost.
 
-From elevated up, layer migration (memory/migration.py) is frozen: no promotions, no pool growth into
+From elevated up, layer migration (offload/migration.py) is frozen: no promotions, no pool growth into
 budget the ledger shows free (the OS says otherwise). Every transition is a ledger event ("pressure") and
 counted.
 """
@@ -18,7 +18,7 @@ import logging
 from typing import Callable
 
 from tierlm.engine.engine import Engine
-from tierlm.memory.manager import MemoryLedger
+from tierlm.memory.ledger import MemoryLedger
 from tierlm.memory.pressure import Level, level_of, read_memory
 
 log = logging.getLogger("tierlm.pressure")

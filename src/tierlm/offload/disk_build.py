@@ -4,7 +4,7 @@ manifest, crash-safe) and rewriting one unit in place when OffloadStore.repair()
 Build order: drop the old manifest and data, write the data to a temp file, fsync, rename; then the manifest
 likewise, last. Builds hold `DIR/.lock`, so two processes never write one store at once. A repaired unit must
 come out byte-for-byte as the manifest records it (the same source and the same code give the same bytes);
-a chunk that differs is never written. The format itself is in offload_layout.py.
+a chunk that differs is never written. The format itself is in disk_layout.py.
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ import xxhash
 
 from tierlm.config import format_size
 from tierlm.errors import StorageError, is_storage_error, storage_error
-from tierlm.memory import offload_layout as layout
+from tierlm.offload import disk_layout as layout
 from tierlm.memory.directio import align_up, drop_from_page_cache
 from tierlm.memory.dirlock import dir_lock
-from tierlm.memory.offload_layout import (DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin, StoredTensor,
+from tierlm.offload.disk_layout import (DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin, StoredTensor,
                                           StoredUnit, checksum)
-from tierlm.memory.units import EMBED, HEAD, unit_nbytes, unit_tensors
+from tierlm.offload.units import EMBED, HEAD, unit_nbytes, unit_tensors
 from tierlm.progress import progress_bar
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
-from tierlm.weights.unit_load import load_unit_tensor
+from tierlm.offload.unit_load import load_unit_tensor
 
 
 class _ChunkedSum:
