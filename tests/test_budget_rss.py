@@ -64,8 +64,22 @@ def model(tmp_path_factory):
     return synth("smollm2-135m", tmp_path_factory.mktemp("rss") / "m", "bfloat16", seed=0, progress=False)
 
 
-def test_peak_rss_within_budget_plus_overhead(model, tmp_path):
-    overhead, overhead_code = _peak("overhead", str(model))
+@pytest.fixture(scope="module")
+def baseline():
+    """The runtime overhead of a model, _peak("overhead", model), measured once per model and module (a fresh
+    process importing torch and running a layer: ~4 s each; five tests compare against it)."""
+    cache: dict[str, tuple[int, int]] = {}
+
+    def measure(model: str) -> tuple[int, int]:
+        if model not in cache:
+            cache[model] = _peak("overhead", model)
+        return cache[model]
+
+    return measure
+
+
+def test_peak_rss_within_budget_plus_overhead(model, baseline, tmp_path):
+    overhead, overhead_code = baseline(str(model))
     run = ["run", str(model), "generate", "--model", str(model), "--dtype", "float32", "--prompt", "hello",
            "--max-tokens", "4", "--ignore-eos", "--no-stream", "--max-context", "64",
            "--max-memory", f"cpu={BUDGET // MiB}MiB", "--offload-dir", str(tmp_path / "off")]
@@ -81,9 +95,9 @@ def test_peak_rss_within_budget_plus_overhead(model, tmp_path):
         assert cached_pages(f) == 0
 
 
-def test_a_resident_run_would_not_fit(model, tmp_path):
+def test_a_resident_run_would_not_fit(model, baseline, tmp_path):
     """The check above can fail: without a budget the same run holds the whole model."""
-    overhead, _ = _peak("overhead", str(model))
+    overhead, _ = baseline(str(model))
     peak, _ = _peak("run", str(model), "generate", "--model", str(model), "--dtype", "float32", "--prompt", "hello",
                  "--max-tokens", "4", "--ignore-eos", "--no-stream", "--max-context", "64")
     assert peak - overhead > BUDGET + 100 * MiB
@@ -95,7 +109,7 @@ GGUF_BUDGET = 96 * MiB  # the embedded model is 118 MiB in its own int4/int8 for
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", [None, "20MiB"])
-def test_quantised_gguf_within_budget(tmp_path, kv):
+def test_quantised_gguf_within_budget(tmp_path, baseline, kv):
     """The embedded Q4_1 GGUF in its own quantisation (--quant auto), a prompt long enough for the prefill
     chunk's dequantising fallback (≥128 rows) and two chunks, building the store then reusing it; with the
     default KV reservation and with an explicit --kv-memory: the pool counts against the budget too."""
@@ -103,7 +117,7 @@ def test_quantised_gguf_within_budget(tmp_path, kv):
 
     model = str(embedded_model_path())
     drop_from_page_cache(model)  # other tests (transformers' GGUF loader) read it through the page cache
-    overhead, overhead_code = _peak("overhead", model)
+    overhead, overhead_code = baseline(model)
     run = ["run", model, "generate", "--prompt", LONG_PROMPT, "--max-tokens", "4", "--ignore-eos", "--no-stream",
            "--max-context", "1024", "--max-memory", f"cpu={GGUF_BUDGET // MiB}MiB", "--offload-dir",
            str(tmp_path / "off")] + (["--kv-memory", kv] if kv else [])
@@ -134,10 +148,10 @@ def test_kv_pool_is_committed_block_by_block():
 
 
 @pytest.mark.parametrize("budget", [None, "300MiB"])
-def test_ledger_matches_measured_memory(model, tmp_path, budget):
+def test_ledger_matches_measured_memory(model, baseline, tmp_path, budget):
     """The ledger's reservations add up to what the process really holds above its baseline: a run whose KV
     pool fills up (200 prompt + 40 new tokens of a 256-token context), resident or under a budget."""
-    overhead, overhead_code = _peak("overhead", str(model))
+    overhead, overhead_code = baseline(str(model))
     extra = [budget, str(tmp_path / "off")] if budget else []
     out = subprocess.run([sys.executable, "-c", _CHILD, "ledger", str(model), *extra], capture_output=True,
                          text=True, check=False)

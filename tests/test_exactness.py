@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.model.llama import BlockMask, blocked_attention, tree_sum
+from tierlm.kvcache.attention import BlockMask, blocked_attention, tree_sum
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 PROMPTS = [[1 + (7 * k + i) % 400 for i in range(60 + 10 * k)] for k in range(10)]  # 60..150 tokens
