@@ -17,11 +17,11 @@ def build(verbose: bool = False) -> Path:
     """Compile (ninja rebuilds only what changed) and record the fingerprint; returns the library's path."""
     from torch.utils.cpp_extension import load
     OUT.mkdir(exist_ok=True)
-    stamp().unlink(missing_ok=True)
+    stamp(OUT).unlink(missing_ok=True)  # OUT, not files.OUT: tests build elsewhere
     load(name=NAME, sources=[str(s) for s in SOURCES], build_directory=str(OUT), verbose=verbose,
          extra_cflags=["-O3", "-march=native", "-fno-math-errno"], extra_include_paths=[str(HERE / "csrc")])
     lib = next(OUT.glob(f"{NAME}*.so"))
-    stamp().write_text(fingerprint())
+    stamp(OUT).write_text(fingerprint())
     return lib
 
 

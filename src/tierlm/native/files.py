@@ -12,9 +12,9 @@ OUT = HERE / "_built"
 NAME = "tierlm_native"
 
 
-def stamp() -> Path:
-    """Written last by a successful build: the fingerprint the library was built with."""
-    return OUT / "stamp.txt"
+def stamp(out: Path = OUT) -> Path:
+    """Written last by a successful build into `out`: the fingerprint the library was built with."""
+    return out / "stamp.txt"
 
 
 def fingerprint() -> str:
