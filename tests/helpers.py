@@ -38,3 +38,37 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def chunked_engine(llm, chunk: int, max_num_seqs: int = 4):
+    """An engine over llm's runner and KV pool that prefills in chunks of `chunk` tokens (llm.engine is
+    left as it is)."""
+    from tierlm.engine.engine import Engine
+    saved, llm.runner.prefill_chunk = llm.runner.prefill_chunk, chunk
+    try:
+        return Engine(llm.runner, llm.tokenizer, llm.kv, max_num_seqs, chunk + max_num_seqs)
+    finally:
+        llm.runner.prefill_chunk = saved
+
+
+def runner_engine(runner, tokenizer, tokens: int = 64, block_size: int = 16):
+    """An engine around a bare Runner, with a pool of `tokens` KV slots in the runner's KV dtype."""
+    from tierlm.engine.engine import Engine
+    from tierlm.kvcache.paged import PagedKV
+    kv = PagedKV(runner.config, -(-tokens // block_size), block_size, dtype=runner.kv_dtype, device=runner.device)
+    return Engine(runner, tokenizer, kv, 4, runner.prefill_chunk + 4)
+
+
+def engine_logits(engine, prompt: list[int], steps: int = 0, score: bool = True):
+    """Every logit the engine computes for `prompt` and then `steps` greedy decode steps (each sampled token fed
+    back): (logits [len(fed), V] fp32, the tokens fed). score: every prompt position (prompt_logprobs), else
+    only the last one (the head runs on the last prefill chunk only), then the decode steps."""
+    import torch
+
+    from tierlm.engine.sampler import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True,
+                            prompt_logprobs=0 if score else None)
+    req = engine.add_request(list(prompt), params, keep_logits=True)
+    engine.run()
+    assert req.out.finish_reason == "length" and len(req.out.token_ids) == steps + 1
+    return torch.cat(req.logits), list(prompt) + req.out.token_ids[:-1]

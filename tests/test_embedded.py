@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.weights.embedded import embedded_model_path
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -64,8 +63,7 @@ def test_embedded_config(llm):
 
 def test_chat_logits_match_transformers(llm, hf_model):
     ids = llm.tokenizer.encode_chat(MESSAGES)
-    kv = KVCache(llm.config, batch=1, capacity=len(ids), dtype=llm.dtype)
-    ours = llm.runner.forward(torch.tensor([ids]), kv, all_logits=True)
+    ours = llm.prompt_logits(ids).unsqueeze(0)  # [1, T, V], through the engine
     with torch.no_grad():
         ref = hf_model(input_ids=torch.tensor([ids]), use_cache=False).logits.float()
     assert ours.shape == ref.shape == (1, len(ids), 49152)

@@ -6,7 +6,7 @@ import torch
 
 from tierlm import LLM, SamplingParams
 from tierlm.config import attention_dtype
-from tierlm.kvcache.contiguous import KVCache
+from tierlm.kvcache.paged import PagedKV
 from tierlm.offload.estimate import kv_bytes, weight_bytes
 from tierlm.offload.weight_store import WeightStore
 from tierlm.offload.tier import Tier
@@ -45,7 +45,7 @@ def test_store_bytes_match_estimate(tiny_models, name, dtype, scheme):
 
 def test_kv_cache_bytes_match_estimate(tiny_models):
     cfg = open_model(tiny_models["qwen2"].path).config
-    kv = KVCache(cfg, batch=3, capacity=40, dtype=torch.float32)
+    kv = PagedKV(cfg, num_blocks=3 * 40 // 8, block_size=8, dtype=torch.float32)  # 3 sequences of 40 tokens
     assert kv.nbytes == kv_bytes(cfg, context=40, batch=3, dtype_bytes=4)
     kv.release()
     assert kv.nbytes == 0
@@ -76,8 +76,8 @@ def test_bf16_run_keeps_kv_in_the_attention_dtype(tiny_models):
     assert attention_dtype(torch.bfloat16, cuda=True) == torch.bfloat16
     assert attention_dtype(torch.float32, cuda=False) == torch.float32
     llm = LLM(tiny_models["llama_gqa_tied"].path, dtype="bfloat16", progress=False)
-    kv = llm.runner.new_kv(16)
-    assert kv.paged.pool.k.dtype == expect
-    assert kv.nbytes == kv_bytes(llm.config, 16, 1, torch.finfo(expect).bits // 8)
+    kv = llm.kv  # the engine's pool
+    assert kv.pool.k.dtype == expect
+    assert kv.nbytes == kv_bytes(llm.config, kv.manager.num_blocks * kv.block_size, 1, torch.finfo(expect).bits // 8)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == 4

@@ -133,12 +133,12 @@ def test_migrated_layers_give_identical_logits(tiny_models, tmp_path):
     path = tiny_models["qwen2"].path
     llm = LLM(path, progress=False, max_memory={"cpu": "64MiB"}, offload_dir=tmp_path / "off", migrate=True,
               max_context=64)
-    tokens = torch.tensor([[5, 9, 33, 2, 71, 8]])
+    tokens = [5, 9, 33, 2, 71, 8]
     logits = []
     for move in (None, ("demote", [1]), ("demote", [0]), ("promote", [0, 1])):
         if move:
             getattr(llm.store, move[0])(move[1])
-        logits.append(llm.runner.forward(tokens, llm.runner.new_kv(16), all_logits=True))
+        logits.append(llm.prompt_logits(tokens))  # [T, V], through the engine
     assert all(torch.equal(logits[0], x) for x in logits[1:])
 
 

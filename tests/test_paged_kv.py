@@ -1,16 +1,15 @@
-"""The paged KV cache: same logits as the contiguous cache, prefix hits change nothing but the work done,
+"""The paged KV cache: the same logits whatever the block size (one block holding the whole sequence is the
+contiguous layout), the chunking or a prefix hit, prefix hits change nothing but the work done,
 batched generation equals one-by-one, preemption loses nothing, int8 KV stays close."""
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import chunked_engine, engine_logits
 
 from tierlm import LLM, SamplingParams
 from tierlm.errors import KVCacheFullError
 from tierlm.kvcache.blocks import ROOT_HASH, BlockManager
-from tierlm.kvcache.contiguous import KVCache
-from tierlm.kvcache.paged import PagedKV
-from tierlm.kvcache.sequence import KVSequence
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -23,21 +22,21 @@ def _prompts(n: int, vocab: int = 512, seed: int = 0) -> list[list[int]]:
 
 @pytest.mark.parametrize("block_size", [16, 5])
 def test_paged_logits_equal_contiguous(tiny, block_size):
-    """Chunked prefill (chunks of 7) then decode steps: every logit bit-identical (sliding window included)."""
-    llm = LLM(tiny.path, progress=False)
-    runner = llm.runner
-    runner.prefill_chunk = 7
-    ids = torch.tensor([_prompts(1, seed=3)[0] + list(range(5, 30))])  # [1, T]
-    contiguous = KVCache(llm.config, batch=1, capacity=64, dtype=runner.kv_dtype)
-    paged = PagedKV(llm.config, num_blocks=64 // block_size + 1, block_size=block_size, dtype=runner.kv_dtype)
-    seq = KVSequence(tokens=ids[0].tolist())
-    want = runner.forward(ids, contiguous, all_logits=True)
-    got = runner.forward(ids, paged.batch([seq]), all_logits=True)
-    assert torch.equal(got, want)
-    for tok in (7, 8, 9):
-        seq.tokens.append(tok)
-        step = torch.tensor([[tok]])
-        assert torch.equal(runner.forward(step, paged.batch([seq])), runner.forward(step, contiguous))
+    """Chunked prefill (chunks of 7) then decode steps: every logit bit-identical to a pool whose one block
+    holds the whole sequence (sliding window included); close to the prompt prefilled whole and to a prefix
+    hit's suffix (other chunk boundaries: matmuls of other row counts round differently)."""
+    prompt = _prompts(1, seed=3)[0] + list(range(5, 30))
+    llm = LLM(tiny.path, progress=False, block_size=block_size)
+    got, fed = engine_logits(chunked_engine(llm, 7), prompt, steps=3)  # [T + 3, V]
+    contiguous = LLM(tiny.path, progress=False, block_size=128)
+    want, fed_want = engine_logits(chunked_engine(contiguous, 7), prompt, steps=3)
+    assert fed == fed_want and torch.equal(got, want)
+    close = dict(rtol=0, atol=1e-4)
+    torch.testing.assert_close(engine_logits(llm.engine, prompt, steps=3)[0], want, **close)  # one chunk
+    hits = llm.kv.hit_tokens
+    suffix, _ = engine_logits(chunked_engine(llm, 7), prompt, steps=3, score=False)  # the prompt is cached now
+    assert llm.kv.hit_tokens > hits
+    torch.testing.assert_close(suffix, want[len(prompt) - 1:], **close)
 
 
 def test_block_manager_lru_refcount_and_collisions():
@@ -129,10 +128,8 @@ def test_int8_kv_is_close_and_smaller(tiny_models):
     ref, q = LLM(path, progress=False), LLM(path, progress=False, kv_dtype="int8")
     assert q.kv.pool.k.dtype == torch.int8
     assert q.kv.nbytes / q.kv.manager.num_blocks < 0.3 * ref.kv.nbytes / ref.kv.manager.num_blocks
-    ids = torch.tensor([_prompts(1, seed=5)[0]])
-    a = ref.runner.forward(ids, ref.runner.new_kv(64), all_logits=True)
-    seq = KVSequence(tokens=ids[0].tolist())
-    b = q.runner.forward(ids, q.kv.batch([seq]), all_logits=True)
+    ids = _prompts(1, seed=5)[0]
+    a, b = ref.prompt_logits(ids), q.prompt_logits(ids)  # [T, V] each
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
@@ -149,12 +146,11 @@ def test_stats_count_blocks_hits_and_waste(tiny_models):
     s = llm.kv_stats()
     assert s.hit_tokens == 32 and s.hit_rate == pytest.approx(32 / 76)
     # waste while sequences hold blocks: one sequence of 13 tokens in 2 blocks of 8 -> 3 of 16 slots empty
-    from tierlm.kvcache.sequence import KVSequence as Seq
-    seq = Seq(tokens=list(range(100, 113)))
-    llm.kv.admit(seq)
-    llm.runner.forward(torch.tensor([seq.tokens]), llm.kv.batch([seq]))
+    req = llm.engine.add_request(list(range(100, 113)), GREEDY)
+    llm.engine.step()  # its prefill: 13 tokens computed, 14 slots reserved (+ its first decode)
+    assert req.seq.num_computed == 13
     assert llm.kv_stats().used == 2 and llm.kv_stats().waste == pytest.approx(3 / 16)
-    llm.kv.free(seq)
+    llm.engine.cancel([req.id])
     assert "prefix hits 32/" in llm.kv_stats().describe()
 
 
@@ -170,24 +166,24 @@ def test_cli_kv_flags(capsys, tiny_models):
 
 def test_sliding_window_frees_blocks_outside_the_window(tiny_models):
     """Mistral with window 8, blocks of 4: a sequence holds at most 4 blocks however long it grows, and its
-    logits equal the contiguous cache's (which keeps everything) step for step."""
-    llm = LLM(tiny_models["mistral_swa"].path, progress=False)
-    runner = llm.runner
-    runner.prefill_chunk = 5
-    paged = PagedKV(llm.config, num_blocks=12, block_size=4, dtype=runner.kv_dtype)
-    contiguous = KVCache(llm.config, batch=1, capacity=80, dtype=runner.kv_dtype)
+    logits equal those of a pool whose one block keeps everything, step for step."""
+    path = tiny_models["mistral_swa"].path
+    llm = LLM(path, progress=False, block_size=4, kv_memory=16 * _block_bytes(path, block_size=4))
+    engine = chunked_engine(llm, 5)
     ids = list(range(3, 23))
-    seq = KVSequence(tokens=list(ids))
-    assert torch.equal(runner.forward(torch.tensor([ids]), paged.batch([seq]), all_logits=True),
-                       runner.forward(torch.tensor([ids]), contiguous, all_logits=True))
-    for tok in range(30, 70):  # 60 tokens in all: 15 blocks' worth through a pool of 12
-        seq.tokens.append(tok)
-        step = torch.tensor([[tok]])
-        assert torch.equal(runner.forward(step, paged.batch([seq])), runner.forward(step, contiguous))
-        assert len(seq.held) <= 4
-    assert seq.num_dropped == (60 - 8 + 1) // 4  # every block whose last key is <= 60 - 8
-    paged.free(seq)
-    assert paged.manager.num_free == 12
+    params = SamplingParams(temperature=0.0, max_tokens=41, ignore_eos=True, prompt_logprobs=0)
+    req = engine.add_request(ids, params, keep_logits=True)  # 60 tokens fed in all: 15 blocks' worth
+    seen = 0
+    while engine.has_unfinished:
+        engine.step()
+        if req.seq.blocks:  # still running
+            seen = max(seen, req.seq.num_computed)
+            assert len(req.seq.held) <= 4 or req.prefilling  # admission reserved the whole prompt
+            assert req.seq.num_dropped == max(0, (req.seq.num_computed - 8 + 1) // 4)  # each block, last key <= n - 8
+    assert seen == 59 and len(req.out.token_ids) == 41  # the last decode step frees it as it finishes
+    want, _ = engine_logits(chunked_engine(LLM(path, progress=False, block_size=128), 5), ids, steps=40)
+    assert torch.equal(torch.cat(req.logits), want)
+    assert llm.kv.manager.num_free == 16
 
 
 def test_batch_stops_on_eos_and_stop_strings_like_one_by_one(tiny_models):

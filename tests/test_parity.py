@@ -14,9 +14,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf_writer import llama3_rope_factors, quantize_roundtrip, write_gguf
+from helpers import chunked_engine, engine_logits
 
 from tierlm import LLM, SamplingParams
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.model import llama as tl_llama
 
 LOGITS_ATOL = 1e-3  # tierlm vs HF, fp32 (observed ~2e-5 with logits of std ~4)
@@ -47,8 +47,7 @@ def hf_greedy(model, ids: torch.Tensor, n: int = NEW_TOKENS) -> list[int]:
 
 
 def tl_logits(llm: LLM, ids: torch.Tensor) -> torch.Tensor:
-    kv = KVCache(llm.config, batch=1, capacity=ids.shape[1], dtype=llm.dtype)
-    return llm.runner.forward(ids, kv, all_logits=True)  # [1, T, V] fp32
+    return llm.prompt_logits(ids[0].tolist()).unsqueeze(0)  # [1, T, V] fp32, through the engine
 
 
 def tl_greedy(llm: LLM, prompt, n: int = NEW_TOKENS):
@@ -136,20 +135,13 @@ def test_greedy_matches_hf(tiny, tl_fp32):
 
 
 def test_incremental_matches_full(tiny, tl_fp32):
-    """Prefill 7 tokens, then a chunk of 5 (start > 0, multi-token mask), then one token at a time."""
+    """Prefill 7 tokens, then a chunk of 5 (start > 0, multi-token mask), then one (greedy) token at a time,
+    against the whole sequence prefilled in one chunk."""
     llm = tl_fp32(tiny.name)
-    ids = _ids(tiny.hf.config.vocab_size)
-    full = tl_logits(llm, ids)[0]  # [T, V]
-    kv = KVCache(llm.config, batch=1, capacity=SEQ_LEN, dtype=llm.dtype)
-    parts = [llm.runner.forward(ids[:, :7], kv, all_logits=True)[0],
-             llm.runner.forward(ids[:, 7:12], kv, all_logits=True)[0]]
-    assert kv.length == 12
-    for t in range(12, SEQ_LEN):
-        last = llm.runner.forward(ids[:, t:t + 1], kv)  # default: last position only, [1, V]
-        assert last.shape == (1, full.shape[-1])
-        parts.append(last)
-    assert kv.length == SEQ_LEN
-    inc = torch.cat(parts)
+    ids = _ids(tiny.hf.config.vocab_size, n=12)
+    inc, fed = engine_logits(chunked_engine(llm, 7), ids[0].tolist(), steps=SEQ_LEN - 12)  # [T, V]
+    assert len(fed) == inc.shape[0] == SEQ_LEN and fed[:12] == ids[0].tolist()
+    full = tl_logits(llm, torch.tensor([fed]))[0]  # [T, V]
     diff = (inc - full).abs().max().item()
     assert diff < INCREMENTAL_ATOL, f"{tiny.name}: incremental vs full max diff {diff:.2e}"
 

@@ -24,7 +24,8 @@ import torch
 
 from tierlm.config import resolve_dtype
 from tierlm.engine.runner import Runner
-from tierlm.kvcache.contiguous import KVCache
+from tierlm.kvcache.paged import PagedKV
+from tierlm.kvcache.sequence import KVSequence
 from tierlm.offload.weight_store import WeightStore
 from tierlm.offload.tier import Tier
 from tierlm.model import llama
@@ -50,7 +51,8 @@ class _Timed:
 
     def __init__(self, store: WeightStore, dtype: torch.dtype):
         self.store, self.runner = store, Runner(store, dtype, max_context=64)
-        self.kv = KVCache(store.config, batch=1, capacity=64, dtype=self.runner.kv_dtype)
+        self.kv = PagedKV(store.config, 64 // 16, dtype=self.runner.kv_dtype)  # the engine's KV, 64 tokens
+        self.seq = KVSequence(tokens=[])
         self.token = torch.tensor([[1]])
         self.acquires: list[float] = []  # seconds of each acquire
         self.flush = torch.zeros(FLUSH_BYTES, dtype=torch.uint8)
@@ -58,7 +60,9 @@ class _Timed:
     @torch.inference_mode()
     def step(self) -> float:
         cfg, store, runner = self.store.config, self.store, self.runner
-        step = self.kv.step(self.token)
+        self.seq.tokens.append(1)
+        self.kv.reserve(self.seq, 1)
+        step = self.kv.step([self.seq], 1, batch_invariant=True)  # as the engine's decode steps
         pos = step.positions
         cos, sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)
         x = store.embed(self.token, runner.device)

@@ -11,7 +11,6 @@ from safetensors import safe_open
 
 from tierlm import LLM, UsageError
 from tierlm.cli import main
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.synth import PRESETS, synth, tensor_specs
 from tierlm.weights.safetensors import config_from_hf
 from tierlm.weights.safetensors_writer import TensorSpec, shard, write_shard
@@ -63,8 +62,7 @@ def test_synth_is_sharded_and_matches_transformers(synth_dir):
     assert llm.config.param_count() == 134_515_008
     hf = AutoModelForCausalLM.from_pretrained(synth_dir, dtype=torch.float32).eval()
     ids = llm.tokenizer.encode("random weights, real shapes")
-    kv = KVCache(llm.config, 1, len(ids), torch.float32)
-    ours = llm.runner.forward(torch.tensor([ids]), kv, all_logits=True)[0]
+    ours = llm.prompt_logits(ids)  # [T, V], through the engine
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max().item() < 1e-3

@@ -8,11 +8,10 @@ import time
 
 import pytest
 import torch
-from helpers import cached_pages, flip
+from helpers import cached_pages, engine_logits, flip, runner_engine
 
 from tierlm import LLM, SamplingParams
 from tierlm.engine.runner import Runner
-from tierlm.kvcache.contiguous import KVCache
 from tierlm.offload import disk_layout as offload_layout
 from tierlm.offload.disk_store import DATA_FILE, ChecksumError
 from tierlm.offload.stats import describe_stats
@@ -24,19 +23,22 @@ D, K = Tier.DEVICE, Tier.DISK
 PROMPT = [3, 17, 99, 42, 250, 7, 7, 301, 12, 64, 5]
 
 
-def _logits(store: WeightStore, prompt: list[int], steps: int, prefill_chunk: int = 512,
+def _logits(tok, store: WeightStore, prompt: list[int], steps: int, prefill_chunk: int = 512,
             dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Prefill logits [T, V], then one [V] per greedy decode step."""
+    """Through an engine: prefill logits [T, V], then one [V] per greedy decode step."""
     runner = Runner(store, dtype, prefill_chunk=prefill_chunk, max_context=64)
-    kv = KVCache(store.config, batch=1, capacity=64, dtype=dtype)
+    engine = runner_engine(runner, tok)
     try:
-        out = [runner.forward(torch.tensor([prompt]), kv, all_logits=True)[0]]
-        for _ in range(steps):
-            nxt = out[-1].reshape(-1, out[-1].shape[-1])[-1].argmax().view(1, 1)  # greedy, [1, 1]
-            out.append(runner.forward(nxt, kv)[0])
+        logits, _ = engine_logits(engine, prompt, steps)  # [T + steps, V]
     finally:
-        kv.release()
-    return out
+        engine.kv.release()
+    return [logits[:len(prompt)], *logits[len(prompt):]]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    """The tiny models' tokenizer (they share one): what an engine detokenises with."""
+    return open_model(tiny_models["llama3_rope"].path).tokenizer
 
 
 def _placed(path, tmp_path, layers, head, embed, ring=2) -> WeightStore:
@@ -45,14 +47,14 @@ def _placed(path, tmp_path, layers, head, embed, ring=2) -> WeightStore:
 
 
 @pytest.fixture(scope="module")
-def resident(tiny_models):
+def resident(tiny_models, tok):
     """Resident reference logits per model (prefill chunk 512, i.e. one pass)."""
     cache = {}
 
     def get(name: str) -> list[torch.Tensor]:
         if name not in cache:
             store = WeightStore.load_resident(open_model(tiny_models[name].path), torch.float32, progress=False)
-            cache[name] = _logits(store, PROMPT, steps=4)
+            cache[name] = _logits(tok, store, PROMPT, steps=4)
         return cache[name]
     return get
 
@@ -69,11 +71,11 @@ MIXES = {  # (layer tiers for a 2-layer model, head, embed, ring depth)
 
 @pytest.mark.parametrize("mix", list(MIXES))
 @pytest.mark.parametrize("name", ["llama3_rope", "qwen2"])
-def test_every_tier_mix_matches_resident_exactly(tiny_models, resident, tmp_path, name, mix):
+def test_every_tier_mix_matches_resident_exactly(tiny_models, resident, tmp_path, name, mix, tok):
     layers, head, embed, ring = MIXES[mix]
     store = _placed(tiny_models[name].path, tmp_path, layers, head, embed, ring)
     try:
-        got = _logits(store, PROMPT, steps=4)
+        got = _logits(tok, store, PROMPT, steps=4)
         assert store.stats.disk_bytes > 0
     finally:
         store.close()
@@ -82,25 +84,25 @@ def test_every_tier_mix_matches_resident_exactly(tiny_models, resident, tmp_path
 
 
 @pytest.mark.parametrize("head", [D, K])
-def test_tied_embedding_rows_come_from_the_head_wherever_it_lives(tiny_models, resident, tmp_path, head):
+def test_tied_embedding_rows_come_from_the_head_wherever_it_lives(tiny_models, resident, tmp_path, head, tok):
     store = _placed(tiny_models["llama_gqa_tied"].path, tmp_path, [K, D, K], head, D)
     try:
         assert store.embed_tier == head  # one matrix: the embedding follows the head
-        got = _logits(store, PROMPT, steps=3)
+        got = _logits(tok, store, PROMPT, steps=3)
     finally:
         store.close()
     for g, r in zip(got, resident("llama_gqa_tied")[:4], strict=True):
         assert torch.equal(g, r)
 
 
-def test_chunked_prefill_through_the_ring_matches_resident(tiny_models, tmp_path):
+def test_chunked_prefill_through_the_ring_matches_resident(tiny_models, tmp_path, tok):
     """Prefill in chunks of 4 re-streams the layers per chunk; the result equals a resident chunked run and
     the one-pass run (up to float reassociation across chunks: close, same argmax)."""
     path = tiny_models["mistral_swa"].path
-    ref = _logits(WeightStore.load_resident(open_model(path), torch.float32, progress=False), PROMPT, 3, prefill_chunk=4)
+    ref = _logits(tok, WeightStore.load_resident(open_model(path), torch.float32, progress=False), PROMPT, 3, prefill_chunk=4)
     store = _placed(path, tmp_path, [K, K], K, K, ring=2)
     try:
-        got = _logits(store, PROMPT, steps=3, prefill_chunk=4)
+        got = _logits(tok, store, PROMPT, steps=3, prefill_chunk=4)
         assert store.stats.forward_passes == 3 + 3  # ceil(11 / 4) prefill chunks + 3 decode steps
     finally:
         store.close()
@@ -139,11 +141,11 @@ def _corrupted(tiny_models, tmp_path, name: str = "llama3_rope"):
     return path, good
 
 
-def test_corrupt_unit_is_rebuilt_from_the_source_and_the_run_matches_resident(tiny_models, resident, tmp_path):
+def test_corrupt_unit_is_rebuilt_from_the_source_and_the_run_matches_resident(tiny_models, resident, tmp_path, tok):
     path, good = _corrupted(tiny_models, tmp_path)
     store = _placed(path, tmp_path, [K, K], D, K)
     try:
-        got = _logits(store, PROMPT, steps=4)
+        got = _logits(tok, store, PROMPT, steps=4)
         assert store.stats.repairs == 1 and store.stats.retries >= 1
         assert "1 corrupt unit rebuilt from the source" in describe_stats(store.stats, 5, None)
     finally:
@@ -153,14 +155,14 @@ def test_corrupt_unit_is_rebuilt_from_the_source_and_the_run_matches_resident(ti
     assert (tmp_path / "off" / DATA_FILE).read_bytes() == good  # the file is whole again
 
 
-def test_corrupt_unit_with_a_changed_source_is_a_clear_error(tiny_models, tmp_path):
+def test_corrupt_unit_with_a_changed_source_is_a_clear_error(tiny_models, tmp_path, tok):
     path, _ = _corrupted(tiny_models, tmp_path)
     store = _placed(path, tmp_path, [K, K], D, K)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # edited after the run opened the store
     try:
         with pytest.raises(ChecksumError, match=r"layers\.1.*after one re-read.*source .* changed since"):
-            _logits(store, PROMPT, steps=1)
+            _logits(tok, store, PROMPT, steps=1)
         assert store.stats.retries >= 1 and store.stats.repairs == 0
     finally:
         store.close()
@@ -199,13 +201,13 @@ def test_a_failed_load_waits_for_its_other_reads_before_raising(tiny_models, tmp
         store.close()
 
 
-def test_interrupted_pass_restarts_the_stream(tiny_models, resident, tmp_path):
+def test_interrupted_pass_restarts_the_stream(tiny_models, resident, tmp_path, tok):
     """A forward pass abandoned half-way (an exception in user code between layers) leaves the ring
     mid-cycle; the next pass restarts it and computes the right thing."""
     store = _placed(tiny_models["llama3_rope"].path, tmp_path, [K, K], K, D, ring=2)
     try:
         store.acquire(0)  # the runner never released it
-        got = _logits(store, PROMPT, steps=2)
+        got = _logits(tok, store, PROMPT, steps=2)
     finally:
         store.close()
     for g, r in zip(got, resident("llama3_rope")[:3], strict=True):
@@ -213,18 +215,17 @@ def test_interrupted_pass_restarts_the_stream(tiny_models, resident, tmp_path):
     assert store.stats.restarts == 1  # the abandoned pass, once
 
 
-def test_long_prompt_passes_over_a_streamed_head_without_restarting(tiny_models, tmp_path):
+def test_long_prompt_passes_over_a_streamed_head_without_restarting(tiny_models, tmp_path, tok):
     """A prompt of several prefill chunks skips the head on all but the last chunk; the ring had already
     prefetched it, so the runner passes over it in order instead of draining and re-reading the stream."""
     path = tiny_models["llama3_rope"].path
 
     def last_logits(store: WeightStore) -> torch.Tensor:
-        runner = Runner(store, torch.float32, prefill_chunk=3, max_context=64)
-        kv = KVCache(store.config, batch=1, capacity=64, dtype=torch.float32)
-        try:
-            return runner.forward(torch.tensor([PROMPT]), kv)  # 11 tokens: 4 chunks, the head on the last only
+        engine = runner_engine(Runner(store, torch.float32, prefill_chunk=3, max_context=64), tok)
+        try:  # 11 tokens: 4 chunks, the head on the last only
+            return engine_logits(engine, PROMPT, score=False)[0]  # [1, V]
         finally:
-            kv.release()
+            engine.kv.release()
 
     store = _placed(path, tmp_path, [K, K], K, D, ring=2)
     try:

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tierlm import LLM
+from tierlm import LLM, SamplingParams
 from tierlm.errors import UsageError
 from tierlm.memory.workspace import ALIGN, BufferSpec, Workspace, plan_workspace
 from tierlm.model import llama
@@ -101,15 +101,17 @@ class FreshTensors(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_step_creates_only_kernel_outputs(tiny_models, dtype):
-    """Per layer, a decode step creates the 4 matmul outputs, the attention output and the paged K/V gather
-    (2 index_select); every elementwise intermediate (norms, rope, residual adds, silu*up, dtype casts) lives
-    in the workspace. What remains (step bookkeeping: positions, block slots; embedding rows; the head's
-    logits) is a few tensors per step, not per layer."""
-    llm = LLM(tiny_models["llama_gqa_tied"].path, dtype=dtype, progress=False)
-    kv = llm.runner.new_kv(16)
-    llm.runner.forward(torch.tensor([[5, 6, 7]]), kv)
+    """Per layer, an engine decode step creates the 4 matmul outputs, the attention output and the paged K/V
+    gather (2 index_select); every elementwise intermediate (norms, rope, residual adds, silu*up, dtype casts)
+    lives in the workspace. What remains (step bookkeeping: positions, block slots; embedding rows; the head's
+    logits; the sample) is a few tensors per step, not per layer. A sliding-window model: its steps attend
+    with SDPA (blocked attention, the others' path, makes its own per-group transients)."""
+    llm = LLM(tiny_models["mistral_swa"].path, dtype=dtype, progress=False)
+    llm.engine.add_request([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    llm.engine.step()  # the prefill and the first token
     with FreshTensors() as mode:
-        llm.runner.forward(torch.tensor([[8]]), kv)
+        llm.engine.step()  # one decode step
+    llm.engine.run()
     layers = llm.config.num_layers
     per_layer = {"linear": 4, "_weight_int8pack_mm": 4, "_weight_int4pack_mm_for_cpu": 4,
                  "scaled_dot_product_attention": 1, "index_select": 2}

@@ -1,7 +1,8 @@
 """`tierlm bench`: prefill a synthetic prompt, decode N tokens, report measured vs the planner's prediction.
 
-Token ids are fixed (no tokenizer, EOS ignored) so any model, real or synthetic, runs the same work.
-The first `warmup` decode steps are not counted: they include the ring filling for the first time.
+Token ids are fixed (no tokenizer, EOS ignored) so any model, real or synthetic, runs the same work: one
+request through the engine, as generate and serve run it. The first `warmup` decode steps are not counted:
+they include the ring filling for the first time.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from tierlm.config import format_size
 from tierlm.engine.llm import LLM
+from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import ContextLengthError
 from tierlm.offload.stats import TierStats, describe_stats
 from tierlm.offload.tier import Tier
@@ -25,32 +27,33 @@ def prompt_ids(vocab_size: int, n: int) -> torch.Tensor:
 
 def measure_decode(llm: LLM, prompt_tokens: int, tokens: int, warmup: int,
                    before_step: Callable[[], None] | None = None) -> tuple[float, list[float], TierStats]:
-    """(prefill seconds, seconds of each counted decode step, tier traffic of the counted steps).
-    Greedy; same ids every run. `before_step` runs untimed before each decode step (benchmarks evict
-    the page cache there)."""
-    cfg = llm.config
-    if prompt_tokens + tokens + warmup > llm.max_context:
+    """(prefill seconds, seconds of each counted decode step, tier traffic of the counted steps) of one greedy
+    request through the engine (EOS ignored: it runs every token; same ids every run). Prefill is the request's
+    TTFT; each decode step is one engine step, timed alone. `before_step` runs untimed before each decode
+    step (benchmarks evict the page cache there)."""
+    if prompt_tokens + tokens + warmup >= llm.max_context:  # + the last token sampled (never fed back)
         raise ContextLengthError(f"{prompt_tokens} + {tokens + warmup} tokens exceed max_context {llm.max_context}")
-    ids = prompt_ids(cfg.vocab_size, prompt_tokens)  # [1, P]
-    kv = llm.runner.new_kv(prompt_tokens + tokens + warmup)
+    ids = prompt_ids(llm.config.vocab_size, prompt_tokens)[0].tolist()
+    # the first token comes with the prefill; then warmup + tokens decode steps, one token each
+    params = SamplingParams(temperature=0.0, max_tokens=warmup + tokens + 1, ignore_eos=True)
+    engine = llm.engine
+    req = engine.add_request(ids, params)
+    steps, before = [], replace(llm.store.stats)
     try:
-        t = time.perf_counter()
-        logits = llm.runner.forward(ids, kv)  # [1, V]
-        prefill = time.perf_counter() - t
-        steps = []
+        while not req.out.token_ids and req.out.finish_reason == "":
+            engine.step()  # the prefill (in chunks) and its first token
         for k in range(warmup + tokens):
             if k == warmup:
                 before = replace(llm.store.stats)
-            nxt = logits.argmax(-1, keepdim=True)  # [1, 1]
             if before_step is not None:
                 before_step()
             t = time.perf_counter()
-            logits = llm.runner.forward(nxt, kv)
+            engine.step()
             if k >= warmup:
                 steps.append(time.perf_counter() - t)
     finally:
-        kv.release()
-    return prefill, steps, llm.store.stats - before
+        engine.cancel([req.id])  # finished by now, unless a step failed
+    return req.out.metrics.ttft_s, steps, llm.store.stats - before
 
 
 def run_bench(llm: LLM, prompt_tokens: int, tokens: int, warmup: int, profile_note: str) -> str:

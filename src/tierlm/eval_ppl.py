@@ -1,8 +1,9 @@
 """Perplexity over a text with a sliding window (HF's "perplexity of fixed-length models" recipe).
 
-The KV cache is stored as the LLM's kv_dtype (so int8 KV is scored too). Windows of `window` tokens advance by `stride`; each window is one fresh forward pass (its own KV cache) and
-scores only the tokens the previous window did not, each with at least window - stride tokens of context
-(except at the start). PPL = exp(mean NLL over all scored tokens). The first token of the text is never
+The KV cache is stored as the LLM's kv_dtype (so int8 KV is scored too). Windows of `window` tokens advance
+by `stride`; each window is one scoring request through the engine (every position computed, prompt logprobs
+taken chunk by chunk) and scores only the tokens the previous window did not, each with at least
+window - stride tokens of context (except at the start). PPL = exp(mean NLL over all scored tokens). The first token of the text is never
 scored (nothing predicts it).
 """
 from __future__ import annotations
@@ -11,9 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from tierlm.engine.sampler import SamplingParams
 from tierlm.errors import UsageError
 from tierlm.progress import progress_bar
 
@@ -43,27 +42,22 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return out
 
 
-@torch.inference_mode()
 def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progress: bool | None = None) -> PplResult:
-    """Sliding-window perplexity of token ids `ids` under `llm` (an LLM)."""
-    runner = llm.runner
-    if window > runner.max_context:
-        raise UsageError(f"window {window} exceeds the context served ({runner.max_context})")
+    """Sliding-window perplexity of token ids `ids` under `llm` (an LLM): each window is one scoring request
+    through its engine (prompt_logprobs=0, max_tokens=0), whose prompt is prefilled whole (no prefix hit)."""
+    if window > llm.runner.max_context:
+        raise UsageError(f"window {window} exceeds the context served ({llm.runner.max_context})")
     plan = windows(len(ids), window, stride)
     nll, count = 0.0, 0
     bar = progress_bar(len(plan), f"perplexity {label}", progress, unit="window")
     t0 = time.perf_counter()
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     for begin, end, first in plan:
-        kv = runner.new_kv(end - begin, storage=llm.kv.pool.storage)  # the LLM's KV format (kv_dtype)
-        try:
-            logits = runner.forward(torch.tensor([ids[begin:end]]), kv, all_logits=True)[0]  # [T, V] fp32
-        finally:
-            kv.release()
-        # logits at position p predict token p + 1: score targets first..end-1
-        pred = logits[first - 1 - begin:end - 1 - begin]  # [S, V]
-        target = torch.tensor(ids[first:end])  # [S]
-        nll += float(F.cross_entropy(pred.float(), target, reduction="sum"))
-        count += len(target)
+        out = llm.generate([ids[begin:end]], params)[0]
+        # prompt_logprobs[j]: log p(token begin + j | the window's tokens before it); score targets first..end-1
+        scored = out.prompt_logprobs[first - begin:end - begin]
+        nll -= sum(lp.logprob for lp in scored)
+        count += len(scored)
         bar.update()
     bar.close()
     weights = sum(llm.store.nbytes_by_tier().values())

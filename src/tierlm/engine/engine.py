@@ -44,15 +44,18 @@ class Engine:
 
     # --- any thread ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Sink | None = None,
-                    request_id: str | None = None, out: RequestOutput | None = None, tenant: str = "") -> EngineRequest:
+                    request_id: str | None = None, out: RequestOutput | None = None, tenant: str = "",
+                    keep_logits: bool = False) -> EngineRequest:
         """Queue a request (checked now: bad input raises here, in the caller's thread). Its updates go to
-        `sink` from the loop's thread; `out` is filled as it runs."""
+        `sink` from the loop's thread; `out` is filled as it runs. keep_logits: the request keeps the raw logits
+        of every row computed for it in req.logits (LLM.prompt_logits; with prompt_logprobs, every prompt row)."""
         max_new = check_request(self.runner.config, self.runner.max_context, self.kv, prompt_ids, params)
         out = out if out is not None else RequestOutput()
         out.prompt_token_ids = list(prompt_ids)
         out.metrics.prompt_tokens = len(prompt_ids)
+        out.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
         req = EngineRequest(request_id or new_request_id(), list(prompt_ids), params, max_new, out, self.tokenizer,
-                            sink, tenant)
+                            sink, tenant, keep_logits)
         self._inbox.put(("add", req))
         return req
 
@@ -117,17 +120,22 @@ class Engine:
                 head = self.scheduler.waiting[0]
                 updates.append(self._finish(head, "error", "the scheduler could not place this request"))
             return updates
-        groups, owners = [], []
+        groups, owners, starts = [], [], []
         if sched.decodes:
             seqs = [r.seq for r in sched.decodes]
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
-            groups.append((tokens, self.kv.step(seqs, 1, batch_invariant=True), True))
+            groups.append((tokens, self.kv.step(seqs, 1, batch_invariant=True), "last"))
             owners.append(sched.decodes)
+            starts.append(None)
         for c in sched.prefills:
             start = c.req.seq.num_computed
             tokens = torch.tensor([c.req.seq.tokens[start:start + c.tokens]])  # [1, T]
-            groups.append((tokens, self.kv.step([c.req.seq], c.tokens, batch_invariant=True), c.last))
+            # a chunk scored for prompt_logprobs returns every position's logits; the last chunk of any other
+            # request, the last position's (to sample from), unless it generates nothing (max_tokens=0)
+            mode = "all" if c.req.scoring else "last" if c.last and c.req.max_new else "none"
+            groups.append((tokens, self.kv.step([c.req.seq], c.tokens, batch_invariant=True), mode))
             owners.append([c.req])
+            starts.append(start)
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward_groups(groups)
@@ -144,13 +152,19 @@ class Engine:
         for c in sched.prefills:  # measured prefill cost per token: what restoring a block from a tier is weighed against
             self.kv.note_prefill(c.tokens, elapsed * c.tokens / sched.num_tokens)
         now = time.perf_counter()
-        for (_, _, want), reqs, lg in zip(groups, owners, logits):
-            if not want:
-                continue
+        for (_, step, mode), reqs, lg, start in zip(groups, owners, logits, starts):
+            if mode == "all":  # one prefill chunk of a request scoring its prompt: lg [1, T, V]
+                reqs[0].score(start, lg[0])
+                lg = lg[:, -1]  # [1, V]: what it samples from when the chunk ends its prompt
+            done = start is not None and start + step.t == reqs[0].prefill_end  # a chunk that ends its prefill
             for i, r in enumerate(reqs):
-                if r.status is Status.RUNNING:
-                    if (u := self._accept(r, lg[i:i + 1], now)) is not None:
-                        updates.append(u)
+                if r.status is not Status.RUNNING:
+                    continue
+                if done and not r.max_new:  # max_tokens=0: the prompt is scored, nothing is generated
+                    r.out.metrics.ttft_s = now - r.arrival
+                    updates.append(self._finish(r, "length"))
+                elif mode != "none" and (start is None or done):
+                    updates.append(self._accept(r, lg[i:i + 1], now, keep=mode != "all"))
         return updates
 
     def _trace_kv(self) -> None:
@@ -161,10 +175,13 @@ class Engine:
             self.ledger.note("evict", "kv_pool", tier, n * self.kv.pool.block_bytes)
         self._evictions = man.counters.evictions
 
-    def _accept(self, r: EngineRequest, logits: torch.Tensor, now: float) -> RequestUpdate | None:
-        """Sample r's next token and apply the rules: EOS (not part of the output), a stop string, the length
-        limit. Emits and returns r's update."""
+    def _accept(self, r: EngineRequest, logits: torch.Tensor, now: float, keep: bool = True) -> RequestUpdate:
+        """Sample r's next token from logits [1, V] and apply the rules: EOS (not part of the output), a stop
+        string, the length limit. Emits and returns r's update. keep: the row is kept for keep_logits (False:
+        score() kept it with its chunk)."""
         m, p = r.out.metrics, r.params
+        if r.keep_logits and keep:
+            r.logits.append(logits.float())
         if not r.out.token_ids and not m.ttft_s:
             m.ttft_s = now - r.arrival
         elif r.last_token_at:

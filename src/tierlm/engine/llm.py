@@ -296,6 +296,19 @@ class LLM:
             raise
         return outs
 
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """The logits of every prompt position, [T, V] fp32 (position p scores token p + 1), through the engine
+        (one scoring request: the whole prompt prefilled, chunk by chunk). For comparisons with other
+        implementations; prompt_logprobs is the serving way to score a prompt."""
+        _, ids = self._prompt_ids(prompt)
+        req = self.engine.add_request(ids, SamplingParams(max_tokens=0, prompt_logprobs=0), keep_logits=True)
+        try:
+            self.engine.run()
+        except BaseException:
+            self.engine.cancel([req.id])
+            raise
+        return torch.cat(req.logits)  # [T, V]
+
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
         """One conversation -> one output; a list of conversations -> a list of outputs (run together)."""

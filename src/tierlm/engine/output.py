@@ -32,6 +32,9 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # generated part only
     finish_reason: str = ""  # "stop" (EOS or stop string) | "length" | "abort" | "error"
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, when asked for
+    # with prompt_logprobs (vLLM's shape): None for the first prompt token (nothing predicts it), then a
+    # TokenLogprob per prompt token given its prefix; None when not asked for
+    prompt_logprobs: list | None = None
     cached_tokens: int = 0  # prompt tokens served by the prefix cache (pool or tiers) at admission
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
 
@@ -39,12 +42,15 @@ class RequestOutput:
 def check_request(cfg: ModelConfig, max_context: int, kv: PagedKV, prompt_ids: list[int],
                   params: SamplingParams) -> int:
     """Refuse a prompt that cannot run (empty, ids out of the vocabulary, longer than the context, more KV
-    than the whole pool); return how many tokens it may generate."""
+    than the whole pool; max_tokens=0 without prompt_logprobs: nothing to return); return how many tokens it
+    may generate. A scoring request (max_tokens=0) may fill the whole context: no token follows its prompt."""
     if not prompt_ids:
         raise UsageError("empty prompt")
     if min(prompt_ids) < 0 or max(prompt_ids) >= cfg.vocab_size:
         raise UsageError(f"prompt token ids must be in [0, {cfg.vocab_size})")
-    if len(prompt_ids) >= max_context:
+    if params.max_tokens == 0 and params.prompt_logprobs is None:
+        raise UsageError("max_tokens must be >= 1, got 0 (0 only scores a prompt: with prompt_logprobs)")
+    if len(prompt_ids) > max_context or (len(prompt_ids) == max_context and params.max_tokens):
         what = "the model's context" if max_context == cfg.max_position_embeddings else "max_context"
         raise ContextLengthError(f"prompt is {len(prompt_ids)} tokens; {what} is {max_context}")
     max_new = min(params.max_tokens, max_context - len(prompt_ids))

@@ -67,6 +67,7 @@ class EngineRequest:
     tokenizer: Tokenizer
     sink: Sink | None = None
     tenant: str = ""  # whose quota it counts against (engine/quota.py); "" = no tenant
+    keep_logits: bool = False  # LLM.prompt_logits (and tests): keep the raw logits of every row computed for it
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     prefill_end: int = 0  # tokens of seq.tokens to compute before sampling (the prompt, + output after a preemption)
@@ -75,6 +76,8 @@ class EngineRequest:
     detok: IncrementalDetokenizer = field(init=False)
     stats_at_arrival: TierStats | None = None
     last_token_at: float = 0.0
+    scored: int = 0  # prompt positions whose logits were scored (prompt_logprobs)
+    logits: list[torch.Tensor] = field(default_factory=list)  # keep_logits: [n, V] fp32 pieces, position order
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
@@ -90,6 +93,29 @@ class EngineRequest:
         """Tokens of the next prefill chunk: chunks are aligned from where computing started, whatever the step
         they land in, so every row goes through the same kernels as in a run alone."""
         return min(chunk, self.prefill_end - self.seq.num_computed)
+
+    @property
+    def scoring(self) -> bool:
+        """Its prompt logprobs are not all computed yet: each prefill chunk returns every position's logits,
+        and it takes no prefix-cache hit at admission (every prompt position must be computed)."""
+        return self.params.prompt_logprobs is not None and self.scored < len(self.prompt_ids)
+
+    def score(self, start: int, logits: torch.Tensor) -> None:
+        """logits [T, V] of the prefill chunk at prompt positions start..start+T-1: row i gives the logprob of
+        prompt token start+i+1 (fp32 log_softmax of this chunk only: no [prompt, V] tensor is ever held)."""
+        assert start == self.scored, "prompt chunks are scored in order"
+        k, end = self.params.prompt_logprobs, start + logits.shape[0]
+        if self.keep_logits:
+            self.logits.append(logits.float())
+        targets = self.prompt_ids[start + 1:end + 1]  # the chunk's last row predicts nothing in the prompt when end = P
+        if targets:
+            lp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)  # [n, V]
+            chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()  # [n]
+            top = torch.topk(lp, k) if k else None
+            for i, (token, value) in enumerate(zip(targets, chosen)):
+                pairs = tuple(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else ()
+                self.out.prompt_logprobs.append(TokenLogprob(token, value, pairs))
+        self.scored = end
 
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """logits [1, V] -> the next token (and its logprob when asked), with this request's penalties and
@@ -115,6 +141,9 @@ class EngineRequest:
         """Its blocks were taken back: everything it knows is recomputed on re-admission (prompt + output)."""
         self.status = Status.WAITING
         self.prefill_end = len(self.seq.tokens)
+        if self.scoring:  # preempted mid-prompt: its prompt is scored again from the start
+            self.scored, self.out.prompt_logprobs = 0, [None]
+            self.logits.clear()
 
     def finish(self, reason: str, stats: TierStats | None = None) -> str:
         """Mark it finished and fill its output; returns the text held back until now (to be streamed last).

@@ -3,9 +3,9 @@
     for layer i: w = store.acquire(i) -> compute(i) -> store.release(i)
 
 Streamed layers are prefetched by the store's streamer (release(i) starts the load `ring_depth` ahead);
-no module fetches weights by itself. Long prompts are prefilled in chunks of `prefill_chunk` tokens so
-activation memory is bounded whatever the prompt; every run, resident or budgeted, chunks the same way,
-so a budgeted run computes exactly what a resident one does.
+no module fetches weights by itself. Long prompts are prefilled in chunks of `prefill_chunk` tokens (the
+scheduler cuts them) so activation memory is bounded whatever the prompt; every run, resident or budgeted,
+chunks the same way, so a budgeted run computes exactly what a resident one does.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 
 from tierlm.config import ModelConfig, attention_dtype
 from tierlm.errors import ContextLengthError
-from tierlm.kvcache.paged import SequenceKV
 from tierlm.kvcache.step import PagedStep
 from tierlm.memory.ledger import MemoryLedger
 from tierlm.offload.plan_input import PREFILL_CHUNK
@@ -68,41 +67,18 @@ class Runner:
         if self._reservation is not None:
             self._reservation.release()
 
-    def new_kv(self, capacity: int, storage: torch.dtype | None = None) -> SequenceKV:
-        """A paged KV cache for one sequence of up to `capacity` tokens, read in this runner's KV dtype on its
-        device; `storage`: what the pool holds (default the same; bf16, or int8 with scales)."""
-        return SequenceKV(self.config, capacity, self.kv_dtype, self.device, storage=storage)
-
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, kv, all_logits: bool = False) -> torch.Tensor:
-        """tokens [B, T] appended to the sequences of `kv` (a SequenceKV, a paged Batch or a contiguous KVCache:
-        anything with step(tokens) -> a step, see kvcache/) -> logits [B, V] (last position) or [B, T, V]
-        with all_logits. Long prompts run in chunks of prefill_chunk, one pass over the weights each."""
+    def forward_groups(self, groups: list[tuple[torch.Tensor, PagedStep, str]]) -> list[torch.Tensor | None]:
+        """One engine step: groups of (tokens [B, T], their step, which logits: "all" -> [B, T, V], "last" ->
+        [B, V], "none" -> None). The steps are not finished here: the engine does that once the step succeeded."""
         t0 = time.perf_counter()
-        chunks = tokens.split(self.prefill_chunk, dim=1)
-        outs = []
-        for k, c in enumerate(chunks):
-            step = kv.step(c)
-            outs.append(self._pass([(c, step, "all" if all_logits else "last" if k == len(chunks) - 1 else "none")])[0])
-            step.finish()
-        self._count(t0, len(chunks))
-        return torch.cat(outs, dim=1) if all_logits else outs[-1]  # [B, T, V] | [B, V]
-
-    @torch.inference_mode()
-    def forward_groups(self, groups: list[tuple[torch.Tensor, PagedStep, bool]]) -> list[torch.Tensor | None]:
-        """One engine step: groups of (tokens [B, T], their step, whether to return last-position logits [B, V]).
-        The steps are not finished here: the engine does that once the step succeeded."""
-        t0 = time.perf_counter()
-        out = self._pass([(tok, step, "last" if want else "none") for tok, step, want in groups])
-        self._count(t0, 1)
-        return out
-
-    def _count(self, t0: float, passes: int) -> None:
+        out = self._pass(groups)
         stats = self.store.stats
         stats.forward_s += time.perf_counter() - t0
-        stats.forward_passes += passes
+        stats.forward_passes += 1
+        return out
 
-    def _pass(self, groups: list[tuple[torch.Tensor, object, str]]) -> list[torch.Tensor | None]:
+    def _pass(self, groups: list[tuple[torch.Tensor, PagedStep, str]]) -> list[torch.Tensor | None]:
         """One pass over the weights for groups of (tokens [B, T], their step, logits: "all" -> [B, T, V],
         "last" -> [B, V], "none" -> None). Every layer is acquired once for all groups (a streamed layer is read
         once), and each group runs through it as it would alone, so its rows meet the same kernels whatever

@@ -21,6 +21,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # ... and this times how often it was generated
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
     min_tokens: int = 0  # end-of-sequence tokens cannot be sampled before this many tokens (vLLM's, llama.cpp's)
+    # vLLM's: None: off; 0: the logprob of each prompt token given its prefix; k > 0: and the k most likely. Such
+    # a request prefills its whole prompt (no prefix-cache hit); with it, max_tokens may be 0 (scoring only).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -31,7 +34,7 @@ class SamplingParams:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UsageError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
+        if self.max_tokens < 0:  # 0 only for prompt scoring: check_request (engine/output.py) enforces it
             raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
@@ -40,6 +43,8 @@ class SamplingParams:
             raise UsageError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise UsageError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise UsageError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -125,14 +125,17 @@ class Scheduler:
             r = self._next_admissible()
             if r is None:
                 break  # every waiting request's tenant is at its quota
-            if not kv.can_admit(r.seq.tokens):
-                self.kv_short = max(1, -(-(len(r.seq.tokens) + 1) // kv.block_size) - kv.manager.num_free)
+            # a request scoring its prompt computes every position (no prefix hit); one generating nothing
+            # (max_tokens=0) needs no slot for a first decode
+            use_cache, extra = not r.scoring, int(r.max_new > 0)
+            if not kv.can_admit(r.seq.tokens, extra, use_cache):
+                self.kv_short = max(1, -(-(len(r.seq.tokens) + extra) // kv.block_size) - kv.manager.num_free)
                 break  # it waits: later, smaller requests must not starve it
             if r.next_chunk(self.chunk) > budget:
                 break
             self.waiting.remove(r)
-            kv.admit(r.seq)  # takes cached prefix blocks (restores from tiers), sets num_computed
-            kv.reserve(r.seq, len(r.seq.tokens) - r.seq.num_computed + 1)  # the prompt + its first decode
+            kv.admit(r.seq, use_cache)  # takes cached prefix blocks (restores from tiers), sets num_computed
+            kv.reserve(r.seq, len(r.seq.tokens) - r.seq.num_computed + extra)  # the prompt + its first decode
             if not r.out.token_ids:
                 r.out.cached_tokens = r.seq.num_computed  # prompt tokens served by the prefix cache
             else:  # re-admitted after a preemption

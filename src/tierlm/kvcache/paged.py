@@ -5,9 +5,9 @@
 
 Admission (admit): a sequence takes the cached blocks of its longest cached prefix from the pool, then
 restores the following blocks that the host/disk/remote tiers hold (batched: tiers.fetch) when restoring is
-predicted cheaper than recomputing; prefill starts after the last block found. Allocation (begin) takes free
-blocks; a cached block taken for new tokens is first handed to the tiers. A block registered by a step is
-also written through to the remote tier, when there is one (step.py).
+predicted cheaper than recomputing; prefill starts after the last block found. Allocation (reserve, before a
+step) takes free blocks; a cached block taken for new tokens is first handed to the tiers. A block registered
+by a step is also written through to the remote tier, when there is one (step.py).
 
 Lifetimes: the pool is reserved by PagedKV(...) and freed by release(); blocks are taken and returned
 through the BlockManager as sequences grow and finish (free()).
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from tierlm.config import ModelConfig
-from tierlm.errors import ContextLengthError
 from tierlm.kvcache.block_file import StoredBlock
 from tierlm.kvcache.blocks import ROOT_HASH, BlockManager, Evicted, block_hash, matchable
 from tierlm.kvcache.pool import KVPool
@@ -61,11 +60,11 @@ class PagedKV:
         need = -(-(seq.num_computed + new_tokens) // self.block_size)
         return max(0, need - len(seq.blocks))
 
-    def can_admit(self, tokens: list[int], extra: int = 1) -> bool:
+    def can_admit(self, tokens: list[int], extra: int = 1, use_cache: bool = True) -> bool:
         """Would a sequence of `tokens` (+ `extra` to come) get its blocks now? Side-effect free: nothing is
         taken, hashed into counters or restored from a tier (admit + reserve do that, once, when it fits).
-        Cached prefix blocks count as held; blocks restored from a tier count as new ones."""
-        hits, hits_free = self.manager.peek_prefix(tokens)
+        Cached prefix blocks count as held; blocks restored from a tier count as new ones. use_cache: as admit's."""
+        hits, hits_free = self.manager.peek_prefix(tokens) if use_cache else (0, 0)
         need = -(-(len(tokens) + extra) // self.block_size) - hits
         return need <= self.manager.num_free - hits_free
 
@@ -83,12 +82,16 @@ class PagedKV:
                 raise ValueError("a step past the sequence's known tokens or reserved blocks")
         return PagedStep(self.pool, self.config.sliding_window, seqs, t, self.finish, batch_invariant)
 
-    def admit(self, seq: KVSequence) -> None:
-        """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers."""
+    def admit(self, seq: KVSequence, use_cache: bool = True) -> None:
+        """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers.
+        use_cache=False: none (a request that scores its prompt computes every position); the blocks it fills
+        are still registered for later hits, and it counts as no prefix query."""
         assert not seq.blocks
+        self.live.add(seq)
+        if not use_cache:
+            return  # num_computed 0, nothing hashed (free() left the sequence so)
         bs = self.block_size
         seq.blocks, parent = self.manager.match_prefix(seq.tokens)
-        self.live.add(seq)
         hits = len(seq.blocks)
         if self.manager.caching and self.tiers.enabled and self.manager.num_free:
             wanted, h = [], parent
@@ -188,15 +191,6 @@ class PagedKV:
         self.live.discard(seq)
         seq.blocks, seq.num_computed, seq.num_hashed, seq.num_dropped, seq.parent_hash = [], 0, 0, 0, ROOT_HASH
 
-    def batch(self, seqs: list[KVSequence]) -> "Batch":
-        return Batch(self, seqs)
-
-    def begin(self, seqs: list[KVSequence], t: int) -> "PagedStep":
-        """Reserve and step at once: the single-sequence paths (SequenceKV, Batch) that allocate as they go."""
-        for s in seqs:
-            self.reserve(s, t)
-        return self.step(seqs, t)
-
     def filled_slots(self) -> int:
         """Token slots holding a token, over the blocks live sequences hold (a shared block counts once, as
         full as its fullest owner)."""
@@ -229,44 +223,3 @@ class PagedKV:
         self.tiers.close()  # queued spills are written first
         self.pool.release()
 
-
-class Batch:
-    """Sequences stepped together by the runner: their next tokens are already in seq.tokens."""
-
-    def __init__(self, kv: PagedKV, seqs: list[KVSequence]):
-        self.kv, self.seqs = kv, seqs
-
-    def step(self, tokens: torch.Tensor) -> PagedStep:
-        """tokens [B, T]: must be each sequence's next T tokens."""
-        return self.kv.begin(self.seqs, tokens.shape[1])
-
-
-class SequenceKV:
-    """One sequence with its own small pool: the single-request path (generate, eval-ppl, bench).
-    `capacity` tokens at most; tokens are appended as the runner steps (`length` = tokens stored)."""
-
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 block_size: int = DEFAULT_BLOCK_SIZE, storage: torch.dtype | None = None):
-        self.capacity = capacity
-        self.paged = PagedKV(cfg, -(-capacity // block_size), block_size, dtype=dtype, device=device, storage=storage,
-                             caching=False)
-        self.seq = KVSequence(tokens=[])
-
-    @property
-    def length(self) -> int:
-        return self.seq.num_computed
-
-    @property
-    def nbytes(self) -> int:
-        return self.paged.nbytes
-
-    def step(self, tokens: torch.Tensor) -> PagedStep:
-        """A forward step appending tokens [1, T]."""
-        end = self.seq.num_computed + tokens.shape[1]
-        if end > self.capacity:
-            raise ContextLengthError(f"KV cache full: {end} tokens > capacity {self.capacity}")
-        self.seq.tokens.extend(tokens[0].tolist())
-        return self.paged.begin([self.seq], tokens.shape[1])
-
-    def release(self) -> None:
-        self.paged.release()

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from tierlm.config import ModelConfig, cache_dir, format_size
-from tierlm.kvcache.contiguous import KVCache
+from tierlm.kvcache.paged import PagedKV
+from tierlm.kvcache.sequence import KVSequence
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.offload.disk_store import CHUNK_BYTES
 from tierlm.memory.workspace import Workspace, plan_workspace
@@ -169,10 +170,13 @@ def measure_layer_overhead(reps: int = 50) -> float:
               "w_down": (64, 128)}
     w = llama.LayerWeights(**{k: torch.randn(s) * 0.1 for k, s in shapes.items()})
     cos, sin = llama.rope_tables(llama.rope_inv_freq(cfg, None), 64, torch.float32)
-    kv = KVCache(cfg, batch=1, capacity=64, dtype=torch.float32, device="cpu")
+    # the engine's KV: a paged pool, a batch-invariant step (blocked attention), as every decode runs
+    kv = PagedKV(cfg, num_blocks=4, dtype=torch.float32, device="cpu", caching=False)
+    seq = KVSequence(tokens=[0])
+    kv.reserve(seq, 1)
     x = torch.randn(1, 1, 64)
     ws = Workspace(plan_workspace(llama.workspace_buffers(cfg, 1, torch.float32, torch.float32)))
-    step = kv.step(torch.zeros((1, 1), dtype=torch.long))  # position 0, never finished: every rep redoes it
+    step = kv.step([seq], 1, batch_invariant=True)  # position 0, never finished: every rep redoes it
     with torch.inference_mode():  # layer_forward updates its input in place: give it a fresh copy each time
         t = _median_time(lambda: llama.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], step.layer(0), ws), reps)
     kv.release()

@@ -1,0 +1,88 @@
+"""Prompt log-probabilities through the engine (vLLM's prompt_logprobs): they are the log_softmax of the
+prompt's logits (LLM.prompt_logits) at the next prompt token, a scoring request changes nothing for the
+requests beside it, and max_tokens=0 scores a prompt without generating."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierlm import LLM, SamplingParams
+from tierlm.engine.engine import Engine
+from tierlm.errors import ContextLengthError, UsageError
+
+CHUNK = 8  # prompts of 20-40 tokens are scored in several chunks
+
+
+def _prompts(n: int, seed: int = 0, lo: int = 20, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    """An LLM whose engine prefills in chunks of CHUNK."""
+    llm = LLM(tiny_models["llama_gqa_tied"].path, progress=False, max_context=64)
+    llm.runner.prefill_chunk = CHUNK
+    llm.engine = Engine(llm.runner, llm.tokenizer, llm.kv, 4, CHUNK + 4)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_prompt_logprobs_are_the_log_softmax_of_the_prompt_logits(llm, k):
+    ids = _prompts(1)[0]
+    logits = llm.prompt_logits(ids)  # [T, V]
+    assert logits.shape == (len(ids), llm.config.vocab_size) and logits.dtype == torch.float32
+    out = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=k))[0]
+    lp = torch.log_softmax(logits, dim=-1)  # [T, V]
+    want = lp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]  # position p scores token p + 1
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    assert [e.token_id for e in out.prompt_logprobs[1:]] == ids[1:]
+    assert torch.equal(torch.tensor([e.logprob for e in out.prompt_logprobs[1:]]), want)
+    for p, e in enumerate(out.prompt_logprobs[1:]):
+        top = torch.topk(lp[p], k) if k else None
+        assert e.top == (tuple(zip(top.indices.tolist(), top.values.tolist())) if k else ())
+    # the logits of the last prompt position are what a generation samples its first token from
+    first = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))[0].token_ids
+    assert first == [int(logits[-1].argmax())]
+
+
+def test_a_scoring_request_beside_others_changes_nothing(llm):
+    prompts = _prompts(3, seed=1)
+    scored = _prompts(1, seed=2)[0]
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5)
+    alone = [llm.generate([p], s)[0].token_ids for p, s in zip(prompts, (greedy, seeded, greedy))]
+    want = llm.generate([scored], SamplingParams(max_tokens=0, prompt_logprobs=2))[0].prompt_logprobs
+    # scored's prompt is cached now: a scoring request still computes (and scores) every position
+    eng = llm.engine
+    reqs = [eng.add_request(p, s) for p, s in zip(prompts[:2], (greedy, seeded))]
+    scoring = eng.add_request(scored, SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2,
+                                                     ignore_eos=True))
+    reqs.append(eng.add_request(prompts[2], greedy))
+    eng.run()
+    assert [r.out.token_ids for r in reqs] == alone
+    assert scoring.out.prompt_logprobs == want and scoring.out.cached_tokens == 0
+    # and it generates what it would without prompt_logprobs
+    plain = llm.generate([scored], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert plain.cached_tokens > 0 and scoring.out.token_ids == plain.token_ids
+    assert llm.kv.manager.num_free == llm.kv.manager.num_blocks
+
+
+def test_max_tokens_zero_scores_the_prompt_only(llm):
+    ids = _prompts(1, seed=3)[0]
+    out = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert out.finish_reason == "length" and out.token_ids == [] and out.text == ""
+    assert len(out.prompt_logprobs) == len(ids) and out.metrics.ttft_s > 0
+    assert llm.generate([ids], SamplingParams(max_tokens=3))[0].prompt_logprobs is None
+    with pytest.raises(UsageError, match="prompt_logprobs"):
+        llm.generate([ids], SamplingParams(max_tokens=0))
+    with pytest.raises(UsageError, match="prompt_logprobs must be"):
+        SamplingParams(prompt_logprobs=21)
+    # a scoring prompt may fill the whole context (no token follows it); a generating one may not
+    full = (ids * 4)[:llm.max_context]
+    assert len(llm.prompt_logits(full)) == llm.max_context
+    with pytest.raises(ContextLengthError):
+        llm.generate([full], SamplingParams(max_tokens=1))
+    assert llm.kv.manager.num_free == llm.kv.manager.num_blocks
