@@ -30,7 +30,7 @@ def layer_supported(w: LayerWeights) -> bool:
 
 def step_supported(step: object) -> bool:
     """A paged step whose pool the native attention reads (bf16/fp32 K/V, no sliding window)."""
-    return isinstance(step, PagedStep) and step.pool.store in KV_DTYPES and step.window is None
+    return isinstance(step, PagedStep) and step.pool.storage in KV_DTYPES and step.window is None
 
 
 def scratch_bytes(cfg: ModelConfig, rows: int, quantised: bool = True) -> int:
