@@ -1,8 +1,9 @@
 """Write a GGUF file from a Hugging Face Llama/Mistral/Qwen2 model the way llama.cpp's convert_hf_to_gguf.py does.
 
-Only what the tests need: metadata keys, gpt2-style tokenizer from a tokenizer.json, llama.cpp tensor names,
-the q/k row permutation of arch "llama", `rope_freqs.weight` for llama3 rope scaling, and every 2-D weight
-matrix quantised to one GGML type with gguf-py (1-D norms and biases stay F32).
+Only what the tests need: metadata keys, gpt2-style tokenizer from a tokenizer.json, llama.cpp tensor names and
+the q/k row permutation of arch "llama" (both as tierlm's model declares them: model/llama.py),
+`rope_freqs.weight` for llama3 rope scaling, and every 2-D weight matrix quantised to one GGML type with gguf-py
+(1-D norms and biases stay F32).
 
 `quantize_roundtrip(w, qtype)` is the exact rounding the file stores, for building an oracle.
 """
@@ -17,25 +18,14 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from tierlm.model import registry
+from tierlm.weights.names import file_name, file_tensors
+from tierlm.weights.safetensors import config_from_hf
+
 Q = GGMLQuantizationType
 
 # llama.cpp token types (gguf.TokenType)
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5
-
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # llama.cpp converts Mistral as "llama"
-_PERMUTED = {"llama"}
-
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -113,8 +103,10 @@ def _tokenizer_meta(tokenizer_dir: Path, vocab_size: int) -> dict:
 def write_gguf(hf_model, tokenizer_dir: str | Path, out_path: str | Path,
                qtype: GGMLQuantizationType = Q.F32) -> Path:
     cfg = hf_model.config
-    arch = _ARCH[cfg.model_type]
+    arch = registry.gguf_written_as(cfg.model_type)
     out_path = Path(out_path)
+    config = config_from_hf(cfg.to_dict(), out_path)  # tierlm's reading of it: which tensors a file holds
+    model = registry.for_config(config)
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     rp = _rope_params(cfg)
@@ -150,24 +142,18 @@ def write_gguf(hf_model, tokenizer_dir: str | Path, out_path: str | Path,
         else:
             w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
 
-    if rp.get("rope_type", rp.get("type")) == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
-
     sd = hf_model.state_dict()
-    add("token_embd.weight", sd["model.embed_tokens.weight"])
-    add("output_norm.weight", sd["model.norm.weight"])
-    if not cfg.tie_word_embeddings:
-        add("output.weight", sd["lm_head.weight"])
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        for hf_name, gg_name in _LAYER.items():
-            if prefix + hf_name not in sd:
-                continue
-            t = sd[prefix + hf_name]
-            if arch in _PERMUTED and hf_name.startswith(("self_attn.q_proj", "self_attn.k_proj")):
-                heads = n_head if "q_proj" in hf_name else n_kv
-                t = torch.from_numpy(permute(t.float().numpy(), heads))
-            add(f"blk.{i}.{gg_name}", t)
+    for layer, t in file_tensors(model, config, "gguf"):  # the tensor names and order are the model's declaration
+        gg_name, hf_name = file_name("gguf", t, layer), file_name("hf", t, layer)
+        if hf_name is None:  # not an HF tensor: llama3's rope factors
+            w.add_tensor(gg_name, llama3_rope_factors(cfg))
+            continue
+        if hf_name not in sd:
+            continue
+        a = sd[hf_name]
+        if arch in model.PERMUTED_QK_ARCHS and t.gguf_permuted:
+            a = torch.from_numpy(permute(a.float().numpy(), a.shape[0] // head_dim))
+        add(gg_name, a)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

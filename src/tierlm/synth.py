@@ -20,8 +20,10 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 
 from tierlm.config import STORAGE_DTYPES
 from tierlm.errors import UsageError
+from tierlm.model import registry
 from tierlm.progress import progress_bar
 from tierlm.synth_gguf import QUANTS, write_synth_gguf
+from tierlm.weights.names import file_name, file_tensors
 from tierlm.weights.safetensors import config_from_hf
 from tierlm.weights.safetensors_writer import TensorSpec, shard, write_shard
 
@@ -61,28 +63,10 @@ BOS, EOS = "<s>", "</s>"
 
 
 def tensor_specs(cfg: dict, dtype: torch.dtype) -> list[TensorSpec]:
-    """HF tensor names and shapes for a Llama-family config, in checkpoint order."""
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    specs = [TensorSpec("model.embed_tokens.weight", (v, h), dtype)]
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        specs += [TensorSpec(p + "input_layernorm.weight", (h,), dtype),
-                  TensorSpec(p + "self_attn.q_proj.weight", (q, h), dtype),
-                  TensorSpec(p + "self_attn.k_proj.weight", (kv, h), dtype),
-                  TensorSpec(p + "self_attn.v_proj.weight", (kv, h), dtype),
-                  TensorSpec(p + "self_attn.o_proj.weight", (h, q), dtype)]
-        if cfg["model_type"] == "qwen2":
-            specs += [TensorSpec(p + f"self_attn.{x}_proj.bias", (n_,), dtype) for x, n_ in (("q", q), ("k", kv), ("v", kv))]
-        specs += [TensorSpec(p + "post_attention_layernorm.weight", (h,), dtype),
-                  TensorSpec(p + "mlp.gate_proj.weight", (i, h), dtype),
-                  TensorSpec(p + "mlp.up_proj.weight", (i, h), dtype),
-                  TensorSpec(p + "mlp.down_proj.weight", (h, i), dtype)]
-    specs.append(TensorSpec("model.norm.weight", (h,), dtype))
-    if not cfg["tie_word_embeddings"]:
-        specs.append(TensorSpec("lm_head.weight", (v, h), dtype))
-    return specs
+    """HF tensor names and shapes for a preset's config (as its model declares them), in checkpoint order."""
+    config = config_from_hf(cfg, Path(cfg["model_type"]))
+    return [TensorSpec(file_name("hf", t, layer), t.shape(config), dtype)
+            for layer, t in file_tensors(registry.for_config(config), config, "hf")]
 
 
 def _tokenizer(vocab_size: int) -> HFTokenizer:
@@ -115,9 +99,10 @@ def synth(preset: str, out: Path, dtype: str = "bfloat16", seed: int = 0, max_sh
     tdtype = STORAGE_DTYPES[dtype]
     if out.exists() and not force:
         raise UsageError(f"{out} already exists (pass --force to replace it)")
+    model_type = PRESETS[preset]["model_type"]
     cfg = {**PRESETS[preset], **(overrides or {}), "torch_dtype": str(tdtype).removeprefix("torch."),
            "bos_token_id": 256, "eos_token_id": 257,
-           "architectures": ["Qwen2ForCausalLM" if PRESETS[preset]["model_type"] == "qwen2" else "LlamaForCausalLM"]}
+           "architectures": [registry.for_hf(model_type).HF_CLASSES[model_type]]}
     config_from_hf(cfg, out)  # validate the preset with the same code that will load it
     specs = tensor_specs(cfg, tdtype)
     shards = shard(specs, max_shard_bytes)

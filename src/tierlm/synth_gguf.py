@@ -24,15 +24,17 @@ from gguf.quants import quantize
 
 from tierlm.config import format_size
 from tierlm.errors import UsageError
+from tierlm.model import registry
 from tierlm.progress import progress_bar
 from tierlm.weights.embedded import embedded_model_path
 from tierlm.weights.gguf_file import GGUFFile
 from tierlm.weights.gguf_writer import GGUFTensorSpec, write_gguf
+from tierlm.weights.names import file_name, file_tensors
+from tierlm.weights.safetensors import config_from_hf
 
 Q = GGMLQuantizationType
 QUANTS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
 _FILE_TYPES = {Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0}
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # Weights generated and quantised per step: 4M (16 MiB fp32; quantize's temporaries are a few times that).
 CHUNK_ELEMENTS = 1 << 22
 STD = 0.02
@@ -53,36 +55,11 @@ def head_dim(cfg: dict) -> int:
 
 
 def gguf_specs(cfg: dict, qtype: GGMLQuantizationType) -> list[GGUFTensorSpec]:
-    """llama.cpp tensor names and shapes for an HF-style Llama-family config, layer by layer."""
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = head_dim(cfg)
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    specs = []
-    if _rope_type(cfg) == "llama3":
-        specs.append(GGUFTensorSpec("rope_freqs.weight", (hd // 2,), Q.F32))
-    specs.append(GGUFTensorSpec("token_embd.weight", (v, h), qtype))
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"blk.{n}."
-        specs += [GGUFTensorSpec(p + "attn_norm.weight", (h,), Q.F32),
-                  GGUFTensorSpec(p + "attn_q.weight", (q, h), qtype),
-                  GGUFTensorSpec(p + "attn_k.weight", (kv, h), qtype),
-                  GGUFTensorSpec(p + "attn_v.weight", (kv, h), qtype),
-                  GGUFTensorSpec(p + "attn_output.weight", (h, q), qtype)]
-        if cfg["model_type"] == "qwen2":
-            specs += [GGUFTensorSpec(p + f"attn_{x}.bias", (n_,), Q.F32) for x, n_ in (("q", q), ("k", kv), ("v", kv))]
-        specs += [GGUFTensorSpec(p + "ffn_norm.weight", (h,), Q.F32),
-                  GGUFTensorSpec(p + "ffn_gate.weight", (i, h), qtype),
-                  GGUFTensorSpec(p + "ffn_up.weight", (i, h), qtype),
-                  GGUFTensorSpec(p + "ffn_down.weight", (h, i), qtype)]
-    specs.append(GGUFTensorSpec("output_norm.weight", (h,), Q.F32))
-    if not cfg.get("tie_word_embeddings", False):
-        specs.append(GGUFTensorSpec("output.weight", (v, h), qtype))
-    return specs
-
-
-def _rope_type(cfg: dict) -> str:
-    rs = cfg.get("rope_scaling") or {}
-    return rs.get("rope_type", rs.get("type", "none"))
+    """llama.cpp tensor names and shapes for an HF-style config (as its model declares them), layer by layer:
+    matrices in `qtype`, norms, biases and rope factors in F32."""
+    config = config_from_hf(cfg, Path(cfg["model_type"]))
+    return [GGUFTensorSpec(file_name("gguf", t, layer), t.shape(config), qtype if t.matrix else Q.F32)
+            for layer, t in file_tensors(registry.for_config(config), config, "gguf")]
 
 
 def llama3_rope_factors(cfg: dict) -> np.ndarray:
@@ -159,8 +136,9 @@ def write_synth_gguf(cfg: dict, name: str, out: Path, quant: str, seed: int = 0,
     bar = progress_bar(need, f"synth {name} {quant}", progress, unit="B")
     bar.unit_scale = True
     try:
-        return write_gguf(out, _ARCH[cfg["model_type"]], _metadata(cfg, name, qtype, seed, tok), specs,
-                          _weights(cfg, seed), on_bytes=bar.update)
+        arch = registry.gguf_written_as(cfg["model_type"])  # Mistral as "llama", as llama.cpp's converter
+        return write_gguf(out, arch, _metadata(cfg, name, qtype, seed, tok), specs, _weights(cfg, seed),
+                          on_bytes=bar.update)
     finally:
         bar.close()
 

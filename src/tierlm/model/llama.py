@@ -1,4 +1,10 @@
-"""The Llama-family forward pass (Llama 2/3, SmolLM2, Mistral, Qwen2), one decoder layer at a time.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): what it is, declared as data, and its forward pass.
+
+  (a) configuration  GGUF metadata / HF config.json -> ModelConfig (GGUF_CONFIG, HF_CONFIG)
+  (b) tensors        every tensor a layer and the model have, with their file names and shapes (LAYER_TENSORS,
+                     GLOBAL_TENSORS), and how a layer stores them (LAYER_FIELDS: q/k/v and gate/up fused)
+  (c) forward        layer_forward and head, one decoder layer at a time
+The types of the declaration are in model/family.py; model/registry.py finds this file by architecture name.
 
 Shapes: B batch, T new tokens, S tokens in the KV cache after this step, H hidden, V vocab,
 nh query heads, nkv kv heads, hd head dim, I intermediate. Weights are [out, in] (torch Linear layout).
@@ -7,24 +13,152 @@ transformers op for op (RMSNorm in fp32, rotate-half rope, SDPA attention) so fp
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tierlm.config import ModelConfig
+from tierlm.config import ModelConfig, RopeScaling
+from tierlm.errors import UnsupportedModelError
 from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import BufferSpec, Workspace
+from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, TensorDecl
+from tierlm.model.ops import apply_rope, norm_in_workspace, rms_norm_into, rope_inv_freq, rope_tables  # noqa: F401
 from tierlm.quant.kernels import linear
-from tierlm.quant.tensor import QuantTensor
+
+# --- (a) configuration -----------------------------------------------------------------------------------------
+# Every name is at once an HF model_type, a GGUF general.architecture and a ModelConfig.arch.
+GGUF_ARCHS = HF_MODEL_TYPES = {a: a for a in ("llama", "mistral", "qwen2")}
+GGUF_WRITTEN_AS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # llama.cpp converts Mistral as "llama"
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # tierlm synth
+# GGUF architectures whose converter permuted q/k rows for llama.cpp's interleaved (GPT-J style) rope;
+# this forward (like HF) rotates halves (NeoX style), so the loader permutes those rows back.
+PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
 
 
-Matrix = torch.Tensor | QuantTensor  # dense, or weight-only int8/int4 (quant/); kernels.linear takes both
+def _gguf_rope_scaling(src: ConfigSource, fields: dict[str, Any]) -> RopeScaling:
+    kind = src.get("rope.scaling.type", "none")  # llama3 scaling comes as the rope_freqs tensor instead
+    if kind not in ("none", "linear"):
+        raise UnsupportedModelError(f"rope scaling {kind!r} is not supported")
+    return RopeScaling(kind="linear", factor=ConfigKey("rope.scaling.factor", float)(src, fields)) \
+        if kind == "linear" else RopeScaling()
+
+
+# GGUF keys are under "{arch}."; vocabulary, tied head and biases are read off the tensors (GGUFConfig).
+GGUF_CONFIG = {
+    "vocab_size": lambda src, f: int(src.tensor_shape("embed")[0]),
+    "tie_word_embeddings": lambda src, f: not src.has_tensor("lm_head"),
+    "attention_bias": lambda src, f: src.has_tensor("layers.0.bq"),
+    "hidden_size": ConfigKey("embedding_length"),
+    "num_heads": ConfigKey("attention.head_count"),
+    "rope_scaling": _gguf_rope_scaling,
+    "intermediate_size": ConfigKey("feed_forward_length"),
+    "num_layers": ConfigKey("block_count"),
+    "num_kv_heads": ConfigKey("attention.head_count_kv", default=lambda f: f["num_heads"]),
+    "head_dim": ConfigKey("attention.key_length", default=lambda f: f["hidden_size"] // f["num_heads"]),
+    "max_position_embeddings": ConfigKey("context_length"),
+    "rms_norm_eps": ConfigKey("attention.layer_norm_rms_epsilon", float),
+    "rope_theta": ConfigKey("rope.freq_base", float, 10000.0),
+    "sliding_window": ConfigKey("attention.sliding_window", None, None),
+}
+
+
+def _hf_rope_params(src: ConfigSource) -> dict[str, Any]:
+    # transformers >=5 writes `rope_parameters`; older files write `rope_theta` + `rope_scaling`.
+    return src.get("rope_parameters") or src.get("rope_scaling") or {}
+
+
+def _hf_rope_scaling(src: ConfigSource, fields: dict[str, Any]) -> RopeScaling:
+    params = _hf_rope_params(src)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            kind="llama3", factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+
+
+HF_CONFIG = {
+    "hidden_size": ConfigKey("hidden_size"),
+    "num_heads": ConfigKey("num_attention_heads"),
+    "rope_theta": lambda src, f: float(src.get("rope_theta") or _hf_rope_params(src).get("rope_theta") or 10000.0),
+    "rope_scaling": _hf_rope_scaling,
+    # Mistral windows unless told not to; Qwen2 only with use_sliding_window
+    "sliding_window": lambda src, f: src.get("sliding_window")
+    if src.get("use_sliding_window", src.get("model_type") == "mistral") else None,
+    "vocab_size": ConfigKey("vocab_size"),
+    "intermediate_size": ConfigKey("intermediate_size"),
+    "num_layers": ConfigKey("num_hidden_layers"),
+    "num_kv_heads": ConfigKey("num_key_value_heads", default=lambda f: f["num_heads"]),
+    "head_dim": ConfigKey("head_dim", default=lambda f: f["hidden_size"] // f["num_heads"]),
+    "max_position_embeddings": ConfigKey("max_position_embeddings", default=2048),
+    "rms_norm_eps": ConfigKey("rms_norm_eps", float, 1e-6),
+    "attention_bias": lambda src, f: src.get("model_type") == "qwen2" or bool(src.get("attention_bias", False)),
+    "tie_word_embeddings": ConfigKey("tie_word_embeddings", bool, False),
+}
+HF_REFUSED = {"mlp_bias": "MLP biases (mlp_bias=true) are not supported"}
+
+
+# --- (b) tensors -----------------------------------------------------------------------------------------------
+def _qkv_bias(c: ModelConfig) -> bool:
+    return c.attention_bias
+
+
+def _o_bias(c: ModelConfig) -> bool:  # Qwen2 has q/k/v biases only; Llama with attention_bias all four
+    return c.attention_bias and c.arch != "qwen2"
+
+
+GLOBAL_TENSORS = (
+    TensorDecl("rope_freqs", "rope_freqs.weight", None, lambda c: (c.head_dim // 2,), optional=True,
+               present=lambda c: c.rope_scaling.kind == "llama3"),  # llama3 GGUF: the converter's factors
+    TensorDecl("embed", "token_embd.weight", "model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size),
+               matrix=True),
+    TensorDecl("norm", "output_norm.weight", "model.norm.weight", lambda c: (c.hidden_size,), after_layers=True),
+    TensorDecl("lm_head", "output.weight", "lm_head.weight", lambda c: (c.vocab_size, c.hidden_size), matrix=True,
+               present=lambda c: not c.tie_word_embeddings, after_layers=True),  # absent when tied
+)
+LAYER_TENSORS = (
+    TensorDecl("attn_norm", "attn_norm.weight", "input_layernorm.weight", lambda c: (c.hidden_size,)),
+    TensorDecl("wq", "attn_q.weight", "self_attn.q_proj.weight", lambda c: (c.q_size, c.hidden_size), matrix=True,
+               gguf_permuted=True),
+    TensorDecl("wk", "attn_k.weight", "self_attn.k_proj.weight", lambda c: (c.kv_size, c.hidden_size), matrix=True,
+               gguf_permuted=True),
+    TensorDecl("wv", "attn_v.weight", "self_attn.v_proj.weight", lambda c: (c.kv_size, c.hidden_size), matrix=True),
+    TensorDecl("wo", "attn_output.weight", "self_attn.o_proj.weight", lambda c: (c.hidden_size, c.q_size),
+               matrix=True),
+    TensorDecl("bq", "attn_q.bias", "self_attn.q_proj.bias", lambda c: (c.q_size,), optional=True, present=_qkv_bias,
+               gguf_permuted=True),
+    TensorDecl("bk", "attn_k.bias", "self_attn.k_proj.bias", lambda c: (c.kv_size,), optional=True,
+               present=_qkv_bias, gguf_permuted=True),
+    TensorDecl("bv", "attn_v.bias", "self_attn.v_proj.bias", lambda c: (c.kv_size,), optional=True, present=_qkv_bias),
+    TensorDecl("bo", "attn_output.bias", "self_attn.o_proj.bias", lambda c: (c.hidden_size,), optional=True,
+               present=_o_bias),
+    TensorDecl("ffn_norm", "ffn_norm.weight", "post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
+    TensorDecl("w_gate", "ffn_gate.weight", "mlp.gate_proj.weight", lambda c: (c.intermediate_size, c.hidden_size),
+               matrix=True),
+    TensorDecl("w_up", "ffn_up.weight", "mlp.up_proj.weight", lambda c: (c.intermediate_size, c.hidden_size),
+               matrix=True),
+    TensorDecl("w_down", "ffn_down.weight", "mlp.down_proj.weight", lambda c: (c.hidden_size, c.intermediate_size),
+               matrix=True),
+)
+# A layer as stored (this order is the offload store's layout) and computed with: one matmul for q, k, v and
+# one for gate, up. The bias fields are there whenever attention_bias is (a Qwen2 unit keeps room for bo).
+LAYER_FIELDS = (
+    FieldDecl("attn_norm"), FieldDecl("wqkv", ("wq", "wk", "wv")),
+    FieldDecl("bqkv", ("bq", "bk", "bv"), when=_qkv_bias), FieldDecl("bo", when=_qkv_bias),
+    FieldDecl("wo"), FieldDecl("ffn_norm"), FieldDecl("w_gateup", ("w_gate", "w_up")), FieldDecl("w_down"),
+)
 
 
 @dataclass
-class LayerWeights:
+class LayerWeights:  # LAYER_FIELDS, by name
     attn_norm: torch.Tensor  # [H]
     wqkv: Matrix  # [(nh + 2*nkv)*hd, H]: q, k, v rows stacked (one matmul)
     wo: Matrix  # [H, nh*hd]
@@ -35,65 +169,7 @@ class LayerWeights:
     bo: torch.Tensor | None = None  # [H]       (Llama with attention_bias)
 
 
-def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
-    """[hd/2] fp32 inverse frequencies, with linear or llama3 scaling applied (as HF rope_init_fn)."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))  # [hd/2]
-    rs = cfg.rope_scaling
-    if rope_freqs is not None:  # llama3 GGUF: factors already computed by the converter
-        return inv_freq / rope_freqs.float().cpu()
-    if rs.kind == "linear":
-        return inv_freq / rs.factor
-    if rs.kind == "llama3":
-        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
-        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-            rs.high_freq_factor - rs.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_tables(inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_positions, hd] in `dtype`, computed in fp32 like HF."""
-    pos = torch.arange(max_positions, dtype=torch.float32)  # [P]
-    freqs = torch.outer(pos, inv_freq)  # [P, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                  x32: torch.Tensor, sq32: torch.Tensor, var32: torch.Tensor) -> torch.Tensor:
-    """RMSNorm of x [..., H] written into `out` [..., H] through scratch (x32, sq32 [..., H], var32 [..., 1] fp32):
-    variance in fp32 whatever the compute dtype, the same operations as HF LlamaRMSNorm (x*x is pow(x, 2) bit
-    for bit), so fp32 results equal HF's exactly."""
-    xf = x if x.dtype == torch.float32 else x32.copy_(x)
-    torch.mean(torch.mul(xf, xf, out=sq32), dim=-1, keepdim=True, out=var32)  # [..., 1]
-    torch.mul(xf, var32.add_(eps).rsqrt_(), out=sq32)  # normalised, fp32
-    return out.copy_(sq32).mul_(weight)  # weight * normalised.to(dtype), as HF
-
-
-def norm_in_workspace(ws: Workspace, prefix: str, out: str, x: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    """rms_norm_into with buffers `out` and `{prefix}_x32|sq32|var32` of the workspace: x [B, T, H] -> [B, T, H]."""
-    f32 = torch.float32
-    return rms_norm_into(ws.view(out, x.shape, x.dtype), x, weight, eps, ws.view(f"{prefix}_x32", x.shape, f32),
-                         ws.view(f"{prefix}_sq32", x.shape, f32), ws.view(f"{prefix}_var32", (*x.shape[:-1], 1), f32))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
-               tmp: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos/sin [B, 1, T, hd] or [T, hd] -> out [B, heads, T, hd] = x*cos + rotate_half(x)*sin
-    (HF's formula; -(a*b) equals (-a)*b exactly, so the sign moves after the product bit for bit). tmp: scratch."""
-    half = x.shape[-1] // 2
-    torch.mul(x[..., half:], sin[..., :half], out=tmp[..., :half]).neg_()
-    torch.mul(x[..., :half], sin[..., half:], out=tmp[..., half:])
-    return torch.mul(x, cos, out=out).add_(tmp)
-
-
+# --- (c) forward -----------------------------------------------------------------------------------------------
 # Workspace buffers of one layer step, by op index (see layer_forward): (name, width per row, dtype, first, last).
 # "act" is the compute dtype, "kv" the attention dtype. Kernel outputs (the matmuls, SDPA) are not here:
 # torch's fused kernels have no out= form.

@@ -11,16 +11,20 @@ import torch
 from tierlm import native
 from tierlm.config import ModelConfig
 from tierlm.kvcache.step import PagedStep
+from tierlm.model import llama
+from tierlm.model.family import field_is_matrix
 from tierlm.model.llama import LayerWeights
 from tierlm.quant.intdot import layer_mat
 
 KV_DTYPES = (torch.bfloat16, torch.float32)
+# The layer's matrices as the model declares them, in storage order: (wqkv, wo, w_gateup, w_down), layer_step's.
+MATRICES = tuple(f.name for f in llama.LAYER_FIELDS if field_is_matrix(llama, f))
 
 
 def layer_mats(w: LayerWeights) -> tuple | None:
-    """The layer's four matrices (wqkv, wo, w_gateup, w_down) as layer_step takes them, packed once per layer
-    and step; None when one of them is in neither form (the layer takes the Python path)."""
-    mats = tuple(layer_mat(m) for m in (w.wqkv, w.wo, w.w_gateup, w.w_down))
+    """The layer's matrices (MATRICES) as layer_step takes them, packed once per layer and step; None when one
+    of them is in neither form (the layer takes the Python path)."""
+    mats = tuple(layer_mat(getattr(w, name)) for name in MATRICES)
     return None if None in mats else mats
 
 
@@ -48,7 +52,7 @@ def layer_step(cfg: ModelConfig, w: LayerWeights, mats: tuple, x: torch.Tensor,
     """One decoder layer over the step's rows, x [B, T, H] updated in place (llama.layer_forward's contract);
     mats: layer_mats(w)."""
     pool = step.pool
-    wqkv, wo, w_gateup, w_down = mats
-    native.lib().layer_step(x, w.attn_norm, w.ffn_norm, wqkv, w.bqkv, wo, w.bo, w_gateup, w_down, rope32[0],
-                            rope32[1], step.positions, step.tables, pool.k[layer], pool.v[layer], cfg.num_heads,
-                            cfg.num_kv_heads, cfg.rms_norm_eps, exact, scratch)
+    m = dict(zip(MATRICES, mats))
+    native.lib().layer_step(x, w.attn_norm, w.ffn_norm, m["wqkv"], w.bqkv, m["wo"], w.bo, m["w_gateup"],
+                            m["w_down"], rope32[0], rope32[1], step.positions, step.tables, pool.k[layer],
+                            pool.v[layer], cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, exact, scratch)

@@ -25,6 +25,7 @@ from tierlm.kvcache.paged import PagedKV
 from tierlm.kvcache.sequence import KVSequence
 from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cache
 from tierlm.offload.disk_store import CHUNK_BYTES
+from tierlm.offload.units import layer_tensors
 from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama
 from tierlm.progress import progress_bar
@@ -166,9 +167,7 @@ def measure_layer_overhead(reps: int = 50) -> float:
     """Seconds per decode step of a tiny layer (hidden 64): what a layer costs besides streaming its bytes."""
     cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
-    shapes = {"attn_norm": (64,), "wqkv": (128, 64), "wo": (64, 64), "ffn_norm": (64,), "w_gateup": (256, 64),
-              "w_down": (64, 128)}
-    w = llama.LayerWeights(**{k: torch.randn(s) * 0.1 for k, s in shapes.items()})
+    w = llama.LayerWeights(**{t.leaf: torch.randn(t.shape) * 0.1 for t in layer_tensors(cfg, 0)})
     cos, sin = llama.rope_tables(llama.rope_inv_freq(cfg, None), 64, torch.float32)
     # the engine's KV: a paged pool, a batch-invariant step (blocked attention), as every decode runs
     kv = PagedKV(cfg, num_blocks=4, dtype=torch.float32, device="cpu", caching=False)

@@ -4,8 +4,9 @@
   head        the lm_head matrix [V, H] (the embedding matrix when tied)
   embed       the embedding matrix [V, H] when untied, or tied under quantisation (rows read on demand)
 
-Inside a layer, q/k/v are one matrix `wqkv` and gate/up one matrix `w_gateup` (rows concatenated): one
-matmul instead of three and two. A quantised matrix is stored as its parts (qweight, scales, mins), each a
+Inside a layer, tensors are stored as the model's LayerWeights fields (model/llama.py LAYER_FIELDS): for the
+Llama family q/k/v are one matrix `wqkv` and gate/up one matrix `w_gateup` (rows concatenated): one matmul
+instead of three and two. A quantised matrix is stored as its parts (qweight, scales, mins), each a
 tensor of its own. The final norm and rope tables are tiny and always resident. Sizes are exact: each
 stored tensor starts 4 KiB-aligned, as in the offload store, so the planner's bytes are the bytes that move.
 """
@@ -17,6 +18,8 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.memory.directio import align_up
+from tierlm.model import registry
+from tierlm.model.family import field_shape, layer_name
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import dense_or_parts_nbytes
 
@@ -41,17 +44,11 @@ class UnitTensor:
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list[UnitTensor]:
-    """Every tensor a layer of this config has, in storage order (absent optional biases are skipped later)."""
-    h, inter, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-
-    def t(leaf: str, shape: tuple[int, ...], *parts: str) -> UnitTensor:
-        return UnitTensor(leaf, tuple(f"layers.{i}.{p}" for p in (parts or (leaf,))), shape)
-
-    out = [t("attn_norm", (h,)), t("wqkv", (q + 2 * kv, h), "wq", "wk", "wv")]
-    if cfg.attention_bias:  # Qwen2 has q/k/v biases; Llama with attention_bias also bo
-        out += [t("bqkv", (q + 2 * kv,), "bq", "bk", "bv"), t("bo", (h,))]
-    return out + [t("wo", (h, q)), t("ffn_norm", (h,)), t("w_gateup", (2 * inter, h), "w_gate", "w_up"),
-                  t("w_down", (h, inter))]
+    """Every tensor a layer of this config has, in storage order (absent optional biases are skipped later): the
+    model's LayerWeights fields as it declares them (model/registry.py)."""
+    model = registry.for_config(cfg)
+    return [UnitTensor(f.name, tuple(layer_name(i, p) for p in f.tensors), field_shape(model, f, cfg))
+            for f in model.LAYER_FIELDS if f.when(cfg)]
 
 
 def unit_tensors(cfg: ModelConfig, unit: str) -> list[UnitTensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,16 +25,14 @@ from tierlm.offload.stats import TierStats
 from tierlm.offload.streamer import Streamer
 from tierlm.offload.tier import Tier
 from tierlm.offload.units import EMBED, HEAD, layer_unit, unit_tensors
-from tierlm.model.llama import LayerWeights, Matrix
+from tierlm.model import registry
+from tierlm.model.family import Matrix
 from tierlm.progress import progress_bar
 from tierlm.quant import kernels
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantTensor
 from tierlm.weights.source import ModelSource
 from tierlm.offload.unit_load import load_unit_tensor
-
-_LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
-
 
 def _nbytes(t: torch.Tensor | QuantTensor | None) -> int:
     if isinstance(t, QuantTensor):
@@ -58,6 +57,10 @@ class _Rows:
         self.buf.close()
 
 
+# A layer's weights: the model's LayerWeights (model/registry.py: registry.for_config(cfg).LayerWeights).
+Layer = Any
+
+
 def _evict_source(source: ModelSource) -> None:
     """The source was read through the page cache; drop those pages so it is not a hidden tier."""
     for f in source.files():
@@ -66,12 +69,13 @@ def _evict_source(source: ModelSource) -> None:
 
 class WeightStore:
     def __init__(self, config: ModelConfig, norm: torch.Tensor, rope_freqs: torch.Tensor | None,
-                 layers: list[LayerWeights | None], tiers: list[Tier], head_weight: Matrix | None,
+                 layers: list[Layer | None], tiers: list[Tier], head_weight: Matrix | None,
                  embed_weight: Matrix | None, head_tier: Tier = Tier.DEVICE, embed_tier: Tier = Tier.DEVICE,
                  streamer: Streamer | None = None, rows: _Rows | None = None, stats: TierStats | None = None,
                  dtype: torch.dtype = torch.float32, quant: QuantScheme = QuantScheme(),
                  offload: OffloadStore | None = None):
         self.config = config
+        self.layer_weights = registry.for_config(config).LayerWeights  # how the model holds a layer
         self.dtype = dtype  # compute (activation) dtype: quantised matrices are prepared for it
         self.quant = quant
         self.norm = norm  # [H], always resident
@@ -148,9 +152,10 @@ class WeightStore:
         # that transient must come while little else is resident, or it lands on top of every layer.
         head = unit(HEAD)["lm_head"] if head_tier == Tier.DEVICE else None
         embed = head if tied and head is not None else unit(EMBED)["embed"] if embed_tier == Tier.DEVICE else None
-        layers: list[LayerWeights | None] = [None] * cfg.num_layers
+        layers: list[Layer | None] = [None] * cfg.num_layers
+        make_layer = registry.for_config(cfg).LayerWeights
         for i in resident:
-            layers[i] = LayerWeights(**unit(layer_unit(i)))
+            layers[i] = make_layer(**unit(layer_unit(i)))
             bar.update()
         norm, rope_freqs = get("norm"), get("rope_freqs", torch.float32)  # rope math stays fp32
         bar.update(3)
@@ -185,12 +190,12 @@ class WeightStore:
         return pinned
 
     # --- the runner's interface ------------------------------------------------------------------
-    def acquire(self, i: int) -> LayerWeights:
+    def acquire(self, i: int) -> Layer:
         """Layer i's weights, valid until release(i)."""
         if self._layers[i] is not None:
             return self._layers[i]
         # NOTE: the stored parts are the kernel's operands (kernel form): views of the ring slot, no preparation
-        return LayerWeights(**self.streamer.acquire(layer_unit(i)))
+        return self.layer_weights(**self.streamer.acquire(layer_unit(i)))
 
     def release(self, i: int) -> None:
         if self._layers[i] is None:
@@ -249,7 +254,7 @@ class WeightStore:
             for i in layers:
                 unit = layer_unit(i)
                 buf = AlignedBuffer(self.offload.units[unit].nbytes)
-                self._layers[i] = LayerWeights(**self.offload.read_unit(reader, unit, buf, self.stats))
+                self._layers[i] = self.layer_weights(**self.offload.read_unit(reader, unit, buf, self.stats))
                 self._owned[i] = buf
         return sum(self.layer_nbytes(i) for i in layers)
 
@@ -274,7 +279,7 @@ class WeightStore:
         if i in self._owned:
             return self._owned[i].nbytes
         w = self._layers[i]
-        return 0 if w is None else sum(_nbytes(getattr(w, f)) for f in _LAYER_FIELDS)
+        return 0 if w is None else sum(_nbytes(getattr(w, f.name)) for f in fields(w))
 
     @property
     def ring_nbytes(self) -> int:

@@ -1,4 +1,7 @@
-"""GGUF loader: metadata -> ModelConfig, tokenizer from metadata, tensors dequantised with gguf-py."""
+"""GGUF loader: metadata -> ModelConfig, tokenizer from metadata, tensors dequantised with gguf-py.
+
+What each architecture's metadata keys and tensor names mean is the model's declaration (model/registry.py finds
+it by general.architecture); this file reads GGUF."""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,23 +13,21 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from tierlm.config import ModelConfig, RopeScaling
+from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError, UnsupportedModelError
+from tierlm.model import registry
+from tierlm.model.family import ModelModule, read_config
 from tierlm.quant import int4
 from tierlm.quant.scheme import INT4_BLOCK_N, QuantScheme
 from tierlm.quant.tensor import QuantBlocks, QuantTensor
 from tierlm.weights.gguf_file import GGUFFile
-from tierlm.weights.names import gguf_to_internal
+from tierlm.weights.names import NameMap
 from tierlm.weights.source import ModelSource
 from tierlm.weights.tokenizer import tokenizer_from_gguf
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                              Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-# GGUF architectures whose converter permuted q/k rows for llama.cpp's interleaved (GPT-J style) rope;
-# tierlm (like HF) rotates halves (NeoX style), so those rows are permuted back on load.
-_PERMUTED_QK = {"llama", "mistral"}
-_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -35,40 +36,31 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _config_from_meta(meta: dict[str, Any], vocab_size: int, has_lm_head: bool, has_bias: bool) -> ModelConfig:
-    arch = meta.get("general.architecture")
-    if arch not in _ARCH:
-        raise UnsupportedModelError(f"unsupported architecture {arch!r} (supported: {', '.join(_ARCH)})")
+class GGUFConfig:
+    """What a model's GGUF_CONFIG table reads (model/family.py ConfigSource): the metadata under "{arch}.", and the
+    tensors present (the vocabulary, a tied head and biases are known from them)."""
 
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ModelFormatError(f"GGUF metadata lacks {arch}.{key}")
-        return value
+    def __init__(self, meta: dict[str, Any], arch: str, shapes: dict[str, tuple[int, ...]]):
+        self.meta, self.arch, self.shapes = meta, arch, shapes
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling_type not in ("none", "linear"):
-        raise UnsupportedModelError(f"rope scaling {scaling_type!r} is not supported")
-    scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor"))) if scaling_type == "linear" else RopeScaling()
-    return ModelConfig(
-        arch=_ARCH[arch],
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", hidden // heads)),
-        max_position_embeddings=int(get("context_length")),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        attention_bias=has_bias,
-        tie_word_embeddings=not has_lm_head,
-        sliding_window=meta.get(f"{arch}.attention.sliding_window"),
-        name=str(meta.get("general.name", "")),
-    )
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def missing(self, key: str) -> Exception:
+        return ModelFormatError(f"GGUF metadata lacks {self.arch}.{key}")
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.shapes
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+
+def config_from_gguf(model: ModelModule, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """ModelConfig from the metadata and the (internal) names and shapes of the tensors present."""
+    arch = meta["general.architecture"]
+    fields = read_config(model.GGUF_CONFIG, GGUFConfig(meta, arch, shapes))
+    return ModelConfig(arch=model.GGUF_ARCHS[arch], name=str(meta.get("general.name", "")), **fields)
 
 
 class GGUFSource(ModelSource):
@@ -77,20 +69,20 @@ class GGUFSource(ModelSource):
     def __init__(self, path: Path):
         self.path = path
         self._file = GGUFFile(path)
-        self._tensors = {internal: t for t in self._file.tensors.values()
-                         if (internal := gguf_to_internal(t.name)) is not None}
         self.meta = self._file.metadata
+        self.arch = self.meta.get("general.architecture")
+        self.model = registry.for_gguf(self.arch)
+        names = NameMap(self.model, "gguf")
+        self._tensors = {internal: t for t in self._file.tensors.values()
+                         if (internal := names.internal(t.name)) is not None}
+        self._permuted = {t.name for t in self.model.LAYER_TENSORS if t.gguf_permuted} \
+            if self.arch in self.model.PERMUTED_QK_ARCHS else set()
         if "embed" not in self._tensors:
             raise ModelFormatError(f"{path}: no token_embd.weight tensor")
         unsupported = {t.qtype.name for t in self._tensors.values() if t.qtype not in SUPPORTED_TYPES}
         if unsupported:
             raise UnsupportedModelError(f"{path}: unsupported GGUF tensor type(s) {', '.join(sorted(unsupported))}")
-        self.config = _config_from_meta(
-            self.meta,
-            vocab_size=int(self._tensors["embed"].shape[0]),
-            has_lm_head="lm_head" in self._tensors,
-            has_bias="layers.0.bq" in self._tensors,
-        )
+        self.config = config_from_gguf(self.model, self.meta, {n: t.shape for n, t in self._tensors.items()})
         self.tokenizer = tokenizer_from_gguf(self.meta)
         self.validate()
 
@@ -109,10 +101,8 @@ class GGUFSource(ModelSource):
 
     def _unpermute_rows(self, name: str, w: np.ndarray) -> np.ndarray:
         """q/k rows back to HF order. Works on any piece of whole heads (see piece_rows)."""
-        if self.meta.get("general.architecture") in _PERMUTED_QK:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("wq", "bq", "wk", "bk"):
-                return _unpermute(w, w.shape[0] // self.config.head_dim)
+        if name.rsplit(".", 1)[-1] in self._permuted:
+            return _unpermute(w, w.shape[0] // self.config.head_dim)
         return w
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:

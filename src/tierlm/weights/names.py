@@ -1,74 +1,69 @@
-"""One internal tensor naming, and explicit maps from each file format to it.
+"""One internal tensor naming, and the maps from each file format to it, read from the model's declaration
+(model/family.py TensorDecl; the Llama family's in model/llama.py).
 
-Internal names (shapes are [out, in] like torch.nn.Linear):
-  embed [V, H]   norm [H]   lm_head [V, H] (absent when tied)   rope_freqs [head_dim/2] (llama3 GGUF only)
-  layers.{i}.{attn_norm, wq, wk, wv, bq, bk, bv, wo, bo, ffn_norm, w_gate, w_up, w_down}
+Internal names (shapes are [out, in] like torch.nn.Linear): a global tensor by its name (embed, norm, lm_head,
+rope_freqs for the Llama family), a layer's as layers.{i}.{name} (attn_norm, wq, ...).
+A layer's tensors are under blk.{i}. in GGUF files and model.layers.{i}. in HF ones.
 """
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo",
-                 "ffn_norm", "w_gate", "w_up", "w_down")
-REQUIRED_LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+from tierlm.config import ModelConfig
+from tierlm.model.family import ModelModule, TensorDecl, layer_name
 
-_HF_GLOBAL = {
-    "model.embed_tokens.weight": "embed",
-    "model.norm.weight": "norm",
-    "lm_head.weight": "lm_head",
-}
-_HF_LAYER = {
-    "input_layernorm.weight": "attn_norm",
-    "self_attn.q_proj.weight": "wq", "self_attn.q_proj.bias": "bq",
-    "self_attn.k_proj.weight": "wk", "self_attn.k_proj.bias": "bk",
-    "self_attn.v_proj.weight": "wv", "self_attn.v_proj.bias": "bv",
-    "self_attn.o_proj.weight": "wo", "self_attn.o_proj.bias": "bo",
-    "post_attention_layernorm.weight": "ffn_norm",
-    "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down",
-}
-_GGUF_GLOBAL = {
-    "token_embd.weight": "embed",
-    "output_norm.weight": "norm",
-    "output.weight": "lm_head",
-    "rope_freqs.weight": "rope_freqs",
-}
-_GGUF_LAYER = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "wq", "attn_q.bias": "bq",
-    "attn_k.weight": "wk", "attn_k.bias": "bk",
-    "attn_v.weight": "wv", "attn_v.bias": "bv",
-    "attn_output.weight": "wo", "attn_output.bias": "bo",
-    "ffn_norm.weight": "ffn_norm",
-    "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
-}
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+__all__ = ["FORMATS", "NameMap", "check_complete", "file_name", "file_tensors", "layer_name"]
+
+Format = Literal["gguf", "hf"]
+FORMATS: tuple[Format, ...] = ("gguf", "hf")
+_LAYER_PREFIX = {"gguf": "blk.{}.", "hf": "model.layers.{}."}
+_LAYER_RE = {"gguf": re.compile(r"^blk\.(\d+)\.(.+)$"), "hf": re.compile(r"^model\.layers\.(\d+)\.(.+)$")}
 
 
-def _map(name: str, globals_: dict[str, str], layer_re: re.Pattern, layer_map: dict[str, str]) -> str | None:
-    if name in globals_:
-        return globals_[name]
-    m = layer_re.match(name)
-    if m and m.group(2) in layer_map:
-        return f"layers.{m.group(1)}.{layer_map[m.group(2)]}"
-    return None
+def file_name(fmt: Format, t: TensorDecl, layer: int | None = None) -> str | None:
+    """A tensor's name in a file of format `fmt` (layer: which layer's, for a layer tensor); None when that format
+    never holds it."""
+    name: str | None = getattr(t, fmt)
+    if name is None or layer is None:
+        return name
+    return _LAYER_PREFIX[fmt].format(layer) + name
 
 
-def hf_to_internal(name: str) -> str | None:
-    """None for tensors tierlm does not use (e.g. rotary inv_freq buffers)."""
-    return _map(name, _HF_GLOBAL, _HF_LAYER_RE, _HF_LAYER)
+class NameMap:
+    """File tensor names -> internal names, for one model and format."""
+
+    def __init__(self, model: ModelModule, fmt: Format):
+        self._globals = {n: t.name for t in model.GLOBAL_TENSORS if (n := getattr(t, fmt)) is not None}
+        self._layer = {n: t.name for t in model.LAYER_TENSORS if (n := getattr(t, fmt)) is not None}
+        self._re = _LAYER_RE[fmt]
+
+    def internal(self, name: str) -> str | None:
+        """None for tensors tierlm does not use (e.g. rotary inv_freq buffers)."""
+        if name in self._globals:
+            return self._globals[name]
+        m = self._re.match(name)
+        if m and m.group(2) in self._layer:
+            return layer_name(m.group(1), self._layer[m.group(2)])
+        return None
 
 
-def gguf_to_internal(name: str) -> str | None:
-    return _map(name, _GGUF_GLOBAL, _GGUF_LAYER_RE, _GGUF_LAYER)
-
-
-def layer_name(layer: int, tensor: str) -> str:
-    return f"layers.{layer}.{tensor}"
-
-
-def check_complete(names: set[str], num_layers: int, tied: bool) -> list[str]:
+def check_complete(model: ModelModule, cfg: ModelConfig, names: set[str]) -> list[str]:
     """Internal names a runnable model needs but the file lacks (empty when complete)."""
-    need = ["embed", "norm"] + ([] if tied else ["lm_head"])
-    need += [layer_name(i, t) for i in range(num_layers) for t in REQUIRED_LAYER_TENSORS]
-    return [n for n in need if n not in names]
+    need = lambda t: not t.optional and t.present(cfg)  # noqa: E731
+    want = [t.name for t in model.GLOBAL_TENSORS if need(t)]
+    want += [layer_name(i, t.name) for i in range(cfg.num_layers) for t in model.LAYER_TENSORS if need(t)]
+    return [n for n in want if n not in names]
+
+
+def file_tensors(model: ModelModule, cfg: ModelConfig, fmt: Format) -> list[tuple[int | None, TensorDecl]]:
+    """(layer or None for a global, declaration) of every tensor a `fmt` file of this config holds (file_name
+    names it), in the converters' order: the global tensors, each layer's, then the globals that follow the layers.
+    For writers (tierlm synth, the tests' GGUF converter)."""
+    def held(decls: tuple[TensorDecl, ...], layer: int | None = None) -> list[tuple[int | None, TensorDecl]]:
+        return [(layer, t) for t in decls if t.present(cfg) and getattr(t, fmt) is not None]
+
+    out = held(tuple(t for t in model.GLOBAL_TENSORS if not t.after_layers))
+    for i in range(cfg.num_layers):
+        out += held(model.LAYER_TENSORS, i)
+    return out + held(tuple(t for t in model.GLOBAL_TENSORS if t.after_layers))

@@ -1,6 +1,8 @@
 """Hugging Face directory loader: config.json, *.safetensors (single or sharded index), tokenizer.json.
 
-Pickle checkpoints (.bin/.pt) are never loaded: they can execute code."""
+What each architecture's config.json keys and tensor names mean is the model's declaration (model/registry.py
+finds it by model_type); this file reads the format. Pickle checkpoints (.bin/.pt) are never loaded: they can
+execute code."""
 from __future__ import annotations
 
 import json
@@ -13,61 +15,37 @@ from typing import Any
 
 import torch
 
-from tierlm.config import ModelConfig, RopeScaling
+from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError, UnsupportedModelError
-from tierlm.weights.names import hf_to_internal
+from tierlm.model import registry
+from tierlm.model.family import read_config
+from tierlm.weights.names import NameMap
 from tierlm.weights.source import ModelSource
 from tierlm.weights.tokenizer import tokenizer_from_hf_dir
 
-_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
+class HFConfig:
+    """config.json as a model's HF_CONFIG table reads it (model/family.py ConfigSource)."""
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
-    # transformers ≥5 writes `rope_parameters`; older files write `rope_theta` + `rope_scaling`.
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, RopeScaling()
-    if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
-    if kind == "llama3":
-        return theta, RopeScaling(
-            kind="llama3", factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+    def __init__(self, raw: dict[str, Any]):
+        self.raw = raw
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def missing(self, key: str) -> Exception:
+        return KeyError(key)  # reported as a bad or missing field of config.json
 
 
 def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
     model_type = cfg.get("model_type")
-    if model_type not in _ARCH:
-        raise UnsupportedModelError(f"unsupported architecture {model_type!r} (supported: {', '.join(_ARCH)})")
-    if cfg.get("mlp_bias"):
-        raise UnsupportedModelError("MLP biases (mlp_bias=true) are not supported")
+    model = registry.for_hf(model_type)
+    for key, why in model.HF_REFUSED.items():
+        if cfg.get(key):
+            raise UnsupportedModelError(why)
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        theta, scaling = _rope(cfg)
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
-        return ModelConfig(
-            arch=_ARCH[model_type],
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=window,
-            name=path.name,
-        )
+        fields = read_config(model.HF_CONFIG, HFConfig(cfg))
+        return ModelConfig(arch=model.HF_MODEL_TYPES[model_type], name=path.name, **fields)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFormatError(f"{path}/config.json: bad or missing field ({e})") from None
 
@@ -168,13 +146,14 @@ class SafetensorsSource(ModelSource):
         self._where: dict[str, _Entry] = {}  # internal name -> where its bytes are
         self._dtypes: Counter[str] = Counter()
         self._files = _shard_files(path)
+        names = NameMap(registry.for_config(self.config), "hf")
         for f in self._files:
             try:
                 entries = _read_header(f)
             except OSError as e:
                 raise ModelFormatError(f"{f}: not a readable safetensors file ({e})") from None
             for key, e in entries.items():
-                if (internal := hf_to_internal(key)) is not None:
+                if (internal := names.internal(key)) is not None:
                     self._where[internal] = e
                     self._dtypes[_ST_NAMES[e.dtype]] += 1
         self.tokenizer = tokenizer_from_hf_dir(path)

@@ -10,6 +10,7 @@ import torch
 
 from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError
+from tierlm.model import registry
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantBlocks, QuantTensor
 from tierlm.weights.names import check_complete
@@ -81,7 +82,7 @@ class ModelSource(ABC):
         """Release file mappings; load() must not be called afterwards. Config and tokenizer stay valid."""
 
     def validate(self) -> None:
-        missing = check_complete(set(self.tensor_names()), self.config.num_layers, self.config.tie_word_embeddings)
+        missing = check_complete(registry.for_config(self.config), self.config, set(self.tensor_names()))
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise ModelFormatError(f"{self.path}: missing tensors {', '.join(missing[:3])}{more}")
