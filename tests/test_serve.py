@@ -83,6 +83,39 @@ def test_completions_text_and_ids_stream_and_not(client):
     assert a.choices[0].text == b.choices[0].text == s and a.object == "text_completion"
 
 
+def test_echo_and_prompt_logprobs_score_a_prompt(client):
+    """max_tokens=0 + echo + logprobs (lm-eval-harness' loglikelihood) returns the engine's prompt logprobs; echo
+    puts the prompt before a completion, streamed or whole; vLLM's prompt_logprobs on chat (top level) and
+    completions (per choice); max_tokens=0 without echo is a 400."""
+    from tierlm import LLM, SamplingParams
+    prompt = "The capital of France is Paris"
+    with LLM(progress=False) as llm:
+        ids = llm.tokenizer.encode(prompt)
+        want = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
+    c = client.completions.create(model="smol", prompt=prompt, max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert c.text == prompt and c.finish_reason == "length"
+    assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
+    assert c.logprobs.token_logprobs[1:] == pytest.approx([x.logprob for x in want[1:]], abs=1e-6)
+    assert all(len(top) == 1 for top in c.logprobs.top_logprobs[1:])
+    scored = c.model_extra["prompt_logprobs"]  # echo with logprobs scores the prompt: vLLM's field comes too
+    assert scored[0] is None and all(str(x.token_id) in e for e, x in zip(scored[1:], want[1:]))
+
+    plain = client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    whole = client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0, echo=True)
+    assert whole.choices[0].text == prompt + plain and whole.choices[0].logprobs is None
+    streamed = client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == prompt + plain
+
+    r = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=4, temperature=0,
+                                       extra_body={"prompt_logprobs": 0})
+    lps = r.model_extra["prompt_logprobs"]
+    assert lps[0] is None and len(lps) == r.usage.prompt_tokens
+    assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in lps[1:])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smol", prompt=prompt, max_tokens=0)
+
+
 def test_sampling_parameters(client):
     seeded = lambda seed: _chat(client, "Tell me a story.", 16, seed=seed, top_p=0.9)  # noqa: E731
     r = client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=16, temperature=0.9,

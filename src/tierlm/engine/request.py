@@ -39,6 +39,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob), most likely first
+    rank: int | None = None  # 1 + how many tokens are more likely (prompt_logprobs: vLLM reports it)
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ class EngineRequest:
         targets = self.prompt_ids[start + 1:end + 1]  # the chunk's last row predicts nothing in the prompt when end = P
         if targets:
             lp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)  # [n, V]
-            chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()  # [n]
+            chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])  # [n, 1]
+            ranks = ((lp > chosen).sum(-1) + 1).tolist()  # [n]
             top = torch.topk(lp, k) if k else None
-            for i, (token, value) in enumerate(zip(targets, chosen)):
+            for i, (token, value, rank) in enumerate(zip(targets, chosen[:, 0].tolist(), ranks)):
                 pairs = tuple(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else ()
-                self.out.prompt_logprobs.append(TokenLogprob(token, value, pairs))
+                self.out.prompt_logprobs.append(TokenLogprob(token, value, pairs, rank))
         self.scored = end
 
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:

@@ -113,11 +113,12 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
                 if r.out.finish_reason == "":
                     loop.abort(r.id)
 
-    async def respond(request: Request, body, ids: list[int], kind: str) -> Response:
+    async def respond(request: Request, body, ids: list[int], kind: str, echo: str | None = None) -> Response:
         check_model(body.model)
         reqs, queue = submit(ids, body, kind, request.state.tenant)  # 503 draining/pressure, 429 queue/quota
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        choices = Choices(kind, len(reqs), llm.tokenizer, body.logprobs if kind == "chat" else body.logprobs is not None)
+        choices = Choices(kind, len(reqs), llm.tokenizer, body.logprobs if kind == "chat" else body.logprobs is not None,
+                          [r.out for r in reqs], echo)
         created = int(time.time())
         if not body.stream:
             async with aclosing(updates(request, reqs, queue)) as stream:
@@ -165,7 +166,8 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
     async def completions(request: Request, body: CompletionRequest) -> Response:
         prompt = body.single_prompt()
         ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await respond(request, body, ids, "text")
+        echo = None if not body.echo else prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)
+        return await respond(request, body, ids, "text", echo)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tierlm.engine.output import RequestOutput
 from tierlm.engine.request import EngineRequest, RequestUpdate, TokenLogprob
 from tierlm.weights.tokenizer import Tokenizer
 
@@ -12,15 +13,61 @@ def _token_text(tok: Tokenizer, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
+def prompt_logprobs_json(tok: Tokenizer, lps: list[TokenLogprob | None] | None) -> list | None:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then {token id: {logprob, rank, decoded_token}}
+    for the prompt token and its top alternatives."""
+    if lps is None:
+        return None
+    entry = lambda i, lp, rank: {str(i): {"logprob": lp, "rank": rank, "decoded_token": _token_text(tok, i)}}  # noqa: E731
+    return [None if x is None else entry(x.token_id, x.logprob, x.rank) |
+            {k: v for j, (i, lp) in enumerate(x.top) if i != x.token_id for k, v in entry(i, lp, j + 1).items()}
+            for x in lps]
+
+
 class Choices:
     """Accumulates each choice's text, finish reason and logprobs from the engine's updates, and renders
-    deltas. kind: "chat" (chat.completion) or "text" (text_completion)."""
+    deltas. kind: "chat" (chat.completion) or "text" (text_completion). echo (completions): the prompt's text,
+    sent before each choice's completion (with the prompt's logprobs when logprobs are asked, read from the
+    choice's output: filled when its prompt was computed, before its first update)."""
 
-    def __init__(self, kind: str, n: int, tokenizer: Tokenizer, logprobs: bool):
-        self.kind, self.tokenizer, self.logprobs = kind, tokenizer, logprobs
+    def __init__(self, kind: str, n: int, tokenizer: Tokenizer, logprobs: bool, outs: list[RequestOutput] = (),
+                 echo: str | None = None):
+        self.kind, self.tokenizer, self.logprobs, self.outs, self.echo = kind, tokenizer, logprobs, outs, echo
         self.text = [""] * n
         self.finish = [None] * n
         self.lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.echoed = [echo is None] * n  # whether the choice's text already begins with the echoed prompt
+        self.prompt_sent = [False] * n  # whether its vLLM-style prompt_logprobs went out (once per choice)
+
+    def _prompt_logprobs(self, index: int, c: dict[str, Any]) -> None:
+        """Add the choice's `prompt_logprobs` (vLLM's extension) to `c`, once, when they were asked for."""
+        lps = self.outs[index].prompt_logprobs if self.outs else None
+        if lps is not None and not self.prompt_sent[index]:
+            self.prompt_sent[index] = True
+            c["prompt_logprobs"] = prompt_logprobs_json(self.tokenizer, lps)
+
+    def _echo(self, index: int) -> tuple[str, dict[str, list] | None]:
+        """The prompt's part of a choice once (its text, and its legacy logprobs when asked), then nothing."""
+        if self.echoed[index]:
+            return "", None
+        self.echoed[index] = True
+        if not self.logprobs:
+            return self.echo, None
+        out = self.outs[index]
+        t = lambda i: _token_text(self.tokenizer, i)  # noqa: E731
+        lps = (out.prompt_logprobs or [None])[1:]  # the first prompt token has no logprob
+        toks = out.prompt_token_ids
+        offsets, at = [], 0
+        for i in toks:
+            offsets.append(at)
+            at += len(t(i))
+        return self.echo, {"tokens": [t(i) for i in toks], "token_logprobs": [None] + [x.logprob for x in lps],
+                           "top_logprobs": [None] + [{t(i): lp for i, lp in x.top} for x in lps],
+                           "text_offset": offsets}
+
+    @staticmethod
+    def _join(head: dict[str, list] | None, tail: dict[str, Any] | None) -> dict[str, Any] | None:
+        return tail if head is None else {k: head[k] + (tail[k] if tail else []) for k in head}
 
     def add(self, index: int, u: RequestUpdate) -> None:
         self.text[index] += u.text
@@ -44,12 +91,15 @@ class Choices:
                 "top_logprobs": [{t(i): lp for i, lp in x.top} for x in lps], "text_offset": offsets}
 
     def choice(self, index: int) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": index, "logprobs": self._logprobs(self.lps[index]),
+        echo, echo_lps = self._echo(index)
+        c: dict[str, Any] = {"index": index, "logprobs": self._join(echo_lps, self._logprobs(self.lps[index], len(echo))),
                              "finish_reason": self.finish[index]}
         if self.kind == "chat":
             c["message"] = {"role": "assistant", "content": self.text[index]}
         else:
-            c["text"] = self.text[index]
+            c["text"] = echo + self.text[index]
+        if self.kind == "text":  # chat: at the top level of the response (completion_json), as vLLM
+            self._prompt_logprobs(index, c)
         return c
 
     def role_delta(self, index: int) -> dict[str, Any]:
@@ -57,14 +107,16 @@ class Choices:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def delta(self, index: int, u: RequestUpdate) -> dict[str, Any]:
-        offset = len(self.text[index])
+        echo, echo_lps = self._echo(index)
+        offset = len(self.echo or "") + len(self.text[index])
         self.add(index, u)
-        c: dict[str, Any] = {"index": index, "logprobs": self._logprobs(list(u.logprobs), offset),
+        c: dict[str, Any] = {"index": index, "logprobs": self._join(echo_lps, self._logprobs(list(u.logprobs), offset)),
                              "finish_reason": u.finish_reason if u.finished else None}
         if self.kind == "chat":
             c["delta"] = {"content": u.text} if u.text else {}
         else:
-            c["text"] = u.text
+            c["text"] = echo + u.text
+        self._prompt_logprobs(index, c)  # streamed: in the choice's first chunk after its prompt ran
         return c
 
 
@@ -82,8 +134,11 @@ def _object(kind: str, chunk: bool) -> str:
 
 def completion_json(kind: str, rid: str, created: int, model: str, choices: Choices,
                     usage: dict[str, Any]) -> dict[str, Any]:
-    return {"id": rid, "object": _object(kind, False), "created": created, "model": model,
+    body = {"id": rid, "object": _object(kind, False), "created": created, "model": model,
             "choices": [choices.choice(i) for i in range(len(choices.text))], "usage": usage}
+    if kind == "chat" and choices.outs and choices.outs[0].prompt_logprobs is not None:  # n choices, one prompt
+        body["prompt_logprobs"] = prompt_logprobs_json(choices.tokenizer, choices.outs[0].prompt_logprobs)
+    return body
 
 
 def chunk_json(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]], include_usage: bool,

@@ -44,6 +44,7 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False  # vLLM's extension (benchmarks)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's and llama-cpp-python's extension
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token's logprob (+ top k)
     user: str | None = None
 
     @field_validator("stop")
@@ -54,13 +55,17 @@ class _Common(BaseModel):
             raise ValueError("stop: at most 4 non-empty strings")
         return stops
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None, index: int) -> SamplingParams:
-        """Choice `index` of n: with a seed, choice i samples with seed + i (distinct, reproducible)."""
+    def sampling(self, max_tokens: int | None, logprobs: int | None, index: int,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
+        """Choice `index` of n: with a seed, choice i samples with seed + i (distinct, reproducible).
+        max_tokens None: 256; 0 (completions with echo only): the prompt is scored, nothing generated."""
+        max_tokens = 256 if max_tokens is None else max_tokens
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
-                              max_tokens=max_tokens or 256, seed=None if self.seed is None else self.seed + index,
+                              max_tokens=max_tokens, seed=None if self.seed is None else self.seed + index,
                               stop=list(self.stop or []), ignore_eos=self.ignore_eos,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                              logprobs=logprobs, min_tokens=min(self.min_tokens, max_tokens or 256))
+                              logprobs=logprobs, min_tokens=min(self.min_tokens, max_tokens),
+                              prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -91,7 +96,7 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return self.sampling(self.max_completion_tokens or self.max_tokens,
-                             (self.top_logprobs or 0) if self.logprobs else None, index)
+                             (self.top_logprobs or 0) if self.logprobs else None, index, self.prompt_logprobs)
 
     def chat_messages(self) -> list[dict[str, str]]:
         role = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -100,13 +105,21 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt (lm-eval-harness' loglikelihood)
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion, with its logprobs when logprobs is set
 
     def params(self, index: int = 0) -> SamplingParams:
-        if self.echo:
-            raise OpenAIError(400, "echo is not supported", param="echo")
-        return self.sampling(self.max_tokens or 16, self.logprobs, index)  # OpenAI's completions default: 16
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt is scored)",
+                              param="max_tokens")
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:  # the echoed prompt carries logprobs: every position computed
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        if self.max_tokens == 0 and prompt_logprobs is None:
+            prompt_logprobs = 0  # nothing generated: a request that only runs its prompt
+        max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's completions default: 16
+        return self.sampling(max_tokens, self.logprobs, index, prompt_logprobs)
 
     def single_prompt(self) -> str | list[int]:
         """One prompt (string or token ids); a batch of prompts is refused with a clear error."""
