@@ -12,6 +12,7 @@ from tierlm.config import format_size, parse_size, resolve_dtype
 from tierlm.engine.args import EngineArgs, kv_storage_dtype
 from tierlm.engine.engine import Engine
 from tierlm.engine.output import RequestOutput, check_request
+from tierlm.engine.quota import Quota
 from tierlm.engine.request import RequestUpdate
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
@@ -73,13 +74,14 @@ class LLM:
         self._init(EngineArgs(model=model, dtype=dtype, **kwargs))
 
     @classmethod
-    def from_args(cls, args: EngineArgs) -> "LLM":
-        """The CLI's and the server's way in: the same arguments as the keywords."""
+    def from_args(cls, args: EngineArgs, quotas: dict[str, Quota] | None = None) -> "LLM":
+        """The CLI's and the server's way in: the same arguments as the keywords. quotas: tenant -> Quota for
+        the engine's admissions (the server's --tenant, serve/server.tenant_quotas)."""
         llm = cls.__new__(cls)
-        llm._init(args)
+        llm._init(args, quotas)
         return llm
 
-    def _init(self, a: EngineArgs) -> None:
+    def _init(self, a: EngineArgs, quotas: dict[str, Quota] | None = None) -> None:
         a.check()  # NOTE: every argument is checked before a file is opened or a thread started
         self.args = a
         if a.threads is not None:
@@ -133,11 +135,10 @@ class LLM:
         self.kv = self._make_kv(kv_pool, kv_storage, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size),
                                 a.kv_host_log, self._movable() if a.migrate else 0)
-        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
-                             self.memory)
         self._reservations = self._record(held, kv_host)
-        if a.migrate:
-            self.engine.migrator = Migrator(self.store, self.kv, inp, self.plan, self._reservations, self.memory)
+        migrator = Migrator(self.store, self.kv, inp, self.plan, self._reservations, self.memory) if a.migrate else None
+        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
+                             self.memory, migrator=migrator, quotas=quotas)
 
     def _record(self, held: dict[str, Reservation], kv_host: int) -> dict[str, Reservation]:
         """The ledger holds what each owner really allocated: the planned reservations resized to it (or made

@@ -57,11 +57,11 @@ class Snapshot:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None,
-                 quotas: dict[str, Quota] | None = None):
+    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None):
+        """The tenants' quotas are the engine's (Engine(quotas=...)): its scheduler admits by them, submit
+        refuses by them."""
         self.engine, self.max_queue, self.pressure = engine, max_queue, pressure
-        self.quotas = quotas or {}
-        engine.scheduler.quotas = self.quotas
+        self.quotas: dict[str, Quota] = engine.scheduler.quotas
         self._inflight: dict[str, int] = {}  # tenant -> unfinished requests (any thread: under _count_lock)
         self._count_lock = threading.Lock()
         self.draining = False
