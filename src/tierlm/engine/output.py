@@ -17,7 +17,7 @@ class GenerationMetrics:
     ttft_s: float = 0.0  # queueing + prefill + first sampled token
     decode_s: float = 0.0  # every later token (the gaps between consecutive tokens)
     decode_tokens: int = 0
-    tiers: TierStats = field(default_factory=TierStats)  # what this request moved between tiers
+    tiers: TierStats = field(default_factory=TierStats)  # the weight traffic while it ran (disk, host, device: offload/stats.py)
 
     @property
     def decode_tok_s(self) -> float:
@@ -32,7 +32,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # generated part only
     finish_reason: str = ""  # "stop" (EOS or stop string) | "length" | "abort" | "error"
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, when asked for
-    cached_tokens: int = 0  # prompt tokens served by the prefix cache (pool or tiers) at admission
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (pool or KV tiers) at admission
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
 
 

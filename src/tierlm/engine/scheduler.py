@@ -144,7 +144,7 @@ class Scheduler:
             if r.next_chunk(self.chunk) > budget:
                 break
             self.waiting.remove(r)
-            kv.admit(r.seq)  # takes cached prefix blocks (restores from tiers), sets num_computed
+            kv.admit(r.seq)  # takes cached prefix blocks (restores from the KV tiers), sets num_computed
             kv.reserve(r.seq, len(r.seq.tokens) - r.seq.num_computed + 1)  # the prompt + its first decode
             if not r.out.token_ids:
                 r.out.cached_tokens = r.seq.num_computed  # prompt tokens served by the prefix cache
