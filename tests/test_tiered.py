@@ -134,7 +134,7 @@ def _corrupted(tiny_models, tmp_path, name: str = "llama3_rope"):
     path = tmp_path / "model"
     shutil.copytree(tiny_models[name].path, path)
     store = _placed(path, tmp_path, [K, K], D, K)
-    unit = store.streamer.store.units["layers.1"]
+    unit = store.streamer.offload.units["layers.1"]
     store.close()
     good = (tmp_path / "off" / DATA_FILE).read_bytes()
     flip(tmp_path / "off" / DATA_FILE, unit.offset + 100)
@@ -175,8 +175,8 @@ def test_a_failed_load_waits_for_its_other_reads_before_raising(tiny_models, tmp
     path, _ = _corrupted(tiny_models, tmp_path)  # chunk 0 of layers.1 is bad
     store = _placed(path, tmp_path, [K, K], D, K)
     streamer = store.streamer
-    monkeypatch.setattr(streamer.store, "origin", None)  # nothing to rebuild from: the second failure raises
-    read_chunk, loads = streamer.store.read_chunk, []
+    monkeypatch.setattr(streamer.offload, "origin", None)  # nothing to rebuild from: the second failure raises
+    read_chunk, loads = streamer.offload.read_chunk, []
 
     def slow_read(reader, unit, chunk, buf):
         if chunk[0]:
@@ -187,7 +187,7 @@ def test_a_failed_load_waits_for_its_other_reads_before_raising(tiny_models, tmp
         loads.append((unit, pool_submit(fn, unit, *args)))
         return loads[-1][1]
     pool_submit = streamer._pool.submit
-    monkeypatch.setattr(streamer.store, "read_chunk", slow_read)
+    monkeypatch.setattr(streamer.offload, "read_chunk", slow_read)
     monkeypatch.setattr(streamer._pool, "submit", submit)
     try:
         streamer._start(0)  # resubmitted through the patches

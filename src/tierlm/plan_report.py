@@ -65,7 +65,7 @@ def describe_plan(cfg: ModelConfig, dtype: str, budget: MemoryBudget, inp: PlanI
 
 
 def describe_context_options(options: list, chosen: int) -> str:
-    """The KV-vs-weights trade behind the default context (memory/planning.choose_context)."""
+    """The KV-vs-weights trade behind the default context (offload/plan_input.choose_context)."""
     lines = ["context options (KV reserved for one sequence; every KV byte is a weight byte that streams):",
              f"  {'context':>8} {'KV':>10} {'resident layers':>16} {'disk/token':>11} {'predicted':>12}"]
     for o in options:

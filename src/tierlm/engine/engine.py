@@ -23,24 +23,28 @@ from dataclasses import replace
 import torch
 
 from tierlm.engine.output import RequestOutput, check_request
+from tierlm.engine.quota import Quota
 from tierlm.engine.request import EngineRequest, RequestUpdate, Sink, Status, new_request_id
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
 from tierlm.engine.scheduler import Scheduler
 from tierlm.kvcache.paged import PagedKV
 from tierlm.memory.ledger import MemoryLedger
+from tierlm.offload.migration import Migrator
 from tierlm.weights.tokenizer import Tokenizer
 
 
 class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: PagedKV, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 768, ledger: MemoryLedger | None = None):
-        self.runner, self.tokenizer, self.kv, self.ledger = runner, tokenizer, kv, ledger
+                 max_num_batched_tokens: int = 768, ledger: MemoryLedger | None = None, *,
+                 migrator: Migrator | None = None, quotas: dict[str, Quota] | None = None):
+        """migrator: moves layers between memory and the stream between steps (--migrate); quotas: tenant ->
+        Quota for the scheduler's admissions (the server's --tenant; none: FIFO)."""
+        self.runner, self.tokenizer, self.kv, self.ledger, self.migrator = runner, tokenizer, kv, ledger, migrator
         self._evictions = 0
-        self.scheduler = Scheduler(kv, max_num_seqs, max_num_batched_tokens, runner.prefill_chunk)
+        self.scheduler = Scheduler(kv, max_num_seqs, max_num_batched_tokens, runner.prefill_chunk, quotas)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, EngineRequest] = {}  # unfinished, owned by the loop's thread
-        self.migrator = None  # memory/migration.Migrator when layers may move between memory and the stream
 
     # --- any thread ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Sink | None = None,

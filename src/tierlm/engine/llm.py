@@ -12,6 +12,7 @@ from tierlm.config import format_size, parse_size, resolve_dtype
 from tierlm.engine.args import EngineArgs, kv_storage_dtype
 from tierlm.engine.engine import Engine
 from tierlm.engine.output import RequestOutput, check_request
+from tierlm.engine.quota import Quota
 from tierlm.engine.request import RequestUpdate
 from tierlm.engine.runner import Runner
 from tierlm.engine.sampler import SamplingParams
@@ -50,7 +51,7 @@ class LLM:
         ring buffers, KV cache and activations may use; the rest streams from `offload_dir`.
     max_context: longest prompt + output served (default: the model's; under a budget it follows from the
         budget: the longest context, up to 4096, whose KV costs ≤10% predicted decode speed against 512 tokens'
-        — memory/planning.choose_context). kv_memory, kv_host_memory and the KV format count against max_memory.
+        — offload/plan_input.choose_context). kv_memory, kv_host_memory and the KV format count against max_memory.
     profile: bandwidth profile path for the planner (default: the one `tierlm calibrate` saved).
     quant: "auto" | "none" | "int8" | "int4" weight-only quantisation (group_size: 32/64/128; int8 default per
         channel, int4 default 32). GGUF Q4_0/Q4_1 (Q8_0) blocks become int4 (int8) g=32 without loss. "auto" (the
@@ -61,8 +62,8 @@ class LLM:
         planner reserved under max_memory). kv_dtype: "auto" (the attention dtype), "float32", "bfloat16" or
         "int8" (per token & head scales): what the pool stores; attention reads it back in its own dtype.
         block_size: tokens per KV block. enable_prefix_caching: reuse the KV of shared prompt prefixes.
-        kv_host_memory: a host-RAM tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
-        RAM already); kv_offload_dir: a disk tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
+        kv_host_memory: a host-RAM KV tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
+        RAM already); kv_offload_dir: a disk KV tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
         kv_compress: "none" or "zstd" for blocks on disk. kv_remote: "redis://HOST:PORT/DB", a KV tier shared by
         replicas below host and disk (kvcache/remote_tier.py; keys under kv_remote_namespace).
     max_num_seqs, max_num_batched_tokens: the engine loop's limits per step (engine/args.py).
@@ -73,13 +74,14 @@ class LLM:
         self._init(EngineArgs(model=model, dtype=dtype, **kwargs))
 
     @classmethod
-    def from_args(cls, args: EngineArgs) -> "LLM":
-        """The CLI's and the server's way in: the same arguments as the keywords."""
+    def from_args(cls, args: EngineArgs, quotas: dict[str, Quota] | None = None) -> "LLM":
+        """The CLI's and the server's way in: the same arguments as the keywords. quotas: tenant -> Quota for
+        the engine's admissions (the server's --tenant, serve/server.tenant_quotas)."""
         llm = cls.__new__(cls)
-        llm._init(args)
+        llm._init(args, quotas)
         return llm
 
-    def _init(self, a: EngineArgs) -> None:
+    def _init(self, a: EngineArgs, quotas: dict[str, Quota] | None = None) -> None:
         a.check()  # NOTE: every argument is checked before a file is opened or a thread started
         self.args = a
         if a.threads is not None:
@@ -106,7 +108,7 @@ class LLM:
             # written at close(), or when the process exits without one (the CLI's commands)
             self._trace_writer = weakref.finalize(self, write_trace, self.memory.events, a.memory_trace)
         held: dict[str, Reservation] = {}
-        # the shared tier's buffers (host RAM) are planned like the host tier's
+        # the remote KV tier's buffers (host RAM) are planned like the host KV tier's
         remote_bytes = reserved_bytes(block_nbytes(self.config, a.block_size, kv_storage)) if a.kv_remote else 0
         if not self.budget.limited:
             self.max_context = default_context(self.config, self.budget, a.max_context)
@@ -133,11 +135,10 @@ class LLM:
         self.kv = self._make_kv(kv_pool, kv_storage, a.block_size, a.enable_prefix_caching, kv_host,
                                 Path(kv_dir) if kv_dir is not None else None, a.kv_compress, parse_size(a.kv_disk_size),
                                 a.kv_host_log, self._movable() if a.migrate else 0)
-        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
-                             self.memory)
         self._reservations = self._record(held, kv_host)
-        if a.migrate:
-            self.engine.migrator = Migrator(self.store, self.kv, inp, self.plan, self._reservations, self.memory)
+        migrator = Migrator(self.store, self.kv, inp, self.plan, self._reservations, self.memory) if a.migrate else None
+        self.engine = Engine(self.runner, self.tokenizer, self.kv, a.max_num_seqs, a.max_num_batched_tokens,
+                             self.memory, migrator=migrator, quotas=quotas)
 
     def _record(self, held: dict[str, Reservation], kv_host: int) -> dict[str, Reservation]:
         """The ledger holds what each owner really allocated: the planned reservations resized to it (or made

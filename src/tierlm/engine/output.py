@@ -17,7 +17,7 @@ class GenerationMetrics:
     ttft_s: float = 0.0  # queueing + prefill + first sampled token
     decode_s: float = 0.0  # every later token (the gaps between consecutive tokens)
     decode_tokens: int = 0
-    tiers: TierStats = field(default_factory=TierStats)  # what this request moved between tiers
+    tiers: TierStats = field(default_factory=TierStats)  # the weight traffic while it ran (disk, host, device: offload/stats.py)
 
     @property
     def decode_tok_s(self) -> float:
@@ -35,7 +35,7 @@ class RequestOutput:
     # with prompt_logprobs (vLLM's shape): None for the first prompt token (nothing predicts it), then a
     # TokenLogprob per prompt token given its prefix; None when not asked for
     prompt_logprobs: list | None = None
-    cached_tokens: int = 0  # prompt tokens served by the prefix cache (pool or tiers) at admission
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (pool or KV tiers) at admission
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
 
 

@@ -52,7 +52,7 @@ class PressureControl:
         tiers, sched = self.engine.kv.tiers, self.engine.scheduler
         host = {Level.NORMAL: self._host_capacity, Level.ELEVATED: self._host_capacity // 2}.get(self.level, 0)
         tiers.set_host_limit(host)
-        sched.paused = self.level == Level.CRITICAL
+        sched.pause_admissions(self.level == Level.CRITICAL)
         if (m := self.engine.migrator) is not None:
             m.frozen = self.level >= Level.ELEVATED
             if self.level >= Level.HIGH and (freed := m.shed(1)):

@@ -149,7 +149,8 @@ class EngineRequest:
 
     def finish(self, reason: str, stats: TierStats | None = None) -> str:
         """Mark it finished and fill its output; returns the text held back until now (to be streamed last).
-        The tier traffic is everything moved while it ran (shared with the requests running beside it)."""
+        The weight traffic (offload/stats.TierStats) is everything moved while it ran (shared with the requests
+        running beside it)."""
         self.status = Status.FINISHED
         self.out.finish_reason = reason
         tail = self.detok.flush()

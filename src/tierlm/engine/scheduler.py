@@ -69,19 +69,32 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: PagedKV, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int):
+    def __init__(self, kv: PagedKV, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int,
+                 quotas: dict[str, Quota] | None = None):
         if max_num_batched_tokens < prefill_chunk + max_num_seqs:
             raise UsageError(f"max_num_batched_tokens ({max_num_batched_tokens}) must hold one prefill chunk "
                              f"({prefill_chunk}) and a decode for each of max_num_seqs ({max_num_seqs})")
         self.kv, self.max_num_seqs, self.budget, self.chunk = kv, max_num_seqs, max_num_batched_tokens, prefill_chunk
-        self.paused = False  # no admissions (critical memory pressure): running requests go on, new ones wait
-        self.quotas: dict[str, Quota] = {}  # tenant -> quota (engine/quota.py); empty: FIFO admission
+        self.quotas: dict[str, Quota] = quotas or {}  # tenant -> quota (engine/quota.py); empty: FIFO admission
+        # No admissions (critical memory pressure): running requests go on, new ones wait. Set through
+        # pause_admissions by the PressureControl, which is built after (and over) the engine, so it cannot be
+        # handed to this constructor.
+        self._paused = False
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []  # admission order: the last is preempted first
         # blocks the request next in line lacked at the last schedule() (0: admission did not stop on KV);
         # what offload/migration.py reads as KV demand
         self.kv_short = 0
         self.counters = SchedulerCounters()
+
+    @property
+    def paused(self) -> bool:
+        """Admissions paused (pause_admissions)."""
+        return self._paused
+
+    def pause_admissions(self, paused: bool) -> None:
+        """Stop (True) or resume (False) admitting waiting requests; running ones are not touched."""
+        self._paused = paused
 
     def add(self, req: EngineRequest) -> None:
         self.waiting.append(req)
@@ -121,7 +134,7 @@ class Scheduler:
                 budget -= n
         # 3. admissions
         self.kv_short = 0
-        while self.waiting and len(self.running) < self.max_num_seqs and not self.paused:
+        while self.waiting and len(self.running) < self.max_num_seqs and not self._paused:
             r = self._next_admissible()
             if r is None:
                 break  # every waiting request's tenant is at its quota
@@ -134,7 +147,7 @@ class Scheduler:
             if r.next_chunk(self.chunk) > budget:
                 break
             self.waiting.remove(r)
-            kv.admit(r.seq, use_cache)  # takes cached prefix blocks (restores from tiers), sets num_computed
+            kv.admit(r.seq, use_cache)  # takes cached prefix blocks (restores from the KV tiers), sets num_computed
             kv.reserve(r.seq, len(r.seq.tokens) - r.seq.num_computed + extra)  # the prompt + its first decode
             if not r.out.token_ids:
                 r.out.cached_tokens = r.seq.num_computed  # prompt tokens served by the prefix cache

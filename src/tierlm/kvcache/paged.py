@@ -47,6 +47,11 @@ class PagedKV:
         self.tiers = KVTiers(str(self.pool.storage).removeprefix("torch."), salt, host_bytes, disk_dir, codec, disk_gbps,
                              disk_capacity, host_log, remote)
         self.live: set[KVSequence] = set()  # sequences holding blocks (admitted, not yet freed)
+        # What waste() reads, kept as blocks are taken and filled instead of walked each decode step: live
+        # sequences holding each block they hold, and the token slots filled over those blocks. A block is
+        # shared only once full (prefix hits take full blocks), so its fill is its fullest owner's.
+        self._holders: dict[int, int] = {}
+        self._filled = 0
         self.preemptions = self.recomputed_tokens = 0  # counted by the scheduler, reported by stats()
         self.hit_tokens = self.restored_tokens = self.queried_tokens = 0
         self.prefill_s_per_token: float | None = None  # measured (note_prefill): the recompute side of restore-or-recompute
@@ -72,6 +77,8 @@ class PagedKV:
         """Allocate the blocks `new_tokens` more tokens of seq will need (the scheduler's side of a step)."""
         for _ in range(self.blocks_needed(seq, new_tokens)):
             seq.blocks.append(self._allocate())
+            if seq in self.live:
+                self._holders[seq.blocks[-1]] = 1  # empty until a step fills it
 
     def step(self, seqs: list[KVSequence], t: int, batch_invariant: bool = False) -> "PagedStep":
         """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved.
@@ -109,6 +116,8 @@ class PagedKV:
                 seq.blocks.append(block)
                 parent = stored.hash
         seq.parent_hash, seq.num_hashed, seq.num_computed = parent, len(seq.blocks), len(seq.blocks) * bs
+        for b in seq.blocks:  # full: counted once, by the first live sequence to hold it
+            self._filled += bs if self._hold(b) == 1 else 0
         self.queried_tokens += len(seq.tokens)
         self.hit_tokens += hits * bs
         self.restored_tokens += (len(seq.blocks) - hits) * bs
@@ -134,6 +143,8 @@ class PagedKV:
         bs, man, window = self.block_size, self.manager, self.config.sliding_window
         for s in step.seqs:
             s.num_computed += step.t
+            if s in self.live:  # the new tokens fill blocks only s holds (shared ones are full)
+                self._filled += step.t
             while (s.num_hashed + 1) * bs <= s.num_computed:
                 b = s.num_hashed
                 tokens = tuple(s.tokens[b * bs:(b + 1) * bs])
@@ -144,6 +155,8 @@ class PagedKV:
             while window is not None and s.num_dropped < s.num_hashed and \
                     (s.num_dropped + 1) * bs - 1 <= s.num_computed - window:
                 man.release(s.blocks[s.num_dropped])
+                if s in self.live:
+                    self._let_go(s.blocks[s.num_dropped], bs)  # a dropped block is full
                 s.blocks[s.num_dropped] = DROPPED
                 s.num_dropped += 1
 
@@ -188,12 +201,35 @@ class PagedKV:
     def free(self, seq: KVSequence) -> None:
         """Return seq's blocks; its full, hashed ones stay cached until reused."""
         self.manager.release_all(seq.held)
+        if seq in self.live:
+            for j, b in enumerate(seq.blocks):
+                if b != DROPPED:
+                    self._let_go(b, min(self.block_size, max(0, seq.num_computed - j * self.block_size)))
         self.live.discard(seq)
         seq.blocks, seq.num_computed, seq.num_hashed, seq.num_dropped, seq.parent_hash = [], 0, 0, 0, ROOT_HASH
 
+    def _hold(self, block: int) -> int:
+        """One more live sequence holds block; how many do now."""
+        self._holders[block] = self._holders.get(block, 0) + 1
+        return self._holders[block]
+
+    def _let_go(self, block: int, fill: int) -> None:
+        """A live sequence, whose tokens fill `fill` slots of block, no longer holds it: the last one out takes
+        its slots off the count (while others hold it, it is shared, hence full for them too)."""
+        if (n := self._holders[block] - 1) == 0:
+            del self._holders[block]
+            self._filled -= fill
+        else:
+            self._holders[block] = n
+
     def filled_slots(self) -> int:
         """Token slots holding a token, over the blocks live sequences hold (a shared block counts once, as
-        full as its fullest owner)."""
+        full as its fullest owner). O(1): kept as blocks are taken, filled and let go (_walk_filled_slots
+        is the definition, for tests)."""
+        return self._filled
+
+    def _walk_filled_slots(self) -> int:
+        """filled_slots by walking every block of every live sequence (what the kept count must equal)."""
         filled: dict[int, int] = {}
         for s in self.live:
             for j, b in enumerate(s.blocks):

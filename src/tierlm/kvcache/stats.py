@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from tierlm.config import format_size
 from tierlm.kvcache.remote_tier import RemoteStats
-from tierlm.kvcache.tier_stack import TierCounters
+from tierlm.kvcache.tier_stack import KVTierCounters
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class KVStats:
     restored_tokens: int  # prompt tokens served by restoring blocks from the host/disk tiers
     queried_tokens: int  # prompt tokens looked up
     evictions: int  # cached blocks reused for other tokens
-    tiers: TierCounters  # moves to and from the host/disk tiers
+    tiers: KVTierCounters  # moves to and from the host/disk KV tiers
     preemptions: int  # sequences whose blocks were taken back (then recomputed)
     recomputed_tokens: int
     filled_slots: int  # token slots of used blocks that hold a token

@@ -26,7 +26,7 @@ from tierlm.kvcache.tier_protocol import KVTier, Wanted
 
 
 @dataclass
-class TierCounters:
+class KVTierCounters:
     host_puts: int = 0
     disk_writes: int = 0
     dropped: int = 0  # evicted with nowhere to go
@@ -74,13 +74,13 @@ class KVTiers:
         return self.host_bytes > 0 or self.disk_dir is not None or bool(self.disk) or self.remote is not None
 
     @property
-    def counters(self) -> TierCounters:
+    def counters(self) -> KVTierCounters:
         """A live view: its fields are read from the tiers when read."""
         return _LiveCounters(self)  # type: ignore[return-value]
 
-    def snapshot(self) -> TierCounters:
+    def snapshot(self) -> KVTierCounters:
         d, r = self.disk.counters, self.remote.counters if self.remote else None
-        return TierCounters(host_puts=self._host_puts, disk_writes=d.writes, dropped=self._dropped,
+        return KVTierCounters(host_puts=self._host_puts, disk_writes=d.writes, dropped=self._dropped,
                             host_restores=self.host.restores + d.pending_restores, disk_restores=d.restores,
                             remote_restores=r.restores if r else 0, recompute_chosen=self._recompute_chosen,
                             corrupt=d.corrupt + (r.corrupt if r else 0), disk_evictions=d.evictions,

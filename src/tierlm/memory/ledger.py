@@ -12,6 +12,12 @@ Owners (the names the ledger, `--stats` and /metrics use):
     workspace    the layer intermediates' arena (re-planned wider at run time: resized)
     activations  kernel outputs and transients of one step (the planner's estimate: they are not pooled)
 
+Tiers: the ledger's tiers are "cpu", "cuda" and "disk", the keys of max_memory as Accelerate spells them
+(one budget each; "cuda" for any CUDA device). They say whose memory a reservation is charged to, and are
+not the weight placement's offload.tier.Tier (DEVICE / HOST / DISK: where a weight unit is read from; on a
+CPU, DEVICE and HOST are both "cpu" here) nor the KV tiers below the pool (host / disk / remote,
+kvcache/tier_stack.py). Callers map a torch device to "cuda" or "cpu"; no Tier value is ever a ledger tier.
+
 The planner's placement becomes the first reservations (before anything is allocated, so a budget that
 cannot hold it fails before a byte is read); the owners resize them to what they really allocated. The
 ledger is thread-safe: the server's metrics read it while the engine thread changes it. Every change is
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 from tierlm.config import format_size
 from tierlm.errors import BudgetError
 
-TIERS = ("cpu", "cuda", "disk")
+TIERS = ("cpu", "cuda", "disk")  # max_memory's keys (Accelerate's), one budget each; not offload.tier.Tier
 
 
 @dataclass(frozen=True)

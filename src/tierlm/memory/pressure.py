@@ -6,8 +6,8 @@ The fraction is read from the OS: the memory cgroup the process is in (v2 memory
 memory.usage_in_bytes / memory.limit_in_bytes, less the inactive page cache the kernel reclaims before an
 OOM kill), else the machine (1 - MemAvailable / MemTotal). A level is entered when the fraction reaches its threshold and left
 only when it falls HYSTERESIS below it, so a reading hovering at a boundary does not flap. level_of is pure;
-read_memory is the only part that touches the OS. The server's responses to each level are in
-serve/loop.py (EngineLoop.apply_pressure).
+read_memory is the only part that touches the OS. The engine's responses to each level are in
+engine/pressure_control.py (PressureControl.check, run by serve/loop.py with each snapshot).
 """
 from __future__ import annotations
 

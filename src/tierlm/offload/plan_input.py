@@ -37,9 +37,9 @@ def default_context(cfg: ModelConfig, budget: MemoryBudget, max_context: int | N
     return min(max_context or cap, cfg.max_position_embeddings)
 
 
-def kv_pool_bytes(cfg: ModelConfig, context: int, store: torch.dtype, block_size: int) -> int:
-    """The paged KV pool for one sequence of `context` tokens: whole blocks, stored as `store`."""
-    return -(-context // block_size) * block_nbytes(cfg, block_size, store)
+def kv_pool_bytes(cfg: ModelConfig, context: int, storage: torch.dtype, block_size: int) -> int:
+    """The paged KV pool for one sequence of `context` tokens: whole blocks, stored as `storage`."""
+    return -(-context // block_size) * block_nbytes(cfg, block_size, storage)
 
 
 @dataclass(frozen=True)
@@ -138,14 +138,14 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
 
 def budget_plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_context: int | None,
                       profile: Profile, cuda: bool, ring_depth: int | None, quant: QuantScheme,
-                      kv_store: torch.dtype, block_size: int, kv_pool: int | None = None,
+                      kv_storage: torch.dtype, block_size: int, kv_pool: int | None = None,
                       kv_host: int = 0) -> tuple[int, PlanInput, list[ContextOption]]:
     """(context, planner input, the context options weighed) for a run under `budget`. Every KV byte the run
     may hold is inside the budget: the pool (explicit `kv_pool`, or one sequence of the context in the KV
-    format that will be stored, `kv_store`) and the host KV tier. Without an explicit context or pool the
+    format that will be stored, `kv_storage`) and the host KV tier. Without an explicit context or pool the
     context follows from the budget (choose_context)."""
     def build(context: int) -> PlanInput:
-        pool = kv_pool if kv_pool is not None else kv_pool_bytes(cfg, context, kv_store, block_size)
+        pool = kv_pool if kv_pool is not None else kv_pool_bytes(cfg, context, kv_storage, block_size)
         return plan_input(cfg, dtype, budget, context, profile, cuda=cuda, ring_depth=ring_depth, quant=quant,
                           kv_bytes=pool, kv_host_bytes=kv_host)
     if max_context is not None or kv_pool is not None:

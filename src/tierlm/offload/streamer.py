@@ -27,18 +27,18 @@ from tierlm.offload.stats import BusyClock, TierStats
 
 
 class Streamer:
-    def __init__(self, store: OffloadStore, schedule: list[str], depth: int, stats: TierStats,
+    def __init__(self, offload: OffloadStore, schedule: list[str], depth: int, stats: TierStats,
                  device: torch.device, host_resident: dict[str, torch.Tensor] | None = None,
                  io_threads: int = 4, direct: bool = True):
         if depth < 1 or not schedule:
             raise ValueError("a streamer needs depth >= 1 and a non-empty schedule")
-        self.store, self.schedule, self.depth, self.stats = store, schedule, depth, stats
+        self.offload, self.schedule, self.depth, self.stats = offload, schedule, depth, stats
         self.device = device
         self.cuda = device.type == "cuda"
         self._host_resident = host_resident or {}  # CUDA HOST tier: pinned copies, no disk read
         self._buffers: list[AlignedBuffer] = []
         self._make_slots(schedule)
-        self._reader = store.open_reader(direct)
+        self._reader = offload.open_reader(direct)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierlm-io")
         self._clock = BusyClock()
         self._pending: dict[int, list[tuple[tuple[int, int], Future]]] = {}
@@ -48,14 +48,14 @@ class Streamer:
         self._start(0)
 
     def _make_slots(self, schedule: list[str]) -> None:
-        depth, store, device = self.depth, self.store, self.device
-        slot_bytes = store.max_unit_bytes([u for u in schedule if u not in self._host_resident]) \
+        depth, offload, device = self.depth, self.offload, self.device
+        slot_bytes = offload.max_unit_bytes([u for u in schedule if u not in self._host_resident]) \
             if any(u not in self._host_resident for u in schedule) else 0
         self.slot_bytes = slot_bytes
         self.ring_bytes = depth * slot_bytes  # host memory of the slots (pinned staging on CUDA)
         if self.cuda:
             self._host_slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
-            dev_bytes = store.max_unit_bytes(schedule)
+            dev_bytes = offload.max_unit_bytes(schedule)
             self._dev_slots = [torch.empty(dev_bytes, dtype=torch.uint8, device=device) for _ in range(depth)]
             self._copy_stream = torch.cuda.Stream(device)
             self._copied = [torch.cuda.Event() for _ in range(depth)]  # H2D into slot s finished
@@ -71,7 +71,7 @@ class Streamer:
             raise ValueError("an empty schedule: close the streamer instead")
         self._drain()
         self._views.clear()  # the slot each unit lands in follows from its position
-        need = self.store.max_unit_bytes([u for u in schedule if u not in self._host_resident])
+        need = self.offload.max_unit_bytes([u for u in schedule if u not in self._host_resident])
         if need > self.slot_bytes:
             self._free_slots()
             self._make_slots(schedule)
@@ -86,7 +86,7 @@ class Streamer:
     def _read_chunk(self, unit: str, chunk: tuple[int, int], view: memoryview) -> None:
         self._clock.begin()
         try:
-            self.store.read_chunk(self._reader, unit, chunk, view)
+            self.offload.read_chunk(self._reader, unit, chunk, view)
         finally:
             self._clock.end()
 
@@ -99,7 +99,7 @@ class Streamer:
             self._copied[n % self.depth].synchronize()  # the host slot's previous H2D must be done
         view = self._slot_view(n)
         self._pending[n] = [(c, self._pool.submit(self._read_chunk, unit, c, view))
-                            for c in self.store.units[unit].chunks()]
+                            for c in self.offload.units[unit].chunks()]
 
     def _start(self, position: int) -> None:
         """(Re)start the cyclic stream so that the next acquire is schedule[position]."""
@@ -130,7 +130,7 @@ class Streamer:
             elif e is not None:
                 raise e  # a bug, not the disk
         if failed:  # re-read once on this thread; failing again, the unit is rebuilt from the source
-            self.store.reread_or_repair(self._reader, unit, failed, self._slot_view(n), self.stats)
+            self.offload.reread_or_repair(self._reader, unit, failed, self._slot_view(n), self.stats)
         self.stats.io_wait_s += time.perf_counter() - t
         self.stats.io_busy_s += self._clock.drain()
 
@@ -148,7 +148,7 @@ class Streamer:
             n = self._next
         self._wait(n, unit)
         if unit not in self._host_resident:
-            self.stats.disk_bytes += self.store.units[unit].nbytes
+            self.stats.disk_bytes += self.offload.units[unit].nbytes
             self.stats.units_streamed += 1
         if not self.cuda:
             return self._slot_views(n % self.depth, unit, self._host_slots)
@@ -170,7 +170,7 @@ class Streamer:
         key = (s, unit)
         views = self._views.get(key)
         if views is None:
-            views = self._views[key] = self.store.views(unit, slots[s])
+            views = self._views[key] = self.offload.views(unit, slots[s])
         return views
 
     def release(self, unit: str) -> None:

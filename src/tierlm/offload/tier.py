@@ -1,4 +1,6 @@
-"""Where a tensor lives. On a CPU-only machine DEVICE and HOST are both RAM (see DESIGN.md)."""
+"""Where a weight unit is placed (offload/planner.py) and read from. On a CPU-only machine DEVICE and HOST
+are both RAM. Not the memory ledger's tiers ("cpu", "cuda", "disk": max_memory's keys, memory/ledger.py)
+nor the KV tiers below the pool (host, disk, remote: kvcache/tier_stack.py)."""
 from __future__ import annotations
 
 from enum import Enum

@@ -44,13 +44,13 @@ def _nbytes(t: torch.Tensor | QuantTensor | None) -> int:
 class _Rows:
     """On-demand embedding rows from the offload store: one small aligned buffer, one reader."""
 
-    store: OffloadStore
+    offload: OffloadStore
     unit: str
     reader: DirectFile
     buf: AlignedBuffer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.buf = AlignedBuffer(self.store.row_buffer_bytes(self.unit))
+        self.buf = AlignedBuffer(self.offload.row_buffer_bytes(self.unit))
 
     def close(self) -> None:
         self.reader.close()
@@ -123,7 +123,7 @@ class WeightStore:
         if tied:
             embed_tier = head_tier  # one matrix: rows come from wherever the head lives
         # A tied head streamed under quantisation cannot serve rows from its packed form on disk: the
-        # embedding then gets a dense unit of its own in the store (rows read on demand).
+        # embedding then gets a dense unit of its own in the offload store (rows read on demand).
         rows_unit = EMBED if not tied or quant.enabled else HEAD
         # Streaming order = access order: layers, then the head. The embedding is never streamed whole.
         schedule = [layer_unit(i) for i, t in enumerate(tiers) if t != Tier.DEVICE]
@@ -131,11 +131,11 @@ class WeightStore:
         offloaded = schedule + ([EMBED] if rows_unit == EMBED and embed_tier != Tier.DEVICE else [])
         if migratable:  # resident layers too: a migration reads or streams them from here
             offloaded += [layer_unit(i) for i, t in enumerate(tiers) if t == Tier.DEVICE]
-        store = None
+        offload = None
         if offloaded:
             if offload_dir is None:
                 raise ValueError("units placed off the device need an offload_dir")
-            store = OffloadStore.open_or_build(source, offloaded, dtype, offload_dir, progress, quant)
+            offload = OffloadStore.open_or_build(source, offloaded, dtype, offload_dir, progress, quant)
 
         present = set(source.tensor_names())
         resident = [i for i, t in enumerate(tiers) if t == Tier.DEVICE]
@@ -161,17 +161,17 @@ class WeightStore:
         bar.update(3)
         bar.close()
         source.close()
-        if store is not None:
+        if offload is not None:
             _evict_source(source)
         streamer = rows = None
         stats = TierStats()
         if schedule:
-            host = {u: cls._pin(store, u) for u in schedule if cls._tier_of(u, tiers, head_tier) == Tier.HOST}
-            streamer = Streamer(store, schedule, ring_depth, stats, device, host, io_threads, direct)
+            host = {u: cls._pin(offload, u) for u in schedule if cls._tier_of(u, tiers, head_tier) == Tier.HOST}
+            streamer = Streamer(offload, schedule, ring_depth, stats, device, host, io_threads, direct)
         if embed is None:
-            rows = _Rows(store, rows_unit, store.open_reader(direct))
+            rows = _Rows(offload, rows_unit, offload.open_reader(direct))
         ws = cls(cfg, norm, rope_freqs, layers, tiers, head, embed, head_tier, embed_tier, streamer, rows, stats,
-                 dtype, quant, store)
+                 dtype, quant, offload)
         ws.stream_args = (ring_depth or 2, io_threads or 4, direct)
         return ws
 
@@ -180,11 +180,11 @@ class WeightStore:
         return head_tier if unit == HEAD else tiers[int(unit.removeprefix("layers."))]
 
     @staticmethod
-    def _pin(store: OffloadStore, unit: str) -> torch.Tensor:
+    def _pin(offload: OffloadStore, unit: str) -> torch.Tensor:
         """CUDA HOST tier: the unit's extent read once into pinned memory (copied to the device per use)."""
-        buf = AlignedBuffer(store.units[unit].nbytes)
-        with store.open_reader() as reader:
-            store.read_unit(reader, unit, buf)
+        buf = AlignedBuffer(offload.units[unit].nbytes)
+        with offload.open_reader() as reader:
+            offload.read_unit(reader, unit, buf)
         pinned = buf.tensor().clone().pin_memory()
         buf.close()
         return pinned
@@ -222,7 +222,7 @@ class WeightStore:
         if self.embed_weight is not None:
             return kernels.embedding_rows(self.embed_weight, tokens.to(device), self.dtype)
         unique, inverse = torch.unique(tokens, return_inverse=True)  # read each distinct row once
-        rows = self._rows.store.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf,
+        rows = self._rows.offload.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf,
                                           self.stats)
         self.stats.disk_bytes += rows.numel() * rows.element_size()
         return rows.to(device)[inverse.to(device)]  # [B, T, H]

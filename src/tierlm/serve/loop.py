@@ -41,7 +41,7 @@ class Snapshot:
     running: int = 0
     waiting: int = 0
     kv: KVStats | None = None
-    tiers: TierStats = field(default_factory=TierStats)
+    weight_traffic: TierStats = field(default_factory=TierStats)  # weights moved from disk / host (offload/)
     preemptions: int = 0
     step_errors: int = 0
     steps: int = 0
@@ -57,11 +57,11 @@ class Snapshot:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None,
-                 quotas: dict[str, Quota] | None = None):
+    def __init__(self, engine: Engine, max_queue: int, pressure: PressureControl | None = None):
+        """The tenants' quotas are the engine's (Engine(quotas=...)): its scheduler admits by them, submit
+        refuses by them."""
         self.engine, self.max_queue, self.pressure = engine, max_queue, pressure
-        self.quotas = quotas or {}
-        engine.scheduler.quotas = self.quotas
+        self.quotas: dict[str, Quota] = engine.scheduler.quotas
         self._inflight: dict[str, int] = {}  # tenant -> unfinished requests (any thread: under _count_lock)
         self._count_lock = threading.Lock()
         self.draining = False
@@ -176,7 +176,8 @@ class EngineLoop:
         if p is not None:
             p.check()
         self.snapshot = Snapshot(running=len(e.scheduler.running), waiting=e.num_waiting, kv=e.kv.stats(),
-                                 tiers=replace(e.runner.store.stats), preemptions=e.scheduler.counters.preemptions,
+                                 weight_traffic=replace(e.runner.store.stats),
+                                 preemptions=e.scheduler.counters.preemptions,
                                  step_errors=self.step_errors, steps=e.scheduler.counters.steps,
                                  host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk),
                                  pressure=int(p.level) if p else 0, pressure_fraction=p.fraction if p else 0.0,

@@ -91,7 +91,7 @@ class _EngineCollector:
                                   value=s.pressure_transitions)
         yield CounterMetricFamily("tierlm:engine_step_errors", "Engine steps that failed", value=s.step_errors)
         yield _labeled(CounterMetricFamily, "tierlm:bytes_streamed", "Weight bytes streamed, by tier", "tier",
-                       {"disk": s.tiers.disk_bytes, "host_to_device": s.tiers.h2d_bytes})
+                       {"disk": s.weight_traffic.disk_bytes, "host_to_device": s.weight_traffic.h2d_bytes})
         m = self.metrics
         yield CounterMetricFamily("tierlm:prompt_tokens", "Prompt tokens of finished requests", value=m.prompt_tokens)
         yield CounterMetricFamily("tierlm:generation_tokens", "Generated tokens of finished requests",

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from tierlm.engine.args import EngineArgs
 from tierlm.engine.pressure_control import PressureControl
-from tierlm.engine.quota import parse_tenant
+from tierlm.engine.quota import Quota, parse_tenant
 from tierlm.errors import UsageError
 from tierlm.serve.app import create_app
 from tierlm.serve.loop import EngineLoop
@@ -45,12 +45,20 @@ def api_key(args: ServeArgs) -> str | None:
     return args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
 
 
+def tenant_quotas(args: ServeArgs) -> dict[str, Quota]:
+    """Tenant name -> Quota of the --tenant specs (a bad spec raises): what the engine admits by, given to it
+    when the model loads (LLM.from_args(engine_args, quotas))."""
+    return {name: quota for _, name, quota in map(parse_tenant, args.tenants)}
+
+
 def engine_app(llm, args: ServeArgs) -> tuple[EngineLoop, FastAPI, str]:
-    """The engine loop (not started) and the HTTP app over a loaded model, and the model id it serves: one of
-    each in `tierlm serve`, one per replica on Ray Serve (cluster.py)."""
+    """The engine loop (not started) and the HTTP app over a model loaded with the tenants' quotas, and the
+    model id it serves: one of each in `tierlm serve`, one per replica on Ray Serve (cluster.py)."""
     parsed = [parse_tenant(t) for t in args.tenants]
-    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory),
-                      {name: quota for _, name, quota in parsed})
+    if llm.engine.scheduler.quotas != tenant_quotas(args):
+        raise UsageError("the model was loaded without these tenants' quotas: "
+                         "LLM.from_args(engine_args, tenant_quotas(serve_args))")
+    loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory))
     name = args.served_model_name or default_model_name(llm.source)
     app = create_app(llm, loop, name, api_key(args), {k: tenant for k, tenant, _ in parsed})
     return loop, app, name
@@ -63,9 +71,8 @@ def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
     from tierlm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for spec in args.tenants:  # bad specs fail before the model loads
-        parse_tenant(spec)
-    llm = LLM.from_args(engine_args)
+    quotas = tenant_quotas(args)  # bad specs fail before the model loads
+    llm = LLM.from_args(engine_args, quotas)
     loop, app, name = engine_app(llm, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)  # in a thread, uvicorn installs no signal handlers: they are ours
