@@ -76,7 +76,8 @@ def test_kept_count_equals_the_walk(tiny_models, name):
     _check(kv)
     _advance(kv, [d], len(d.tokens) - d.num_computed)
     lone = KVSequence(tokens=list(range(200, 207)))  # stepped without admission: not a live sequence
-    kv.begin([lone], 7).finish()
+    kv.reserve(lone, 7)
+    kv.step([lone], 7).finish()
     _check(kv)
     assert kv.resize(48) and kv.resize(40)  # the pool grows and shrinks under the live sequences
     _check(kv)
