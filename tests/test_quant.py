@@ -155,12 +155,13 @@ def test_quantised_offload_equals_quantised_resident(tiny_models, tmp_path, quan
     path = tiny_models[model].path
     scheme = QuantScheme.parse(quant)
     resident = _store(path, tmp_path, scheme)
-    ref = _logits(resident, PROMPT, steps=4, dtype=torch.bfloat16)
+    tok = open_model(path).tokenizer
+    ref = _logits(tok, resident, PROMPT, steps=4, dtype=torch.bfloat16)
     n = resident.config.num_layers
     for k, (layers, head, embed) in enumerate((([K] * n, K, K), ([D] + [K] * (n - 1), D, K))):
         tiered = _store(path, tmp_path / str(k), scheme, layers, head, embed)  # a store each (one holding more
         # units would serve the second placement too)
-        got = _logits(tiered, PROMPT, steps=4, dtype=torch.bfloat16)
+        got = _logits(tok, tiered, PROMPT, steps=4, dtype=torch.bfloat16)
         assert tiered.stats.disk_bytes > 0
         assert all(torch.equal(a, b) for a, b in zip(ref, got)), (layers, head, embed)
         tiered.close()
