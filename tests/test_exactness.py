@@ -36,9 +36,18 @@ def test_a_token_attends_the_same_in_any_chunk(dtype):
 
 
 @pytest.fixture(scope="module")
-def solo() -> list[list[int]]:
-    ref = LLM(progress=False, enable_prefix_caching=False)
-    return [ref.generate([p], PARAMS)[0].token_ids for p in PROMPTS]
+def cold() -> tuple[LLM, list[list[int]]]:
+    """Each prompt run alone, cold: prefix caching is on but no prompt shares a leading block with another, so
+    nothing hits (checked); their blocks stay cached for the warm reruns of test_prefix_hits_equal_cold_runs."""
+    llm = LLM(progress=False)
+    outs = [llm.generate([p], PARAMS)[0].token_ids for p in PROMPTS]
+    assert llm.kv.hit_tokens == 0
+    return llm, outs
+
+
+@pytest.fixture(scope="module")
+def solo(cold) -> list[list[int]]:
+    return cold[1]
 
 
 def test_preempted_and_batched_requests_equal_solo_runs(solo):
@@ -48,9 +57,7 @@ def test_preempted_and_batched_requests_equal_solo_runs(solo):
     assert got == solo
 
 
-def test_prefix_hits_equal_cold_runs(solo):
-    llm = LLM(progress=False)
-    for p in PROMPTS:
-        llm.generate([p], PARAMS)  # cold: the prompt's blocks are cached
+def test_prefix_hits_equal_cold_runs(cold):
+    llm, solo = cold  # cold: each prompt's blocks are cached
     warm = [llm.generate([p], PARAMS)[0].token_ids for p in PROMPTS]  # hits: only the suffix is prefilled
     assert llm.kv.hit_tokens > 0 and warm == solo

@@ -25,7 +25,7 @@ class TierStats:
     restarts: int = 0  # the ring started over out of its cyclic order (reads in flight drained and re-read)
     io_busy_s: float = 0.0  # time the disk was busy (union of read intervals)
     io_wait_s: float = 0.0  # time the runner waited for a unit to arrive
-    forward_s: float = 0.0  # wall time inside Runner.forward (compute + waits)
+    forward_s: float = 0.0  # wall time inside Runner.forward_groups (compute + waits)
     forward_passes: int = 0
 
     def __sub__(self, other: "TierStats") -> "TierStats":
