@@ -13,6 +13,8 @@ from tierlm.memory.directio import drop_from_page_cache
 from tierlm.offload.disk_store import DATA_FILE
 from tierlm.synth import synth
 
+pytestmark = pytest.mark.slow  # fresh processes, measured: make test, not make test-fast
+
 MiB = 1 << 20
 BUDGET = 300 * MiB  # the model is 513 MiB in float32: about half of it must stream
 
@@ -107,7 +109,6 @@ LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 70)  #
 GGUF_BUDGET = 96 * MiB  # the embedded model is 118 MiB in its own int4/int8 form: some of it must stream
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kv", [None, "20MiB"])
 def test_quantised_gguf_within_budget(tmp_path, baseline, kv):
     """The embedded Q4_1 GGUF in its own quantisation (--quant auto), a prompt long enough for the prefill

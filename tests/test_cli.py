@@ -5,8 +5,8 @@ import io
 import subprocess
 import sys
 
+import pytest
 from helpers import run_cli
-
 
 
 def test_generate_chat_answers_paris(capsys):
@@ -16,6 +16,7 @@ def test_generate_chat_answers_paris(capsys):
     assert "Paris" in out
 
 
+@pytest.mark.slow
 def test_streamed_equals_no_stream(capsys):
     args = ["generate", "--prompt", "Once upon a time", "--max-tokens", "20", "--temperature", "0"]
     _, streamed, _ = run_cli(capsys, *args)
@@ -23,6 +24,7 @@ def test_streamed_equals_no_stream(capsys):
     assert streamed == whole and len(streamed.strip()) > 10
 
 
+@pytest.mark.slow
 def test_seeded_sampling_reproducible(capsys):
     args = ["generate", "--prompt", "Tell me a story", "--max-tokens", "16", "--temperature", "0.9",
             "--top-p", "0.9", "--top-k", "50", "--seed", "7"]
@@ -36,6 +38,7 @@ def test_stats_goes_to_stderr(capsys):
     assert code == 0 and "tok/s" in err and "tok/s" not in out
 
 
+@pytest.mark.slow
 def test_chat_repl_keeps_history(capsys, monkeypatch):
     from tierlm import LLM, SamplingParams
     from tierlm.chat_repl import run_chat
@@ -69,6 +72,7 @@ def test_info_memory_table(capsys):
     assert "45.0 KiB per token" in out
 
 
+@pytest.mark.slow
 def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "tierlm", "generate", "--prompt", "Hello", "--max-tokens", "3"],
                        capture_output=True, text=True, timeout=120)

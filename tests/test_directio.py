@@ -60,6 +60,7 @@ def test_unaligned_direct_offset_is_refused(data_file):
     buf.close()
 
 
+@pytest.mark.slow
 def test_calibrate_saves_and_reuses_profile(tmp_path, capsys):
     profile = tmp_path / "profile.json"
     args = ["calibrate", "--dir", str(tmp_path), "--size", "16MiB", "--queue-depth", "2", "--profile", str(profile)]

@@ -61,6 +61,7 @@ def test_embedded_config(llm):
     assert "Q4_1" in llm.source.storage_types()
 
 
+@pytest.mark.slow
 def test_chat_logits_match_transformers(llm, hf_model):
     ids = llm.tokenizer.encode_chat(MESSAGES)
     ours = llm.prompt_logits(ids).unsqueeze(0)  # [1, T, V], through the engine
@@ -71,6 +72,7 @@ def test_chat_logits_match_transformers(llm, hf_model):
     assert diff < 1e-3, f"max |logit diff| {diff:.2e}"
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers(llm, hf_model):
     ids = llm.tokenizer.encode_chat(MESSAGES)
     out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))[0]
@@ -89,6 +91,7 @@ def test_chat_answers_paris(llm):
     assert not set(out.token_ids) & llm.tokenizer.eos_token_ids
 
 
+@pytest.mark.slow
 def test_chat_template_matches_transformers(llm, hf_tokenizer):
     ref = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
     ref = ref if isinstance(ref, list) else list(ref["input_ids"])

@@ -50,6 +50,7 @@ def solo(cold) -> list[list[int]]:
     return cold[1]
 
 
+@pytest.mark.slow
 def test_preempted_and_batched_requests_equal_solo_runs(solo):
     llm = LLM(progress=False, kv_memory="8MiB", enable_prefix_caching=False)  # 22 blocks: preemptions
     got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
@@ -57,6 +58,7 @@ def test_preempted_and_batched_requests_equal_solo_runs(solo):
     assert got == solo
 
 
+@pytest.mark.slow
 def test_prefix_hits_equal_cold_runs(cold):
     llm, solo = cold  # cold: each prompt's blocks are cached
     warm = [llm.generate([p], PARAMS)[0].token_ids for p in PROMPTS]  # hits: only the suffix is prefilled

@@ -55,6 +55,7 @@ def test_same_model_in_two_places_shares_keys_another_never(tiny_models, tmp_pat
     assert LLM(one, progress=False, block_size=8).kv.manager.salt != a.kv.manager.salt
 
 
+@pytest.mark.slow
 def test_the_embedded_gguf_copied_elsewhere_keeps_its_keys(tmp_path, isolated_cache):
     from tierlm.weights.embedded import embedded_model_path
     copy = tmp_path / "copy.gguf"
@@ -142,6 +143,7 @@ def test_redis_down_means_local_tiers_only(tiny_models, isolated_cache):
     assert not remote.up and remote.counters.errors >= 1 and "remote DOWN" in e.kv_stats().describe()
 
 
+@pytest.mark.slow
 def test_a_stalled_redis_costs_one_timeout_not_a_request(tiny_models, redis_url, isolated_cache):
     src = tiny_models["llama_gqa_tied"].path
     e = _engine(src, kv_remote=redis_url)
@@ -180,6 +182,7 @@ def test_bad_remote_urls_are_one_line_errors(capsys):
     assert len(err) == 1 and "kv_remote" in err[0]
 
 
+@pytest.mark.slow
 def test_the_shared_tier_is_inside_the_budget(redis_url, isolated_cache, tmp_path):
     """Its queue and fetch batch are planned (the embedded model's plan fills a 200 MiB budget: the pool gives
     way) and reserved in the ledger."""

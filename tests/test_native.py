@@ -128,6 +128,7 @@ def _logits(llm: LLM, ids: list[int], native_layers: bool, step: bool = False) -
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712] * 3
 
 
+@pytest.mark.slow
 def test_layer_step_matches_the_python_layer(fp32_llm):
     assert fp32_llm.runner.native
     a, b = _logits(fp32_llm, IDS, True), _logits(fp32_llm, IDS, False)
@@ -135,6 +136,7 @@ def test_layer_step_matches_the_python_layer(fp32_llm):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["int8", "exact"])
 def test_decoded_tokens_equal_a_prefill(kernels):
     with LLM(progress=False, kernels=kernels) as llm:  # bf16 activations, bf16 KV
@@ -143,6 +145,7 @@ def test_decoded_tokens_equal_a_prefill(kernels):
         assert torch.equal(decoded, _logits(llm, fed, True))
 
 
+@pytest.mark.slow
 def test_the_default_layer_step_runs_torch_matmuls():
     """Without TIERLM_NATIVE: int4 stays in torch's layout and kernels, inside the one-call layer step; decoded
     tokens equal a prefill bit for bit, and the logits stay close to the Python layer's."""
@@ -158,6 +161,7 @@ def test_the_default_layer_step_runs_torch_matmuls():
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9 and (a - b).abs().max() < 0.05 * b.abs().max()
 
 
+@pytest.mark.slow
 def test_without_the_library_torch_kernels_run():
     code = ("from tierlm import native, LLM, SamplingParams; from tierlm.quant import int4;"
             "print(native.status()); print(int4.layout_tag());"

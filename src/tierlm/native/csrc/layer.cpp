@@ -18,7 +18,7 @@
 
 namespace tierlm {
 
-// (kind, q, d, m, dch) as tierlm.native.ops packs a QuantTensor. Kinds 4 and 8: the integer-dot kernels' form
+// (kind, q, d, m, dch) as tierlm.quant.intdot packs a QuantTensor. Kinds 4 and 8: the integer-dot kernels' form
 // (qgemm.h). Kinds TORCH_INT4 / TORCH_INT8: torch's fused weight-only form (q in its int4pack layout or int8,
 // d = kernel_scales in the activation dtype: [K/g, N, 2] or [N]), multiplied by torch's own kernels.
 using MatArg = std::tuple<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
