@@ -86,3 +86,52 @@ def test_max_tokens_zero_scores_the_prompt_only(llm):
     with pytest.raises(ContextLengthError):
         llm.generate([full], SamplingParams(max_tokens=1))
     assert llm.kv.manager.num_free == llm.kv.manager.num_blocks
+
+
+def test_a_prompt_is_scored_a_slice_of_rows_at_a_time(llm, monkeypatch):
+    """A scoring chunk's head runs Runner.score_rows rows at a time (its fp32 logits and their log_softmax take
+    the room of one layer's prefill transients, not a [T, V] tensor): the slices cover the prompt in order, none
+    wider than score_rows, and give the logprobs whole chunks give (to fp32 rounding: fewer matmul rows)."""
+    from tierlm.engine.request import EngineRequest
+    ids = _prompts(1, seed=4)[0]
+    want = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0].prompt_logprobs
+    seen, real = [], EngineRequest.score
+
+    def spy(self, start, logits):
+        seen.append((start, logits.shape[0]))
+        real(self, start, logits)
+
+    monkeypatch.setattr(EngineRequest, "score", spy)
+    monkeypatch.setattr(llm.runner, "score_rows", 3)
+    got = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0].prompt_logprobs
+    starts = [s for s, _ in seen]
+    assert max(n for _, n in seen) <= 3 and starts == sorted(starts) and sum(n for _, n in seen) == len(ids)
+    assert [s + n for s, n in seen[:-1]] == starts[1:]
+    assert torch.allclose(torch.tensor([e.logprob for e in got[1:]]), torch.tensor([e.logprob for e in want[1:]]),
+                          atol=1e-5)
+
+
+def test_a_preempted_scoring_request_scores_its_prompt_again(tiny_models):
+    """A pool that runs short preempts the newest request: a scoring request preempted mid-prompt starts its
+    scoring over when it is readmitted, and ends with the logprobs of a run alone."""
+    from tierlm.kvcache.pool import block_nbytes
+    path = tiny_models["llama_gqa_tied"].path
+    probe = LLM(path, progress=False, max_context=64)  # alone, in the same chunks (fp32: chunks round their own way)
+    per_block = block_nbytes(probe.config, 16, probe.kv.pool.storage)
+    probe.runner.prefill_chunk = CHUNK
+    probe.engine = Engine(probe.runner, probe.tokenizer, probe.kv, 4, CHUNK + 4)
+    ids = _prompts(1, seed=5, lo=38, hi=40)[0]
+    want = probe.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
+    probe.close()
+    llm = LLM(path, progress=False, max_context=64, kv_memory=4 * per_block, enable_prefix_caching=False)
+    llm.runner.prefill_chunk = CHUNK
+    llm.engine = Engine(llm.runner, llm.tokenizer, llm.kv, 4, CHUNK + 4)
+    eng = llm.engine
+    long = eng.add_request(_prompts(1, seed=6, lo=14, hi=15)[0],  # 14 tokens: a second block 2 decodes in
+                           SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    eng.step()  # the long request runs first, and decodes while the scoring request's prompt is computed
+    scoring = eng.add_request(ids, SamplingParams(max_tokens=0, prompt_logprobs=1))
+    eng.run()
+    assert eng.scheduler.counters.preemptions > 0 and long.out.finish_reason == "length"
+    assert scoring.out.prompt_logprobs == want
+    llm.close()

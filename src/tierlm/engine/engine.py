@@ -128,16 +128,18 @@ class Engine:
         if sched.decodes:
             seqs = [r.seq for r in sched.decodes]
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
-            groups.append((tokens, self.kv.step(seqs, 1, batch_invariant=True), "last"))
+            groups.append((tokens, self.kv.step(seqs, 1, batch_invariant=True), "last", None))
             owners.append(sched.decodes)
             starts.append(None)
         for c in sched.prefills:
             start = c.req.seq.num_computed
             tokens = torch.tensor([c.req.seq.tokens[start:start + c.tokens]])  # [1, T]
-            # a chunk scored for prompt_logprobs returns every position's logits; the last chunk of any other
-            # request, the last position's (to sample from), unless it generates nothing (max_tokens=0)
+            # a chunk scored for prompt_logprobs hands every position's logits to its request (a slice of rows at
+            # a time) and returns the last one's; the last chunk of any other request returns the last
+            # position's (to sample from), unless it generates nothing (max_tokens=0)
             mode = "all" if c.req.scoring else "last" if c.last and c.req.max_new else "none"
-            groups.append((tokens, self.kv.step([c.req.seq], c.tokens, batch_invariant=True), mode))
+            scorer = (lambda row, lg, r=c.req, s=start: r.score(s + row, lg[0])) if mode == "all" else None
+            groups.append((tokens, self.kv.step([c.req.seq], c.tokens, batch_invariant=True), mode, scorer))
             owners.append([c.req])
             starts.append(start)
         t0 = time.perf_counter()
@@ -148,7 +150,7 @@ class Engine:
                 for r in reqs:
                     updates.append(self._finish(r, "error", f"{type(e).__name__}: {e}"))
             raise
-        for _, step, _ in groups:
+        for _, step, _, _ in groups:
             step.finish()
         if self.ledger is not None and self.ledger.tracing:
             self._trace_kv()
@@ -156,10 +158,7 @@ class Engine:
         for c in sched.prefills:  # measured prefill cost per token: what restoring a block from a tier is weighed against
             self.kv.note_prefill(c.tokens, elapsed * c.tokens / sched.num_tokens)
         now = time.perf_counter()
-        for (_, step, mode), reqs, lg, start in zip(groups, owners, logits, starts):
-            if mode == "all":  # one prefill chunk of a request scoring its prompt: lg [1, T, V]
-                reqs[0].score(start, lg[0])
-                lg = lg[:, -1]  # [1, V]: what it samples from when the chunk ends its prompt
+        for (_, step, mode, _), reqs, lg, start in zip(groups, owners, logits, starts):
             done = start is not None and start + step.t == reqs[0].prefill_end  # a chunk that ends its prefill
             for i, r in enumerate(reqs):
                 if r.status is not Status.RUNNING:

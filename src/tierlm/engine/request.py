@@ -102,9 +102,10 @@ class EngineRequest:
         return self.params.prompt_logprobs is not None and self.scored < len(self.prompt_ids)
 
     def score(self, start: int, logits: torch.Tensor) -> None:
-        """logits [T, V] of the prefill chunk at prompt positions start..start+T-1: row i gives the logprob of
-        prompt token start+i+1 (fp32 log_softmax of this chunk only: no [prompt, V] tensor is ever held)."""
-        assert start == self.scored, "prompt chunks are scored in order"
+        """logits [n, V] of prompt positions start..start+n-1 (a slice of a prefill chunk, Runner.score_rows rows):
+        row i gives the logprob of prompt token start+i+1 (fp32 log_softmax of this slice only: no [prompt, V]
+        tensor is ever held)."""
+        assert start == self.scored, "prompt positions are scored in order"
         k, end = self.params.prompt_logprobs, start + logits.shape[0]
         if self.keep_logits:
             self.logits.append(logits.float())

@@ -10,18 +10,25 @@ chunks the same way, so a budgeted run computes exactly what a resident one does
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
 from tierlm.config import ModelConfig, attention_dtype
 from tierlm.errors import ContextLengthError
+from tierlm.kvcache.attention import MIN_ROWS
 from tierlm.kvcache.step import PagedStep
 from tierlm.memory.ledger import MemoryLedger
+from tierlm.offload.estimate import activation_bytes
 from tierlm.offload.plan_input import PREFILL_CHUNK
 from tierlm.offload.weight_store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
 from tierlm.model import llama, native_layer
 from tierlm import native
+
+
+# (tokens [B, T], their step, which logits: "last" | "none" | "all", the scorer of "all": (row, logits [B, n, V]))
+Group = tuple[torch.Tensor, PagedStep, str, Callable[[int, torch.Tensor], None] | None]
 
 
 class Runner:
@@ -51,6 +58,12 @@ class Runner:
         self._reservation = ledger.reserve("workspace", "cuda" if self.device.type == "cuda" else "cpu", 0) \
             if ledger is not None else None
         self._plan_workspace(min(prefill_chunk, self.max_context), check=False)  # the planner counted this one
+        # A chunk scored for prompt logprobs projects every position, after its layers ran: its logits (fp32) and
+        # their log_softmax take, a slice of rows at a time, the room the planner gave one layer's prefill
+        # transients (freed by then), never a [T, V] tensor the budget does not count. At least MIN_ROWS rows:
+        # fp32 matmuls of fewer rows round differently.
+        acts = activation_bytes(self.config, prefill_chunk, 1, dtype.itemsize)
+        self.score_rows = max(MIN_ROWS, (acts.total - acts.logits) // (9 * self.config.vocab_size))
 
     def _plan_workspace(self, rows: int, check: bool = True) -> None:
         """(Re)plan the arena for steps of up to `rows` token rows (B*T); growing past the budget is refused."""
@@ -68,9 +81,9 @@ class Runner:
             self._reservation.release()
 
     @torch.inference_mode()
-    def forward_groups(self, groups: list[tuple[torch.Tensor, PagedStep, str]]) -> list[torch.Tensor | None]:
-        """One engine step: groups of (tokens [B, T], their step, which logits: "all" -> [B, T, V], "last" ->
-        [B, V], "none" -> None). The steps are not finished here: the engine does that once the step succeeded."""
+    def forward_groups(self, groups: list[Group]) -> list[torch.Tensor | None]:
+        """One engine step: groups of (tokens [B, T], their step, which logits, scorer): see _pass. The steps are
+        not finished here: the engine does that once the step succeeded."""
         t0 = time.perf_counter()
         out = self._pass(groups)
         stats = self.store.stats
@@ -78,43 +91,49 @@ class Runner:
         stats.forward_passes += 1
         return out
 
-    def _pass(self, groups: list[tuple[torch.Tensor, PagedStep, str]]) -> list[torch.Tensor | None]:
-        """One pass over the weights for groups of (tokens [B, T], their step, logits: "all" -> [B, T, V],
-        "last" -> [B, V], "none" -> None). Every layer is acquired once for all groups (a streamed layer is read
-        once), and each group runs through it as it would alone, so its rows meet the same kernels whatever
-        else is in the pass."""
-        rows = max(tok.numel() for tok, _, _ in groups)
+    def _pass(self, groups: list[Group]) -> list[torch.Tensor | None]:
+        """One pass over the weights for groups of (tokens [B, T], their step, logits, scorer). logits "last" ->
+        [B, V] of the last position, "none" -> None, "all" -> every position's logits handed to scorer(row, [B, n,
+        V]) score_rows at a time (and [B, V] of the last position returned). Every layer is acquired once for all
+        groups (a streamed layer is read once), and each group runs through it as it would alone, so its rows
+        meet the same kernels whatever else is in the pass."""
+        rows = max(tok.numel() for tok, _, _, _ in groups)
         if rows > self.workspace_rows:
             self.workspace.release()  # a batch wider than planned: plan once more, larger
             self._plan_workspace(rows)
         xs, rope = [], []
-        for tok, step, _ in groups:
+        for tok, step, _, _ in groups:
             pos = step.positions  # [B, T]
             if int(pos.max()) >= self.max_context:
                 raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
             rope.append((self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)))  # [B, 1, T, hd] each
             xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream, in place
-        on_native = [self.native and native_layer.step_supported(step) for _, step, _ in groups]  # same every layer
+        on_native = [self.native and native_layer.step_supported(step) for _, step, _, _ in groups]  # same every layer
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
             mats = native_layer.layer_mats(w) if any(on_native) else None  # None: the Python layer
-            for x, (_, step, _), (cos, sin), on in zip(xs, groups, rope, on_native):
+            for x, (_, step, _, _), (cos, sin), on in zip(xs, groups, rope, on_native):
                 if mats is not None and on:
                     native_layer.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
                 else:
                     llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
             self.store.release(i)
         out: list[torch.Tensor | None] = [None] * len(groups)
-        if all(mode == "none" for _, _, mode in groups):
+        if all(mode == "none" for _, _, mode, _ in groups):
             # earlier prefill chunks: their KV is what matters, skip the head's matmul. A streamed head was already
             # prefetched in the ring's cyclic order: pass over it, or the stream would restart (drain, re-read).
             self.store.skip_head()
             return out
         lm_head = self.store.acquire_head()
-        for k, (x, (_, _, mode)) in enumerate(zip(xs, groups)):
-            if mode != "none":  # "last": only the last position feeds sampling, skip the [T, V] head matmul
-                h = x if mode == "all" else x[:, -1:]
-                logits = llama.head(self.config, self.store.norm, lm_head, h, self.workspace, self.exact)  # [B, T|1, V]
-                out[k] = logits if mode == "all" else logits[:, -1]
+        for k, (x, (_, _, mode, scorer)) in enumerate(zip(xs, groups)):
+            if mode == "all":
+                for r0 in range(0, x.shape[1], self.score_rows):
+                    logits = llama.head(self.config, self.store.norm, lm_head, x[:, r0:r0 + self.score_rows],
+                                        self.workspace, self.exact)  # [B, n, V]
+                    scorer(r0, logits)
+                out[k] = logits[:, -1]
+            elif mode == "last":  # only the last position feeds sampling: skip the [T, V] head matmul
+                logits = llama.head(self.config, self.store.norm, lm_head, x[:, -1:], self.workspace, self.exact)
+                out[k] = logits[:, -1]  # [B, V]
         self.store.release_head()
         return out
