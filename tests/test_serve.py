@@ -97,8 +97,18 @@ def test_echo_and_prompt_logprobs_score_a_prompt(client):
     assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
     assert c.logprobs.token_logprobs[1:] == pytest.approx([x.logprob for x in want[1:]], abs=1e-6)
     assert all(len(top) == 1 for top in c.logprobs.top_logprobs[1:])
-    scored = c.model_extra["prompt_logprobs"]  # echo with logprobs scores the prompt: vLLM's field comes too
-    assert scored[0] is None and all(str(x.token_id) in e for e, x in zip(scored[1:], want[1:]))
+    offsets = c.logprobs.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets) and "prompt_logprobs" not in (c.model_extra or {})
+    c = client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": 2}).choices[0]
+    assert all(len(top) == 1 for top in c.logprobs.top_logprobs[1:])  # logprobs=1: one alternative, as asked
+    assert c.logprobs.text_offset == sorted(c.logprobs.text_offset) and len(c.logprobs.tokens) == len(ids) + 3
+    scored = c.model_extra["prompt_logprobs"]  # vLLM's: the token and its 2 most likely alternatives
+    assert scored[0] is None and all(str(x.token_id) in e and len(e) <= 3 for e, x in zip(scored[1:], want[1:]))
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    streamed_lps = [x for ch in chunks for x in (ch.choices[0].logprobs.token_logprobs if ch.choices[0].logprobs else [])]
+    assert streamed_lps == c.logprobs.token_logprobs
 
     plain = client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
     whole = client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0, echo=True)
@@ -112,6 +122,9 @@ def test_echo_and_prompt_logprobs_score_a_prompt(client):
     lps = r.model_extra["prompt_logprobs"]
     assert lps[0] is None and len(lps) == r.usage.prompt_tokens
     assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in lps[1:])
+    chunks = list(client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                 stream=True, extra_body={"prompt_logprobs": 0}))
+    assert [ch.model_extra["prompt_logprobs"] for ch in chunks if "prompt_logprobs" in ch.model_extra] == [lps]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="smol", prompt=prompt, max_tokens=0)
 

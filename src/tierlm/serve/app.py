@@ -117,8 +117,8 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
         check_model(body.model)
         reqs, queue = submit(ids, body, kind, request.state.tenant)  # 503 draining/pressure, 429 queue/quota
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        choices = Choices(kind, len(reqs), llm.tokenizer, body.logprobs if kind == "chat" else body.logprobs is not None,
-                          [r.out for r in reqs], echo)
+        top = (body.top_logprobs or 0 if body.logprobs else None) if kind == "chat" else body.logprobs
+        choices = Choices(kind, len(reqs), llm.tokenizer, top, [r.out for r in reqs], echo, body.prompt_logprobs)
         created = int(time.time())
         if not body.stream:
             async with aclosing(updates(request, reqs, queue)) as stream:
@@ -145,7 +145,9 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
                         yield f"data: {json.dumps(err)}\n\n"
                         break
                     if u.text or u.finished or u.logprobs:
-                        yield chunk_json(kind, rid, created, model_name, [choices.delta(index, u)], usage)
+                        plps = choices.take_prompt_logprobs(index) if kind == "chat" and index == 0 else None
+                        yield chunk_json(kind, rid, created, model_name, [choices.delta(index, u)], usage,
+                                         prompt_logprobs=plps)
             if not failed:
                 metrics.requests_finished(reqs)
                 if usage:
