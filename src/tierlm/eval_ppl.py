@@ -47,6 +47,9 @@ def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progre
     through its engine (prompt_logprobs=0, max_tokens=0), whose prompt is prefilled whole (no prefix hit)."""
     if window > llm.runner.max_context:
         raise UsageError(f"window {window} exceeds the context served ({llm.runner.max_context})")
+    if stride >= window and len(ids) > window:  # a later window's first scored token needs one before it in it
+        raise UsageError(f"stride must be below the window ({window}) when the text spans several windows, "
+                         f"got {stride}")
     plan = windows(len(ids), window, stride)
     nll, count = 0.0, 0
     bar = progress_bar(len(plan), f"perplexity {label}", progress, unit="window")

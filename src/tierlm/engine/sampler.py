@@ -35,7 +35,7 @@ class SamplingParams:
         if self.top_k < 0:
             raise UsageError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 0:  # 0 only for prompt scoring: check_request (engine/output.py) enforces it
-            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise UsageError(f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise UsageError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

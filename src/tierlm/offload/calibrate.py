@@ -31,7 +31,7 @@ from tierlm.model import llama
 from tierlm.progress import progress_bar
 from tierlm.quant import QuantScheme, kernels, quantize
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6  # 6: the layer overhead is measured on the engine's paged, blocked-attention step
 REQUEST_BYTES = CHUNK_BYTES
 IN_FLIGHT = tuple(m << 20 for m in (1, 2, 4, 8, 16, 32, 64))  # the disk curve's points, bytes in flight
 DISK_REPS = 3
