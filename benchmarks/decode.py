@@ -144,10 +144,10 @@ def batched(engine: TierlmEngine, ids: list[int], max_tokens: int, n: int) -> di
 def breakdown(engine: TierlmEngine, ids: list[int], max_tokens: int) -> dict:
     """One run with timers around the native layer calls and the head: per decoded token, ms in each and in
     everything else (Python's layer loop, weight acquire/release, embedding, sampling, scheduling)."""
-    from tierlm.engine import runner
+    from tierlm.model import llama
     from tierlm.model import native_layer as ops
     spent = {"layers": 0.0, "head": 0.0}
-    real_step, real_head = ops.layer_step, runner.llama.head
+    real_step, real_head = ops.layer_step, llama.head
 
     def timed(key, fn):
         def wrapper(*a, **kw):
@@ -157,14 +157,14 @@ def breakdown(engine: TierlmEngine, ids: list[int], max_tokens: int) -> dict:
             finally:
                 spent[key] += time.perf_counter() - t0
         return wrapper
-    ops.layer_step, runner.llama.head = timed("layers", real_step), timed("head", real_head)
+    ops.layer_step, llama.head = timed("layers", real_step), timed("head", real_head)
     try:
         engine.run(ids, 2)  # prefill's share, subtracted below
         prefill = dict(spent)
         spent.update(layers=0.0, head=0.0)
         ttft, rate, _ = engine.run(ids, max_tokens)
     finally:
-        ops.layer_step, runner.llama.head = real_step, real_head
+        ops.layer_step, llama.head = real_step, real_head
     n = max_tokens - 1
     per = {k: (spent[k] - prefill[k]) / n * 1e3 for k in spent}
     per["total"] = 1e3 / rate

@@ -17,7 +17,7 @@ from gguf_writer import llama3_rope_factors, quantize_roundtrip, write_gguf
 from helpers import chunked_engine, engine_logits
 
 from tierlm import LLM, SamplingParams
-from tierlm.model import llama as tl_llama
+from tierlm.model import ops
 
 LOGITS_ATOL = 1e-3  # tierlm vs HF, fp32 (observed ~2e-5 with logits of std ~4)
 INCREMENTAL_ATOL = 1e-4  # KV-cache decode vs one full forward, both tierlm
@@ -88,7 +88,7 @@ def test_config_parsed(tiny, tl_fp32):
 
 def test_rope_inv_freq_matches_hf(tiny, tl_fp32):
     llm = tl_fp32(tiny.name)
-    ours = tl_llama.rope_inv_freq(llm.config, llm.store.rope_freqs)
+    ours = ops.rope_inv_freq(llm.config, llm.store.rope_freqs)
     theirs = tiny.hf.model.rotary_emb.inv_freq.float()
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
 

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 from tierlm import LLM, SamplingParams
 from tierlm.errors import UsageError
 from tierlm.memory.workspace import ALIGN, BufferSpec, Workspace, plan_workspace
-from tierlm.model import llama
+from tierlm.model import llama, ops
 from tierlm.weights import open_model
 
 
@@ -73,14 +73,14 @@ def test_norm_and_rope_match_the_hf_formulas_bit_for_bit():
     x = torch.randn(2, 3, 64, generator=g)  # [B, T, H]
     w = torch.randn(64, generator=g)
     ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))  # HF LlamaRMSNorm, fp32
-    out = llama.rms_norm_into(torch.empty_like(x), x, w, 1e-5, torch.empty_like(x), torch.empty_like(x),
+    out = ops.rms_norm_into(torch.empty_like(x), x, w, 1e-5, torch.empty_like(x), torch.empty_like(x),
                               torch.empty(2, 3, 1))
     assert torch.equal(out, ref)
     q = torch.randn(2, 4, 3, 16, generator=g)  # [B, heads, T, hd]
-    cos, sin = llama.rope_tables(torch.rand(8, generator=g), 3, torch.float32)  # [T, hd]
+    cos, sin = ops.rope_tables(torch.rand(8, generator=g), 3, torch.float32)  # [T, hd]
     rotated = torch.cat((-q[..., 8:], q[..., :8]), dim=-1)
     ref = q * cos + rotated * sin  # HF apply_rotary_pos_emb
-    assert torch.equal(llama.apply_rope(q, cos, sin, torch.empty_like(q), torch.empty_like(q)), ref)
+    assert torch.equal(ops.apply_rope(q, cos, sin, torch.empty_like(q), torch.empty_like(q)), ref)
 
 
 class FreshTensors(TorchDispatchMode):

@@ -23,7 +23,7 @@ from tierlm.offload.estimate import activation_bytes
 from tierlm.offload.plan_input import PREFILL_CHUNK
 from tierlm.offload.weight_store import WeightStore
 from tierlm.memory.workspace import Workspace, plan_workspace
-from tierlm.model import llama, native_layer
+from tierlm.model import native_layer, ops, registry
 from tierlm import native
 
 
@@ -43,15 +43,17 @@ class Runner:
         self.kv_dtype = attention_dtype(dtype, self.device.type == "cuda")
         # Positions this runner serves (prompt + generated); the planner reserved KV for this many.
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        inv_freq = llama.rope_inv_freq(self.config, store.rope_freqs)  # [hd/2]
+        self.model = registry.for_config(self.config)  # the architecture's file: its forward
+        inv_freq = ops.rope_inv_freq(self.config, store.rope_freqs)  # [hd/2]
         # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
-        cos, sin = llama.rope_tables(inv_freq, self.max_context, dtype)
+        cos, sin = ops.rope_tables(inv_freq, self.max_context, dtype)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         # Quantised layers on a CPU run as one native call each (model/native_layer.py) when the library is built; it
         # ropes in fp32 from fp32 tables. exact: fp32 activations into the integer-dot kernels' matmuls.
         self.exact = exact
-        self.native = self.device.type == "cpu" and store.quant.enabled and native.layer_step_available()
-        self.rope32 = llama.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
+        self.native = (self.device.type == "cpu" and store.quant.enabled and self.model.NATIVE_LAYER_STEP
+                       and native.layer_step_available())
+        self.rope32 = ops.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
         # The arena is the ledger's "workspace" reservation (re-planned wider: resized, within the budget).
@@ -68,7 +70,7 @@ class Runner:
     def _plan_workspace(self, rows: int, check: bool = True) -> None:
         """(Re)plan the arena for steps of up to `rows` token rows (B*T); growing past the budget is refused."""
         native = native_layer.scratch_bytes(self.config, rows) if self.native else 0
-        plan = plan_workspace(llama.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype, native))
+        plan = plan_workspace(self.model.workspace_buffers(self.config, rows, self.dtype, self.kv_dtype, native))
         if self._reservation is not None:
             self._reservation.resize(plan.nbytes, check=check)
         self.workspace, self.workspace_rows = Workspace(plan, self.device), rows
@@ -116,7 +118,7 @@ class Runner:
                 if mats is not None and on:
                     native_layer.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
                 else:
-                    llama.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
+                    self.model.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
             self.store.release(i)
         out: list[torch.Tensor | None] = [None] * len(groups)
         if all(mode == "none" for _, _, mode, _ in groups):
@@ -128,12 +130,12 @@ class Runner:
         for k, (x, (_, _, mode, scorer)) in enumerate(zip(xs, groups)):
             if mode == "all":
                 for r0 in range(0, x.shape[1], self.score_rows):
-                    logits = llama.head(self.config, self.store.norm, lm_head, x[:, r0:r0 + self.score_rows],
+                    logits = self.model.head(self.config, self.store.norm, lm_head, x[:, r0:r0 + self.score_rows],
                                         self.workspace, self.exact)  # [B, n, V]
                     scorer(r0, logits)
                 out[k] = logits[:, -1]
             elif mode == "last":  # only the last position feeds sampling: skip the [T, V] head matmul
-                logits = llama.head(self.config, self.store.norm, lm_head, x[:, -1:], self.workspace, self.exact)
+                logits = self.model.head(self.config, self.store.norm, lm_head, x[:, -1:], self.workspace, self.exact)
                 out[k] = logits[:, -1]  # [B, V]
         self.store.release_head()
         return out

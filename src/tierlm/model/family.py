@@ -122,6 +122,13 @@ class ModelModule(Protocol):
     LAYER_TENSORS: tuple[TensorDecl, ...]  # in file order
     LAYER_FIELDS: tuple[FieldDecl, ...]  # in storage order (the offload store's layout)
     LayerWeights: type
+    NATIVE_LAYER_STEP: bool  # whether native/csrc/layer.cpp computes this family's layer (model/native_layer.py)
+    # and its forward (the runner calls these): layer_forward(cfg, w, x, cos, sin, kv, ws, exact) updates the
+    # residual x [B, T, H] in place; head(cfg, norm, lm_head, x, ws, exact) -> logits [B, T, V] fp32;
+    # workspace_buffers(cfg, rows, act, kv, native_bytes) -> the layer step's BufferSpecs (memory/workspace.py)
+    layer_forward: Callable
+    head: Callable
+    workspace_buffers: Callable
 
 
 def layer_tensor(model: ModelModule, name: str) -> TensorDecl:

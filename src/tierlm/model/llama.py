@@ -24,7 +24,7 @@ from tierlm.errors import UnsupportedModelError
 from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, TensorDecl
-from tierlm.model.ops import apply_rope, norm_in_workspace, rms_norm_into, rope_inv_freq, rope_tables  # noqa: F401
+from tierlm.model.ops import apply_rope, norm_in_workspace
 from tierlm.quant.kernels import linear
 
 # --- (a) configuration -----------------------------------------------------------------------------------------
@@ -35,6 +35,7 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2
 # GGUF architectures whose converter permuted q/k rows for llama.cpp's interleaved (GPT-J style) rope;
 # this forward (like HF) rotates halves (NeoX style), so the loader permutes those rows back.
 PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
+NATIVE_LAYER_STEP = True  # native/csrc/layer.cpp is this file's layer_forward in one call (quantised layers, CPU)
 
 
 def _gguf_rope_scaling(src: ConfigSource, fields: dict[str, Any]) -> RopeScaling:

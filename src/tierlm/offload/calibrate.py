@@ -27,7 +27,7 @@ from tierlm.memory.directio import AlignedBuffer, DirectFile, drop_from_page_cac
 from tierlm.offload.disk_store import CHUNK_BYTES
 from tierlm.offload.units import layer_tensors
 from tierlm.memory.workspace import Workspace, plan_workspace
-from tierlm.model import llama
+from tierlm.model import ops, registry
 from tierlm.progress import progress_bar
 from tierlm.quant import QuantScheme, kernels, quantize
 
@@ -167,17 +167,18 @@ def measure_layer_overhead(reps: int = 50) -> float:
     """Seconds per decode step of a tiny layer (hidden 64): what a layer costs besides streaming its bytes."""
     cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
-    w = llama.LayerWeights(**{t.leaf: torch.randn(t.shape) * 0.1 for t in layer_tensors(cfg, 0)})
-    cos, sin = llama.rope_tables(llama.rope_inv_freq(cfg, None), 64, torch.float32)
+    model = registry.for_config(cfg)
+    w = model.LayerWeights(**{t.leaf: torch.randn(t.shape) * 0.1 for t in layer_tensors(cfg, 0)})
+    cos, sin = ops.rope_tables(ops.rope_inv_freq(cfg, None), 64, torch.float32)
     # the engine's KV: a paged pool, a batch-invariant step (blocked attention), as every decode runs
     kv = PagedKV(cfg, num_blocks=4, dtype=torch.float32, device="cpu", caching=False)
     seq = KVSequence(tokens=[0])
     kv.reserve(seq, 1)
     x = torch.randn(1, 1, 64)
-    ws = Workspace(plan_workspace(llama.workspace_buffers(cfg, 1, torch.float32, torch.float32)))
+    ws = Workspace(plan_workspace(model.workspace_buffers(cfg, 1, torch.float32, torch.float32)))
     step = kv.step([seq], 1, batch_invariant=True)  # position 0, never finished: every rep redoes it
     with torch.inference_mode():  # layer_forward updates its input in place: give it a fresh copy each time
-        t = _median_time(lambda: llama.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], step.layer(0), ws), reps)
+        t = _median_time(lambda: model.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], step.layer(0), ws), reps)
     kv.release()
     ws.release()
     return t

@@ -21,7 +21,7 @@ from tierlm.offload.units import EMBED, HEAD, layer_unit, unit_nbytes
 from tierlm.memory.workspace import plan_workspace
 from tierlm import native
 from tierlm.model import native_layer
-from tierlm.model.llama import workspace_buffers
+from tierlm.model import registry
 from tierlm.quant import kernels
 from tierlm.quant.scheme import QuantScheme
 
@@ -118,7 +118,7 @@ def plan_input(cfg: ModelConfig, dtype: torch.dtype, budget: MemoryBudget, max_c
         # K/V gathered from the paged pool for attention (a transient of max_context tokens). The native layer
         # step reads the pool in place and dequantises nothing; on the integer-dot kernels it allocates nothing
         # beyond the residual stream and the logits (its buffers are the workspace's).
-        activation_bytes=plan_workspace(workspace_buffers(cfg, rows, dtype, kv_dtype, scratch)).nbytes + (
+        activation_bytes=plan_workspace(registry.for_config(cfg).workspace_buffers(cfg, rows, dtype, kv_dtype, scratch)).nbytes + (
             (acts.hidden + acts.logits if native.available() else acts.total) if scratch  # torch's matmul outputs
             else acts.total + dequant_bytes(cfg, rows, quant, cuda) + kv_bytes_fn(cfg, max_context, 1, kv_dtype.itemsize)
             // cfg.num_layers),
