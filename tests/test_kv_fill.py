@@ -10,10 +10,21 @@ from tierlm import LLM, SamplingParams
 from tierlm.engine.engine import Engine
 from tierlm.kvcache.paged import PagedKV
 from tierlm.kvcache.pool import block_nbytes
-from tierlm.kvcache.sequence import KVSequence
+from tierlm.kvcache.sequence import DROPPED, KVSequence
 from tierlm.weights import open_model
 
 BS = 4
+
+
+def walk_filled_slots(kv: PagedKV) -> int:
+    """PagedKV.filled_slots by its definition: every block of every live sequence, a shared block counted once,
+    as full as its fullest owner (what the kept count must equal)."""
+    filled: dict[int, int] = {}
+    for s in kv.live:
+        for j, b in enumerate(s.blocks):
+            if b != DROPPED:
+                filled[b] = max(filled.get(b, 0), min(kv.block_size, s.num_computed - j * kv.block_size))
+    return sum(filled.values())
 
 
 def _config(tiny_models, name: str):
@@ -25,7 +36,7 @@ def _config(tiny_models, name: str):
 
 
 def _check(kv: PagedKV) -> None:
-    assert kv.filled_slots() == kv._walk_filled_slots()
+    assert kv.filled_slots() == walk_filled_slots(kv)
 
 
 def _advance(kv: PagedKV, seqs: list[KVSequence], t: int) -> None:
@@ -75,6 +86,13 @@ def test_kept_count_equals_the_walk(tiny_models, name):
     kv.admit(d)
     _check(kv)
     _advance(kv, [d], len(d.tokens) - d.num_computed)
+    e = KVSequence(tokens=prefix + [93])  # a request that scores its prompt: admitted without its cached prefix
+    kv.admit(e, use_cache=False)
+    assert e.num_computed == 0 and not e.blocks
+    _check(kv)
+    _advance(kv, [e], len(e.tokens))
+    kv.free(e)
+    _check(kv)
     lone = KVSequence(tokens=list(range(200, 207)))  # stepped without admission: not a live sequence
     kv.reserve(lone, 7)
     kv.step([lone], 7).finish()
@@ -103,7 +121,7 @@ def test_scheduler_waste_equals_the_walk(tiny_models, name, blocks, monkeypatch)
     def waste() -> float:
         _check(kv)
         used = kv.manager.num_blocks - kv.manager.num_free
-        walked.append(1 - kv._walk_filled_slots() / (used * BS) if used else 0.0)
+        walked.append(1 - walk_filled_slots(kv) / (used * BS) if used else 0.0)
         return kept()
 
     monkeypatch.setattr(kv, "waste", waste)

@@ -50,7 +50,7 @@ class SchedulerCounters:
 class Chunk:
     req: EngineRequest
     tokens: int  # new tokens this step
-    last: bool  # the chunk completes the prefill: its logits are sampled
+    last: bool  # the chunk completes the prefill (the next token is sampled from it, unless max_tokens=0)
 
 
 @dataclass(frozen=True)

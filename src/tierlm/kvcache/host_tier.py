@@ -59,7 +59,7 @@ class HostTier:
     def stats(self) -> ArenaStats:
         return self.arena.stats()
 
-    # --- the tier protocol (tier.py); put spills through KVTiers, which sends what it pushes out to disk -----
+    # --- the KV tier protocol (tier_protocol.py); put spills through KVTiers, which sends what it pushes out to disk -----
     name = "host"
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:

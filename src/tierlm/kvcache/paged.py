@@ -224,18 +224,9 @@ class PagedKV:
 
     def filled_slots(self) -> int:
         """Token slots holding a token, over the blocks live sequences hold (a shared block counts once, as
-        full as its fullest owner). O(1): kept as blocks are taken, filled and let go (_walk_filled_slots
-        is the definition, for tests)."""
+        full as its fullest owner). O(1): kept as blocks are taken, filled and let go (tests/test_kv_fill.py
+        checks it against a walk over every block of every live sequence)."""
         return self._filled
-
-    def _walk_filled_slots(self) -> int:
-        """filled_slots by walking every block of every live sequence (what the kept count must equal)."""
-        filled: dict[int, int] = {}
-        for s in self.live:
-            for j, b in enumerate(s.blocks):
-                if b != DROPPED:
-                    filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_computed - j * self.block_size))
-        return sum(filled.values())
 
     def waste(self) -> float:
         """Allocated-but-unused token slots / allocated slots, over the blocks live sequences hold."""

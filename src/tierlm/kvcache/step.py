@@ -1,9 +1,11 @@
 """One forward step over paged sequences: positions for rope, K/V writes into the pool, gathered reads.
 
-Attention reads K/V through the block tables: on CPU the step gathers each sequence's blocks into
-[B, nkv, S, hd] (index_select over the block axis, one copy per layer), masks padding and future positions,
-and the model runs SDPA on that. Tables of shorter sequences are padded with their own first block
-(finite, masked).
+Attention reads K/V through the block tables: the Python layer gets each sequence's blocks gathered into
+[B, nkv, S, hd] (index_select over the block axis, one copy per layer) with a BlockMask, and attends with
+kvcache/attention.py's blocked_attention, whose rows depend neither on the batch nor on the chunk; under a
+sliding window it gets the causal / window / padding mask and runs SDPA. The native layer step reads the
+blocks where they lie (tables). Tables of shorter sequences are padded with their own newest block (finite,
+masked).
 """
 from __future__ import annotations
 
@@ -64,8 +66,8 @@ class PagedStep:
             self.step, self.i = step, i
 
         def update(self, k: torch.Tensor, v: torch.Tensor):
-            """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], mask [B, 1, T, S] | None); for a per-sequence
-            step, lists of B (k, v [1, nkv, S_b, hd]) and mask None: each sequence's keys exactly as alone."""
+            """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], the step's BlockMask, or its SDPA mask
+            [B, 1, T, S] | None under a sliding window or outside the engine)."""
             st = self.step
             pool = st.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))

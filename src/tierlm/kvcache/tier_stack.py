@@ -5,7 +5,7 @@
                                                                                                  saved caches)
                           --register (write-through)--> remote (Redis shared by replicas; kvcache/remote_tier.py)
 
-Every tier speaks tier.py's protocol (contains / get_many / put / cost); a prefix hit walks them in order
+Every tier speaks tier_protocol.py's protocol (contains / get_many / put / cost); a prefix hit walks them in order
 (host, disk, remote): one batched `contains` per tier for the blocks the earlier ones lack, the run of blocks
 found without a gap, restored when the predicted fetch time (each tier's cost: bandwidth and, for Redis, round
 trips) is below recomputing those tokens (the measured prefill seconds per token), one `get_many` per tier.

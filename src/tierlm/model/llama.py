@@ -9,7 +9,8 @@ The types of the declaration are in model/family.py; model/registry.py finds thi
 Shapes: B batch, T new tokens, S tokens in the KV cache after this step, H hidden, V vocab,
 nh query heads, nkv kv heads, hd head dim, I intermediate. Weights are [out, in] (torch Linear layout).
 The runner owns the layer loop and weight residency; this file owns only arithmetic, and matches HF
-transformers op for op (RMSNorm in fp32, rotate-half rope, SDPA attention) so fp32 logits agree to 1e-6.
+transformers op for op (RMSNorm in fp32, rotate-half rope; attention: the KV cache's blocked attention, SDPA
+under a sliding window) so fp32 logits agree with HF's to test tolerances (tests/test_parity.py).
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """The native layer step (tierlm/native/csrc/layer.cpp) for a Llama-family layer: one call does norm, QKV, rope,
 K/V write, paged attention, output projection and MLP. A layer goes to it when all its matrices are in the
 integer-dot form or in torch's fused form (quant/intdot.py: multiplied there by torch's own kernels), its KV
-pool holds bf16 or fp32 (int8 KV and sliding windows take the Python layer, llama.layer_forward), and the step
-is a paged one.
+pool holds bf16 or fp32 (int8 KV and sliding windows take the Python layer, llama.layer_forward).
 """
 from __future__ import annotations
 
@@ -32,9 +31,9 @@ def layer_supported(w: LayerWeights) -> bool:
     return layer_mats(w) is not None
 
 
-def step_supported(step: object) -> bool:
+def step_supported(step: PagedStep) -> bool:
     """A paged step whose pool the native attention reads (bf16/fp32 K/V, no sliding window)."""
-    return isinstance(step, PagedStep) and step.pool.storage in KV_DTYPES and step.window is None
+    return step.pool.storage in KV_DTYPES and step.window is None
 
 
 def scratch_bytes(cfg: ModelConfig, rows: int, quantised: bool = True) -> int:

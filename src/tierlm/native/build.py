@@ -13,6 +13,7 @@ from pathlib import Path
 from tierlm import native
 from tierlm.native.files import HERE, NAME, OUT, SOURCES, fingerprint, stamp
 
+
 def build(verbose: bool = False) -> Path:
     """Compile (ninja rebuilds only what changed) and record the fingerprint; returns the library's path."""
     from torch.utils.cpp_extension import load

@@ -55,7 +55,7 @@ def engine_app(llm, args: ServeArgs) -> tuple[EngineLoop, FastAPI, str]:
     """The engine loop (not started) and the HTTP app over a model loaded with the tenants' quotas, and the
     model id it serves: one of each in `tierlm serve`, one per replica on Ray Serve (cluster.py)."""
     parsed = [parse_tenant(t) for t in args.tenants]
-    if llm.engine.scheduler.quotas != tenant_quotas(args):
+    if llm.engine.scheduler.quotas != {name: quota for _, name, quota in parsed}:
         raise UsageError("the model was loaded without these tenants' quotas: "
                          "LLM.from_args(engine_args, tenant_quotas(serve_args))")
     loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory))
