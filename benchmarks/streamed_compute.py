@@ -67,7 +67,7 @@ class _Timed:
         cfg, store, runner = self.store.config, self.store, self.runner
         self.seq.tokens.append(1)
         self.kv.reserve(self.seq, 1)
-        step = self.kv.step([self.seq], 1, batch_invariant=True)  # as the engine's decode steps
+        step = self.kv.step([self.seq], 1)  # as the engine's decode steps
         pos = step.positions
         cos, sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)
         x = store.embed(self.token, runner.device)

@@ -128,7 +128,7 @@ class Engine:
         if sched.decodes:
             seqs = [r.seq for r in sched.decodes]
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
-            groups.append((tokens, self.kv.step(seqs, 1, batch_invariant=True), "last", None))
+            groups.append((tokens, self.kv.step(seqs, 1), "last", None))
             owners.append(sched.decodes)
             starts.append(None)
         for c in sched.prefills:
@@ -139,7 +139,7 @@ class Engine:
             # position's (to sample from), unless it generates nothing (max_tokens=0)
             mode = "all" if c.req.scoring else "last" if c.last and c.req.max_new else "none"
             scorer = (lambda row, lg, r=c.req, s=start: r.score(s + row, lg[0])) if mode == "all" else None
-            groups.append((tokens, self.kv.step([c.req.seq], c.tokens, batch_invariant=True), mode, scorer))
+            groups.append((tokens, self.kv.step([c.req.seq], c.tokens), mode, scorer))
             owners.append([c.req])
             starts.append(start)
         t0 = time.perf_counter()

@@ -80,14 +80,14 @@ class PagedKV:
             if seq in self.live:
                 self._holders[seq.blocks[-1]] = 1  # empty until a step fills it
 
-    def step(self, seqs: list[KVSequence], t: int, batch_invariant: bool = False) -> "PagedStep":
-        """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved.
-        batch_invariant: a step whose rows depend neither on the batch nor on the chunk (PagedStep), as the
-        engine needs."""
+    def step(self, seqs: list[KVSequence], t: int) -> "PagedStep":
+        """The runner's immutable input for t new tokens of each of seqs, whose blocks are already reserved: a
+        step whose rows depend neither on the batch nor on the chunk (blocked attention), except under a
+        sliding window (SDPA with its mask)."""
         for s in seqs:
             if s.num_computed + t > len(s.tokens) or self.blocks_needed(s, t):
                 raise ValueError("a step past the sequence's known tokens or reserved blocks")
-        return PagedStep(self.pool, self.config.sliding_window, seqs, t, self.finish, batch_invariant)
+        return PagedStep(self.pool, self.config.sliding_window, seqs, t, self.finish)
 
     def admit(self, seq: KVSequence, use_cache: bool = True) -> None:
         """Attach seq's longest cached prefix: pool blocks first, then blocks restored from the tiers.

@@ -23,7 +23,7 @@ class PagedStep:
     """One forward step over B sequences, T new tokens each: positions for rope, K/V writes and reads."""
 
     def __init__(self, pool: KVPool, window: int | None, seqs: list[KVSequence], t: int,
-                 on_finish: Callable[["PagedStep"], None], batch_invariant: bool = False):
+                 on_finish: Callable[["PagedStep"], None]):
         """pool: where K/V are written and read; window: the model's sliding window (None: none); on_finish: what
         finish() does once the step's K/V are stored (PagedKV.finish: advance and register the sequences)."""
         self.pool, self.window, self.seqs, self.t, self._on_finish = pool, window, seqs, t, on_finish
@@ -40,14 +40,14 @@ class PagedStep:
         # finite values, every one of them masked
         self.block_ids = torch.tensor([[b if b != DROPPED else tb[-1] for b in tb[:nb]] + tb[-1:] * (nb - len(tb[:nb]))
                                        for tb in tables], device=dev).flatten()  # [B*nb], read by every layer
-        # causal and sliding window; it also hides each shorter sequence's padding (keys past its position)
-        # The engine's steps (no sliding window) get a BlockMask, attended by
-        # attention.blocked_attention, whose rows depend neither on the batch nor on the chunk (outputs must not
-        # depend on what else runs, on prefix hits or on preemption). valid [B, T, nb*bs]: key j is visible to
-        # token t of sequence b (j <= its position). The others get the causal / window / padding mask for SDPA.
+        # Without a sliding window a step gets a BlockMask, attended by attention.blocked_attention, whose rows
+        # depend neither on the batch nor on the chunk (outputs must not depend on what else runs, on prefix hits
+        # or on preemption): valid [B, T, nb*bs], key j visible to token t of sequence b (j <= its position).
+        # Under a sliding window: the causal / window mask for SDPA, which also hides each shorter sequence's
+        # padding (keys past its position).
         self._nb = nb
         self.block_mask = self.mask = None
-        if batch_invariant and window is None:
+        if window is None:
             self.block_mask = BlockMask.of(self.positions, nb, bs)  # valid [B, T, nb*bs]
         else:
             self.mask = attention_mask(self.positions, self.length, window)
@@ -67,7 +67,7 @@ class PagedStep:
 
         def update(self, k: torch.Tensor, v: torch.Tensor):
             """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], the step's BlockMask, or its SDPA mask
-            [B, 1, T, S] | None under a sliding window or outside the engine)."""
+            [B, 1, T, S] | None under a sliding window)."""
             st = self.step
             pool = st.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))

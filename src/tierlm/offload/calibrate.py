@@ -176,7 +176,7 @@ def measure_layer_overhead(reps: int = 50) -> float:
     kv.reserve(seq, 1)
     x = torch.randn(1, 1, 64)
     ws = Workspace(plan_workspace(model.workspace_buffers(cfg, 1, torch.float32, torch.float32)))
-    step = kv.step([seq], 1, batch_invariant=True)  # position 0, never finished: every rep redoes it
+    step = kv.step([seq], 1)  # position 0, never finished: every rep redoes it
     with torch.inference_mode():  # layer_forward updates its input in place: give it a fresh copy each time
         t = _median_time(lambda: model.layer_forward(cfg, w, x.clone(), cos[:1], sin[:1], step.layer(0), ws), reps)
     kv.release()
