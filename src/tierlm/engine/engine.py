@@ -136,8 +136,8 @@ class Engine:
             tokens = torch.tensor([c.req.seq.tokens[start:start + c.tokens]])  # [1, T]
             # a chunk scored for prompt_logprobs hands every position's logits to its request (a slice of rows at
             # a time) and returns the last one's; the last chunk of any other request returns the last
-            # position's (to sample from), unless it generates nothing (max_tokens=0)
-            mode = "all" if c.req.scoring else "last" if c.last and c.req.max_new else "none"
+            # position's, to sample from (max_tokens=0 comes only with prompt_logprobs: check_request)
+            mode = "all" if c.req.scoring else "last" if c.last else "none"
             scorer = (lambda row, lg, r=c.req, s=start: r.score(s + row, lg[0])) if mode == "all" else None
             groups.append((tokens, self.kv.step([c.req.seq], c.tokens), mode, scorer))
             owners.append([c.req])
