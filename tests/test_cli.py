@@ -99,3 +99,13 @@ def test_serve_replicas_bad_input_is_one_line_exit_2(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     code, out, err = run_cli(capsys, "serve", "--replicas", "2")
     assert code == 2 and err.count("\n") == 1 and "--replicas needs Ray Serve" in err and "tierlm[ray]" in err
+
+
+def test_an_empty_api_key_is_refused(capsys, monkeypatch):
+    """`--api-key ""` (or an empty $TIERLM_API_KEY) would turn authentication off without a word: one line, exit 2."""
+    from helpers import assert_one_line_error
+    code, _, err = run_cli(capsys, "serve", "--api-key", "")
+    assert_one_line_error(code, err, "API key is empty")
+    monkeypatch.setenv("TIERLM_API_KEY", " ")
+    code, _, err = run_cli(capsys, "serve")
+    assert_one_line_error(code, err, "API key is empty")

@@ -201,6 +201,16 @@ def test_errors_in_openai_shape(server, client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="smol", prompt=[10 ** 7], max_tokens=4)  # an id outside the vocabulary
     assert get(server, "/v1/models")[1]["data"][0]["id"] == "smol"
+    # every parameter is checked at the edge: a 400, never a 500 or a step that fails for everyone
+    for bad in ({"prompt": "hi", "seed": 2 ** 64}, {"prompt": "hi\ud800"}, {"prompt": "hi", "stop": ["\udc00"]}):
+        status, body, _ = request(server, "POST", "/v1/completions", json.dumps(bad).encode())
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", (bad, body)
+    status, body, _ = request(server, "POST", "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x\ud800"}]}).encode())
+    assert status == 400 and "Unicode" in body["error"]["message"]
+    tiny = client.completions.create(model="smol", prompt="The sea is", max_tokens=6, temperature=1e-300)
+    greedy = client.completions.create(model="smol", prompt="The sea is", max_tokens=6, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text  # a temperature below 1e-5 is greedy (as vLLM's)
 
 
 def test_metrics_parse(server, client):
@@ -224,6 +234,16 @@ def test_overload_key_and_drain():
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="sekrit", max_retries=0, timeout=120)
+        import http.client
+        for auth in (["sekrit"], ["Bearer sekrit", "Bearer other"], ["Basic sekrit"]):  # no Bearer / two / another scheme
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+            conn.putrequest("GET", "/v1/models")
+            for a in auth:
+                conn.putheader("Authorization", a)
+            conn.endheaders()
+            assert conn.getresponse().status == 401, auth
+        assert request(s, "GET", "/v1/models", headers={"Authorization": "Bearer sekrit"})[0] == 200
+        assert request(s, "GET", "/metrics")[0] == 200  # open by default (--protect-metrics closes it)
 
         model = c.models.list().data[0].id
 
@@ -264,7 +284,8 @@ def test_overload_key_and_drain():
 
 def test_tenant_quotas_keep_a_light_tenant_fast():
     """A heavy tenant flooding past its quota gets 429s; the light tenant's TTFT stays within 2x of alone."""
-    s = start("--tenant", "hk=heavy:running=2,queued=4", "--tenant", "lk=light", "--served-model-name", "m")
+    s = start("--tenant", "hk=heavy:running=2,queued=4", "--tenant", "lk=light", "--served-model-name", "m",
+              "--protect-metrics")
     try:
         heavy = openai.OpenAI(base_url=s.url + "/v1", api_key="hk", max_retries=0, timeout=120)
         light = openai.OpenAI(base_url=s.url + "/v1", api_key="lk", max_retries=0, timeout=120)
@@ -296,5 +317,7 @@ def test_tenant_quotas_keep_a_light_tenant_fast():
         print(f"light TTFT alone {alone * 1e3:.0f} ms, while the heavy tenant floods {during * 1e3:.0f} ms")
         assert 429 in results and "ok" in results
         assert during <= 2 * alone
+        assert request(s, "GET", "/metrics")[0] == 401  # --protect-metrics: a tenant's key opens it
+        assert request(s, "GET", "/metrics", headers={"Authorization": "Bearer lk"})[0] == 200
     finally:
         s.stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_positive_int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TIERLM_API_KEY)")
+    s.add_argument("--protect-metrics", action="store_true",
+                   help="/metrics needs the API key too (default: open, as vLLM's)")
     s.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 429 (default 256)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file's name)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
@@ -187,8 +190,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tierlm.serve.server import ServeArgs, serve
 
     engine_args = EngineArgs.from_cli(args)
+    key = args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY")
+    if key is not None and not key.strip():  # it would turn authentication off without a word
+        raise UsageError("the API key is empty (--api-key or $TIERLM_API_KEY): give a key, or neither for no auth")
     serve_args = ServeArgs(args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
-                           args.drain_timeout, tuple(args.tenant))
+                           args.drain_timeout, tuple(args.tenant), args.protect_metrics)
     if args.replicas == 1:
         return serve(engine_args, serve_args)
     try:

@@ -1,11 +1,16 @@
 """Sampling parameters and the sampler (greedy, temperature, top-k, top-p), seeded per request."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from tierlm.errors import UsageError
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what a torch.Generator takes (and seed + choice index stays inside)
 
 
 @dataclass
@@ -28,8 +33,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise UsageError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -48,7 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below GREEDY_BELOW are greedy (as vLLM's): dividing logits by 1e-300 makes infinities."""
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:

@@ -9,6 +9,7 @@ away aborts its requests at once (their KV blocks are freed by the next engine s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -35,8 +36,9 @@ def _error_response(e: OpenAIError) -> JSONResponse:
 
 
 def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = None,
-               tenants: dict[str, str] | None = None) -> FastAPI:
-    """tenants: API key -> tenant name (its quota is the loop's); api_key: one more key, without a tenant."""
+               tenants: dict[str, str] | None = None, protect_metrics: bool = False) -> FastAPI:
+    """tenants: API key -> tenant name (its quota is the loop's); api_key: one more key, without a tenant;
+    protect_metrics: /metrics needs a key too (off by default, as vLLM: scrapers rarely carry one)."""
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
     metrics = Metrics(loop, llm.memory)
     app.state.metrics = metrics
@@ -53,16 +55,29 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
         return _error_response(OpenAIError(400, f"{what}" + (f" ({where})" if where else ""), param=where))
 
     keys = dict(tenants or {}) | ({api_key: ""} if api_key else {})  # key -> tenant
+    guarded = ("/v1/", "/metrics") if protect_metrics else ("/v1/",)
+
+    def tenant_of(request: Request) -> str | None:
+        """The tenant of the request's one `Authorization: Bearer KEY` header, None when it names no key (a
+        missing or second header, another scheme); keys are compared in constant time, every one of them."""
+        given = request.headers.getlist("authorization")
+        if len(given) != 1 or not given[0].startswith("Bearer "):
+            return None
+        token = given[0].removeprefix("Bearer ").encode()
+        found = None
+        for key, tenant in keys.items():
+            if hmac.compare_digest(token, key.encode()):
+                found = tenant
+        return found
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         request.state.tenant = ""
-        if keys and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if given not in keys:
+        if keys and request.url.path.startswith(guarded):
+            if (tenant := tenant_of(request)) is None:
                 return _error_response(OpenAIError(401, "invalid API key", "authentication_error",
                                                    code="invalid_api_key"))
-            request.state.tenant = keys[given]
+            request.state.tenant = tenant
         return await call_next(request)
 
     def check_model(name: str | None) -> None:

@@ -6,9 +6,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tierlm.engine.sampler import SamplingParams
+from tierlm.engine.sampler import SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_N = 16  # choices per request: each is a request of its own in the engine
+
+
+def _valid_text(value: Any) -> Any:
+    """Every string inside value (a string, or lists / dicts of them) is valid Unicode: JSON can carry lone UTF-16
+    surrogates ("\\ud800"), which no tokenizer can encode (a 400 here, not a 500 there)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, list):
+        for v in value:
+            _valid_text(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _valid_text(v)
+    return value
 
 
 class OpenAIError(Exception):
@@ -35,7 +52,7 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)  # not OpenAI's; vLLM's extension (-1 or 0 = off)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX - MAX_N)  # choice i samples with seed + i
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
@@ -50,7 +67,7 @@ class _Common(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
+        stops = _valid_text([v] if isinstance(v, str) else list(v or []))
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop: at most 4 non-empty strings")
         return stops
@@ -76,6 +93,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    _content_is_text = field_validator("content")(classmethod(lambda cls, v: _valid_text(v)))
 
     def text(self) -> str:
         """Content as text: a list of parts keeps its text parts (images and audio are not supported)."""
@@ -108,6 +127,8 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt (lm-eval-harness' loglikelihood)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False  # the prompt comes back before the completion, with its logprobs when logprobs is set
+
+    _prompt_is_text = field_validator("prompt")(classmethod(lambda cls, v: _valid_text(v)))
 
     def params(self, index: int = 0) -> SamplingParams:
         if self.max_tokens == 0 and not self.echo:

@@ -33,6 +33,7 @@ class ServeArgs:
     served_model_name: str | None = None
     drain_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
     tenants: tuple[str, ...] = ()  # "KEY=NAME:running=N,queued=N,kv_blocks=N" (engine/quota.py)
+    protect_metrics: bool = False  # /metrics needs a key too (when keys are set)
 
 
 def default_model_name(source) -> str:
@@ -60,7 +61,7 @@ def engine_app(llm, args: ServeArgs) -> tuple[EngineLoop, FastAPI, str]:
                          "LLM.from_args(engine_args, tenant_quotas(serve_args))")
     loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory))
     name = args.served_model_name or default_model_name(llm.source)
-    app = create_app(llm, loop, name, api_key(args), {k: tenant for k, tenant, _ in parsed})
+    app = create_app(llm, loop, name, api_key(args), {k: tenant for k, tenant, _ in parsed}, args.protect_metrics)
     return loop, app, name
 
 
