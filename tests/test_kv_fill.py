@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import chunked_engine
 
 from tierlm import LLM, SamplingParams
-from tierlm.engine.engine import Engine
 from tierlm.kvcache.paged import PagedKV
 from tierlm.kvcache.pool import block_nbytes
 from tierlm.kvcache.sequence import DROPPED, KVSequence
@@ -113,8 +113,7 @@ def test_scheduler_waste_equals_the_walk(tiny_models, name, blocks, monkeypatch)
     path = tiny_models[name].path
     llm = LLM(path, progress=False, block_size=BS,
               kv_memory=blocks * block_nbytes(_config(tiny_models, name), BS, torch.float32))
-    llm.runner.prefill_chunk = 8
-    llm.engine = Engine(llm.runner, llm.tokenizer, llm.kv, 4, 12)
+    llm.engine = chunked_engine(llm, 8)  # 12 tokens a step: a chunk of 8 and 4 decodes
     kv, walked = llm.kv, []
     kept = kv.waste
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import chunked_engine
 
 from tierlm import LLM, SamplingParams
-from tierlm.engine.engine import Engine
 from tierlm.errors import ContextLengthError, UsageError
 
 CHUNK = 8  # prompts of 20-40 tokens are scored in several chunks
@@ -23,8 +23,7 @@ def _prompts(n: int, seed: int = 0, lo: int = 20, hi: int = 40) -> list[list[int
 def llm(tiny_models):
     """An LLM whose engine prefills in chunks of CHUNK."""
     llm = LLM(tiny_models["llama_gqa_tied"].path, progress=False, max_context=64)
-    llm.runner.prefill_chunk = CHUNK
-    llm.engine = Engine(llm.runner, llm.tokenizer, llm.kv, 4, CHUNK + 4)
+    llm.engine = chunked_engine(llm, CHUNK)
     yield llm
     llm.close()
 
@@ -118,14 +117,12 @@ def test_a_preempted_scoring_request_scores_its_prompt_again(tiny_models):
     path = tiny_models["llama_gqa_tied"].path
     probe = LLM(path, progress=False, max_context=64)  # alone, in the same chunks (fp32: chunks round their own way)
     per_block = block_nbytes(probe.config, 16, probe.kv.pool.storage)
-    probe.runner.prefill_chunk = CHUNK
-    probe.engine = Engine(probe.runner, probe.tokenizer, probe.kv, 4, CHUNK + 4)
+    probe.engine = chunked_engine(probe, CHUNK)
     ids = _prompts(1, seed=5, lo=38, hi=40)[0]
     want = probe.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
     probe.close()
     llm = LLM(path, progress=False, max_context=64, kv_memory=4 * per_block, enable_prefix_caching=False)
-    llm.runner.prefill_chunk = CHUNK
-    llm.engine = Engine(llm.runner, llm.tokenizer, llm.kv, 4, CHUNK + 4)
+    llm.engine = chunked_engine(llm, CHUNK)
     eng = llm.engine
     long = eng.add_request(_prompts(1, seed=6, lo=14, hi=15)[0],  # 14 tokens: a second block 2 decodes in
                            SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))

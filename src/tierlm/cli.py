@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -187,14 +186,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tierlm.engine.args import EngineArgs
-    from tierlm.serve.server import ServeArgs, serve
+    from tierlm.serve.server import ServeArgs, check_api_key, serve
 
     engine_args = EngineArgs.from_cli(args)
-    key = args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY")
-    if key is not None and not key.strip():  # it would turn authentication off without a word
-        raise UsageError("the API key is empty (--api-key or $TIERLM_API_KEY): give a key, or neither for no auth")
     serve_args = ServeArgs(args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
                            args.drain_timeout, tuple(args.tenant), args.protect_metrics)
+    check_api_key(serve_args)
     if args.replicas == 1:
         return serve(engine_args, serve_args)
     try:

@@ -42,8 +42,20 @@ def default_model_name(source) -> str:
     return Path(path).stem if path else (source.config.name or source.config.arch)
 
 
+def given_api_key(args: ServeArgs) -> str | None:
+    """The key as given: --api-key, else $TIERLM_API_KEY (None: neither)."""
+    return args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY")
+
+
 def api_key(args: ServeArgs) -> str | None:
-    return args.api_key if args.api_key is not None else os.environ.get("TIERLM_API_KEY") or None
+    """The key clients must send; None (no auth) when none is given. cluster.py hands replicas "" for none."""
+    return given_api_key(args) or None
+
+
+def check_api_key(args: ServeArgs) -> None:
+    """An empty key given at start would turn authentication off without a word: refused."""
+    if (key := given_api_key(args)) is not None and not key.strip():
+        raise UsageError("the API key is empty (--api-key or $TIERLM_API_KEY): give a key, or neither for no auth")
 
 
 def tenant_quotas(args: ServeArgs) -> dict[str, Quota]:
