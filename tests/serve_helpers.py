@@ -41,9 +41,11 @@ class Server:
         return self.proc.returncode
 
 
-def start(*args: str) -> Server:
+def start(*args: str, wrap: tuple[str, ...] = ()) -> Server:
+    """wrap: a command line that runs the server's (a memory cgroup's MemoryCgroup.wrap prefix)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), *args],
+    argv = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(list(wrap) + argv if wrap else argv,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Server(proc, port)
     end = time.monotonic() + START_TIMEOUT_S

@@ -186,6 +186,27 @@ def test_disconnect_frees_blocks(server):
     assert time.monotonic() - t0 < 5  # aborted, not run to its 400th token (~10 s on 2 cores)
 
 
+def test_an_abandoned_request_stops_streamed_or_not(server):
+    """Clients that give up on whole (non-streamed) answers, n=2 each, leave nothing running: every choice is
+    aborted within a poll of the client leaving (they used to run to max_tokens, holding their blocks)."""
+    import socket
+    body = json.dumps({"model": "smol", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+                       "n": 2}).encode()
+    socks = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        socks.append(s)
+    assert settles(lambda: get(server, "/health")[1]["running"] == 6)
+    for s in socks:
+        s.close()
+    t0 = time.monotonic()
+    assert settles(lambda: metric(server, "tierlm:num_requests_running") == 0
+                   and metric(server, "tierlm:kv_blocks", state="used") == 0)
+    assert time.monotonic() - t0 < 5  # 400 tokens x 6 would take a minute on 2 cores
+
+
 def test_errors_in_openai_shape(server, client):
     status, body, _ = request(server, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}

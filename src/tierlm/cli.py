@@ -8,6 +8,7 @@ from typing import Callable, NoReturn, Sequence
 from tierlm.engine.args import (add_budget_args, add_cli_args, add_kv_args, add_quant_args,
                                 positive_int as _positive_int)
 from tierlm.errors import TierlmError, UsageError, is_storage_error
+from tierlm.serve.args import REQUEST_MEMORY, ServeArgs
 
 EXIT_USAGE = 2
 
@@ -60,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protect-metrics", action="store_true",
                    help="/metrics needs the API key too (default: open, as vLLM's)")
     s.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 429 (default 256)")
+    s.add_argument("--request-memory", default=REQUEST_MEMORY, metavar="SIZE",
+                   help=f"memory for the request bodies being read and parsed, planned within --max-memory; "
+                        f"past it: 503 (default {REQUEST_MEMORY})")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=None,
+                   help="largest request body (default: room for a prompt of the whole context, >= 1 MiB); 413 past it")
+    s.add_argument("--body-timeout", type=float, default=ServeArgs.body_timeout,
+                   help="seconds a client has to send a request's body (408 after; default 30)")
+    s.add_argument("--header-timeout", type=float, default=ServeArgs.header_timeout,
+                   help="seconds a connection has to send a request's headers (closed after; default 10)")
+    s.add_argument("--max-connections", type=_positive_int, default=ServeArgs.max_connections,
+                   help="open connections before new requests get 503 (default 1024)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file's name)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default 30)")
@@ -186,11 +198,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tierlm.engine.args import EngineArgs
-    from tierlm.serve.server import ServeArgs, check_api_key, serve
+    from tierlm.serve.server import check_api_key, serve
 
     engine_args = EngineArgs.from_cli(args)
     serve_args = ServeArgs(args.host, args.port, args.api_key, args.max_queue, args.served_model_name,
-                           args.drain_timeout, tuple(args.tenant), args.protect_metrics)
+                           args.drain_timeout, tuple(args.tenant), args.protect_metrics, args.max_body_bytes,
+                           args.body_timeout, args.header_timeout, args.max_connections)
     check_api_key(serve_args)
     if args.replicas == 1:
         return serve(engine_args, serve_args)

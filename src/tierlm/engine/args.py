@@ -61,6 +61,9 @@ class EngineArgs:
     kv_remote: str | None = None
     kv_remote_namespace: str = "tierlm"  # key prefix: deployments sharing one Redis keep their blocks apart
     migrate: bool = False  # move memory between resident layers and KV at run time (offload/migration.py)
+    # host memory held for the request bodies a server is reading and parsing (serve/guard.py: the ledger's
+    # "requests" reservation, planned within max_memory like the KV tiers); 0 for the Python API and the CLI
+    request_memory: str | int = 0
     kv_host_log: str | Path | None = None  # one line per host-tier allocation/free, for benchmarks/soak.py's replay
     memory_trace: str | Path | None = None  # write the memory ledger's events here (Chrome trace JSON) on close
     max_num_seqs: int = 64  # requests running at once (decoded together)
@@ -94,6 +97,7 @@ class EngineArgs:
             raise UsageError(f"kv_compress must be none or zstd, got {self.kv_compress!r}")
         if self.kv_memory is not None:
             parse_size(self.kv_memory)
+        parse_size(self.request_memory)
         parse_size(self.kv_host_memory)
         parse_size(self.kv_disk_size)
         if self.kv_remote is not None:

@@ -10,15 +10,23 @@ so nothing else in the engine needs to be reentrant. A step schedules (scheduler
 the step in one pass over the weights (Runner.forward_groups), samples each request with its own seeded
 sampler, and emits one RequestUpdate per request that changed.
 
-Failure: an exception inside a step (a checksum error, Ctrl-C, a bug) fails the requests of that step with
-finish_reason "error" (their blocks returned at once) and is re-raised; requests not in the step stay
-queued. Nothing leaks blocks: every exit from the running set goes through Scheduler.remove.
+Failure: a failing request fails alone, and is never retried. An error while one request's rows are sampled
+or scored is that request's: it ends with finish_reason "error" (its blocks returned at once) and the others of
+the step go on. An error in the forward pass itself (a checksum error, a bug, out of memory) names no request:
+a step of one request fails that request; a step of several fails none of them yet but marks them suspect,
+and the scheduler then runs each suspect in a step of its own (scheduler.py), so the request that makes the
+pass fail is found and failed alone while the others resume, their KV state untouched (a failed step commits
+nothing: num_computed, the prefix hashes and the sampled tokens move only after a pass succeeds). Either way
+step() re-raises the first error once its bookkeeping is done: the synchronous front ends surface it, the
+server counts it (counters.failed_passes, consecutive_failed_passes: what /health reads). Ctrl-C (a
+BaseException that is not an Exception) fails every request of the step. Nothing leaks blocks: every exit from
+the running set goes through Scheduler.remove.
 """
 from __future__ import annotations
 
 import queue
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +42,13 @@ from tierlm.offload.migration import Migrator
 from tierlm.weights.tokenizer import Tokenizer
 
 
+@dataclass
+class EngineCounters:
+    failed_passes: int = 0  # forward passes that raised
+    consecutive_failed_passes: int = 0  # since the last pass that succeeded (the server's health)
+    failed_requests: int = 0  # requests ended with finish_reason "error"
+
+
 class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, kv: PagedKV, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 768, ledger: MemoryLedger | None = None, *,
@@ -45,6 +60,7 @@ class Engine:
         self.scheduler = Scheduler(kv, max_num_seqs, max_num_batched_tokens, runner.prefill_chunk, quotas)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, EngineRequest] = {}  # unfinished, owned by the loop's thread
+        self.counters = EngineCounters()
 
     # --- any thread ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Sink | None = None,
@@ -106,6 +122,7 @@ class Engine:
         """The request's last update (with what this step added to it): its blocks are returned first."""
         self.scheduler.remove(req)
         self._requests.pop(req.id, None)
+        self.counters.failed_requests += reason == "error"
         tail = req.finish(reason, self.runner.store.stats)
         update = RequestUpdate(req.id, text + tail, tokens, True, reason, logprobs, error)
         req.emit(update)
@@ -125,6 +142,17 @@ class Engine:
                 updates.append(self._finish(head, "error", "the scheduler could not place this request"))
             return updates
         groups, owners, starts = [], [], []
+        failed: dict[EngineRequest, BaseException] = {}  # requests whose own rows raised (scoring, sampling)
+
+        def scorer_of(r: EngineRequest, start: int):
+            def score(row: int, lg: torch.Tensor) -> None:
+                if r not in failed:
+                    try:
+                        r.score(start + row, lg[0])
+                    except Exception as e:  # this request's rows only: the pass goes on for the others
+                        failed[r] = e
+            return score
+
         if sched.decodes:
             seqs = [r.seq for r in sched.decodes]
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
@@ -138,18 +166,24 @@ class Engine:
             # a time) and returns the last one's; the last chunk of any other request returns the last
             # position's, to sample from (max_tokens=0 comes only with prompt_logprobs: check_request)
             mode = "all" if c.req.scoring else "last" if c.last else "none"
-            scorer = (lambda row, lg, r=c.req, s=start: r.score(s + row, lg[0])) if mode == "all" else None
-            groups.append((tokens, self.kv.step([c.req.seq], c.tokens), mode, scorer))
+            groups.append((tokens, self.kv.step([c.req.seq], c.tokens), mode,
+                           scorer_of(c.req, start) if mode == "all" else None))
             owners.append([c.req])
             starts.append(start)
+        reqs_of_step = [r for reqs in owners for r in reqs]
+        marks = [r.mark() for r in reqs_of_step]
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward_groups(groups)
-        except BaseException as e:
-            for reqs in owners:
-                for r in reqs:
-                    updates.append(self._finish(r, "error", f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            updates.extend(self._failed_pass(reqs_of_step, marks, e))
             raise
+        except BaseException as e:  # Ctrl-C: the step's requests end
+            updates.extend(self._finish(r, "error", _message(e)) for r in reqs_of_step)
+            raise
+        self.counters.consecutive_failed_passes = 0
+        for r in reqs_of_step:
+            r.suspect = False
         for _, step, _, _ in groups:
             step.finish()
         if self.ledger is not None and self.ledger.tracing:
@@ -161,14 +195,34 @@ class Engine:
         for (_, step, mode, _), reqs, lg, start in zip(groups, owners, logits, starts):
             done = start is not None and start + step.t == reqs[0].prefill_end  # a chunk that ends its prefill
             for i, r in enumerate(reqs):
-                if r.status is not Status.RUNNING:
+                if r.status is not Status.RUNNING or r in failed:
                     continue
-                if done and not r.max_new:  # max_tokens=0: the prompt is scored, nothing is generated
-                    r.out.metrics.ttft_s = now - r.arrival
-                    updates.append(self._finish(r, "length"))
-                elif mode != "none" and (start is None or done):
-                    updates.append(self._accept(r, lg[i:i + 1], now, keep=mode != "all"))
+                try:
+                    if done and not r.max_new:  # max_tokens=0: the prompt is scored, nothing is generated
+                        r.out.metrics.ttft_s = now - r.arrival
+                        updates.append(self._finish(r, "length"))
+                    elif mode != "none" and (start is None or done):
+                        updates.append(self._accept(r, lg[i:i + 1], now, keep=mode != "all"))
+                except Exception as e:
+                    failed[r] = e
+        for r, e in failed.items():
+            if r.status is Status.RUNNING:
+                updates.append(self._finish(r, "error", _message(e)))
+        if failed:
+            raise next(iter(failed.values()))
         return updates
+
+    def _failed_pass(self, reqs: list[EngineRequest], marks: list, error: Exception) -> list[RequestUpdate]:
+        """The forward pass raised: a lone request (or one already suspect) is the cause and fails; several are
+        rolled back to before the step and marked suspect, for the scheduler to run one at a time."""
+        self.counters.failed_passes += 1
+        self.counters.consecutive_failed_passes += 1
+        if len(reqs) == 1:
+            return [self._finish(reqs[0], "error", _message(error))]
+        for r, mark in zip(reqs, marks):
+            r.restore(mark)
+            r.suspect = True
+        return []
 
     def _trace_kv(self) -> None:
         """The timeline's view of the KV pool: blocks in use (of its reservation), and evictions this step."""
@@ -217,3 +271,7 @@ class Engine:
         """Step until every request is finished (the synchronous front ends)."""
         while self.has_unfinished:
             self.step()
+
+
+def _message(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

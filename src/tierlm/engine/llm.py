@@ -110,13 +110,14 @@ class LLM:
         held: dict[str, Reservation] = {}
         # the remote KV tier's buffers (host RAM) are planned like the host KV tier's
         remote_bytes = reserved_bytes(block_nbytes(self.config, a.block_size, kv_storage)) if a.kv_remote else 0
+        self.request_bytes = parse_size(a.request_memory)  # a server's request bodies (serve/guard.py), likewise
         if not self.budget.limited:
             self.max_context = default_context(self.config, self.budget, a.max_context)
             self.store = WeightStore.load_resident(self.source, self.dtype, a.device, a.progress, self.quant)
         else:
             self.max_context, inp, self.context_options = budget_plan_input(
                 self.config, self.dtype, self.budget, a.max_context, self.profile, cuda, a.ring_depth, self.quant,
-                kv_storage, a.block_size, kv_pool, kv_host + remote_bytes)
+                kv_storage, a.block_size, kv_pool, kv_host + remote_bytes + self.request_bytes)
             self.plan = plan(inp)
             self.planned_kv_bytes = inp.kv_bytes
             held = reserve_placement(self.memory, inp, self.plan, kv_host)  # before a byte is loaded
@@ -155,11 +156,13 @@ class LLM:
             actual["kv_disk"] = self.kv.tiers.disk_capacity or 0
         if self.kv.tiers.remote is not None:  # one write batch + one fetch batch
             actual["kv_remote"] = reserved_bytes(self.kv.pool.block_bytes)
+        if self.request_bytes:
+            actual["requests"] = self.request_bytes
         for owner, n in actual.items():
             if owner in held:
                 held[owner].resize(n, check=False)
             else:
-                where = {"kv_host": "cpu", "kv_remote": "cpu", "kv_disk": "disk"}.get(owner, tier)
+                where = {"kv_host": "cpu", "kv_remote": "cpu", "requests": "cpu", "kv_disk": "disk"}.get(owner, tier)
                 held[owner] = self.memory.reserve(owner, where, n, check=False)
         return held
 

@@ -79,6 +79,8 @@ class EngineRequest:
     last_token_at: float = 0.0
     scored: int = 0  # prompt positions whose logits were scored (prompt_logprobs)
     logits: list[torch.Tensor] = field(default_factory=list)  # keep_logits: [n, V] fp32 pieces, position order
+    # in a forward pass that failed beside others: it runs in steps of its own until one succeeds (engine.py)
+    suspect: bool = False
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
@@ -135,6 +137,17 @@ class EngineRequest:
         top = torch.topk(lp, p.logprobs) if p.logprobs else None
         pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
         return token, TokenLogprob(token, float(lp[token]), pairs)
+
+    def mark(self) -> tuple[int, int, int]:
+        """What a step may change before its pass is known to succeed: the prompt positions scored (a scorer runs
+        inside the pass). restore(mark) undoes a failed pass's share."""
+        return self.scored, len(self.out.prompt_logprobs or ()), len(self.logits)
+
+    def restore(self, mark: tuple[int, int, int]) -> None:
+        self.scored = mark[0]
+        if self.out.prompt_logprobs is not None:
+            del self.out.prompt_logprobs[mark[1]:]
+        del self.logits[mark[2]:]
 
     def emit(self, update: RequestUpdate) -> None:
         if self.sink is not None:

@@ -9,6 +9,8 @@
       3. waiting requests in arrival order while the budget, max_num_seqs and the pool allow: admission is a
          side-effect-free probe (PagedKV.can_admit) and then a commit (admit + reserve), so a request that
          does not fit changes nothing, not even the prefix-hit counters.
+    A running request marked suspect (it was in a forward pass that failed beside others: engine.py) runs in a
+    step of its own, before anything else, until one of its steps succeeds or it fails alone.
     Chunks are aligned where the request's computing started (EngineRequest.next_chunk) and only whole
     chunks are scheduled, so every row goes through the same kernels as it would alone: outputs do not
     depend on what else runs.
@@ -113,6 +115,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         kv, out = self.kv, SchedulerOutput()
+        if (suspect := next((r for r in self.running if r.suspect), None)) is not None:
+            return self._count(self._alone(suspect, out))
         budget = self.budget
         # 1. decodes, preempting the newest running request while the pool is short
         while True:
@@ -160,6 +164,20 @@ class Scheduler:
             n = r.next_chunk(self.chunk)
             out.prefills.append(Chunk(r, n, r.seq.num_computed + n == r.prefill_end))
             budget -= n
+        return self._count(out)
+
+    def _alone(self, r: EngineRequest, out: SchedulerOutput) -> SchedulerOutput:
+        """A step of r alone (a suspect of a failed pass: engine.py). Its blocks for the step are still reserved
+        from the step that failed (a failed step commits nothing), so it needs none now."""
+        if r.prefilling:
+            n = r.next_chunk(self.chunk)
+            out.prefills.append(Chunk(r, n, r.seq.num_computed + n == r.prefill_end))
+        else:
+            self.kv.reserve(r.seq, 1)
+            out.decodes.append(r)
+        return out
+
+    def _count(self, out: SchedulerOutput) -> SchedulerOutput:
         c = self.counters
         c.steps += not out.empty
         c.mixed_steps += bool(out.decodes and out.prefills)

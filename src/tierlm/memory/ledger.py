@@ -9,6 +9,8 @@ Owners (the names the ledger, `--stats` and /metrics use):
     ring         the streamer's slots (pinned staging on CUDA: owner "staging", tier cpu)
     kv_pool      the paged KV pool
     kv_host      the host-RAM KV tier (its capacity; usage is the tier's own counter)
+    kv_remote    the shared KV tier's buffers (one write batch, one fetch batch)
+    requests     the bodies a server reads and parses (its capacity; usage is serve/guard.BodyBudget's)
     workspace    the layer intermediates' arena (re-planned wider at run time: resized)
     activations  kernel outputs and transients of one step (the planner's estimate: they are not pooled)
 

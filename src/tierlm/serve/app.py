@@ -9,7 +9,6 @@ away aborts its requests at once (their KV blocks are freed by the next engine s
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -24,6 +23,7 @@ from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.errors import TierlmError
 from tierlm.memory.pressure import Level
 from tierlm.serve.format import Choices, chunk_json, completion_json, usage_json
+from tierlm.serve.guard import BodyBudget, Guard, RequestLimits, surely_longer
 from tierlm.serve.loop import EngineLoop
 from tierlm.serve.metrics import Metrics
 from tierlm.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -35,13 +35,17 @@ def _error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = None,
-               tenants: dict[str, str] | None = None, protect_metrics: bool = False) -> FastAPI:
-    """tenants: API key -> tenant name (its quota is the loop's); api_key: one more key, without a tenant;
-    protect_metrics: /metrics needs a key too (off by default, as vLLM: scrapers rarely carry one)."""
+def create_app(llm, loop: EngineLoop, model_name: str, keys: dict[str, str], protect_metrics: bool,
+               limits: RequestLimits, budget: BodyBudget) -> FastAPI:
+    """keys: API key -> tenant ("": none; the tenant's quota is the loop's), empty: no auth; protect_metrics:
+    /metrics needs a key too (off by default, as vLLM: scrapers rarely carry one). limits and budget: what a
+    request may send and hold (serve/guard.py)."""
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
-    metrics = Metrics(loop, llm.memory)
+    metrics = Metrics(loop, llm.memory, budget)
     app.state.metrics = metrics
+    # the API's schema is guarded with it: it says which endpoints and fields exist
+    guarded = ("/v1/", "/openapi.json") + (("/metrics",) if protect_metrics else ())
+    app.add_middleware(Guard, keys=keys, guarded=guarded, limits=limits, budget=budget)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
@@ -54,31 +58,11 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
         what = "malformed JSON body" if first.get("type") == "json_invalid" else first.get("msg", "invalid request")
         return _error_response(OpenAIError(400, f"{what}" + (f" ({where})" if where else ""), param=where))
 
-    keys = dict(tenants or {}) | ({api_key: ""} if api_key else {})  # key -> tenant
-    guarded = ("/v1/", "/metrics") if protect_metrics else ("/v1/",)
-
-    def tenant_of(request: Request) -> str | None:
-        """The tenant of the request's one `Authorization: Bearer KEY` header, None when it names no key (a
-        missing or second header, another scheme); keys are compared in constant time, every one of them."""
-        given = request.headers.getlist("authorization")
-        if len(given) != 1 or not given[0].startswith("Bearer "):
-            return None
-        token = given[0].removeprefix("Bearer ").encode()
-        found = None
-        for key, tenant in keys.items():
-            if hmac.compare_digest(token, key.encode()):
-                found = tenant
-        return found
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        request.state.tenant = ""
-        if keys and request.url.path.startswith(guarded):
-            if (tenant := tenant_of(request)) is None:
-                return _error_response(OpenAIError(401, "invalid API key", "authentication_error",
-                                                   code="invalid_api_key"))
-            request.state.tenant = tenant
-        return await call_next(request)
+    def check_length(texts: list[str], param: str) -> None:
+        """A text far longer than the context is refused before it is tokenised whole (guard.surely_longer)."""
+        if (n := surely_longer(llm.tokenizer.backend, texts, llm.max_context)) is not None:
+            raise OpenAIError(400, f"the prompt is more than {n} tokens; the context is {llm.max_context}",
+                              param=param, code="context_length_exceeded")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -173,8 +157,10 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        messages = body.chat_messages()
+        check_length([m["content"] for m in messages], "messages")
         try:
-            ids = llm.tokenizer.encode_chat(body.chat_messages())
+            ids = llm.tokenizer.encode_chat(messages)
         except TierlmError as e:
             raise OpenAIError(400, str(e), param="messages") from None
         return await respond(request, body, ids, "chat")
@@ -182,6 +168,8 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
         prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            check_length([prompt], "prompt")
         ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         echo = None if not body.echo else prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)
         return await respond(request, body, ids, "text", echo)
@@ -194,11 +182,12 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
     @app.get("/health")
     async def health() -> Response:
         s = loop.snapshot
-        status = "draining" if loop.draining else "ok"
+        status = "draining" if loop.draining else "ok" if loop.healthy else "unhealthy"
         return JSONResponse({"status": status, "running": s.running, "waiting": s.waiting,
-                             "step_errors": s.step_errors, "memory_pressure": Level(s.pressure).name.lower(),
+                             "step_errors": s.step_errors, "failed_passes_in_a_row": s.failed_passes_in_a_row,
+                             "memory_pressure": Level(s.pressure).name.lower(),
                              "memory_fraction": round(s.pressure_fraction, 3)},
-                            status_code=503 if loop.draining else 200)
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

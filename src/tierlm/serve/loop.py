@@ -9,8 +9,10 @@ With a PressureControl, the snapshot also checks memory pressure and applies its
 (engine/pressure_control.py); at critical, new requests get 503 with Retry-After.
 
 The thread steps the engine while it has work and sleeps on an event otherwise. A step that raises fails
-only its own requests (the engine returns their blocks and sends them an "error" update); the loop goes on
-and counts the failure. A snapshot of the engine's state (queue lengths, KV blocks, counters) is taken by
+only the requests that caused it (engine.py: they get an "error" update and their blocks back, and are never
+retried); the loop goes on and counts the failure. After UNHEALTHY_AFTER forward passes in a row have failed
+(the engine, not a request, is broken: a corrupt weight store, a device gone) the server is unhealthy: /health
+answers 503 until a pass succeeds. A snapshot of the engine's state (queue lengths, KV blocks, counters) is taken by
 this thread after each step, so /metrics and /health never read structures the engine is changing.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tierlm.serve.protocol import OpenAIError
 
 log = logging.getLogger("tierlm.serve")
 SNAPSHOT_EVERY_S = 0.25
+UNHEALTHY_AFTER = 3  # forward passes failed in a row
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Snapshot:
     weight_traffic: TierStats = field(default_factory=TierStats)  # weights moved from disk / host (offload/)
     preemptions: int = 0
     step_errors: int = 0
+    failed_passes_in_a_row: int = 0  # engine.counters.consecutive_failed_passes
+    failed_requests: int = 0
     steps: int = 0
     host_blocks: int = 0  # cached KV blocks in the host tier
     disk_blocks: int = 0  # ... and on disk
@@ -166,9 +171,15 @@ class EngineLoop:
                 self.engine.step()
             except Exception:  # the step's requests got "error" updates; the server keeps serving the rest
                 self.step_errors += 1
-                log.exception("engine step failed")
+                if self.step_errors <= 10 or self.step_errors % 1000 == 0:  # a broken engine must not flood the log
+                    log.exception("engine step failed (%d so far)", self.step_errors)
+                self._take_snapshot()  # /health sees a failing engine at once
             if time.perf_counter() - self._last_snapshot >= SNAPSHOT_EVERY_S:
                 self._take_snapshot()
+
+    @property
+    def healthy(self) -> bool:
+        return self.snapshot.failed_passes_in_a_row < UNHEALTHY_AFTER
 
     def _take_snapshot(self) -> None:
         """State for /metrics and /health, and the memory pressure check (on the engine's thread)."""
@@ -179,6 +190,8 @@ class EngineLoop:
                                  weight_traffic=replace(e.runner.store.stats),
                                  preemptions=e.scheduler.counters.preemptions,
                                  step_errors=self.step_errors, steps=e.scheduler.counters.steps,
+                                 failed_passes_in_a_row=e.counters.consecutive_failed_passes,
+                                 failed_requests=e.counters.failed_requests,
                                  host_blocks=len(e.kv.tiers.host), disk_blocks=len(e.kv.tiers.disk),
                                  pressure=int(p.level) if p else 0, pressure_fraction=p.fraction if p else 0.0,
                                  pressure_transitions=p.transitions if p else 0,

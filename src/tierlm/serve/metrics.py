@@ -90,6 +90,10 @@ class _EngineCollector:
         yield CounterMetricFamily("tierlm:memory_pressure_transitions", "Pressure level changes",
                                   value=s.pressure_transitions)
         yield CounterMetricFamily("tierlm:engine_step_errors", "Engine steps that failed", value=s.step_errors)
+        yield CounterMetricFamily("tierlm:request_errors", "Requests that ended in an error (their own or their "
+                                  "step's)", value=s.failed_requests)
+        yield GaugeMetricFamily("tierlm:failed_passes_in_a_row", "Forward passes failed since the last that "
+                                "succeeded (/health is 503 from 3)", value=s.failed_passes_in_a_row)
         yield _labeled(CounterMetricFamily, "tierlm:bytes_streamed", "Weight bytes streamed, by tier", "tier",
                        {"disk": s.weight_traffic.disk_bytes, "host_to_device": s.weight_traffic.h2d_bytes})
         m = self.metrics
@@ -105,14 +109,20 @@ class _EngineCollector:
             yield held
             yield _labeled(GaugeMetricFamily, "tierlm:memory_budget_bytes", "The ledger's budget per tier", "tier",
                            {tier: n for tier, n in m.ledger.budgets.items() if n is not None})
+        if m.bodies is not None:  # read on the event loop's thread, which alone changes it
+            yield GaugeMetricFamily("tierlm:request_memory_used_bytes", "Request memory held by the bodies being "
+                                    "served (of the ledger's 'requests' reservation)", value=m.bodies.used)
+            yield CounterMetricFamily("tierlm:request_memory_refusals", "Requests refused (503) for request memory",
+                                      value=m.bodies.refused)
         yield GaugeMetricFamily("tierlm:rss_bytes", "Resident set size of the server now", value=_rss())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         yield GaugeMetricFamily("tierlm:peak_rss_bytes", "Peak resident set size of the server", value=peak)
 
 
 class Metrics:
-    def __init__(self, loop, ledger=None):
-        self.ledger = ledger
+    def __init__(self, loop, ledger=None, bodies=None):
+        """bodies: the server's serve/guard.BodyBudget (the request bodies held now)."""
+        self.ledger, self.bodies = ledger, bodies
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(loop, self))
         h = lambda name, doc: Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=self.registry)  # noqa: E731

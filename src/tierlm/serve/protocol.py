@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tierlm.engine.sampler import SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_N = 16  # choices per request: each is a request of its own in the engine
+MAX_MESSAGES = 2048  # per chat request: each parsed message costs ~14x its bytes (serve/guard.py)
 
 
 def _valid_text(value: Any) -> Any:
@@ -106,7 +107,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -27,7 +27,7 @@ from tierlm.engine.args import EngineArgs
 from tierlm.serve.affinity import KEY_TOKENS, prefix_key, prompt_ids
 from tierlm.serve.protocol import OpenAIError
 from tierlm.serve.relay import REPLICA_HEADER, Forwarded, ResponseStart, run_app
-from tierlm.serve.server import ServeArgs, engine_app, tenant_quotas
+from tierlm.serve.server import ServeArgs, engine_app, serve_engine_args, tenant_quotas
 
 log = logging.getLogger("tierlm.serve")
 RETRIES = 2  # more replicas tried when one dies before its response starts
@@ -51,7 +51,7 @@ class EngineReplica:
     def _engine(self, engine_args: EngineArgs, serve_args: ServeArgs) -> None:
         from tierlm import LLM
         try:
-            self.llm = LLM.from_args(engine_args, tenant_quotas(serve_args))
+            self.llm = LLM.from_args(serve_engine_args(engine_args), tenant_quotas(serve_args))
             self.loop, self.app, self.model_name = engine_app(self.llm, serve_args)
         except BaseException as e:  # noqa: BLE001 - raised by __init__, where Serve reports it
             self._failure = e

@@ -8,32 +8,25 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
+from tierlm.config import parse_size
 from tierlm.engine.args import EngineArgs
 from tierlm.engine.pressure_control import PressureControl
 from tierlm.engine.quota import Quota, parse_tenant
 from tierlm.errors import UsageError
 from tierlm.serve.app import create_app
+from tierlm.serve.guard import PARSE_FACTOR, BodyBudget, HeaderTimeoutH11, RequestLimits, default_max_body
+from tierlm.serve.args import REQUEST_MEMORY, ServeArgs
 from tierlm.serve.loop import EngineLoop
 
 log = logging.getLogger("tierlm.serve")
 
 
-@dataclass
-class ServeArgs:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # default: $TIERLM_API_KEY; None = no key needed
-    max_queue: int = 256  # waiting requests before 429
-    served_model_name: str | None = None
-    drain_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
-    tenants: tuple[str, ...] = ()  # "KEY=NAME:running=N,queued=N,kv_blocks=N" (engine/quota.py)
-    protect_metrics: bool = False  # /metrics needs a key too (when keys are set)
 
 
 def default_model_name(source) -> str:
@@ -73,8 +66,21 @@ def engine_app(llm, args: ServeArgs) -> tuple[EngineLoop, FastAPI, str]:
                          "LLM.from_args(engine_args, tenant_quotas(serve_args))")
     loop = EngineLoop(llm.engine, args.max_queue, PressureControl(llm.engine, llm.memory))
     name = args.served_model_name or default_model_name(llm.source)
-    app = create_app(llm, loop, name, api_key(args), {k: tenant for k, tenant, _ in parsed}, args.protect_metrics)
+    if not llm.request_bytes:
+        raise UsageError("the model was loaded without request memory: EngineArgs.request_memory (serve_engine_args)")
+    limits = RequestLimits(args.max_body_bytes or default_max_body(llm.max_context, llm.request_bytes),
+                           args.body_timeout, args.header_timeout)
+    if PARSE_FACTOR * limits.max_body_bytes > llm.request_bytes:
+        raise UsageError(f"--max-body-bytes {args.max_body_bytes} needs {PARSE_FACTOR}x its size of request memory; "
+                         f"--request-memory is {llm.request_bytes} bytes")
+    keys = {k: tenant for k, tenant, _ in parsed} | ({key: ""} if (key := api_key(args)) else {})
+    app = create_app(llm, loop, name, keys, args.protect_metrics, limits, BodyBudget(llm.request_bytes))
     return loop, app, name
+
+
+def serve_engine_args(engine_args: EngineArgs) -> EngineArgs:
+    """The engine arguments a server loads with: request memory planned (REQUEST_MEMORY unless given)."""
+    return engine_args if parse_size(engine_args.request_memory) else replace(engine_args, request_memory=REQUEST_MEMORY)
 
 
 def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
@@ -85,9 +91,11 @@ def serve(engine_args: EngineArgs, args: ServeArgs) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quotas = tenant_quotas(args)  # bad specs fail before the model loads
-    llm = LLM.from_args(engine_args, quotas)
+    llm = LLM.from_args(serve_engine_args(engine_args), quotas)
     loop, app, name = engine_app(llm, args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    protocol = type("H11", (HeaderTimeoutH11,), {"header_timeout_s": args.header_timeout})
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                            http=protocol, limit_concurrency=args.max_connections)
     server = uvicorn.Server(config)  # in a thread, uvicorn installs no signal handlers: they are ours
     http = threading.Thread(target=server.run, name="tierlm-http", daemon=True)
     http.start()
