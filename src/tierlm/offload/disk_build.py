@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,8 +24,9 @@ from tierlm.errors import StorageError, is_storage_error, storage_error
 from tierlm.offload import disk_layout as layout
 from tierlm.memory.directio import align_up, drop_from_page_cache
 from tierlm.memory.dirlock import dir_lock
-from tierlm.offload.disk_layout import (DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin, StoredTensor,
-                                          StoredUnit, checksum)
+from tierlm.offload.disk_layout import (DATA_FILE, MANIFEST, ChecksumError, Origin, StoredTensor, StoredUnit,
+                                          checksum)
+from tierlm.offload.disk_manifest import encode_manifest
 from tierlm.offload.units import EMBED, HEAD, unit_nbytes, unit_tensors
 from tierlm.progress import progress_bar
 from tierlm.quant.scheme import QuantScheme
@@ -173,11 +172,8 @@ def build_store(source: ModelSource, units: list[str], origin: Origin, directory
         os.replace(tmp, directory / DATA_FILE)
         _fsync_dir(directory)  # the data is durably in place before a manifest can name it
         drop_from_page_cache(directory / DATA_FILE)  # written pages must not stay behind as a hidden RAM tier
-        manifest = {"version": STORE_VERSION, "fingerprint": origin.fingerprint,
-                    "data_bytes": sum(s.nbytes for s in stored.values()), "chunk_bytes": layout.CHUNK_BYTES,
-                    "units": {k: asdict(s) for k, s in stored.items()}}
         with mtmp.open("x") as f:
-            f.write(json.dumps(manifest))
+            f.write(encode_manifest(stored, origin.fingerprint))  # checksummed, bound to the source
             f.flush()
             os.fsync(f.fileno())
         os.replace(mtmp, directory / MANIFEST)

@@ -5,9 +5,11 @@ Layout of `layers.bin`: each unit's tensors are contiguous and every tensor star
 unit is one aligned extent read with O_DIRECT into a ring slot, and tensors are views of the slot.
 Integrity: an XXH3-64 hash per CHUNK_BYTES piece of each extent (the streamer reads in chunks and checks each
 as it lands, on the I/O threads). XXH3 rather than zlib's CRC32 because CRC32 runs at ~2.7 GB/s per core: at
-disk speed it would take most of a core on a 2-core machine away from compute; XXH3 runs at 10-25 GB/s. `manifest.json` records shapes, dtypes, offsets, checksums and a fingerprint of
-the source; it is written last, atomically (temp + rename), so a store without a manifest is incomplete
-and is rebuilt. A store whose fingerprint and unit list match is reused.
+disk speed it would take most of a core on a 2-core machine away from compute; XXH3 runs at 10-25 GB/s.
+`manifest.json` records shapes, dtypes, offsets, checksums and a fingerprint of the source, and a checksum
+of its own bound to that fingerprint (disk_manifest.py); it is written last, atomically (temp + rename), so
+a store without a manifest is incomplete and is rebuilt. A store whose manifest verifies, matches the
+source and holds the units asked for is reused; any other is rebuilt.
 NOTE: other modules read CHUNK_BYTES as `disk_layout.CHUNK_BYTES` (not a copy), so one setting of it
 (tests make it small) holds for building, reading and checking alike.
 """
@@ -25,7 +27,7 @@ from tierlm.quant import int4
 from tierlm.quant.scheme import QuantScheme
 from tierlm.weights.source import ModelSource
 
-STORE_VERSION = 5  # 5: quantised matrices stored in kernel form (see quant/tensor.py)
+STORE_VERSION = 6  # 5: quantised matrices stored in kernel form (see quant/tensor.py); 6: checksummed manifest
 DATA_FILE, MANIFEST = "layers.bin", "manifest.json"
 CHUNK_BYTES = 8 << 20  # read and checksum granule: ≥4 MiB keeps the disk at full speed
 

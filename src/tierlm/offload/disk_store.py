@@ -1,8 +1,8 @@
 """The offload store: units placed off the compute device, written once to `offload_dir` for streaming. This
-module is the read side: opening a store (reused when its manifest matches, else built under `DIR/.lock`),
-reading and verifying chunks, whole units and on-demand rows, and the tensors of a unit as views of its bytes.
-The format is in disk_layout.py, the writing (build and in-place repair) in disk_build.py; the format's
-public names are re-exported here.
+module is the read side: opening a store (reused when its manifest verifies and matches the source, else built
+under `DIR/.lock`), reading and verifying chunks, whole units and on-demand rows, and the tensors of a unit as
+views of its bytes. The format is in disk_layout.py, the manifest's checks in disk_manifest.py, the writing
+(build and in-place repair) in disk_build.py; the format's public names are re-exported here.
 Self-healing: a unit whose bytes fail their checksum twice is rebuilt from the source in place (repair), when
 the source is unchanged; the rebuilt bytes must match the manifest's sums, as the same source and the same
 code give the same bytes. A missing or changed source is a clear error instead.
@@ -10,7 +10,7 @@ code give the same bytes. A missing or changed source is a clear error instead.
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import threading
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from tierlm.memory.dirlock import dir_lock
 from tierlm.offload.disk_build import build_store, rewrite_unit
 from tierlm.offload.disk_layout import (CHUNK_BYTES, DATA_FILE, MANIFEST, STORE_VERSION, ChecksumError, Origin,
                                           StoredTensor, StoredUnit, checksum, source_fingerprint)
+from tierlm.offload.disk_manifest import CorruptManifest, StaleManifest, check_layout, decode_manifest
 from tierlm.offload.stats import TierStats
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import PARTS, QuantTensor
@@ -32,6 +33,8 @@ from tierlm.weights.source import ModelSource
 
 __all__ = ["CHUNK_BYTES", "DATA_FILE", "MANIFEST", "STORE_VERSION", "ChecksumError", "OffloadStore", "StoredTensor",
            "StoredUnit", "checksum", "source_fingerprint"]
+
+log = logging.getLogger("tierlm.offload")
 
 
 class OffloadStore:
@@ -65,24 +68,34 @@ class OffloadStore:
         # Under the lock: a store another process is writing is never read half-done, and a process that
         # waited finds the store built and reuses it.
         with dir_lock(directory, note):
-            existing = cls._open(directory, origin, units)
+            existing = cls._open(source, directory, origin, units)
             if existing is not None:
                 return existing
             return cls._build(source, units, origin, directory, progress)
 
     @classmethod
-    def _open(cls, directory: Path, origin: Origin, units: list[str]) -> "OffloadStore | None":
+    def _open(cls, source: ModelSource, directory: Path, origin: Origin,
+              units: list[str]) -> "OffloadStore | None":
+        """The store in `directory` when its manifest verifies and fits this source (disk_manifest.py) and it
+        holds `units`, else None: rebuild. A manifest found corrupt or edited is never used, and its rebuild
+        is said in one warning line (another version, source or set of units is an ordinary rebuild)."""
         try:
-            manifest = json.loads((directory / MANIFEST).read_text())
-            if (manifest.get("version") != STORE_VERSION or manifest.get("fingerprint") != origin.fingerprint
-                    or manifest.get("chunk_bytes") != layout.CHUNK_BYTES):
-                return None
-            stored = {k: StoredUnit(**{**v, "tensors": [StoredTensor(**t) for t in v["tensors"]]})
-                      for k, v in manifest["units"].items()}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raw = (directory / MANIFEST).read_bytes()
+            stored, data_bytes = decode_manifest(raw, origin.fingerprint)
+            check_layout(stored, source.config, origin.dtype, origin.quant, set(source.tensor_names()))
+            data = directory / DATA_FILE
+            size = data.stat().st_size if data.is_file() else None
+            if size != data_bytes:  # a truncated or replaced data file: its bytes are not the ones described
+                raise CorruptManifest(f"{DATA_FILE} is {'missing' if size is None else f'{size} bytes'}, "
+                                      f"it says {data_bytes}")
+        except (FileNotFoundError, StaleManifest):
+            return None  # none yet, or one from another version or source: the build's progress bar says so
+        except (OSError, CorruptManifest) as e:
+            why = e if isinstance(e, CorruptManifest) else f"it cannot be read ({e})"
+            log.warning("the offload store in %s is not used, its %s fails verification: %s; rebuilding "
+                        "it from the source", directory, MANIFEST, why)
             return None
-        data = directory / DATA_FILE
-        if not set(units) <= set(stored) or not data.is_file() or data.stat().st_size != manifest["data_bytes"]:
+        if not set(units) <= set(stored):
             return None
         return cls(directory, stored, origin)
 
