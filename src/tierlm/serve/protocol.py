@@ -10,6 +10,7 @@ from tierlm.engine.sampler import SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_N = 16  # choices per request: each is a request of its own in the engine
 MAX_MESSAGES = 2048  # per chat request: each parsed message costs ~14x its bytes (serve/guard.py)
+TOKEN_ID_END = 2 ** 32  # token ids are u32 in the tokenizer (the model's vocabulary, far smaller, is the engine's)
 
 
 def _valid_text(value: Any) -> Any:
@@ -129,7 +130,16 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False  # the prompt comes back before the completion, with its logprobs when logprobs is set
 
-    _prompt_is_text = field_validator("prompt")(classmethod(lambda cls, v: _valid_text(v)))
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_checked(cls, v: Any) -> Any:
+        """Valid Unicode, and token ids the tokenizer can hold: an echo decodes the ids before the engine checks
+        them against the vocabulary, and a negative or >= 2^32 id raised OverflowError there (a 500; found by
+        tests/test_fuzz_api.py: {"prompt": [-1], "echo": true})."""
+        ids = [x for p in (v if isinstance(v, list) else []) for x in (p if isinstance(p, list) else [p])]
+        if any(isinstance(x, int) and not 0 <= x < TOKEN_ID_END for x in ids):
+            raise ValueError("prompt token ids must be in [0, 2^32) (and in the model's vocabulary)")
+        return _valid_text(v)
 
     def params(self, index: int = 0) -> SamplingParams:
         if self.max_tokens == 0 and not self.echo:
