@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierlm.engine.request import EngineRequest, RequestUpdate
 from tierlm.errors import TierlmError
@@ -50,6 +51,13 @@ def create_app(llm, loop: EngineLoop, model_name: str, keys: dict[str, str], pro
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
         return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own errors ({"detail": ...}): a body json cannot read (not UTF-8, nested past the recursion
+        # limit, an int of 4300+ digits), an unknown path or method: OpenAI's shape like every other error
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return _error_response(OpenAIError(e.status_code, str(e.detail), kind, headers=dict(e.headers or {})))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
