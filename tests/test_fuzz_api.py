@@ -17,7 +17,7 @@ import pytest
 from fuzz_helpers import MODEL, REFERENCE, SMALL_TOKENS, bound, check, serve
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
 MAX_CONTEXT = 128
@@ -93,6 +93,11 @@ def token_id_bodies(draw, vocab: int):
 def test_fuzz_token_id_prompts(served):
     seen = Counter()
 
+    # both sides of the edge explicitly, streamed and not (the drawn ones vary in what they reach)
+    edge = [{"model": MODEL, "prompt": list(range(10, 10 + n)), "stream": stream, "temperature": 0,
+             "max_tokens": 10 ** 9} | ({"stream_options": {"include_usage": True}} if stream else {})
+            for n in (MAX_CONTEXT - 3, MAX_CONTEXT - 1, MAX_CONTEXT) for stream in (False, True)]
+
     @settings(FUZZ, max_examples=40)
     @given(body=token_id_bodies(served.llm.config.vocab_size))
     def run(body):
@@ -105,6 +110,8 @@ def test_fuzz_token_id_prompts(served):
             seen["to the edge"] += usage["total_tokens"] == MAX_CONTEXT and usage["completion_tokens"] > 0
             seen["streamed"] += body["stream"]
 
+    for body in edge:
+        run = example(body=body)(run)
     run()
     print(f"token ids: {dict(seen)}")
     assert seen[200] and seen[400] and seen["to the edge"] and seen["streamed"], seen  # each side of the edges
