@@ -174,7 +174,7 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         try:
-            ids = llm.tokenizer.encode_chat(body.chat_messages())
+            ids = llm.encode_chat(body.chat_messages())  # content is text: a typed control token cannot open a turn
         except TierlmError as e:
             raise OpenAIError(400, str(e), param="messages") from None
         return await respond(request, body, ids, "chat")
@@ -182,6 +182,7 @@ def create_app(llm, loop: EngineLoop, model_name: str, api_key: str | None = Non
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
         prompt = body.single_prompt()
+        # raw text, special-token strings included (as vLLM and llama.cpp): the caller writes every turn of it
         ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         echo = None if not body.echo else prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)
         return await respond(request, body, ids, "text", echo)
