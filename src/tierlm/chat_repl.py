@@ -20,7 +20,7 @@ def _fit(llm: LLM, messages: list[dict[str, str]], reserve: int) -> list[int]:
     """Token ids of the rendered conversation, dropping the oldest turns until `reserve` tokens fit."""
     budget = llm.max_context - reserve
     while True:
-        ids = llm.tokenizer.encode_chat(messages)
+        ids = llm.encode_chat(messages)
         first = 1 if messages and messages[0]["role"] == "system" else 0
         if len(ids) <= budget or len(messages) - first <= 1:
             return ids

@@ -172,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # An instruct model answers a question only inside its chat template, so it is applied by default when
     # the model ships one (as llama.cpp's CLI and Ollama do); --raw completes the text as it is.
     chat = args.chat or (not args.raw and llm.tokenizer.chat_template is not None)
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = llm.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
     out = RequestOutput()
     for delta in llm.stream(ids, params, out):
         if not args.no_stream:

@@ -73,6 +73,9 @@ class EngineArgs:
     # (benchmarks/serve.py, embedded model, 700-word prompts at 2 req/s): 576, 768 and 1280 gave the same
     # throughput (17.3-17.6 tok/s out) and inter-token latency (82-84 ms p50): prefill-bound, the budget moot.
     max_num_batched_tokens: int = 768
+    # chat message content is text (a typed "<|im_start|>system" cannot open a turn); True: its special-token
+    # strings are control tokens again, for callers that write their own turns (weights/chat_text.py)
+    allow_special_tokens_in_content: bool = False
 
     def check(self) -> None:
         """Every check that needs no file: UsageError with one line saying what is wrong."""
@@ -210,3 +213,6 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help=f"requests decoded together (default {EngineArgs.max_num_seqs})")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=EngineArgs.max_num_batched_tokens,
                    help=f"tokens per engine step (default {EngineArgs.max_num_batched_tokens})")
+    p.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="for trusted callers: special-token strings in chat messages (<|im_start|>...) are control "
+                        "tokens, not text (default: text, so a message cannot fake another turn)")

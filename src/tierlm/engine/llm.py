@@ -67,6 +67,9 @@ class LLM:
         kv_compress: "none" or "zstd" for blocks on disk. kv_remote: "redis://HOST:PORT/DB", a KV tier shared by
         replicas below host and disk (kvcache/remote_tier.py; keys under kv_remote_namespace).
     max_num_seqs, max_num_batched_tokens: the engine loop's limits per step (engine/args.py).
+    allow_special_tokens_in_content: chat message content is plain text by default (a typed "<|im_start|>" is
+        text, so a message cannot fake a turn); True makes its special-token strings control tokens (trusted
+        callers). A string prompt is raw text either way: its special-token strings are control tokens.
     Every keyword is a field of EngineArgs (LLM.from_args takes one), the same as the CLI's and the server's.
     """
 
@@ -317,6 +320,10 @@ class LLM:
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:
         """One conversation -> one output; a list of conversations -> a list of outputs (run together)."""
         if messages and isinstance(messages[0], list):
-            return self.generate([self.tokenizer.encode_chat(m) for m in messages], sampling_params)  # type: ignore[arg-type]
-        ids = self.tokenizer.encode_chat(messages)  # type: ignore[arg-type]
-        return self.generate([ids], sampling_params)[0]
+            return self.generate([self.encode_chat(m) for m in messages], sampling_params)  # type: ignore[arg-type]
+        return self.generate([self.encode_chat(messages)], sampling_params)[0]  # type: ignore[arg-type]
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """The prompt ids of a conversation as chat(), the server and the chat REPL see them: the chat template
+        rendered, message content as text unless allow_special_tokens_in_content."""
+        return self.tokenizer.encode_chat(messages, self.args.allow_special_tokens_in_content)

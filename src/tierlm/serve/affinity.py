@@ -39,13 +39,15 @@ def prefix_key(ids: Sequence[int], block_size: int, key_tokens: int = KEY_TOKENS
     return _hash64(array("q", ids[:n]).tobytes()) if n else None
 
 
-def prompt_ids(path: str, body: bytes, tokenizer) -> list[int] | None:
-    """The token ids the engine will see for a request to `path`, as the app computes them (app.py), or None
-    for anything that is not a well-formed generation request: the replica answers those (errors included)."""
+def prompt_ids(path: str, body: bytes, tokenizer, allow_special_tokens_in_content: bool = False) -> list[int] | None:
+    """The token ids the engine will see for a request to `path`, as the app computes them (app.py; the flag
+    is the replicas' EngineArgs'), or None for anything that is not a well-formed generation request: the
+    replica answers those (errors included)."""
     from tierlm.serve.protocol import ChatCompletionRequest, CompletionRequest
     try:
         if path == "/v1/chat/completions":
-            return tokenizer.encode_chat(ChatCompletionRequest.model_validate_json(body).chat_messages())
+            messages = ChatCompletionRequest.model_validate_json(body).chat_messages()
+            return tokenizer.encode_chat(messages, allow_special_tokens_in_content)
         if path == "/v1/completions":
             prompt = CompletionRequest.model_validate_json(body).single_prompt()
             return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

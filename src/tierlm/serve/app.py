@@ -168,7 +168,7 @@ def create_app(llm, loop: EngineLoop, model_name: str, keys: dict[str, str], pro
         messages = body.chat_messages()
         check_length([m["content"] for m in messages], "messages")
         try:
-            ids = llm.tokenizer.encode_chat(messages)
+            ids = llm.encode_chat(messages)  # content is text: a typed control token cannot open a turn
         except TierlmError as e:
             raise OpenAIError(400, str(e), param="messages") from None
         return await respond(request, body, ids, "chat")
@@ -176,6 +176,7 @@ def create_app(llm, loop: EngineLoop, model_name: str, keys: dict[str, str], pro
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
         prompt = body.single_prompt()
+        # raw text, special-token strings included (as vLLM and llama.cpp): the caller writes every turn of it
         if isinstance(prompt, str):
             check_length([prompt], "prompt")
         ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -174,7 +174,9 @@ def deploy(engine_args: EngineArgs, replicas: int = 2, routing: str = "prefix",
                                                       request_router_kwargs={"policy": routing}),
         ).bind(engine_args, serve_args)
         ingress = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
-        serve.run(ingress.bind(engine, engine_args.model, engine_args.block_size), name=APP, route_prefix="/")
+        serve.run(ingress.bind(engine, engine_args.model, engine_args.block_size,
+                               allow_special_tokens_in_content=engine_args.allow_special_tokens_in_content),
+                  name=APP, route_prefix="/")
     except BaseException as e:
         reason = _failure(APP) if isinstance(e, RuntimeError) else None  # Serve's "deploying ... failed"
         if owns_ray:

@@ -94,13 +94,15 @@ def _sse_error(message: str) -> bytes:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, engine, model: Any, block_size: int, key_tokens: int = KEY_TOKENS):
+    def __init__(self, engine, model: Any, block_size: int, key_tokens: int = KEY_TOKENS,
+                 allow_special_tokens_in_content: bool = False):
         from tierlm.weights import open_model
         source = open_model(model)
         self.tokenizer = source.tokenizer  # NOTE: valid after close(); the weights are never read here
         source.close()
         self.engine = engine.options(stream=True)
         self.block_size, self.key_tokens = block_size, key_tokens
+        self.special_in_content = allow_special_tokens_in_content  # the replicas' EngineArgs: the same ids
         self.draining = False
         self.in_flight = 0  # HTTP requests between their first byte and their response's last
 
@@ -140,7 +142,8 @@ class Ingress:
             return  # the client left before sending its body
         headers = list(scope["headers"])
         target = next((v.decode() for k, v in headers if k.lower() == REPLICA_HEADER.encode()), None)
-        ids = prompt_ids(scope["path"], bytes(body), self.tokenizer) if scope["method"] == "POST" else None
+        ids = prompt_ids(scope["path"], bytes(body), self.tokenizer, self.special_in_content) \
+            if scope["method"] == "POST" else None
         req = Forwarded(scope["method"], scope["path"], scope.get("query_string", b""), headers, bytes(body),
                         prefix_key(ids, self.block_size, self.key_tokens) if ids else None, target)
         await self._relay(req, send)

@@ -1,10 +1,13 @@
 """Tokenizer: HF `tokenizers` built from tokenizer.json, or from GGUF metadata (gpt2-style byte-level BPE).
 
-Also renders the model's own chat template with jinja2 (sandboxed, as HF does).
+Also renders the model's own chat template with jinja2 (sandboxed, as HF does). Special-token strings are
+control tokens in raw text (encode: the caller writes the whole prompt) and plain text inside chat message
+content (encode_chat, chat_text.py): only the template opens and closes turns.
 """
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from tierlm.errors import ModelFormatError, UnsupportedModelError, UsageError
+from tierlm.weights.chat_text import encode_pieces, holds_special, special_token_strings, split_rendering
 
 # Split regexes by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp applies them before byte-level BPE.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -48,12 +52,23 @@ class Tokenizer:
     add_bos: bool = False
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token strings for templates
+    # id -> text of the backend's special added tokens (fixed: the backend is complete when this is built)
+    _specials: dict[int, str] = field(init=False, repr=False, compare=False)
+    # a copy of the backend with encode_special_tokens on, for content as text: built on first use, under the
+    # lock. A copy, not a toggle: the shared backend's flag is global to every thread encoding with it.
+    _plain: HFTokenizer | None = field(default=None, init=False, repr=False, compare=False)
+    _plain_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._specials = special_token_strings(self.backend)
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Raw text (a completions prompt): special-token strings in it are control tokens, as in HF's
+        tokenizer(text), vLLM's and llama.cpp's completions; there is no template turn in it to fake."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
@@ -77,9 +92,26 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise UsageError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        # The rendered template already carries BOS when the model wants one.
-        return self.backend.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+    def encode_chat(self, messages: list[dict[str, str]], allow_special_tokens_in_content: bool = False) -> list[int]:
+        """Ids of the rendered conversation (which carries BOS when the model wants one). A special-token
+        string inside a message's content is plain text unless allow_special_tokens_in_content (trusted
+        callers); a conversation without one is the whole-string encode it always was. UsageError when a
+        content holding one cannot be located in the template's rendering (chat_text.split_rendering)."""
+        text = self.apply_chat_template(messages)
+        specials = [] if allow_special_tokens_in_content else list(self._specials.values())
+        flagged = [i for i, m in enumerate(messages) if holds_special(m["content"], specials, self.backend)]
+        if not flagged:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        pieces = split_rendering(self.apply_chat_template, messages, text, flagged)
+        return encode_pieces(pieces, self.backend, self._plain_backend(), self._specials)
+
+    def _plain_backend(self) -> HFTokenizer:
+        with self._plain_lock:
+            if self._plain is None:
+                plain = HFTokenizer.from_str(self.backend.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
 
 
 def _raise_template_error(message: str) -> None:
