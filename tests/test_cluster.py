@@ -42,9 +42,11 @@ WORDS = ("river stone lantern copper meadow harbor violet engine quiet thunder m
 
 @pytest.fixture(scope="module")
 def cluster(redis_server):
-    """Two replicas sharing the session's Redis as their KV tier (one deployment for the whole file)."""
+    """Two replicas sharing the session's Redis as their KV tier (one deployment for the whole file), with a
+    secret: a hit on the other replica means both got it (each refuses values sealed with another)."""
     from tierlm.serve.cluster import deploy
-    c = deploy(replace(ENGINE, kv_remote=redis_server.url), replicas=2, routing="prefix",
+    c = deploy(replace(ENGINE, kv_remote=redis_server.url, kv_remote_secret="shared by the replicas"), replicas=2,
+               routing="prefix",
                serve_args=ServeArgs(port=free_port(), drain_timeout=5, served_model_name=MODEL))
     yield c
     c.shutdown()

@@ -15,6 +15,7 @@ from tierlm.cli import main
 from tierlm.engine.args import EngineArgs
 from tierlm.errors import UsageError
 from tierlm.kvcache.block_file import StoredBlock, encode_block
+from tierlm.kvcache.block_mac import MAC_MAGIC
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 P = list(range(10, 51))  # 41 tokens: 10 full blocks of 4 can be restored (the last token is always computed)
@@ -68,23 +69,27 @@ def _kv_args():
     return torch.float32, 16
 
 
-def test_a_prefix_computed_by_one_engine_is_restored_by_another(tiny_models, tmp_path, redis_url, isolated_cache):
+@pytest.mark.parametrize("secret", [None, "shared by the replicas"])  # sealed values restore as plain ones
+def test_a_prefix_computed_by_one_engine_is_restored_by_another(tiny_models, tmp_path, redis_url, isolated_cache,
+                                                                secret):
     src = tiny_models["llama_gqa_tied"].path
     want = _engine(src, enable_prefix_caching=False).generate([P], GREEDY)[0].token_ids
-    a = _engine(src, kv_remote=redis_url)
+    a = _engine(src, kv_remote=redis_url, kv_remote_secret=secret)
     assert a.generate([P], GREEDY)[0].token_ids == want
     a.kv.tiers.flush()
     # written through when registered: nothing was evicted, yet the other replica can see every full block
     assert a.kv.stats().evictions == 0 and len(_keys(redis_url)) == a.kv.tiers.remote.counters.puts >= BLOCKS
-    b = _engine(shutil.copytree(src, tmp_path / "b"), kv_remote=redis_url)
+    values = redis.Redis.from_url(redis_url).mget(_keys(redis_url))
+    assert all(v.startswith(MAC_MAGIC) == (secret is not None) for v in values)
+    b = _engine(shutil.copytree(src, tmp_path / "b"), kv_remote=redis_url, kv_remote_secret=secret)
     stats = redis.Redis.from_url(redis_url)
     stats.config_resetstat()  # count B's restore only (not its bandwidth probe)
     assert b.generate([P], GREEDY)[0].token_ids == want
     assert b.kv.restored_tokens == 4 * BLOCKS and b.kv.tiers.counters.remote_restores == BLOCKS
     calls = {k: v["calls"] for k, v in stats.info("commandstats").items()}
     assert calls.get("cmdstat_mget") == 1 and "cmdstat_get" not in calls  # fetched in one round trip
-    assert "remote up" in b.kv_stats().describe()
-    c = _engine(src, kv_remote=redis_url, kv_remote_namespace="other")  # another deployment's namespace
+    assert "remote up" in b.kv_stats().describe() and b.kv.tiers.remote.counters.corrupt == 0
+    c = _engine(src, kv_remote=redis_url, kv_remote_secret=secret, kv_remote_namespace="other")  # another deployment's namespace
     assert c.generate([P], GREEDY)[0].token_ids == want and c.kv.restored_tokens == 0
 
 

@@ -7,13 +7,15 @@ check() runs before any file is opened or thread started: a bad value costs noth
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from tierlm.config import attention_dtype, parse_size
 from tierlm.errors import UsageError
+from tierlm.kvcache.block_mac import BlockSeal
 from tierlm.kvcache.paged import DEFAULT_BLOCK_SIZE
 from tierlm.memory.budget import MemoryBudget
 from tierlm.offload.plan_input import PREFILL_CHUNK
@@ -60,6 +62,9 @@ class EngineArgs:
     # a KV tier shared by replicas and machines, below host and disk: "redis://HOST:PORT/DB" (kvcache/remote_tier.py)
     kv_remote: str | None = None
     kv_remote_namespace: str = "tierlm"  # key prefix: deployments sharing one Redis keep their blocks apart
+    # the replicas' shared secret: each block in the remote tier carries an HMAC over its key and value, checked
+    # before use (kvcache/block_mac.py); None: the tier trusts anyone who can write to the Redis. Not in repr.
+    kv_remote_secret: str | None = field(default=None, repr=False)
     migrate: bool = False  # move memory between resident layers and KV at run time (offload/migration.py)
     # host memory held for the request bodies a server is reading and parsing (serve/guard.py: the ledger's
     # "requests" reservation, planned within max_memory like the KV tiers); 0 for the Python API and the CLI
@@ -108,6 +113,8 @@ class EngineArgs:
         if not self.kv_remote_namespace or any(c in self.kv_remote_namespace for c in " :{}"):
             raise UsageError(f"kv_remote_namespace must be a non-empty word without spaces, ':' or braces, "
                              f"got {self.kv_remote_namespace!r}")
+        if self.kv_remote_secret is not None:  # refused even unused: an empty secret is a mistake, never "no MAC"
+            BlockSeal(self.kv_remote_secret)
         budget = MemoryBudget.parse(self.max_memory)
         if self.migrate and (not budget.limited or self.offload_dir is None or self.device != "cpu"):
             raise UsageError("migrate needs max_memory and offload_dir (--max-memory, --offload-dir) and runs on a CPU")
@@ -116,14 +123,18 @@ class EngineArgs:
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
-        """From the flags add_cli_args defined (any other attributes of `ns` are ignored)."""
+        """From the flags add_cli_args defined (any other attributes of `ns` are ignored). The remote tier's
+        secret: --kv-remote-secret, else $TIERLM_KV_REMOTE_SECRET (read here only: LLM(...) never reads it)."""
         values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+        if "kv_remote_secret" in values and values["kv_remote_secret"] is None:
+            values["kv_remote_secret"] = os.environ.get(SECRET_ENV)
         if hasattr(ns, "no_prefix_cache"):
             values["enable_prefix_caching"] = not ns.no_prefix_cache
         return cls(**values)
 
 
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
+SECRET_ENV = "TIERLM_KV_REMOTE_SECRET"
 
 
 def check_remote_url(url: str) -> None:
@@ -201,6 +212,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="a KV tier shared by replicas, below host and disk: redis://HOST:PORT/DB")
     p.add_argument("--kv-remote-namespace", default=EngineArgs.kv_remote_namespace, metavar="NAME",
                    help="key prefix in the shared KV tier (default %(default)s)")
+    p.add_argument("--kv-remote-secret", default=None, metavar="SECRET",
+                   help=f"a secret every replica shares: blocks in the shared tier carry an HMAC over key and value "
+                        f"and others are refused (default: ${SECRET_ENV}; prefer it: a flag shows in `ps`). "
+                        f"Without one the tier trusts anyone who can write to the Redis")
     p.add_argument("--migrate", action="store_true",
                    help="under --max-memory: demote resident layers to streamed when requests wait for KV, and "
                         "promote them back when they do not (needs --offload-dir)")

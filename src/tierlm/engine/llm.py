@@ -65,7 +65,8 @@ class LLM:
         kv_host_memory: a host-RAM KV tier for cached blocks evicted from the pool (default 0: on a CPU the pool is
         RAM already); kv_offload_dir: a disk KV tier below it (default OFFLOAD_DIR/kv when offload_dir is given);
         kv_compress: "none" or "zstd" for blocks on disk. kv_remote: "redis://HOST:PORT/DB", a KV tier shared by
-        replicas below host and disk (kvcache/remote_tier.py; keys under kv_remote_namespace).
+        replicas below host and disk (kvcache/remote_tier.py; keys under kv_remote_namespace); kv_remote_secret:
+        the replicas' shared secret, blocks without its HMAC over key and value are refused (None: trust the Redis).
     max_num_seqs, max_num_batched_tokens: the engine loop's limits per step (engine/args.py).
     allow_special_tokens_in_content: chat message content is plain text by default (a typed "<|im_start|>" is
         text, so a message cannot fake a turn); True makes its special-token strings control tokens (trusted
@@ -191,7 +192,7 @@ class LLM:
         remote = None
         if self.args.kv_remote is not None:
             remote = RemoteTier(self.args.kv_remote, self.args.kv_remote_namespace,
-                                str(storage).removeprefix("torch."), salt, codec, per_block)
+                                str(storage).removeprefix("torch."), salt, codec, per_block, self.args.kv_remote_secret)
         return PagedKV(self.config, pool // per_block, block_size, dtype=self.runner.kv_dtype,
                        device=self.runner.device, storage=storage, caching=caching, salt=salt, host_bytes=host_bytes,
                        disk_dir=disk_dir, codec=codec, disk_gbps=self.profile.disk_read_gbps,

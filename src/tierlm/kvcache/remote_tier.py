@@ -2,21 +2,22 @@
 
     key   NAMESPACE:SALT64:HASH   HASH = the block's chain hash (its whole prefix, under the salt: model content
                                   fingerprint, KV format, block size, numerics); SALT64 groups one model's keys
-    value encode_block(...)       the disk tier's self-describing, checksummed format, salt digest in the header
+    value encode_block(...)       the disk tier's self-describing, checksummed format, salt digest in the header,
+                                  sealed with kv_remote_secret when there is one (kvcache/block_mac.py)
 
 Reads are batched: a prefix hit asks EXISTS for all its blocks in one pipeline (one round trip), then MGETs them
-in batches of at most FETCH_BYTES (a few round trips); each value is verified (checksum, hash, tokens, salt), and
-a miss, an evicted key or a bad value means recompute from there. Writes go through a bounded queue to one writer
-thread that pipelines SETs: blocks are offered when registered (a prefix one replica computed is visible to the
-others at once) as an Offer the writer reads from the pool when it gets to it (the engine thread neither copies
-nor waits; a block the pool reused meanwhile is skipped, never written torn: its generation is checked before and
-after the read); a full queue drops the offer (counted). Redis down or slow (timeouts) turns the tier off for a
-back-off (1 s doubling to 60 s): local tiers only, a warning, `up` = 0 in the metrics, and no failed request.
-Eviction is Redis's (maxmemory + allkeys-lru).
+in batches of at most FETCH_BYTES (a few round trips); each value is verified (the MAC first, then checksum, hash,
+tokens, salt), and a miss, an evicted key or a bad value means recompute from there. Without a secret the tier
+trusts anyone who can write to the Redis (warned at start): the checksum catches accidents, not forgers. Writes
+go through a bounded queue to one writer thread that pipelines SETs: blocks are offered when registered (a prefix
+one replica computed is visible to the others at once) as an Offer the writer reads from the pool when it gets
+to it (the engine thread neither copies nor waits; a block the pool reused meanwhile is skipped, never written
+torn: its generation is checked before and after the read); a full queue drops the offer (counted). Redis down
+or slow (timeouts) turns the tier off for a back-off (1 s doubling to 60 s): local tiers only, a warning, `up` = 0
+in the metrics, and no failed request. Eviction is Redis's (maxmemory + allkeys-lru).
 
 Cost: restore vs recompute uses the measured round-trip time and bandwidth (a probe at start, then every fetch).
-For benchmarks, the URL may carry `cap_gbps=X` and `rtt_ms=Y`: this client then holds each transfer to X GB/s and
-adds Y ms per round trip (a remote host's network, simulated on one machine).
+For benchmarks, the URL may carry `cap_gbps=X` and `rtt_ms=Y` (a remote host's network simulated: sim_link.py).
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
-from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import xxhash
 
 from tierlm.kvcache.block_file import CorruptBlockError, StoredBlock, decode_block, encode_block
+from tierlm.kvcache.block_mac import BlockSeal, ForgedBlockError
+from tierlm.kvcache.sim_link import split_url
 from tierlm.kvcache.tier_protocol import Wanted
 
 log = logging.getLogger("tierlm.kv")
@@ -41,7 +43,7 @@ WRITE_BYTES = 32 << 20  # blocks read and sent per pipeline by the writer
 QUEUE_BLOCKS = 4096  # offers waiting for the writer (no payload: it is read when written); past it: dropped
 TIMEOUT_S = 0.5  # a Redis slower than this per call is treated as down
 BACKOFF_S = (1.0, 60.0)
-SIM_PARAMS = ("cap_gbps", "rtt_ms")
+REFUSED_LOG_S = 60.0  # refused values are logged at most once a minute: a forger could otherwise fill the log
 
 
 def reserved_bytes(block_bytes: int) -> int:
@@ -69,7 +71,8 @@ class RemoteCounters:
     restores: int = 0
     get_bytes: int = 0
     misses: int = 0  # asked for, absent (never written, or evicted by Redis)
-    corrupt: int = 0  # present but failed verification (another model, a torn or flipped value)
+    corrupt: int = 0  # present but failed verification (another model, a torn or flipped value, forged)
+    forged: int = 0  # of those, failed the MAC (kv_remote_secret): another secret, another key's value, forged
     errors: int = 0  # calls that failed or timed out (the tier went down for a back-off)
 
 
@@ -82,25 +85,20 @@ class RemoteStats:
     counters: RemoteCounters
 
 
-def split_url(url: str) -> tuple[str, dict[str, float]]:
-    """(the URL redis-py takes, the simulation parameters it carried)."""
-    u = urlparse(url)
-    query = parse_qsl(u.query)
-    sim = {k: float(v) for k, v in query if k in SIM_PARAMS}
-    rest = urlencode([(k, v) for k, v in query if k not in SIM_PARAMS])
-    return urlunparse(u._replace(query=rest)), sim
-
-
 class RemoteTier:
     name = "remote"
 
     def __init__(self, url: str, namespace: str, storage: str, salt: bytes, codec: str = "none",
-                 block_bytes: int = 0):
+                 block_bytes: int = 0, secret: str | None = None):
         import redis  # a core dependency; imported here so tierlm starts without touching it when unused
 
         self.url, self.storage, self.salt, self.codec = url, storage, salt, codec
-        clean, sim = split_url(url)
-        self.cap_gbps, self.extra_rtt_s = sim.get("cap_gbps"), sim.get("rtt_ms", 0.0) / 1e3
+        self.seal = BlockSeal(secret)
+        if not self.seal.enabled:
+            log.warning("KV remote tier %s has no kv_remote_secret: it trusts anyone who can write to this Redis (they "
+                        "can change every replica's answers); set $TIERLM_KV_REMOTE_SECRET on all replicas", url)
+        self._quiet_until = 0.0  # refused values are not logged again before then
+        clean, self.link = split_url(url)
         self._errors = (redis.RedisError, OSError)
         self.client = redis.Redis.from_url(clean, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         self.prefix = f"{namespace}:{xxhash.xxh3_64_hexdigest(salt)}:".encode()
@@ -141,15 +139,6 @@ class RemoteTier:
     def _ok(self) -> None:
         self._backoff = BACKOFF_S[0]
 
-    def _sim_s(self, nbytes: int) -> float:
-        """The time a transfer of nbytes takes on the simulated network (cap_gbps, rtt_ms), 0 without one."""
-        return self.extra_rtt_s + (nbytes / (self.cap_gbps * 1e9) if self.cap_gbps else 0.0)
-
-    def _simulate(self, t0: float, nbytes: int) -> None:
-        """Hold a transfer to the simulated network when the URL asked for one."""
-        if want := self._sim_s(nbytes):
-            time.sleep(max(0.0, t0 + want - time.perf_counter()))
-
     def probe(self) -> None:
         """Measure the round trip (median of 5 PINGs) and the bandwidth (a 4 MiB value written and read back;
         a simulated network is added to the measurement, not slept through)."""
@@ -158,13 +147,13 @@ class RemoteTier:
             for _ in range(5):
                 t0 = time.perf_counter()
                 self.client.ping()
-                rtts.append(time.perf_counter() - t0 + self._sim_s(0))
+                rtts.append(time.perf_counter() - t0 + self.link.seconds(0))
             self.rtt_s = sorted(rtts)[2]
             data, k = os.urandom(4 << 20), self.prefix + b"probe:" + os.urandom(4).hex().encode()
             t0 = time.perf_counter()
             self.client.set(k, data, ex=60)
             back = self.client.get(k)
-            dt = time.perf_counter() - t0 + 2 * self._sim_s(len(data))
+            dt = time.perf_counter() - t0 + 2 * self.link.seconds(len(data))
             self.client.delete(k)
             if back == data:
                 self.gbps = 2 * len(data) / max(dt - 2 * self.rtt_s, 1e-6) / 1e9
@@ -188,7 +177,7 @@ class RemoteTier:
             for h in hashes:
                 pipe.exists(self.key(h))
             found = [bool(n) for n in pipe.execute()]
-            self._simulate(t0, 0)
+            self.link.hold(t0, 0)
             self.rtt_s = 0.8 * self.rtt_s + 0.2 * (time.perf_counter() - t0)
             self._ok()
             return found
@@ -197,9 +186,9 @@ class RemoteTier:
             return [False] * len(hashes)
 
     def get_many(self, wanted: Sequence[Wanted]) -> list[StoredBlock | None]:
-        """Fetch `wanted` in MGETs of at most FETCH_BYTES of payload, each value
-        verified and let go as it is decoded; a failure leaves the rest None. KVTiers.fetch asks for at most
-        FETCH_BYTES at a time, so one call is one MGET and its blocks reach the pool before the next."""
+        """Fetch `wanted` in MGETs of at most FETCH_BYTES of payload, each value verified and let go as it is
+        decoded; a failure leaves the rest None. KVTiers.fetch asks for at most FETCH_BYTES at a time, so one
+        call is one MGET and its blocks reach the pool before the next."""
         out: list[StoredBlock | None] = [None] * len(wanted)
         per = max(1, FETCH_BYTES // self.block_bytes)
         for start in range(0, len(wanted), per):
@@ -210,7 +199,7 @@ class RemoteTier:
                 t0 = time.perf_counter()
                 values = self.client.mget([self.key(h) for h, _ in part])
                 got = sum(len(v) for v in values if v)
-                self._simulate(t0, got)
+                self.link.hold(t0, got)
                 dt = time.perf_counter() - t0
                 self._ok()
             except self._errors as e:
@@ -224,21 +213,29 @@ class RemoteTier:
         return out
 
     def _verify(self, h: bytes, tokens: tuple[int, ...], value: bytes | None) -> StoredBlock | None:
+        """The block `value` holds, or None: absent, or refused (its MAC is checked before it is decoded, and
+        nothing refused reaches any tier: the caller recomputes from here)."""
         if value is None:
             self.counters.misses += 1
             return None
         try:
-            block = decode_block(value, self.storage, h, self.salt)
+            block = decode_block(self.seal.open(self.key(h), value), self.storage, h, self.salt)
         except CorruptBlockError as e:
-            self.counters.corrupt += 1
-            log.warning("KV remote tier: %s (recomputed)", e)
+            self._refused(e)
             return None
         if block.tokens != tokens:
-            self.counters.corrupt += 1
+            self._refused(CorruptBlockError(f"{h.hex()}: tokens of another prefix"))
             return None
         self.counters.restores += 1
         return block
 
+    def _refused(self, e: CorruptBlockError) -> None:
+        self.counters.corrupt += 1
+        self.counters.forged += isinstance(e, ForgedBlockError)
+        if (now := time.monotonic()) >= self._quiet_until:
+            self._quiet_until = now + REFUSED_LOG_S
+            log.warning("KV remote tier: %s (recomputed; %d refused so far, %d by their MAC; quiet for %.0f s)",
+                        e, self.counters.corrupt, self.counters.forged, REFUSED_LOG_S)
     def offer(self, o: Offer) -> None:
         """Queue a block for writing (never waits: a full queue or a down Redis drops it, counted)."""
         if not self.up or self._queue.qsize() >= QUEUE_BLOCKS:
@@ -268,13 +265,14 @@ class RemoteTier:
                     if payload is None:
                         self.counters.stale += 1
                         continue
-                    value = encode_block(StoredBlock(o.hash, o.parent, o.tokens, payload), self.storage, self.codec,
-                                         self.salt)
+                    key = self.key(o.hash)
+                    value = self.seal.seal(key, encode_block(StoredBlock(o.hash, o.parent, o.tokens, payload),
+                                                             self.storage, self.codec, self.salt))
                     del payload
                     if ready and nbytes + len(value) > WRITE_BYTES:
                         self._write(ready)
                         ready, nbytes = [], 0
-                    ready.append((self.key(o.hash), value))
+                    ready.append((key, value))
                     nbytes += len(value)
                 if ready:
                     self._write(ready)
@@ -293,7 +291,7 @@ class RemoteTier:
             for key, value in items:
                 pipe.set(key, value)
             pipe.execute()
-            self._simulate(t0, nbytes)
+            self.link.hold(t0, nbytes)
             self._ok()
         except self._errors as e:
             self._failed(e)

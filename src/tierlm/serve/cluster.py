@@ -160,6 +160,8 @@ def deploy(engine_args: EngineArgs, replicas: int = 2, routing: str = "prefix",
     # resolved here: a replica's environment is Ray's, not necessarily this process's ("" = no key)
     serve_args = replace(serve_args, api_key=api_key(serve_args) or "")
     cpus = machine_cpus()
+    # every replica gets these engine_args whole: kv_remote_secret too (the CLI resolved $TIERLM_KV_REMOTE_SECRET
+    # into it), so all of them seal and accept the shared tier's blocks with one secret
     engine_args = replace(engine_args, threads=engine_args.threads or max(1, cpus // replicas), progress=False)
     owns_ray = _start_ray(cpus)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
