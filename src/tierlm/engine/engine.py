@@ -213,7 +213,7 @@ class Engine:
         return updates
 
     def _failed_pass(self, reqs: list[EngineRequest], marks: list, error: Exception) -> list[RequestUpdate]:
-        """The forward pass raised: a lone request (or one already suspect) is the cause and fails; several are
+        """The forward pass raised: a lone request (a suspect runs alone) is the cause and fails; several are
         rolled back to before the step and marked suspect, for the scheduler to run one at a time."""
         self.counters.failed_passes += 1
         self.counters.consecutive_failed_passes += 1

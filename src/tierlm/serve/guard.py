@@ -26,6 +26,8 @@ from typing import Any, Awaitable, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from tierlm.serve.protocol import OpenAIError
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -92,8 +94,10 @@ class BodyBudget:
 
 def _error(status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None
            ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    """An OpenAIError as raw ASGI parts (this runs before FastAPI's exception handlers)."""
+    e = OpenAIError(status, message, type_, code=code, headers=headers)
+    body = json.dumps(e.body()).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in e.headers.items()]
     return status, body, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                           *extra]
 

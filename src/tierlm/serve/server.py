@@ -27,8 +27,6 @@ from tierlm.serve.loop import EngineLoop
 log = logging.getLogger("tierlm.serve")
 
 
-
-
 def default_model_name(source) -> str:
     """The model id clients send by default: the file's name (a ModelSource's, as LLM.source)."""
     path = getattr(source, "path", None)
