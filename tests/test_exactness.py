@@ -7,6 +7,7 @@ import torch
 
 from tierlm import LLM, SamplingParams
 from tierlm.kvcache.attention import BlockMask, blocked_attention, tree_sum
+from tierlm.kvcache.pool import block_nbytes
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 PROMPTS = [[1 + (7 * k + i) % 400 for i in range(60 + 10 * k)] for k in range(10)]  # 60..150 tokens
@@ -51,8 +52,10 @@ def solo(cold) -> list[list[int]]:
 
 
 @pytest.mark.slow
-def test_preempted_and_batched_requests_equal_solo_runs(solo):
-    llm = LLM(progress=False, kv_memory="8MiB", enable_prefix_caching=False)  # 22 blocks: preemptions
+def test_preempted_and_batched_requests_equal_solo_runs(cold, solo):
+    # 22 blocks, whatever the KV's dtype on this CPU (fp32 where it has no native bf16): preemptions
+    per_block = block_nbytes(cold[0].config, cold[0].kv.block_size, cold[0].kv.pool.storage)
+    llm = LLM(progress=False, kv_memory=22 * per_block, enable_prefix_caching=False)
     got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
     assert llm.engine.scheduler.counters.preemptions > 0 and llm.engine.scheduler.counters.max_running > 1
     assert got == solo

@@ -230,3 +230,12 @@ def test_unreadable_bodies_are_a_400_in_openai_shape(served, raw):
     status, content = served.post("/v1/completions", raw)
     assert status == 400
     check(status, content)
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-46])
+def test_a_tiny_top_p_keeps_the_most_likely_token(served, top_p):
+    """top_p below fp32's smallest number compared as 0 >= 0, dropped every token and failed the request
+    (found by the fuzzer on CI): the most likely token always stays, so the answer is the greedy one."""
+    status, content = served.post("/v1/completions", {**REFERENCE, "temperature": 1.0, "top_p": top_p, "seed": 3})
+    assert status == 200 and check(status, content)["choices"][0]["text"] == served.reference
+    served.assert_unharmed()

@@ -92,10 +92,11 @@ class Sampler:
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, True)
             logits = logits.masked_fill(~keep, float("-inf"))
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [B, V]
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1, stable=True)  # [B, V]; ties as top_k's
             cum = sorted_logits.softmax(-1).cumsum(-1)
             # Drop a token when the mass before it already reaches top_p (the first token always stays).
             drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+            drop[:, 0] = False  # explicitly: a top_p below fp32's smallest (5e-324) compares as 0 >= 0
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
