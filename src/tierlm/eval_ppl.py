@@ -1,4 +1,11 @@
-"""Perplexity over a text with a sliding window (HF's "perplexity of fixed-length models" recipe).
+"""Perplexity over a text, in one of two schemes:
+
+  sliding    HF's "perplexity of fixed-length models" recipe (windows of `window` tokens advancing by `stride`)
+  llama.cpp  exactly as `llama-perplexity -c N` scores (tools/perplexity/perplexity.cpp): the text's tokens
+             (BOS first when the vocabulary adds one) cut into floor(n / N) non-overlapping chunks of N; each
+             chunk's first token replaced by BOS when the vocabulary adds one; the second half of each chunk
+             scored (tokens N/2 + 1 .. N - 1, each given every token of the chunk before it), so figures
+             compare with llama.cpp's published tables
 
 The KV cache is stored as the LLM's kv_dtype (so int8 KV is scored too). Windows of `window` tokens advance
 by `stride`; each window is one scoring request through the engine (every position computed, prompt logprobs
@@ -42,21 +49,40 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return out
 
 
-def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progress: bool | None = None) -> PplResult:
-    """Sliding-window perplexity of token ids `ids` under `llm` (an LLM): each window is one scoring request
-    through its engine (prompt_logprobs=0, max_tokens=0), whose prompt is prefilled whole (no prefix hit)."""
+def llamacpp_chunks(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of llama-perplexity's chunks: non-overlapping windows, the tokens
+    past the chunk's middle scored (its `first = n_ctx / 2` logits predict tokens first + 1 .. n_ctx - 1)."""
+    if window < 4:
+        raise UsageError(f"the llama.cpp scheme needs a window of at least 4 tokens, got {window}")
+    if n_tokens < window:
+        raise UsageError(f"the llama.cpp scheme needs at least one whole window: {n_tokens} tokens < {window}")
+    return [(c * window, (c + 1) * window, c * window + window // 2 + 1) for c in range(n_tokens // window)]
+
+
+def perplexity(llm, ids: list[int], window: int, stride: int, label: str, progress: bool | None = None,
+               scheme: str = "sliding") -> PplResult:
+    """Perplexity of token ids `ids` under `llm` (an LLM) in `scheme` (see above): each window is one scoring
+    request through its engine (prompt_logprobs=0, max_tokens=0), whose prompt is prefilled whole (no prefix
+    hit). `stride` is the sliding scheme's."""
     if window > llm.runner.max_context:
         raise UsageError(f"window {window} exceeds the context served ({llm.runner.max_context})")
-    if stride >= window and len(ids) > window:  # a later window's first scored token needs one before it in it
+    if scheme not in ("sliding", "llama.cpp"):
+        raise UsageError(f"unknown perplexity scheme {scheme!r} (sliding, llama.cpp)")
+    if scheme == "sliding" and stride >= window and len(ids) > window:
+        # a later window's first scored token needs one before it in it
         raise UsageError(f"stride must be below the window ({window}) when the text spans several windows, "
                          f"got {stride}")
-    plan = windows(len(ids), window, stride)
+    bos = llm.tokenizer.bos_token_id if llm.tokenizer.add_bos else None
+    plan = llamacpp_chunks(len(ids), window) if scheme == "llama.cpp" else windows(len(ids), window, stride)
     nll, count = 0.0, 0
     bar = progress_bar(len(plan), f"perplexity {label}", progress, unit="window")
     t0 = time.perf_counter()
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     for begin, end, first in plan:
-        out = llm.generate([ids[begin:end]], params)[0]
+        chunk = ids[begin:end]
+        if scheme == "llama.cpp" and bos is not None:
+            chunk = [bos] + chunk[1:]  # as llama-perplexity: every chunk starts at BOS
+        out = llm.generate([chunk], params)[0]
         # prompt_logprobs[j]: log p(token begin + j | the window's tokens before it); score targets first..end-1
         scored = out.prompt_logprobs[first - begin:end - begin]
         nll -= sum(lp.logprob for lp in scored)
