@@ -66,6 +66,28 @@ def test_llama_cpp_tokenizer_suite(name):
     assert not broken, f"{name}: decode(encode(x)) != x for {broken[:3]}"
 
 
+def _round_trips(tok: Tokenizer, texts: list[str], skip_special: bool) -> list[str]:
+    back = tok.backend.decode_batch([e.ids for e in tok.backend.encode_batch(texts, add_special_tokens=False)],
+                                    skip_special_tokens=skip_special)
+    return [s for s, b in zip(texts, back) if s != b]
+
+
+def test_every_llama_spm_token_round_trips():
+    """test-tokenizer-1-spm's first half (llama.cpp runs it on llama-spm): each token's text (special tokens
+    spelled out) encodes, with special tokens parsed, to ids that decode to that text."""
+    tok = _suite_tokenizer("llama-spm")
+    texts = tok.backend.decode_batch([[i] for i in range(tok.vocab_size)], skip_special_tokens=False)
+    assert not (bad := _round_trips(tok, texts, skip_special=False)), bad[:5]
+
+
+@pytest.mark.slow
+def test_every_code_point_round_trips_through_llama_spm():
+    """test-tokenizer-1-spm's second half: every code point but surrogates, the unassigned planes 4-14 and ▁."""
+    tok = _suite_tokenizer("llama-spm")
+    texts = [chr(c) for c in range(0x110000) if not (0xD800 <= c <= 0xDFFF or 0x40000 <= c <= 0xE0000) and c != 0x2581]
+    assert not (bad := _round_trips(tok, texts, skip_special=True)), [hex(ord(s)) for s in bad[:5]]
+
+
 def _suite_tokenizer(name: str) -> Tokenizer:
     path = vocab_dir() / f"ggml-vocab-{name}.gguf"
     if not path.is_file():
@@ -100,6 +122,8 @@ def test_phi3_special_tokens_eat_the_whitespace_after_them():
     tok = _suite_tokenizer("phi-3")  # llama.cpp: RSTRIP on Phi-3's special tokens, found by the model's name
     assert tok.encode("<|user|>\nHi", add_special_tokens=False) == tok.encode("<|user|>Hi", add_special_tokens=False)
     assert tok.encode("<|user|>", add_special_tokens=False) == [32010]
+    assert tok.encode("</s> \n x", add_special_tokens=False) == tok.encode("</s>x", add_special_tokens=False)
+    assert tok.encode("<s> x", add_special_tokens=False) != tok.encode("<s>x", add_special_tokens=False)  # not <s>
 
 
 def test_unknown_pre_tokenizer_and_vocabulary_kind_name_what_is_supported():

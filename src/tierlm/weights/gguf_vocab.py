@@ -140,15 +140,15 @@ def _phi3(meta: dict[str, Any]) -> bool:
 
 
 def _add_special(backend: HFTokenizer, tokens: list[str], types: list[int], rstrip: bool) -> None:
-    """Control / unknown tokens as special added tokens, user-defined ones as plain added tokens. Phi-3's
-    special tokens eat the whitespace after them (llama.cpp sets RSTRIP on them by the model's name, and on
-    </s>, but not on <unk>, <s>, <|endoftext|>)."""
-    def strip(t: str, special: bool) -> bool:
-        return rstrip and (special or t == "</s>") and t not in ("<unk>", "<s>", "<|endoftext|>")
+    """Control / unknown tokens as special added tokens, user-defined ones as plain added tokens. Phi-3's added
+    tokens eat the whitespace after them (llama.cpp sets RSTRIP on all of them by the model's name, then takes
+    it off <unk>, <s> and <|endoftext|>)."""
+    def strip(t: str) -> bool:
+        return rstrip and t not in ("<unk>", "<s>", "<|endoftext|>")
 
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=strip(t, True))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=strip(t))
                                 for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=strip(t, False))
+    backend.add_tokens([AddedToken(t, special=False, normalized=False, rstrip=strip(t))
                         for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
 
 
