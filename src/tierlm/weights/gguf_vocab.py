@@ -45,7 +45,7 @@ def backend_from_gguf(meta: dict[str, Any]) -> HFTokenizer:
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         raise ModelFormatError("GGUF file has no tokenizer metadata (tokenizer.ggml.*)")
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    tokens = token_texts(meta)
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     if len(types) < len(tokens):
         raise ModelFormatError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
@@ -60,6 +60,11 @@ def backend_from_gguf(meta: dict[str, Any]) -> HFTokenizer:
             f"GGUF tokenizer type {kind!r} is not supported (supported: {', '.join(KINDS)})")
     _add_special(backend, tokens, types, rstrip=_phi3(meta))
     return backend
+
+
+def token_texts(meta: dict[str, Any]) -> list[str]:
+    # an empty token is "[EMPTY_<id>]", as llama.cpp names it (an empty string cannot be matched or merged)
+    return [t or f"[EMPTY_{i}]" for i, t in enumerate(meta["tokenizer.ggml.tokens"])]
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
@@ -126,7 +131,7 @@ def _sentencepiece(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:
 def _gemma4(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:
     # llama.cpp takes a run of newlines that is a token whole; the merges reach every such run anyway (checked
     # against a transcription of llama.cpp's loop on 20k tokens and runs of 1-39 newlines). ignore_merges
-    # would not do: it also takes a line that is a token whole where the merges end elsewhere (<unused12>).
+    # would not do: it also takes a line that is a token whole where the merges end elsewhere (<unusedN>).
     backend = HFTokenizer(models.BPE(vocab=_vocab(tokens), merges=_merges(meta), byte_fallback=True))
     backend.normalizer = normalizers.Replace(" ", SPACE)
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("[^\\n]+|[\\n]+"), behavior="isolated")

@@ -20,7 +20,6 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from tierlm.errors import ModelFormatError, UsageError
 from tierlm.weights import gguf_vocab
-from tierlm.weights.gguf_vocab import backend_from_gguf
 from tierlm.weights.chat_text import encode_pieces, holds_special, special_token_strings, split_rendering
 
 # Tokens that end a turn in common chat formats; used in addition to the declared EOS of a tokenizer.json (a
@@ -133,8 +132,8 @@ def _end_ids(backend: HFTokenizer, declared: list[int]) -> frozenset[int]:
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     """The GGUF's own vocabulary, encoding as llama.cpp does (the tokenizer suite's test checks it); works on a
     vocabulary-only file's metadata too."""
-    backend = backend_from_gguf(meta)
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    backend = gguf_vocab.backend_from_gguf(meta)
+    tokens = gguf_vocab.token_texts(meta)
     bos, eos = gguf_vocab.bos_id(meta), gguf_vocab.eos_id(meta)
     bos = bos if bos is not None and 0 <= bos < len(tokens) else None
     eos = eos if eos is not None and 0 <= eos < len(tokens) else None
