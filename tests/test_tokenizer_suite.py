@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fetch_real import FILES, real_dir, vocab_dir
 
+from tierlm.engine.detok import IncrementalDetokenizer
 from tierlm.errors import UnsupportedModelError
 from tierlm.weights.gguf_file import GGUFFile
 from tierlm.weights.pretokenizers import PRE_TOKENIZERS
@@ -116,6 +117,18 @@ def test_bos_and_end_of_generation_follow_the_vocabulary(name, bos, add_bos, end
     assert (tok.bos_token_id, tok.add_bos) == (bos, add_bos)
     assert tok.encode("Hello")[:1] == ([bos] if add_bos else tok.encode("Hello", add_special_tokens=False)[:1])
     assert {tok.backend.id_to_token(i) for i in tok.eos_token_ids} == ends
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gemma-4"])
+def test_streamed_text_is_the_decoded_text(name):
+    """The engine's incremental detokenizer over ▁ pieces, byte-fallback <0xNN> tokens (the emoji and the
+    Khmer are spelled in bytes by llama-spm) and SentencePiece's stripped leading space."""
+    tok = _suite_tokenizer(name)
+    text = " Hello  world 🦙.cpp\n\tកាន់តែពិសេស 3333 😶‍🌫️ end"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [])
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == tok.decode(ids) == text
 
 
 def test_phi3_special_tokens_eat_the_whitespace_after_them():
