@@ -125,7 +125,7 @@ def write_gguf(hf_model, tokenizer_dir: str | Path, out_path: str | Path,
 
     tm = _tokenizer_meta(Path(tokenizer_dir), cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt-2")  # the tokenizers the tests build split as GPT-2 (ByteLevel's regex)
     w.add_token_list(tm["tokens"])
     w.add_token_types(tm["types"])
     w.add_token_merges(tm["merges"])

@@ -1,4 +1,5 @@
-"""Tokenizer: HF `tokenizers` built from tokenizer.json, or from GGUF metadata (gpt2-style byte-level BPE).
+"""Tokenizer: HF `tokenizers` built from tokenizer.json, or from GGUF metadata (gguf_vocab.py: byte-level BPE
+with llama.cpp's pre-tokenizers, SentencePiece, Gemma 4's BPE).
 
 Also renders the model's own chat template with jinja2 (sandboxed, as HF does). Special-token strings are
 control tokens in raw text (encode: the caller writes the whole prompt) and plain text inside chat message
@@ -15,32 +16,30 @@ from typing import Any, Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
-from tierlm.errors import ModelFormatError, UnsupportedModelError, UsageError
+from tierlm.errors import ModelFormatError, UsageError
+from tierlm.weights import gguf_vocab
 from tierlm.weights.chat_text import encode_pieces, holds_special, special_token_strings, split_rendering
 
-# Split regexes by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp applies them before byte-level BPE.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# smollm: every digit on its own, then the GPT-2 split (the HF tokenizer.json: Digits + ByteLevel).
-_PRE_SPLITS: dict[str, list[str]] = {
-    "default": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT],
-    "smollm": [r"\p{N}", _GPT2_SPLIT],
-    "llama3": [_LLAMA3_SPLIT], "llama-v3": [_LLAMA3_SPLIT], "llama-bpe": [_LLAMA3_SPLIT], "smaug-bpe": [_LLAMA3_SPLIT],
-    "qwen2": [_QWEN2_SPLIT], "deepseek-r1-qwen": [_QWEN2_SPLIT],
-}
-# Tokens that end a turn in common chat formats; used in addition to the declared EOS.
+# Tokens that end a turn in common chat formats; used in addition to the declared EOS of a tokenizer.json (a
+# GGUF's end-of-generation set is llama.cpp's, gguf_vocab.end_of_generation_ids).
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
-# Used only when a model ships no template (base models): plain ChatML.
+# Used only when a model ships no template (base models): plain ChatML, or Gemma's turns where the vocabulary has
+# them (Gemma 3 GGUFs of the base model carry no template; its turns are the format the vocabulary was made for).
+# The Gemma one is Gemma 3's own, whitespace-free: a system message opens the first user turn, assistant is "model".
 _FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_FALLBACK_GEMMA = (
+    "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ prefix if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 
@@ -86,11 +85,15 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            template = env.from_string(self.chat_template or _FALLBACK_TEMPLATE)
+            template = env.from_string(self.chat_template or self._fallback_template())
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **self.special_tokens)
         except jinja2.TemplateError as e:
             raise UsageError(f"chat template failed: {e}") from None
+
+    def _fallback_template(self) -> str:
+        gemma = all(self.backend.token_to_id(t) is not None for t in ("<start_of_turn>", "<end_of_turn>"))
+        return _FALLBACK_GEMMA if gemma else _FALLBACK_TEMPLATE
 
     def encode_chat(self, messages: list[dict[str, str]], allow_special_tokens_in_content: bool = False) -> list[int]:
         """Ids of the rendered conversation (which carries BOS when the model wants one). A special-token
@@ -127,37 +130,18 @@ def _end_ids(backend: HFTokenizer, declared: list[int]) -> frozenset[int]:
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None or "tokenizer.ggml.tokens" not in meta:
-        raise ModelFormatError("GGUF file has no tokenizer metadata (tokenizer.ggml.*)")
-    if kind != "gpt2":
-        raise UnsupportedModelError(
-            f"GGUF tokenizer type {kind!r} is not supported (supported: gpt2-style byte-level BPE)"
-        )
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_SPLITS:
-        raise UnsupportedModelError(f"GGUF pre-tokenizer {pre!r} is not supported")
-    backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                     ignore_merges=pre in ("llama3", "llama-v3", "llama-bpe")))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SPLITS[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    types = list(meta.get("tokenizer.ggml.token_type", []))
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty == _CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    """The GGUF's own vocabulary, encoding as llama.cpp does (the tokenizer suite's test checks it); works on a
+    vocabulary-only file's metadata too."""
+    backend = gguf_vocab.backend_from_gguf(meta)
+    tokens = gguf_vocab.token_texts(meta)
+    bos, eos = gguf_vocab.bos_id(meta), gguf_vocab.eos_id(meta)
+    bos = bos if bos is not None and 0 <= bos < len(tokens) else None
+    eos = eos if eos is not None and 0 <= eos < len(tokens) else None
     return Tokenizer(
         backend=backend,
-        eos_token_ids=_end_ids(backend, [eos] if eos is not None else []),
+        eos_token_ids=gguf_vocab.end_of_generation_ids(meta, tokens),
         bos_token_id=bos,
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos=gguf_vocab.add_bos(meta),
         chat_template=meta.get("tokenizer.chat_template"),
         special_tokens={"bos_token": tokens[bos] if bos is not None else "",
                         "eos_token": tokens[eos] if eos is not None else ""},
