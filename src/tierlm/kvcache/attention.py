@@ -51,9 +51,10 @@ def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: BlockMask,
                       scale: float | None = None) -> torch.Tensor:
-    """q [B, nh, T, hd], k, v [B, nkv, S, hd] -> [B, nh, T, hd], scores scaled by `scale` (None: hd ** -0.5): every row computed the same way whatever else is
-    in the step, so a token's attention is bit-identical decoded alone, in a batch, or prefilled in a chunk of
-    any length (a prefix hit's suffix, a preempted sequence recomputed, a cold prompt).
+    """q [B, nh, T, hd], k, v [B, nkv, S, hd] -> [B, nh, T, hd], scores scaled by `scale` (None: hd ** -0.5):
+    every row computed the same way whatever else is in the step, so a token's attention is bit-identical decoded
+    alone, in a batch, or prefilled in a chunk of any length (a prefix hit's suffix, a preempted sequence
+    recomputed, a cold prompt).
 
     Every reduction has a fixed shape or a fixed order: the max is exact in any order; exp-sums are taken per
     group of ATTN_KEYS keys, then added across groups in a fixed tree (tree_sum); the value sum likewise (a
@@ -74,7 +75,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Bloc
         sv, rows = ng * ATTN_KEYS, max(g * r, MIN_ROWS)
         qg = q5.new_zeros(b, nkv, rows, hd)  # zero rows pad a decode step's few to MIN_ROWS
         qg[:, :, :g * r] = q5[:, :, :, r0:r0 + r].reshape(b, nkv, g * r, hd)
-        scores = torch.matmul(qg, kf[:, :, :sv].transpose(-1, -2)).mul_(hd ** -0.5 if scale is None else scale)  # [B, nkv, rows, Sv]
+        scores = torch.matmul(qg, kf[:, :, :sv].transpose(-1, -2))  # [B, nkv, rows, Sv]
+        scores.mul_(hd ** -0.5 if scale is None else scale)
         scores[:, :, :g * r].view(b, nkv, g, r, sv).masked_fill_(~valid[:, None, None, r0:r0 + r, :sv], float("-inf"))
         scores[:, :, g * r:] = float("-inf")  # padding rows: no keys (their results are dropped)
         scores[:, :, g * r:, 0] = 0.0  # ...but one finite score, so they stay finite

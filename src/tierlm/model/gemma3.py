@@ -93,16 +93,6 @@ def _hf_rope(src: ConfigSource, layer_type: str) -> dict[str, Any]:
     return {"rope_theta": src.get("rope_local_base_freq", LOCAL_ROPE_THETA)}
 
 
-class _Params:
-    """One rope parameter dict as llama's readers read a config (ConfigSource)."""
-
-    def __init__(self, params: dict[str, Any]):
-        self.params = params
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return {"rope_parameters": self.params}.get(key, default)
-
-
 def _hf_local_theta(src: ConfigSource, fields: dict[str, Any]) -> float:
     params = _hf_rope(src, "sliding_attention")
     if params.get("rope_type", "default") != "default":
@@ -129,7 +119,7 @@ HF_CONFIG = {
     "hidden_size": _hf_hidden,
     "num_heads": ConfigKey("num_attention_heads"),
     "rope_theta": lambda src, f: float(_hf_rope(src, "full_attention").get("rope_theta", 1000000.0)),
-    "rope_scaling": lambda src, f: llama._hf_rope_scaling(_Params(_hf_rope(src, "full_attention")), f),
+    "rope_scaling": lambda src, f: llama.rope_scaling_of(_hf_rope(src, "full_attention")),
     "sliding_window": lambda src, f: None,
     "local_window": ConfigKey("sliding_window", default=4096),
     "global_every": _hf_pattern,

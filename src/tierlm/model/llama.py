@@ -72,7 +72,11 @@ def _hf_rope_params(src: ConfigSource) -> dict[str, Any]:
 
 
 def _hf_rope_scaling(src: ConfigSource, fields: dict[str, Any]) -> RopeScaling:
-    params = _hf_rope_params(src)
+    return rope_scaling_of(_hf_rope_params(src))
+
+
+def rope_scaling_of(params: dict[str, Any]) -> RopeScaling:
+    """HF rope parameters (rope_parameters or rope_scaling) -> RopeScaling (Gemma 3 has one dict per layer type)."""
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return RopeScaling()

@@ -44,7 +44,8 @@ def rope_tables(inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype) 
 
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                  x32: torch.Tensor, sq32: torch.Tensor, var32: torch.Tensor, fp32_weight: bool = False) -> torch.Tensor:
+                  x32: torch.Tensor, sq32: torch.Tensor, var32: torch.Tensor,
+                  fp32_weight: bool = False) -> torch.Tensor:
     """RMSNorm of x [..., H] written into `out` [..., H] through scratch (x32, sq32 [..., H], var32 [..., 1] fp32):
     variance in fp32 whatever the compute dtype, the same operations as HF LlamaRMSNorm (x*x is pow(x, 2) bit
     for bit), so fp32 results equal HF's exactly. fp32_weight: the weight multiplies in fp32 before the cast
