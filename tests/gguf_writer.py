@@ -1,4 +1,5 @@
-"""Write a GGUF file from a Hugging Face Llama/Mistral/Qwen2 model the way llama.cpp's convert_hf_to_gguf.py does.
+"""Write a GGUF file from a Hugging Face model (any architecture model/registry.py knows) the way llama.cpp's
+convert_hf_to_gguf.py does.
 
 Only what the tests need: metadata keys, gpt2-style tokenizer from a tokenizer.json, llama.cpp tensor names and
 the q/k row permutation of arch "llama" (both as tierlm's model declares them: model/llama.py),
@@ -13,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -109,7 +111,6 @@ def write_gguf(hf_model, tokenizer_dir: str | Path, out_path: str | Path,
     model = registry.for_config(config)
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    rp = _rope_params(cfg)
 
     w = GGUFWriter(str(out_path), arch)
     w.add_name(out_path.stem)
@@ -119,9 +120,14 @@ def write_gguf(hf_model, tokenizer_dir: str | Path, out_path: str | Path,
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_rope_freq_base(config.rope_theta)  # as tierlm reads the config (Gemma 3: the global layers' base)
+    if config.rope_scaling.kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_scaling.factor)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_rope_dimension_count(head_dim)
+    for key, value in model.gguf_metadata(config).items():  # the architecture's own keys (Gemma's window, ...)
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.{key}", value)
 
     tm = _tokenizer_meta(Path(tokenizer_dir), cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -153,6 +159,8 @@ def write_gguf(hf_model, tokenizer_dir: str | Path, out_path: str | Path,
         a = sd[hf_name]
         if arch in model.PERMUTED_QK_ARCHS and t.gguf_permuted:
             a = torch.from_numpy(permute(a.float().numpy(), a.shape[0] // head_dim))
+        if t.hf_shift:  # Gemma's norms: the converter stores 1 + w
+            a = a.float() + t.hf_shift
         add(gg_name, a)
 
     w.write_header_to_file()

@@ -41,7 +41,8 @@ def test_presets_have_real_shapes(preset):
     n = sum(torch.Size(s.shape).numel() for s in tensor_specs(PRESETS[preset], torch.bfloat16))
     assert n == cfg.param_count()
     expected = {"smollm2-135m": 134.5e6, "tinyllama-1.1b": 1.10e9, "llama-7b": 6.74e9, "llama-13b": 13.0e9,
-                "llama3-8b": 8.03e9, "mistral-7b": 7.24e9, "qwen2.5-0.5b": 0.494e9}
+                "llama3-8b": 8.03e9, "mistral-7b": 7.24e9, "qwen2.5-0.5b": 0.494e9, "qwen3-0.6b": 0.596e9,
+                "gemma3-270m": 0.268e9, "gemma3-1b": 1.0e9, "phi3-mini": 3.82e9}
     if preset in expected:
         assert abs(n - expected[preset]) / expected[preset] < 0.01
 

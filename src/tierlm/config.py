@@ -1,6 +1,7 @@
 """Model and engine configuration: one `ModelConfig` whatever the file format it came from."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,15 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None  # Mistral; enforced by the paged KV cache (a later issue)
+    sliding_window: int | None = None  # every layer's window (Mistral, Phi-3): the paged KV cache drops older blocks
+    # Models whose layers differ (Gemma 3; defaults: every layer alike, as Llama). Every `global_every`-th layer
+    # (1-based) attends to every key with rope_theta; the others only to the last `local_window` keys, with rope
+    # base `local_rope_theta` and no rope scaling. The KV cache keeps every token for the global layers.
+    local_window: int | None = None
+    global_every: int = 0  # 0: no local layers
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by this ** -0.5 (None: head_dim)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -46,6 +55,10 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` attends within local_window only (Gemma 3's sliding-window layers)."""
+        return self.global_every > 0 and (layer + 1) % self.global_every != 0
 
     @property
     def q_size(self) -> int:
@@ -56,11 +69,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def layer_param_count(self) -> int:
-        """Parameters of one decoder layer (projections, biases, two norms)."""
-        h, i = self.hidden_size, self.intermediate_size
-        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
-        bias = (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
-        return attn + bias + 3 * h * i + 2 * h
+        """Parameters of one decoder layer (projections, biases, norms): its tensors, as its model declares them."""
+        from tierlm.model import registry  # here, not at the top: the model files import this module
+
+        return sum(math.prod(t.shape(self)) for t in registry.for_config(self).LAYER_TENSORS if t.present(self))
 
     def param_count(self) -> int:
         """Unique parameters: tied embeddings are counted once."""

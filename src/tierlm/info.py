@@ -23,6 +23,8 @@ def describe(source: ModelSource, context: int, batch: int, dtype_bytes: int) ->
     cfg: ModelConfig = source.config
     stored = ", ".join(f"{k}×{v}" for k, v in sorted(source.storage_types().items(), key=lambda kv: -kv[1]))
     rope = cfg.rope_scaling.kind if cfg.rope_scaling.kind != "none" else "none"
+    local = (f", local layers: window {cfg.local_window}, θ={cfg.local_rope_theta:g}, every {cfg.global_every}th "
+             "global") if cfg.global_every else ""
     lines = [
         f"model        {source.path}",
         f"format       {source.format} ({stored})",
@@ -31,7 +33,7 @@ def describe(source: ModelSource, context: int, batch: int, dtype_bytes: int) ->
         f"shape        {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
         f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}",
         f"context      {cfg.max_position_embeddings} (rope θ={cfg.rope_theta:g}, scaling {rope}"
-        f"{', sliding window ' + str(cfg.sliding_window) if cfg.sliding_window else ''})",
+        f"{', sliding window ' + str(cfg.sliding_window) if cfg.sliding_window else ''}{local})",
         f"embeddings   {'tied' if cfg.tie_word_embeddings else 'untied'}"
         f"{', q/k/v biases' if cfg.attention_bias else ''}",
         "",

@@ -32,6 +32,10 @@ _SMOLLM2 = dict(model_type="llama", vocab_size=49152, rms_norm_eps=1e-5, rope_th
 _QWEN25 = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0,
                max_position_embeddings=4096, tie_word_embeddings=False)
+_GEMMA3 = dict(model_type="gemma3_text", vocab_size=262144, head_dim=256, query_pre_attn_scalar=256,
+               sliding_window=512, sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+               rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
+               hidden_activation="gelu_pytorch_tanh")
 PRESETS: dict[str, dict] = {
     "smollm2-135m": {**_SMOLLM2, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3},
@@ -58,6 +62,18 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-7b": {**_QWEN25, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                    "tie_word_embeddings": False},
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                       tie_word_embeddings=True),
+    "gemma3-270m": {**_GEMMA3, "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+                    "num_attention_heads": 4, "num_key_value_heads": 1},
+    "gemma3-1b": {**_GEMMA3, "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                  "num_attention_heads": 4, "num_key_value_heads": 1},
+    "phi3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, max_position_embeddings=4096, sliding_window=2047,
+                      tie_word_embeddings=False),
 }
 BOS, EOS = "<s>", "</s>"
 

@@ -97,6 +97,9 @@ def _metadata(cfg: dict, name: str, qtype: GGMLQuantizationType, seed: int, tok:
         w.add_file_type(_FILE_TYPES[qtype])
         w.add_vocab_size(cfg["vocab_size"])
         w.add_rope_dimension_count(head_dim(cfg))
+        config = config_from_hf(cfg, Path(cfg["model_type"]))
+        for key, value in registry.for_config(config).gguf_metadata(config).items():  # the architecture's own keys
+            (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{w.arch}.{key}", value)
         values, types = tok
         for key, value in values.items():
             vtype, item = types[key]

@@ -44,10 +44,14 @@ class Runner:
         # Positions this runner serves (prompt + generated); the planner reserved KV for this many.
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.model = registry.for_config(self.config)  # the architecture's file: its forward
-        inv_freq = ops.rope_inv_freq(self.config, store.rope_freqs)  # [hd/2]
-        # cos/sin for every position served: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
-        cos, sin = ops.rope_tables(inv_freq, self.max_context, dtype)
-        self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+        inv_freqs = self.model.rope_inv_freqs(self.config, store.rope_freqs)  # each [hd/2]: the ropes the layers use
+        inv_freq = inv_freqs[0]
+        # cos/sin for every position served, per rope: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
+        self.ropes = [tuple(t.to(self.device) for t in ops.rope_tables(f, self.max_context, dtype)) for f in inv_freqs]
+        self.cos, self.sin = self.ropes[0]
+        self.layer_rope = [self.model.layer_rope(self.config, i) for i in range(self.config.num_layers)]
+        scale = self.model.embed_scale(self.config)  # multiplied in the compute dtype, as HF (Gemma: sqrt(H))
+        self.embed_scale = None if scale is None else torch.tensor(scale).to(device=self.device, dtype=dtype)
         # Quantised layers on a CPU run as one native call each (model/native_layer.py) when the library is built; it
         # ropes in fp32 from fp32 tables. exact: fp32 activations into the integer-dot kernels' matmuls.
         self.exact = exact
@@ -108,16 +112,18 @@ class Runner:
             pos = step.positions  # [B, T]
             if int(pos.max()) >= self.max_context:
                 raise ContextLengthError(f"position {int(pos.max())} is past max_context {self.max_context}")
-            rope.append((self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)))  # [B, 1, T, hd] each
-            xs.append(self.store.embed(tok, self.device))  # [B, T, H]: each group's residual stream, in place
+            rope.append([(cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for cos, sin in self.ropes])  # [B, 1, T, hd]
+            x = self.store.embed(tok, self.device)  # [B, T, H]: each group's residual stream, in place
+            xs.append(x if self.embed_scale is None else x.mul_(self.embed_scale))
         on_native = [self.native and native_layer.step_supported(step) for _, step, _, _ in groups]  # same every layer
         for i in range(self.config.num_layers):
             w = self.store.acquire(i)
             mats = native_layer.layer_mats(w) if any(on_native) else None  # None: the Python layer
-            for x, (_, step, _, _), (cos, sin), on in zip(xs, groups, rope, on_native):
+            for x, (_, step, _, _), ropes, on in zip(xs, groups, rope, on_native):
                 if mats is not None and on:
                     native_layer.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
                 else:
+                    cos, sin = ropes[self.layer_rope[i]]
                     self.model.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)
             self.store.release(i)
         out: list[torch.Tensor | None] = [None] * len(groups)

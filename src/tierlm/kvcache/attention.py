@@ -23,13 +23,16 @@ class BlockMask:
     groups: tuple[int, ...]
 
     @classmethod
-    def of(cls, positions: torch.Tensor, num_blocks: int, block: int) -> "BlockMask":
-        """positions [B, T] of the step's new tokens; keys in num_blocks blocks of `block`."""
+    def of(cls, positions: torch.Tensor, num_blocks: int, block: int, window: int | None = None) -> "BlockMask":
+        """positions [B, T] of the step's new tokens; keys in num_blocks blocks of `block`. window: also hide keys
+        at or before position - window (a local layer's; the keys stay laid out, hidden ones add exact zeros)."""
         last = positions.amax(dim=0).tolist()  # [T]: the furthest key any sequence's token t sees
         groups = tuple((max(last[r0:r0 + ATTN_ROWS]) // block + 1) * block // -ATTN_KEYS * -1
                        for r0 in range(0, len(last), ATTN_ROWS))
         keys = torch.arange(max(groups) * ATTN_KEYS, device=positions.device)
         valid = (keys[None, None, :] <= positions[:, :, None]) & (keys < num_blocks * block)  # [B, T, Sk]
+        if window is not None:
+            valid &= keys[None, None, :] > positions[:, :, None] - window
         return cls(valid, groups)
 
 
@@ -46,10 +49,12 @@ def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.squeeze(dim)
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: BlockMask) -> torch.Tensor:
-    """q [B, nh, T, hd], k, v [B, nkv, S, hd] -> [B, nh, T, hd]: every row computed the same way whatever else is
-    in the step, so a token's attention is bit-identical decoded alone, in a batch, or prefilled in a chunk of
-    any length (a prefix hit's suffix, a preempted sequence recomputed, a cold prompt).
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: BlockMask,
+                      scale: float | None = None) -> torch.Tensor:
+    """q [B, nh, T, hd], k, v [B, nkv, S, hd] -> [B, nh, T, hd], scores scaled by `scale` (None: hd ** -0.5):
+    every row computed the same way whatever else is in the step, so a token's attention is bit-identical decoded
+    alone, in a batch, or prefilled in a chunk of any length (a prefix hit's suffix, a preempted sequence
+    recomputed, a cold prompt).
 
     Every reduction has a fixed shape or a fixed order: the max is exact in any order; exp-sums are taken per
     group of ATTN_KEYS keys, then added across groups in a fixed tree (tree_sum); the value sum likewise (a
@@ -70,7 +75,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Bloc
         sv, rows = ng * ATTN_KEYS, max(g * r, MIN_ROWS)
         qg = q5.new_zeros(b, nkv, rows, hd)  # zero rows pad a decode step's few to MIN_ROWS
         qg[:, :, :g * r] = q5[:, :, :, r0:r0 + r].reshape(b, nkv, g * r, hd)
-        scores = torch.matmul(qg, kf[:, :, :sv].transpose(-1, -2)).mul_(hd ** -0.5)  # [B, nkv, rows, Sv]
+        scores = torch.matmul(qg, kf[:, :, :sv].transpose(-1, -2))  # [B, nkv, rows, Sv]
+        scores.mul_(hd ** -0.5 if scale is None else scale)
         scores[:, :, :g * r].view(b, nkv, g, r, sv).masked_fill_(~valid[:, None, None, r0:r0 + r, :sv], float("-inf"))
         scores[:, :, g * r:] = float("-inf")  # padding rows: no keys (their results are dropped)
         scores[:, :, g * r:, 0] = 0.0  # ...but one finite score, so they stay finite

@@ -46,6 +46,7 @@ class PagedStep:
         # Under a sliding window: the causal / window mask for SDPA, which also hides each shorter sequence's
         # padding (keys past its position).
         self._nb = nb
+        self._windowed: dict[int, BlockMask] = {}
         self.block_mask = self.mask = None
         if window is None:
             self.block_mask = BlockMask.of(self.positions, nb, bs)  # valid [B, T, nb*bs]
@@ -58,6 +59,13 @@ class PagedStep:
         step, when it runs; not under a sliding window, whose tables have dropped entries)."""
         return self.block_ids.view(len(self.seqs), self._nb).to(torch.int32)
 
+    def windowed_mask(self, window: int) -> BlockMask:
+        """The step's BlockMask also hiding keys at or before position - window: a local layer's (Gemma 3), whose
+        model keeps every token in the cache for its global layers. Made once per step and window."""
+        if window not in self._windowed:
+            self._windowed[window] = BlockMask.of(self.positions, self._nb, self.pool.block_size, window)
+        return self._windowed[window]
+
     def layer(self, i: int) -> "PagedStep.Layer":
         return PagedStep.Layer(self, i)
 
@@ -65,15 +73,18 @@ class PagedStep:
         def __init__(self, step: "PagedStep", i: int):
             self.step, self.i = step, i
 
-        def update(self, k: torch.Tensor, v: torch.Tensor):
+        def update(self, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
             """k, v [B, nkv, T, hd] -> (k_all, v_all [B, nkv, S, hd], the step's BlockMask, or its SDPA mask
-            [B, 1, T, S] | None under a sliding window)."""
+            [B, 1, T, S] | None under the model's sliding window). window: this layer's own (a local layer of a
+            model whose cache keeps every token): its keys further back are hidden by the BlockMask."""
             st = self.step
             pool = st.pool
             pool.write(self.i, st.slots, k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2))
             k_all, v_all = pool.gather(self.i, st.block_ids, len(st.seqs), st.length)
             # blocked attention zero-pads the keys to whole groups itself (hidden by its mask)
-            return k_all, v_all, st.block_mask if st.block_mask is not None else st.mask
+            if st.block_mask is None:
+                return k_all, v_all, st.mask
+            return k_all, v_all, st.block_mask if window is None else st.windowed_mask(window)
 
     def finish(self) -> None:
         """The step's K/V are stored: hand it to its cache (advance each sequence, register its full blocks)."""

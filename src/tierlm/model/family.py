@@ -92,6 +92,9 @@ class TensorDecl:
     present: Callable[[ModelConfig], bool] = always  # whether a file of this config has it (what a writer writes)
     gguf_permuted: bool = False  # rows permuted by llama.cpp's converter under the family's PERMUTED_QK_ARCHS
     after_layers: bool = False  # a global tensor the converters write after the layers (file order)
+    # added to the HF values at load (in fp32): Gemma's norms multiply by (1 + w), which llama.cpp's converter
+    # stores as such; the forward multiplies by what is stored, whatever the format
+    hf_shift: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,15 @@ class ModelModule(Protocol):
     layer_forward: Callable
     head: Callable
     workspace_buffers: Callable
+    # what the runner does around the layers: rope_inv_freqs(cfg, rope_freqs) -> the [hd/2] inverse frequencies of
+    # each rope the layers use; layer_rope(cfg, i) -> which of them layer i uses; embed_scale(cfg) -> the factor the
+    # embedding rows are multiplied by (in the compute dtype), or None
+    rope_inv_freqs: Callable
+    layer_rope: Callable
+    embed_scale: Callable
+    # for writers (tierlm synth, the tests' converter): gguf_metadata(cfg) -> {key under "{arch}.": int | float}
+    # beyond the keys every architecture has (block count, lengths, heads, rope base, norm epsilon)
+    gguf_metadata: Callable
 
 
 def layer_tensor(model: ModelModule, name: str) -> TensorDecl:

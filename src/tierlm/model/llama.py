@@ -25,7 +25,7 @@ from tierlm.errors import UnsupportedModelError
 from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, TensorDecl
-from tierlm.model.ops import apply_rope, norm_in_workspace
+from tierlm.model.ops import apply_rope, norm_in_workspace, rope_inv_freq
 from tierlm.quant.kernels import linear
 
 # --- (a) configuration -----------------------------------------------------------------------------------------
@@ -72,7 +72,11 @@ def _hf_rope_params(src: ConfigSource) -> dict[str, Any]:
 
 
 def _hf_rope_scaling(src: ConfigSource, fields: dict[str, Any]) -> RopeScaling:
-    params = _hf_rope_params(src)
+    return rope_scaling_of(_hf_rope_params(src))
+
+
+def rope_scaling_of(params: dict[str, Any]) -> RopeScaling:
+    """HF rope parameters (rope_parameters or rope_scaling) -> RopeScaling (Gemma 3 has one dict per layer type)."""
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return RopeScaling()
@@ -236,3 +240,20 @@ def head(cfg: ModelConfig, norm: torch.Tensor, lm_head: Matrix, x: torch.Tensor,
     may use the attention-norm buffers of the workspace."""
     h = norm_in_workspace(ws, "attn", "h_attn", x, norm, cfg.rms_norm_eps)  # [B, T, H]
     return linear(h, lm_head, exact=exact).float()
+
+
+# --- around the layers (the runner calls these) ----------------------------------------------------------------
+def rope_inv_freqs(cfg: ModelConfig, rope_freqs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return (rope_inv_freq(cfg, rope_freqs),)  # [hd/2]: one rope for every layer
+
+
+def layer_rope(cfg: ModelConfig, layer: int) -> int:
+    return 0
+
+
+def embed_scale(cfg: ModelConfig) -> float | None:
+    return None
+
+
+def gguf_metadata(cfg: ModelConfig) -> dict[str, int | float]:
+    return {}

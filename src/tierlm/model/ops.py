@@ -44,22 +44,27 @@ def rope_tables(inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype) 
 
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                  x32: torch.Tensor, sq32: torch.Tensor, var32: torch.Tensor) -> torch.Tensor:
+                  x32: torch.Tensor, sq32: torch.Tensor, var32: torch.Tensor,
+                  fp32_weight: bool = False) -> torch.Tensor:
     """RMSNorm of x [..., H] written into `out` [..., H] through scratch (x32, sq32 [..., H], var32 [..., 1] fp32):
     variance in fp32 whatever the compute dtype, the same operations as HF LlamaRMSNorm (x*x is pow(x, 2) bit
-    for bit), so fp32 results equal HF's exactly."""
+    for bit), so fp32 results equal HF's exactly. fp32_weight: the weight multiplies in fp32 before the cast
+    (HF Gemma3RMSNorm), not after it (Llama)."""
     xf = x if x.dtype == torch.float32 else x32.copy_(x)
     torch.mean(torch.mul(xf, xf, out=sq32), dim=-1, keepdim=True, out=var32)  # [..., 1]
     torch.mul(xf, var32.add_(eps).rsqrt_(), out=sq32)  # normalised, fp32
+    if fp32_weight:
+        return out.copy_(sq32.mul_(weight))
     return out.copy_(sq32).mul_(weight)  # weight * normalised.to(dtype), as HF
 
 
 def norm_in_workspace(ws: Workspace, prefix: str, out: str, x: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> torch.Tensor:
+                      eps: float, fp32_weight: bool = False) -> torch.Tensor:
     """rms_norm_into with buffers `out` and `{prefix}_x32|sq32|var32` of the workspace: x [B, T, H] -> [B, T, H]."""
     f32 = torch.float32
     return rms_norm_into(ws.view(out, x.shape, x.dtype), x, weight, eps, ws.view(f"{prefix}_x32", x.shape, f32),
-                         ws.view(f"{prefix}_sq32", x.shape, f32), ws.view(f"{prefix}_var32", (*x.shape[:-1], 1), f32))
+                         ws.view(f"{prefix}_sq32", x.shape, f32), ws.view(f"{prefix}_var32", (*x.shape[:-1], 1), f32),
+                         fp32_weight)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
@@ -70,3 +75,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     torch.mul(x[..., half:], sin[..., :half], out=tmp[..., :half]).neg_()
     torch.mul(x[..., :half], sin[..., half:], out=tmp[..., half:])
     return torch.mul(x, cos, out=out).add_(tmp)
+
+
+def head_norm_in_workspace(ws: Workspace, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                           fp32_weight: bool = False) -> torch.Tensor:
+    """rms_norm_into over the head dim of x [B, T, heads, hd] (a view of the qkv matmul's output) into `out`
+    (a view of the same shape), with the workspace's qkn_x32|sq32|var32 scratch: the per-head q/k norms of Qwen3
+    and Gemma 3. weight [hd]."""
+    f32 = torch.float32
+    return rms_norm_into(out, x, weight, eps, ws.view("qkn_x32", x.shape, f32), ws.view("qkn_sq32", x.shape, f32),
+                         ws.view("qkn_var32", (*x.shape[:-1], 1), f32), fp32_weight)

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from tierlm.config import ModelConfig
 from tierlm.errors import UnsupportedModelError
-from tierlm.model import llama
+from tierlm.model import gemma3, llama, phi3, qwen3
 from tierlm.model.family import ModelModule
 
 
@@ -22,7 +22,7 @@ def _checked(model: ModelModule) -> ModelModule:
     return model
 
 
-MODELS: tuple[ModelModule, ...] = tuple(_checked(m) for m in (llama,))
+MODELS: tuple[ModelModule, ...] = tuple(_checked(m) for m in (llama, qwen3, gemma3, phi3))
 
 _BY_GGUF = {name: m for m in MODELS for name in m.GGUF_ARCHS}
 _BY_HF = {name: m for m in MODELS for name in m.HF_MODEL_TYPES}

@@ -146,7 +146,10 @@ class SafetensorsSource(ModelSource):
         self._where: dict[str, _Entry] = {}  # internal name -> where its bytes are
         self._dtypes: Counter[str] = Counter()
         self._files = _shard_files(path)
-        names = NameMap(registry.for_config(self.config), "hf")
+        model = registry.for_config(self.config)
+        names = NameMap(model, "hf")
+        # added at load (model/family.py TensorDecl.hf_shift): Gemma's norms, stored by HF as w for (1 + w)
+        self._shift = {t.name: t.hf_shift for t in (*model.GLOBAL_TENSORS, *model.LAYER_TENSORS) if t.hf_shift}
         for f in self._files:
             try:
                 entries = _read_header(f)
@@ -211,4 +214,6 @@ class SafetensorsSource(ModelSource):
                 os.close(fd)
         except OSError as err:
             raise ModelFormatError(f"{e.file}: cannot read tensor {e.key} ({err})") from None
+        if shift := self._shift.get(name.rsplit(".", 1)[-1]):
+            out.copy_(out.float().add_(shift))  # in fp32, as HF's (1.0 + weight.float())
         return out
