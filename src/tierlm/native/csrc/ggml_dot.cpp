@@ -7,7 +7,8 @@
 //    d = amax / 127 (fp32), q = nearbyint(x * (127 / amax)) clamped to [-127, 127] (an all-zero block: d = 0,
 //    q = 0). Per block the sum of q (Q8_0) or of each 16 q (Q8_K's bsums) is kept as an int32.
 //  - weights: read from their bytes exactly as ggml dequantises them (w = d * q + m, or d * sc * q - dmin * m
-//    for K-quants, with q's offset (-8, -16, -32) applied through the activation sums).
+//    for K-quants); Q4_0 / Q5_0 decode to signed values (q - 8, q - 16), Q6_K's -32 and the K-quants' and
+//    Q4_1 / Q5_1's mins go through the activation sums.
 //  - a row's result is sum over blocks of (its integer dot with the block's sub-block scales) * d_w * d_x plus
 //    the min/offset term, accumulated in fp32 in a fixed order: lane-wise over the row's blocks (8 lanes), then
 //    a fixed horizontal sum, then the min terms. Exact = the dequantised weights times the dequantised
@@ -39,7 +40,7 @@ struct Info {
   bool k_act;  // activations as Q8_K (256 columns) rather than Q8_0
 };
 
-Info info(int t) {
+constexpr Info info(int t) {
   switch (t) {
     case G_Q4_0: return {32, 18, false};
     case G_Q4_1: return {32, 20, false};
@@ -88,6 +89,16 @@ void quantize(const float* x, int64_t m, int64_t ldx, int64_t k, bool kq, Act& a
   });
 }
 
+// fp16 -> fp32: F16C where the build has it (-march=native on any AVX2 CPU), else qgemm.h's portable h2f.
+inline float half(const uint8_t* p) {
+  const uint16_t h = uint16_t(p[0] | p[1] << 8);
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  return h2f(h);
+#endif
+}
+
 // Q4_K / Q5_K: the 6-bit scale and min of sub-block j (ggml's get_scale_min_k4).
 inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& mn) {
   if (j < 4) {
@@ -109,19 +120,19 @@ struct Block {
 template <int T>
 inline void block_info(const uint8_t* b, Block& o) {
   if constexpr (T == G_Q4_K || T == G_Q5_K) {
-    o.f = h2f(uint16_t(b[0] | b[1] << 8)), o.g = -h2f(uint16_t(b[2] | b[3] << 8));
+    o.f = half(b), o.g = -half(b + 2);
     for (int j = 0; j < 8; ++j) {
       int sc, mn;
       scale_min_k4(j, b + 4, sc, mn);
       o.sc[2 * j] = o.sc[2 * j + 1] = sc, o.mn[j] = mn;
     }
   } else if constexpr (T == G_Q6_K) {
-    o.f = h2f(uint16_t(b[208] | b[209] << 8));
+    o.f = half(b + 208);
     o.g = -32.f * o.f;
     for (int j = 0; j < 16; ++j) o.sc[j] = int8_t(b[192 + j]);
   } else {
-    o.f = h2f(uint16_t(b[0] | b[1] << 8));
-    o.g = T == G_Q4_0 ? -8.f * o.f : T == G_Q5_0 ? -16.f * o.f : T == G_Q8_0 ? 0.f : h2f(uint16_t(b[2] | b[3] << 8));
+    o.f = half(b);
+    o.g = T == G_Q4_1 || T == G_Q5_1 ? half(b + 2) : 0.f;  // Q4_0/Q5_0: the offset is in the signed values
     o.sc[0] = o.sc[1] = 1;
   }
 }
@@ -138,20 +149,25 @@ inline int side_sum(const Block& o, const int32_t* s) {
     for (int j = 0; j < 16; ++j) r += o.sc[j] * s[j];
     return r;
   } else {
-    return T == G_Q8_0 ? 0 : s[0];
+    return T == G_Q4_1 || T == G_Q5_1 ? s[0] : 0;
   }
 }
 
-// Chunk c (32 values) of a block as bytes: unsigned 0..63 (signed for Q8_0), value t of the chunk in byte t.
+// Types whose values decode signed (int8): Q8_0's own, and Q4_0 / Q5_0 with their offset (-8, -16) applied.
+template <int T>
+constexpr bool is_signed() { return T == G_Q8_0 || T == G_Q4_0 || T == G_Q5_0; }
+
+// Chunk c (32 values) of a block as bytes: unsigned 0..63, or signed (is_signed), value t of the chunk in byte t.
 template <int T>
 inline void decode_scalar(const uint8_t* b, int c, uint8_t* u) {
   if constexpr (T == G_Q4_0 || T == G_Q4_1 || T == G_Q5_0 || T == G_Q5_1) {
     const int off = T == G_Q4_0 ? 2 : T == G_Q4_1 ? 4 : T == G_Q5_0 ? 6 : 8;
     uint32_t qh = 0;
     if constexpr (T == G_Q5_0 || T == G_Q5_1) std::memcpy(&qh, b + off - 4, 4);
+    const int bias = T == G_Q4_0 ? 8 : T == G_Q5_0 ? 16 : 0;  // signed values: the offset applied here
     for (int t = 0; t < 16; ++t) {
-      u[t] = uint8_t((b[off + t] & 15) | (((qh >> t) & 1) << 4));
-      u[t + 16] = uint8_t((b[off + t] >> 4) | (((qh >> (t + 16)) & 1) << 4));
+      u[t] = uint8_t(((b[off + t] & 15) | (((qh >> t) & 1) << 4)) - bias);
+      u[t + 16] = uint8_t(((b[off + t] >> 4) | (((qh >> (t + 16)) & 1) << 4)) - bias);
     }
   } else if constexpr (T == G_Q8_0) {
     std::memcpy(u, b + 2, 32);
@@ -172,7 +188,7 @@ inline void decode_scalar(const uint8_t* b, int c, uint8_t* u) {
 
 template <int T, int MT>
 void rows_scalar(const uint8_t* row, const Act& a, int64_t m0, float* out) {
-  const Info in = info(T);
+  constexpr Info in = info(T);
   const int64_t nb = a.k / in.qk, sg = a.kq ? 16 : 32;
   float acc[MT] = {}, side[MT] = {};
   Block o;
@@ -187,8 +203,8 @@ void rows_scalar(const uint8_t* row, const Act& a, int64_t m0, float* out) {
         const int8_t* x = a.q.data() + (m0 + i) * a.k + b * in.qk + 32 * c;
         int lo = 0, hi = 0;
         for (int t = 0; t < 16; ++t) {
-          lo += (T == G_Q8_0 ? int(int8_t(u[t])) : int(u[t])) * x[t];
-          hi += (T == G_Q8_0 ? int(int8_t(u[t + 16])) : int(u[t + 16])) * x[t + 16];
+          lo += (is_signed<T>() ? int(int8_t(u[t])) : int(u[t])) * x[t];
+          hi += (is_signed<T>() ? int(int8_t(u[t + 16])) : int(u[t + 16])) * x[t + 16];
         }
         isum[i] += o.sc[(2 * c) % 16] * lo + o.sc[(2 * c + 1) % 16] * hi;
       }
@@ -219,6 +235,7 @@ GTGT2 inline __m256i decode_avx(const uint8_t* b, int c) {
       h = _mm256_cmpeq_epi8(_mm256_and_si256(h, bits), bits);
       v = _mm256_or_si256(v, _mm256_and_si256(h, _mm256_set1_epi8(16)));
     }
+    if constexpr (T == G_Q4_0 || T == G_Q5_0) v = _mm256_sub_epi8(v, _mm256_set1_epi8(T == G_Q4_0 ? 8 : 16));
     return v;
   } else if constexpr (T == G_Q8_0) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
@@ -250,16 +267,16 @@ GTGT2 inline float hsum_f(__m256 v) {
 
 // 8 int32 lanes whose sum is sc_lo * dot(values 0-15) + sc_hi * dot(values 16-31).
 template <bool SIGNED, bool SCALED>
-GTGT512 inline __m256i dot_chunk512(__m256i w, __m256i x, int sc_lo, int sc_hi) {
-  if constexpr (SIGNED) x = _mm256_sign_epi8(x, w), w = _mm256_abs_epi8(w);
-  __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+GTGT512 inline __m256i dot_chunk512(__m256i w, __m256i wa, __m256i x, int sc_lo, int sc_hi) {
+  if constexpr (SIGNED) x = _mm256_sign_epi8(x, w);  // wa = |w|: unsigned times signed, the signs moved to x
+  __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wa, x);
   if constexpr (SCALED) p = _mm256_mullo_epi32(p, _mm256_set_m128i(_mm_set1_epi32(sc_hi), _mm_set1_epi32(sc_lo)));
   return p;
 }
 template <bool SIGNED, bool SCALED>
-GTGT2 inline __m256i dot_chunk2(__m256i w, __m256i x, int sc_lo, int sc_hi) {
-  if constexpr (SIGNED) x = _mm256_sign_epi8(x, w), w = _mm256_abs_epi8(w);
-  const __m256i p = _mm256_maddubs_epi16(w, x);  // pairs: at most 2 * 128 * 127, no saturation
+GTGT2 inline __m256i dot_chunk2(__m256i w, __m256i wa, __m256i x, int sc_lo, int sc_hi) {
+  if constexpr (SIGNED) x = _mm256_sign_epi8(x, w);
+  const __m256i p = _mm256_maddubs_epi16(wa, x);  // pairs: at most 2 * 128 * 127, no saturation
   const __m256i s = SCALED ? _mm256_set_m128i(_mm_set1_epi16(short(sc_hi)), _mm_set1_epi16(short(sc_lo)))
                            : _mm256_set1_epi16(1);
   return _mm256_madd_epi16(p, s);
@@ -268,8 +285,8 @@ GTGT2 inline __m256i dot_chunk2(__m256i w, __m256i x, int sc_lo, int sc_hi) {
 #define ROWS_AVX(NAME, TGT, DOT)                                                                          \
   template <int T, int MT>                                                                                \
   TGT void NAME(const uint8_t* row, const Act& a, int64_t m0, float* out) {                              \
-  constexpr bool SIGNED = T == G_Q8_0, SCALED = T == G_Q4_K || T == G_Q5_K || T == G_Q6_K;                     \
-  const Info in = info(T);                                                                                     \
+  constexpr bool SIGNED = is_signed<T>(), SCALED = T == G_Q4_K || T == G_Q5_K || T == G_Q6_K;                     \
+  constexpr Info in = info(T);                                                                                     \
   const int64_t nb = a.k / in.qk, sg = a.kq ? 16 : 32;                                                         \
   __m256 acc[MT];                                                                                              \
   float side[MT] = {};                                                                                         \
@@ -281,18 +298,18 @@ GTGT2 inline __m256i dot_chunk2(__m256i w, __m256i x, int sc_lo, int sc_hi) {
     __m256i isum[MT];                                                                                          \
     for (int i = 0; i < MT; ++i) isum[i] = _mm256_setzero_si256();                                             \
     for (int c = 0; c < in.qk / 32; ++c) {                                                                     \
-      const __m256i w = decode_avx<T>(blk, c);                                                                 \
+      const __m256i w = decode_avx<T>(blk, c), wa = SIGNED ? _mm256_abs_epi8(w) : w;                          \
       const int lo = o.sc[(2 * c) % 16], hi = o.sc[(2 * c + 1) % 16];                                          \
       for (int i = 0; i < MT; ++i) {                                                                           \
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (m0 + i) * a.k + b * in.qk + 32 * c)); \
-        const __m256i p = DOT<SIGNED, SCALED>(w, x, lo, hi);                                                   \
+        const __m256i p = DOT<SIGNED, SCALED>(w, wa, x, lo, hi);                                               \
         isum[i] = _mm256_add_epi32(isum[i], p);                                                                \
       }                                                                                                        \
     }                                                                                                          \
     for (int i = 0; i < MT; ++i) {                                                                             \
       const float dx = a.d[(m0 + i) * nb + b];                                                                 \
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_set1_ps(o.f * dx), acc[i]);                 \
-      if constexpr (T != G_Q8_0)                                                                               \
+      if constexpr (T == G_Q4_1 || T == G_Q5_1 || SCALED)                                                     \
         side[i] = std::fma(o.g * dx, float(side_sum<T>(o, a.s.data() + (m0 + i) * (a.k / sg) + b * (in.qk / sg))), side[i]); \
     }                                                                                                          \
   }                                                                                                            \
