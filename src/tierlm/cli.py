@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval-ppl", help="sliding-window perplexity of a text, one row per weight scheme")
     e.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2-135M)")
     e.add_argument("--text", required=True, help="UTF-8 text file")
-    e.add_argument("--quant", default="none", help="comma list of none, int8, int4[-gN], int8-gN "
-                   "(e.g. none,int8,int4); the first is the reference for the deltas")
+    e.add_argument("--quant", default="none", help="comma list of none, auto, int8, int4[-gN], int8-gN "
+                   "(e.g. none,auto,int4); the first is the reference for the deltas")
     e.add_argument("--window", type=_positive_int, default=512, help="tokens per window (default 512)")
     e.add_argument("--stride", type=_positive_int, default=256, help="tokens between windows (default 256)")
     e.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens")
@@ -315,7 +315,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read text {args.text}: {e}") from None
-    schemes = [QuantScheme.parse(*_scheme_label(q)) for q in args.quant.split(",")]
+    # "auto": what generate runs by default (a GGUF in its own quantisation; QuantScheme.resolve)
+    schemes = ["auto" if q.strip() == "auto" else QuantScheme.parse(*_scheme_label(q)) for q in args.quant.split(",")]
     kv_dtypes, kernel_kinds = args.kv_dtype.split(","), args.kernels.split(",")
     results, ids = [], None
     for scheme, kv_dtype, kind in [(s, k, n) for s in schemes for k in kv_dtypes for n in kernel_kinds]:
@@ -325,7 +326,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                 ids = llm.tokenizer.encode(text)[:args.max_tokens]
                 if len(ids) < 2:
                     raise UsageError(f"{args.text} has fewer than 2 tokens")
-            label = "fp32" if not scheme.enabled and llm.dtype.itemsize == 4 else str(scheme)
+            label = "fp32" if not llm.quant.enabled and llm.dtype.itemsize == 4 else str(llm.quant)
             label += "" if kv_dtype == "auto" else f" kv:{kv_dtype}"
             label += f" kernels:{kind}" if len(kernel_kinds) > 1 else ""
             results.append(perplexity(llm, ids, min(args.window, len(ids)), args.stride, label))

@@ -72,12 +72,12 @@ def dequantize_rows(qweight: torch.Tensor, runs: Runs, k: int, rows: torch.Tenso
     """The dense fp32 rows `rows` (int indices) [len(rows), K], dequantised as gguf-py does (ggml's reference)."""
     idx = np.asarray(rows, dtype=np.int64).reshape(-1)
     out = np.empty((idx.size, k), dtype=np.float32)
-    raw = qweight.numpy()
+    raw = qweight.cpu().numpy()  # the fallback on other devices dequantises on the CPU
     for t, sel, local, off, count in _rows_of(runs, k, idx):
         rb = row_bytes(t, k)
         block = raw[off:off + count * rb].reshape(count, rb)[local]  # [len(sel), row bytes]
         out[sel] = gguf_dequantize(block, Q(t)).reshape(len(sel), k)
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).to(qweight.device)
 
 
 def dequantize(qweight: torch.Tensor, runs: Runs, k: int, rows: slice = slice(None)) -> torch.Tensor:

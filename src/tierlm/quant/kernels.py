@@ -49,10 +49,11 @@ def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None,
            exact: bool = False) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native)."""
+    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native; GGUF
+    blocks: the dequantising fallback)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if w.kind == "ggml" and x.device.type == "cpu" and native.layer_step_available():
+    if w.kind == "ggml" and not exact and x.device.type == "cpu" and native.layer_step_available():
         return native.lib().ggml_linear(x, w.qweight, ggml.runs_tensor(w.runs, w.shape[1]), bias)
     if x.device.type == "cpu" and intdot.runs(w):
         return intdot.linear(x, w, bias, exact)
