@@ -189,3 +189,21 @@ def test_gguf_file_keeps_its_blocks(name, tiny_models, tmp_path):
     # int8 activations on these deliberately sensitive random models: 0.057 / 0.030 relative (llama_gqa_tied /
     # qwen2), what the int8-g32 path measures on the same models' Q8_0 files (0.057 / 0.028)
     assert ((a - b).norm() / b.norm()).item() < 0.1
+
+
+def test_streamed_blocks_equal_resident(tiny_models, tmp_path):
+    """The offload store holds a layer's blocks as they are (manifest: kind ggml and its runs): layers streamed
+    under a 500 KiB budget (every layer and the head on disk) give the resident run's logits bit for bit."""
+    from gguf_writer import write_gguf
+
+    from tierlm import LLM
+    from tierlm.offload.tier import Tier
+    tm = tiny_models["qwen2"]
+    path = write_gguf(tm.hf, tm.path, tmp_path / "m.gguf", Q.Q5_0)
+    ids = torch.randint(2, tm.hf.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    with LLM(str(path), dtype="float32", progress=False, max_context=64) as resident:
+        ref = resident.prompt_logits(ids)
+    with LLM(str(path), dtype="float32", progress=False, max_memory={"cpu": "500KiB"}, max_context=64,
+             offload_dir=tmp_path / "off") as streamed:
+        assert streamed.quant.kind == "ggml" and streamed.plan.count(Tier.DISK) == 2
+        assert torch.equal(streamed.prompt_logits(ids), ref)

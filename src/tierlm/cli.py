@@ -326,7 +326,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                 ids = llm.tokenizer.encode(text)[:args.max_tokens]
                 if len(ids) < 2:
                     raise UsageError(f"{args.text} has fewer than 2 tokens")
-            label = "fp32" if not llm.quant.enabled and llm.dtype.itemsize == 4 else str(llm.quant)
+            shown = llm.quant if scheme == "auto" else scheme
+            label = "fp32" if not shown.enabled and llm.dtype.itemsize == 4 else str(shown)
             label += "" if kv_dtype == "auto" else f" kv:{kv_dtype}"
             label += f" kernels:{kind}" if len(kernel_kinds) > 1 else ""
             results.append(perplexity(llm, ids, min(args.window, len(ids)), args.stride, label))
