@@ -5,14 +5,17 @@
 // Numerics (what a test can hold the kernels to):
 //  - activations: Q8_0 blocks (32 columns) for the 32-value types, Q8_K blocks (256 columns) for the K-quants;
 //    d = amax / 127 (fp32), q = nearbyint(x * (127 / amax)) clamped to [-127, 127] (an all-zero block: d = 0,
-//    q = 0). Per block the sum of q (Q8_0) or of each 16 q (Q8_K's bsums) is kept as an int32.
+//    q = 0). Per block the sum of q (Q8_0) or of each 16 q (Q8_K's bsums) is kept as an int32. (llama.cpp
+//    differs in the last bits: its Q8_0 activation scale is fp16 and its Q8_K scale is -127 / the signed
+//    extreme; the integer parts are the same kind of numbers.)
 //  - weights: read from their bytes exactly as ggml dequantises them (w = d * q + m, or d * sc * q - dmin * m
 //    for K-quants); Q4_0 / Q5_0 decode to signed values (q - 8, q - 16), Q6_K's -32 and the K-quants' and
 //    Q4_1 / Q5_1's mins go through the activation sums.
 //  - a row's result is sum over blocks of (its integer dot with the block's sub-block scales) * d_w * d_x plus
 //    the min/offset term, accumulated in fp32 in a fixed order: lane-wise over the row's blocks (8 lanes), then
 //    a fixed horizontal sum, then the min terms. Exact = the dequantised weights times the dequantised
-//    activations, up to fp32 rounding of the sum (the integer parts are exact).
+//    activations, up to fp32 rounding of the sum (the integer parts are exact; a Q6_K lane's integer sum can
+//    pass 2^24 before its one conversion to fp32).
 //  - row-invariant: output (m, n) is one sequence of operations whatever M is, however the rows are tiled and
 //    whichever thread runs it; the ISA (avx512-vnni: 256-bit vpdpbusd; avx2: vpmaddubsw; scalar) is chosen once
 //    per process (qgemm.cpp's current_isa, which tests pin with set_isa). The ISAs agree on every integer; the
