@@ -20,11 +20,12 @@ from tierlm.quant.tensor import QuantTensor
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"native kernels {native.status()}")
 
-TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
+K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)  # Q8_K activations
+NO_QUANTIZE = (*K_QUANTS, Q.IQ4_NL)  # gguf-py cannot quantise these: random bits
 # byte offsets of each type's fp16 scale fields (the rest of a block is any bits: every pattern is valid)
 HALVES = {Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q8_0: (0,), Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2),
-          Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+          Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.Q2_K: (80, 82), Q.Q3_K: (108,)}
 
 
 def _isas() -> list[int]:
@@ -33,9 +34,9 @@ def _isas() -> list[int]:
 
 def random_blocks(t: Q, n: int, k: int, seed: int = 0) -> np.ndarray:
     """n rows of k values in type t as uint8 [n, row bytes]: where gguf-py quantises t, real quantised rows;
-    else random bits with sane fp16 scales (the K-quants: every scale/min/value bit pattern is exercised)."""
+    else random bits with sane fp16 scales (every scale/min/value bit pattern is exercised)."""
     rng = np.random.default_rng(seed)
-    if t not in K_QUANTS:
+    if t not in NO_QUANTIZE:
         return quantize(rng.standard_normal((n, k)).astype(np.float32), t).reshape(n, -1)
     qk, size = GGML_QUANT_SIZES[t]
     b = rng.integers(0, 256, size=(n, k // qk, size), dtype=np.uint8)

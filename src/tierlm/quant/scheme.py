@@ -20,10 +20,10 @@ AUTO = "auto"  # the default: a quantised GGUF runs in its own quantisation (Qua
 # they did (4-bit and below -> int4, 5/6-bit -> int8 per channel); float files stay dense.
 _AUTO_SCHEMES = {"Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q8_0": ("int8", 32), "Q2_K": ("int4", 32),
                  "Q3_K": ("int4", 32), "Q4_K": ("int4", 32), "Q5_0": ("int8", None), "Q5_1": ("int8", None),
-                 "Q5_K": ("int8", None), "Q6_K": ("int8", None)}
+                 "Q5_K": ("int8", None), "Q6_K": ("int8", None), "IQ4_NL": ("int4", 32), "IQ4_XS": ("int4", 32)}
 # A file whose dominant type is another of these (Q4_K_M's Q4_K/Q6_K/Q5_0 mix...) keeps every matrix in its own
 # blocks ("ggml", quant/ggml.py) where the native library runs them: nothing requantised, llama.cpp's numbers.
-_GGML_AUTO = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K")
+_GGML_AUTO = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
 _INT4_EXACT = ("Q4_0", "Q4_1")  # GGUF types int4 g=32 holds without loss (a head of these keeps its blocks)
 INT4_GROUPS = (32, 64, 128)  # what torch's CPU int4 kernel accepts (and K must be a multiple)
 INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a multiple

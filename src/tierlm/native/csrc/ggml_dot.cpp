@@ -1,4 +1,5 @@
-// y = x @ W^T for W in GGUF's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), as llama.cpp computes
+// y = x @ W^T for W in GGUF's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+// IQ4_XS), as llama.cpp computes
 // it: the activations are quantised per row to 8 bits, the products of a block are summed as exact integers,
 // and the block's scales are folded in with one float multiply-add.
 //
@@ -50,9 +51,13 @@ constexpr Info info(int t) {
     case G_Q5_0: return {32, 22, false};
     case G_Q5_1: return {32, 24, false};
     case G_Q8_0: return {32, 34, false};
+    case G_Q2_K: return {256, 84, true};
+    case G_Q3_K: return {256, 110, true};
     case G_Q4_K: return {256, 144, true};
     case G_Q5_K: return {256, 176, true};
     case G_Q6_K: return {256, 210, true};
+    case G_IQ4_NL: return {32, 18, false};
+    case G_IQ4_XS: return {256, 136, true};
     default: return {0, 0, false};
   }
 }
@@ -117,12 +122,34 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& mn) {
 struct Block {
   float f, g;
   int sc[16];
-  int mn[8];  // K4/K5 mins per 32 values
+  int mn[16];  // Q4_K/Q5_K: mins per 32 values; Q2_K: per 16
 };
+
+// IQ4_NL / IQ4_XS: the 16 values a nibble indexes (ggml's kvalues_iq4nl).
+constexpr int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 template <int T>
 inline void block_info(const uint8_t* b, Block& o) {
-  if constexpr (T == G_Q4_K || T == G_Q5_K) {
+  if constexpr (T == G_Q2_K) {  // scales [16] (scale | min << 4), qs [64], d, dmin
+    o.f = half(b + 80), o.g = -half(b + 82);
+    for (int j = 0; j < 16; ++j) o.sc[j] = b[j] & 15, o.mn[j] = b[j] >> 4;
+  } else if constexpr (T == G_Q3_K) {  // hmask [32], qs [64], 12 bytes of 6-bit scales (- 32), d
+    o.f = half(b + 108), o.g = 0.f;
+    const uint8_t* sc = b + 96;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = j < 8 ? sc[j] & 15 : sc[j - 8] >> 4;
+      const int hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+      o.sc[j] = (lo | hi << 4) - 32;
+    }
+  } else if constexpr (T == G_IQ4_XS) {  // d, scales_h (2 bits per sub-block), scales_l (4 bits), qs: scale - 32
+    o.f = half(b), o.g = 0.f;
+    const int hi = b[2] | b[3] << 8;
+    for (int j = 0; j < 8; ++j)
+      o.sc[2 * j] = o.sc[2 * j + 1] = (((b[4 + j / 2] >> (4 * (j % 2))) & 15) | (((hi >> (2 * j)) & 3) << 4)) - 32;
+  } else if constexpr (T == G_IQ4_NL) {
+    o.f = half(b), o.g = 0.f;
+    o.sc[0] = o.sc[1] = 1;
+  } else if constexpr (T == G_Q4_K || T == G_Q5_K) {
     o.f = half(b), o.g = -half(b + 2);
     for (int j = 0; j < 8; ++j) {
       int sc, mn;
@@ -143,7 +170,11 @@ inline void block_info(const uint8_t* b, Block& o) {
 // The side term's integer S of a block for one activation row (s: that block's activation sums).
 template <int T>
 inline int side_sum(const Block& o, const int32_t* s) {
-  if constexpr (T == G_Q4_K || T == G_Q5_K) {
+  if constexpr (T == G_Q2_K) {
+    int r = 0;
+    for (int j = 0; j < 16; ++j) r += o.mn[j] * s[j];
+    return r;
+  } else if constexpr (T == G_Q4_K || T == G_Q5_K) {
     int r = 0;
     for (int j = 0; j < 8; ++j) r += o.mn[j] * (s[2 * j] + s[2 * j + 1]);
     return r;
@@ -156,9 +187,12 @@ inline int side_sum(const Block& o, const int32_t* s) {
   }
 }
 
-// Types whose values decode signed (int8): Q8_0's own, and Q4_0 / Q5_0 with their offset (-8, -16) applied.
+// Types whose values decode signed (int8): Q8_0's own, Q4_0 / Q5_0 / Q3_K with their offset (-8, -16, -4)
+// applied, IQ4's.
 template <int T>
-constexpr bool is_signed() { return T == G_Q8_0 || T == G_Q4_0 || T == G_Q5_0; }
+constexpr bool is_signed() {
+  return T == G_Q8_0 || T == G_Q4_0 || T == G_Q5_0 || T == G_Q3_K || T == G_IQ4_NL || T == G_IQ4_XS;
+}
 
 // Chunk c (32 values) of a block as bytes: unsigned 0..63, or signed (is_signed), value t of the chunk in byte t.
 template <int T>
@@ -174,6 +208,16 @@ inline void decode_scalar(const uint8_t* b, int c, uint8_t* u) {
     }
   } else if constexpr (T == G_Q8_0) {
     std::memcpy(u, b + 2, 32);
+  } else if constexpr (T == G_Q2_K || T == G_Q3_K) {  // 2 bits at 2 * (c % 4) of qs[32 * (c / 4) + t]
+    const uint8_t* qs = b + (T == G_Q2_K ? 16 : 32) + 32 * (c / 4);
+    for (int t = 0; t < 32; ++t) {
+      int v = (qs[t] >> (2 * (c % 4))) & 3;
+      if constexpr (T == G_Q3_K) v = (v | (((b[t] >> c) & 1) << 2)) - 4;  // hmask bit c set: no -4
+      u[t] = uint8_t(v);
+    }
+  } else if constexpr (T == G_IQ4_NL || T == G_IQ4_XS) {
+    const uint8_t* qs = T == G_IQ4_NL ? b + 2 : b + 8 + 16 * c;
+    for (int t = 0; t < 16; ++t) u[t] = uint8_t(IQ4_VALUES[qs[t] & 15]), u[t + 16] = uint8_t(IQ4_VALUES[qs[t] >> 4]);
   } else if constexpr (T == G_Q4_K || T == G_Q5_K) {
     const uint8_t* qs = b + (T == G_Q4_K ? 16 : 48) + 32 * (c / 2);
     for (int t = 0; t < 32; ++t) {
@@ -242,6 +286,21 @@ GTGT2 inline __m256i decode_avx(const uint8_t* b, int c) {
     return v;
   } else if constexpr (T == G_Q8_0) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  } else if constexpr (T == G_Q2_K || T == G_Q3_K) {
+    const __m128i sh = _mm_cvtsi32_si128(2 * (c % 4));
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (T == G_Q2_K ? 16 : 32) + 32 * (c / 4)));
+    __m256i v = _mm256_and_si256(_mm256_srl_epi16(qs, sh), _mm256_set1_epi8(3));
+    if constexpr (T == G_Q3_K) {
+      const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(c)), _mm256_set1_epi8(1));
+      v = _mm256_sub_epi8(_mm256_or_si256(v, _mm256_slli_epi16(bit, 2)), _mm256_set1_epi8(4));
+    }
+    return v;
+  } else if constexpr (T == G_IQ4_NL || T == G_IQ4_XS) {  // nibbles index the 16 values (one pshufb)
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(T == G_IQ4_NL ? b + 2 : b + 8 + 16 * c));
+    const __m128i tab = _mm_loadu_si128(reinterpret_cast<const __m128i*>(IQ4_VALUES));
+    const __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+    return _mm256_shuffle_epi8(_mm256_set_m128i(tab, tab), idx);
   } else if constexpr (T == G_Q4_K || T == G_Q5_K) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (T == G_Q4_K ? 16 : 48) + 32 * (c / 2)));
     __m256i v = _mm256_and_si256(c % 2 ? _mm256_srli_epi16(raw, 4) : raw, m4);
@@ -288,7 +347,7 @@ GTGT2 inline __m256i dot_chunk2(__m256i w, __m256i wa, __m256i x, int sc_lo, int
 #define ROWS_AVX(NAME, TGT, DOT)                                                                          \
   template <int T, int MT>                                                                                \
   TGT void NAME(const uint8_t* row, const Act& a, int64_t m0, float* out) {                              \
-  constexpr bool SIGNED = is_signed<T>(), SCALED = T == G_Q4_K || T == G_Q5_K || T == G_Q6_K;                     \
+  constexpr bool SIGNED = is_signed<T>(), SCALED = info(T).qk == 256;                  \
   constexpr Info in = info(T);                                                                                     \
   const int64_t nb = a.k / in.qk, sg = a.kq ? 16 : 32;                                                         \
   __m256 acc[MT];                                                                                              \
@@ -312,7 +371,7 @@ GTGT2 inline __m256i dot_chunk2(__m256i w, __m256i wa, __m256i x, int sc_lo, int
     for (int i = 0; i < MT; ++i) {                                                                             \
       const float dx = a.d[(m0 + i) * nb + b];                                                                 \
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_set1_ps(o.f * dx), acc[i]);                 \
-      if constexpr (T == G_Q4_1 || T == G_Q5_1 || SCALED)                                                     \
+      if constexpr (T == G_Q4_1 || T == G_Q5_1 || T == G_Q2_K || T == G_Q4_K || T == G_Q5_K || T == G_Q6_K)  \
         side[i] = std::fma(o.g * dx, float(side_sum<T>(o, a.s.data() + (m0 + i) * (a.k / sg) + b * (in.qk / sg))), side[i]); \
     }                                                                                                          \
   }                                                                                                            \
@@ -375,9 +434,13 @@ void ggml_gemm(const GMat& w, const float* x, int64_t m, int64_t ldx, float* y, 
     case G_Q5_0: return gemm_t<G_Q5_0>(w, a, m, y, ldy, bias);
     case G_Q5_1: return gemm_t<G_Q5_1>(w, a, m, y, ldy, bias);
     case G_Q8_0: return gemm_t<G_Q8_0>(w, a, m, y, ldy, bias);
+    case G_Q2_K: return gemm_t<G_Q2_K>(w, a, m, y, ldy, bias);
+    case G_Q3_K: return gemm_t<G_Q3_K>(w, a, m, y, ldy, bias);
     case G_Q4_K: return gemm_t<G_Q4_K>(w, a, m, y, ldy, bias);
     case G_Q5_K: return gemm_t<G_Q5_K>(w, a, m, y, ldy, bias);
     case G_Q6_K: return gemm_t<G_Q6_K>(w, a, m, y, ldy, bias);
+    case G_IQ4_NL: return gemm_t<G_IQ4_NL>(w, a, m, y, ldy, bias);
+    case G_IQ4_XS: return gemm_t<G_IQ4_XS>(w, a, m, y, ldy, bias);
     default: return;
   }
 }

@@ -6,7 +6,8 @@ namespace tierlm {
 
 // ggml type ids (ggml.h's enum ggml_type) of the block formats the kernels read.
 enum GgmlType : int {
-  G_Q4_0 = 2, G_Q4_1 = 3, G_Q5_0 = 6, G_Q5_1 = 7, G_Q8_0 = 8, G_Q4_K = 12, G_Q5_K = 13, G_Q6_K = 14
+  G_Q4_0 = 2, G_Q4_1 = 3, G_Q5_0 = 6, G_Q5_1 = 7, G_Q8_0 = 8, G_Q2_K = 10, G_Q3_K = 11, G_Q4_K = 12, G_Q5_K = 13, G_Q6_K = 14,
+  G_IQ4_NL = 20, G_IQ4_XS = 23
 };
 
 bool ggml_supported(int type);
