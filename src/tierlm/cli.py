@@ -266,7 +266,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = source.config
     budget = MemoryBudget.parse(args.max_memory)
     quant = QuantScheme.resolve(args.quant, args.group_size, source.storage_types(),
-                                 source.head_storage_type())
+                                 source.head_storage_type(), source.ggml_tensors())
     dtype = resolve_dtype(args.dtype, quant.enabled)
     profile, calibrated = load_profile_or_default(args.profile)
     cuda = args.device.startswith("cuda")

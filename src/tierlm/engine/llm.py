@@ -97,7 +97,7 @@ class LLM:
         self.budget = MemoryBudget.parse(a.max_memory)
         self.source = open_model(a.model)
         self.quant = QuantScheme.resolve(a.quant, a.group_size, self.source.storage_types(),
-                                          self.source.head_storage_type())
+                                          self.source.head_storage_type(), self.source.ggml_tensors())
         self.dtype = resolve_dtype(a.dtype, self.quant.enabled)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer

@@ -55,8 +55,9 @@ class Runner:
         # Quantised layers on a CPU run as one native call each (model/native_layer.py) when the library is built; it
         # ropes in fp32 from fp32 tables. exact: fp32 activations into the integer-dot kernels' matmuls.
         self.exact = exact
+        # GGUF blocks have no fp32-activation kernel: exact runs them through the dequantising fallback.
         self.native = (self.device.type == "cpu" and store.quant.enabled and self.model.NATIVE_LAYER_STEP
-                       and native.layer_step_available())
+                       and native.layer_step_available() and not (exact and store.quant.kind == "ggml"))
         self.rope32 = ops.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.

@@ -160,6 +160,8 @@ def expected_layout(cfg: ModelConfig, unit: str, dtype: torch.dtype, quant: Quan
             continue
         metas[spec.leaf] = {"kind": scheme.kind, "shape": list(spec.shape),
                             "group_size": scheme.group_size or spec.shape[1]}  # per channel: one group of K
+        if scheme.kind == "ggml":
+            metas[spec.leaf]["runs"] = [list(r) for r in scheme.runs]
         for part, (shape, part_dtype) in part_specs(scheme, spec.shape, dtype).items():
             out.append((f"{spec.leaf}.{part}", str(part_dtype).removeprefix("torch."), list(shape)))
     return out, metas

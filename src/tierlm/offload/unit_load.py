@@ -113,6 +113,9 @@ def load_unit_tensor(source: ModelSource, spec: UnitTensor, dtype: torch.dtype, 
     if not scheme.enabled:
         return _dense(source, spec, names, dtype).contiguous()
     _check_rows(source, spec, names)
+    if scheme.kind == "ggml":  # the file's blocks as they are (quant/ggml.py)
+        out = source.load_ggml(names)
+        return out.dequantize_in_pieces(dtype, kernels.piece_rows(out)) if spec.dequantized else out
     # NOTE: kernel form from here on (see quant/tensor.py): resident units, stored units and a tied head's dense
     # embedding copy all hold the numbers the kernel multiplies with, so every path computes with one matrix.
     ready = lambda b: kernels.prepare(from_blocks(b), dtype)  # noqa: E731

@@ -40,7 +40,7 @@ class UnitTensor:
     dequantized: bool = False
 
     def scheme(self, quant: QuantScheme) -> QuantScheme:
-        return quant.for_matrix("lm_head" if self.dequantized else self.leaf, self.shape)
+        return quant.for_unit("lm_head" if self.dequantized else self.leaf, self.source_names, self.shape)
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list[UnitTensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tierlm import native
+from tierlm.quant import ggml
 from tierlm.quant.scheme import uses_native
 from tierlm.quant.tensor import QuantTensor
 
@@ -16,16 +17,19 @@ NUMERICS = 3  # bumped when the native kernels change what they compute (goes in
 
 
 def runs(w: object) -> bool:
-    return isinstance(w, QuantTensor) and w.kernel_scales is None and uses_native(w.kind, w.group_size, w.shape[1])
+    return isinstance(w, QuantTensor) and w.kind != "ggml" and w.kernel_scales is None and uses_native(w.kind, w.group_size, w.shape[1])
 
 
 TORCH_INT4, TORCH_INT8 = 104, 108  # layer.cpp: torch's fused form, multiplied by torch's kernels
+GGML = 200  # layer.cpp: GGUF's own blocks (quant/ggml.py), multiplied by ggml_dot.cpp
 
 
 def layer_mat(w: object) -> tuple | None:
     """A layer matrix as layer_step takes it: the integer-dot form, or torch's fused form; None: neither."""
     if runs(w):
         return mat(w)
+    if isinstance(w, QuantTensor) and w.kind == "ggml":
+        return GGML, w.qweight, ggml.runs_tensor(w.runs, w.shape[1]), None, None
     if isinstance(w, QuantTensor) and w.kernel_scales is not None:
         return (TORCH_INT4 if w.kind == "int4" else TORCH_INT8), w.qweight, w.kernel_scales, None, None
     return None

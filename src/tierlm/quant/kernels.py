@@ -21,7 +21,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from tierlm.quant import int4, int8, intdot
+from tierlm import native
+from tierlm.quant import ggml, int4, int8, intdot
 from tierlm.quant.scheme import INT4_BLOCK_N, uses_native
 from tierlm.quant.tensor import QuantTensor
 
@@ -35,8 +36,8 @@ DEQUANT_PIECE_BYTES = 8 << 20  # the fallback's dense fp32 weight piece (plus it
 def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
     """w in kernel form for activations in `act_dtype` (see tensor.py), or unchanged where no fused kernel
     applies (group-wise int8; an int4 layout torch does not share), or the native kernels read the loaded form.
-    Idempotent."""
-    if w.kernel_scales is not None or uses_native(w.kind, w.group_size, w.shape[1]):
+    Idempotent. A "ggml" matrix has one form."""
+    if w.kind == "ggml" or w.kernel_scales is not None or uses_native(w.kind, w.group_size, w.shape[1]):
         return w
     n = w.shape[0]
     if w.kind == "int8" and w.group_size == w.shape[1]:
@@ -48,9 +49,12 @@ def prepare(w: QuantTensor, act_dtype: torch.dtype) -> QuantTensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantTensor, bias: torch.Tensor | None = None,
            exact: bool = False) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native)."""
+    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype. exact: no int8 activations (native; GGUF
+    blocks: the dequantising fallback)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    if w.kind == "ggml" and not exact and x.device.type == "cpu" and native.layer_step_available():
+        return native.lib().ggml_linear(x, w.qweight, ggml.runs_tensor(w.runs, w.shape[1]), bias)
     if x.device.type == "cpu" and intdot.runs(w):
         return intdot.linear(x, w, bias, exact)
     lead = x.shape[:-1]
@@ -96,5 +100,8 @@ def embedding_rows(w: torch.Tensor | QuantTensor, tokens: torch.Tensor, dtype: t
     if isinstance(w, torch.Tensor):
         return F.embedding(tokens, w)
     unique, inverse = torch.unique(tokens, return_inverse=True)  # dequantise each distinct row once
-    rows = (int8 if w.kind == "int8" else int4).dequantize_rows(w, unique)  # [U, H] fp32
+    if w.kind == "ggml":
+        rows = ggml.dequantize_rows(w.qweight, w.runs, w.shape[1], unique)  # [U, H] fp32
+    else:
+        rows = (int8 if w.kind == "int8" else int4).dequantize_rows(w, unique)  # [U, H] fp32
     return rows.to(dtype)[inverse]

@@ -20,7 +20,10 @@ AUTO = "auto"  # the default: a quantised GGUF runs in its own quantisation (Qua
 # they did (4-bit and below -> int4, 5/6-bit -> int8 per channel); float files stay dense.
 _AUTO_SCHEMES = {"Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q8_0": ("int8", 32), "Q2_K": ("int4", 32),
                  "Q3_K": ("int4", 32), "Q4_K": ("int4", 32), "Q5_0": ("int8", None), "Q5_1": ("int8", None),
-                 "Q5_K": ("int8", None), "Q6_K": ("int8", None)}
+                 "Q5_K": ("int8", None), "Q6_K": ("int8", None), "IQ4_NL": ("int4", 32), "IQ4_XS": ("int4", 32)}
+# A file whose dominant type is another of these (Q4_K_M's Q4_K/Q6_K/Q5_0 mix...) keeps every matrix in its own
+# blocks ("ggml", quant/ggml.py) where the native library runs them: nothing requantised, llama.cpp's numbers.
+_GGML_AUTO = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
 _INT4_EXACT = ("Q4_0", "Q4_1")  # GGUF types int4 g=32 holds without loss (a head of these keeps its blocks)
 INT4_GROUPS = (32, 64, 128)  # what torch's CPU int4 kernel accepts (and K must be a multiple)
 INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a multiple
@@ -37,6 +40,10 @@ class QuantScheme:
     # A Q8_0 lm_head keeps its own blocks (int8 g=32, lossless) where the native kernels run them (their
     # integer dot products are llama.cpp's for that matrix); torch's kernels want it per channel.
     head_q8: bool = False
+    # kind "ggml", the file's scheme: (internal name, ggml type id, rows) of every matrix held in its blocks
+    ggml_tensors: tuple[tuple[str, int, int], ...] = ()
+    # kind "ggml", one matrix's scheme (for_unit): ((ggml type id, rows), ...) of its runs of rows
+    runs: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def parse(cls, kind: str | "QuantScheme" | None, group_size: int | None = None) -> "QuantScheme":
@@ -57,10 +64,12 @@ class QuantScheme:
 
     @classmethod
     def resolve(cls, kind: "str | QuantScheme | None", group_size: int | None, storage_types: dict[str, int],
-                head_type: str | None = None) -> "QuantScheme":
+                head_type: str | None = None,
+                ggml_tensors: tuple[tuple[str, int, int], ...] = ()) -> "QuantScheme":
         """parse(), where "auto" (or None) picks the scheme that holds the model's stored weights best:
         `storage_types` counts tensors per stored type (ModelSource.storage_types()), `head_type` is the
-        stored type of the lm_head (the embedding when tied)."""
+        stored type of the lm_head (the embedding when tied), `ggml_tensors` the matrices the native kernels
+        can run in their own blocks (ModelSource.ggml_tensors())."""
         if isinstance(kind, QuantScheme) or (kind or AUTO).lower() != AUTO:
             scheme = cls.parse(kind, group_size)
             # int4 g=32 asked of a file whose head is Q4_0/Q4_1: its own blocks are exact, int8 would not be
@@ -73,7 +82,10 @@ class QuantScheme:
         quantised = {t: n for t, n in storage_types.items() if t in _AUTO_SCHEMES}
         if not quantised:
             return cls()
-        kind, group = _AUTO_SCHEMES[max(quantised, key=lambda t: quantised[t])]
+        dominant = max(quantised, key=lambda t: quantised[t])
+        if dominant in _GGML_AUTO and ggml_tensors and native.layer_step_available():
+            return cls("ggml", ggml_tensors=tuple(ggml_tensors))
+        kind, group = _AUTO_SCHEMES[dominant]
         return cls(kind, group, head_int4=head_type in _INT4_EXACT, head_q8=head_type == "Q8_0" and _native())
 
     @classmethod
@@ -91,8 +103,23 @@ class QuantScheme:
     def __str__(self) -> str:
         if not self.enabled:
             return "none"
+        if self.kind == "ggml":
+            return "gguf-blocks"
         head = "+head-int4" if self.head_int4 else "+head-q8" if self.head_q8 else ""
         return f"{self.kind}-{'channel' if self.group_size is None else f'g{self.group_size}'}{head}"
+
+    def for_unit(self, leaf: str, names: tuple[str, ...], shape: tuple[int, ...]) -> "QuantScheme":
+        """The scheme of a unit's matrix `leaf` whose rows are the source tensors `names` (concatenated): under
+        "ggml" its runs where every piece is held in its blocks, else dense; for_matrix otherwise."""
+        if self.kind != "ggml":
+            return self.for_matrix(leaf, shape)
+        if len(shape) != 2 or leaf in ("embed", "attn_norm", "ffn_norm"):
+            return QuantScheme()
+        table = {n: (t, r) for n, t, r in self.ggml_tensors}
+        if not all(n in table for n in names):
+            return QuantScheme()  # a piece in F16/F32 or a type the kernels lack: the whole matrix dense
+        from tierlm.quant.ggml import merge  # noqa: PLC0415 - gguf-py is imported only where GGUF runs
+        return QuantScheme("ggml", runs=merge(table[n] for n in names))
 
     def for_matrix(self, leaf: str, shape: tuple[int, ...]) -> "QuantScheme":
         """The scheme a matrix [N, K] named `leaf` gets: the head is int8 per channel; a matrix the int4

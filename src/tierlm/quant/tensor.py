@@ -14,6 +14,8 @@ kernels (tierlm/native) it is the loaded form itself; for torch's fused kernels:
   scales/mins are dropped: the kernel's numbers are the matrix's numbers from then on (the dequantising
   fallback reads them too), so decode, prefill, resident and streamed runs all use one set of weights, and a
   streamed unit's bytes are the kernel's operands: acquiring it is views over the ring slot, nothing else.
+Kind "ggml": the matrix in GGUF's own blocks (quant/ggml.py), one form only: qweight uint8 [bytes], `runs` the
+  ggml type of each run of rows (recorded in the manifest), group_size K; no other part.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tierlm.quant import int4, int8
+from tierlm.quant import ggml, int4, int8
 from tierlm.quant.int4 import layout_matches_torch
 from tierlm.quant.scheme import QuantScheme, uses_native
 
@@ -31,13 +33,14 @@ PARTS = ("qweight", "scales", "mins", "kernel_scales")
 
 @dataclass(frozen=True)
 class QuantTensor:
-    kind: str  # "int8" | "int4"
+    kind: str  # "int8" | "int4" | "ggml"
     shape: tuple[int, int]  # [N, K] of the dense matrix
     group_size: int  # K for int8 per channel
     qweight: torch.Tensor  # int8 [N, K] | uint8 [N, K/2]
     scales: torch.Tensor | None  # [N, K/g] (int8 per channel: [N, 1]); None in kernel form
     mins: torch.Tensor | None = None  # int4 only: [N, K/g]; None in kernel form
     kernel_scales: torch.Tensor | None = None  # kernel form: int8 [N], int4 [K/g, N, 2], activation dtype
+    runs: ggml.Runs = ()  # ggml: ((ggml type id, rows), ...) in row order
 
     def parts(self) -> dict[str, torch.Tensor]:
         """Stored parts by name: qweight and whichever of scales / mins / kernel_scales the form has."""
@@ -45,12 +48,13 @@ class QuantTensor:
 
     def meta(self) -> dict:
         """What the manifest records beside the parts: never guessed, always read back."""
-        return {"kind": self.kind, "shape": list(self.shape), "group_size": self.group_size}
+        meta = {"kind": self.kind, "shape": list(self.shape), "group_size": self.group_size}
+        return meta | {"runs": [list(r) for r in self.runs]} if self.kind == "ggml" else meta
 
     @classmethod
     def from_parts(cls, meta: dict, parts: dict[str, torch.Tensor]) -> "QuantTensor":
         return cls(meta["kind"], tuple(meta["shape"]), meta["group_size"], parts["qweight"], parts.get("scales"),
-                   parts.get("mins"), parts.get("kernel_scales"))
+                   parts.get("mins"), parts.get("kernel_scales"), tuple(tuple(r) for r in meta.get("runs", ())))
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +65,8 @@ class QuantTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """Dense rows (default all; int4: slice bounds multiples of 64) in `dtype`, computed in fp32."""
+        if self.kind == "ggml":
+            return ggml.dequantize(self.qweight, self.runs, self.shape[1], rows).to(dtype)
         return (int8 if self.kind == "int8" else int4).dequantize(self, rows).to(dtype)
 
     def dequantize_in_pieces(self, dtype: torch.dtype, piece_rows: int) -> torch.Tensor:
@@ -78,6 +84,8 @@ def part_specs(scheme: QuantScheme, shape: tuple[int, int],
     """Shape and dtype of every stored part of a matrix `shape` under `scheme` in the kernel form that
     kernels.prepare gives it for activations in `act_dtype` (sizes without the data)."""
     n, k = shape
+    if scheme.kind == "ggml":  # the file's blocks: the scheme of one matrix carries its runs
+        return {"qweight": ((ggml.nbytes(scheme.runs, k),), torch.uint8)}
     if scheme.kind == "int8" and scheme.group_size is None:
         if uses_native("int8", k, k):  # the native kernels read the loaded form
             return {"qweight": ((n, k), torch.int8), "scales": ((n, 1), torch.float32)}

@@ -17,7 +17,7 @@ from tierlm.config import ModelConfig
 from tierlm.errors import ModelFormatError, UnsupportedModelError
 from tierlm.model import registry
 from tierlm.model.family import ModelModule, read_config
-from tierlm.quant import int4
+from tierlm.quant import ggml, int4
 from tierlm.quant.scheme import INT4_BLOCK_N, QuantScheme
 from tierlm.quant.tensor import QuantBlocks, QuantTensor
 from tierlm.weights.gguf_file import GGUFFile
@@ -27,7 +27,7 @@ from tierlm.weights.tokenizer import tokenizer_from_gguf
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS})
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -136,6 +136,27 @@ class GGUFSource(ModelSource):
         else:
             m = (-8 * d.astype(np.float32)).astype(np.float16) if t.qtype == Q.Q4_0 else None
         return block, d, m
+
+    def ggml_tensors(self) -> tuple[tuple[str, int, int], ...]:
+        return tuple((n, int(t.qtype), t.shape[0]) for n, t in self._tensors.items()
+                     if len(t.shape) == 2 and ggml.takes(int(t.qtype), t.shape[1]))
+
+    def load_ggml(self, names: list[str]) -> QuantTensor:
+        """The stored blocks read once into the output (q/k rows un-permuted: a permutation of whole rows
+        within each head moves whole block rows), no conversion."""
+        infos = [self._tensors[n] for n in names]
+        k = infos[0].shape[1]
+        runs = ggml.merge((int(t.qtype), t.shape[0]) for t in infos)
+        out = torch.empty(ggml.nbytes(runs, k), dtype=torch.uint8)
+        at = 0
+        for name, t in zip(names, infos):
+            try:
+                raw = self._unpermute_rows(name, self._file.raw(t, slice(0, t.shape[0])))  # [R, row bytes]
+            except (ValueError, OSError) as e:
+                raise ModelFormatError(f"{self.path}: cannot read tensor {t.name} ({e})") from None
+            out[at:at + raw.size].copy_(torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)))
+            at += raw.size
+        return QuantTensor("ggml", (sum(t.shape[0] for t in infos), k), k, out, None, runs=runs)
 
     def load_packed(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantTensor | None:
         """Q4_0/Q4_1 rows (a multiple of 64 of them) packed straight into the int4 layout, without loss

@@ -46,6 +46,16 @@ class ModelSource(ABC):
         stored format allows (GGUF Q4_0/Q4_1/Q8_0); None otherwise."""
         return None
 
+    def ggml_tensors(self) -> tuple[tuple[str, int, int], ...]:
+        """(internal name, ggml type id, rows) of every matrix stored in GGUF blocks the native kernels read
+        as they are (quant/ggml.py); () for other formats."""
+        return ()
+
+    def load_ggml(self, names: list[str]) -> QuantTensor:
+        """The matrices `names` (rows concatenated) as one "ggml" QuantTensor: their stored bytes, rows in HF
+        order. Only for names ggml_tensors() lists."""
+        raise NotImplementedError(f"{type(self).__name__} holds no GGUF blocks")
+
     def load_packed(self, name: str, scheme: QuantScheme, rows: slice = slice(None)) -> QuantTensor | None:
         """The rows already packed as `scheme` (loaded form), without loss, where the stored format allows a
         direct repack (GGUF Q4_0/Q4_1 -> int4 g=32); None otherwise (load_blocks, then pack)."""

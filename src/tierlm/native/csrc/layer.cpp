@@ -14,22 +14,60 @@
 #include <tuple>
 #include <vector>
 
+#include "ggml_dot.h"
 #include "qgemm.h"
 
 namespace tierlm {
 
 // (kind, q, d, m, dch) as tierlm.quant.intdot packs a QuantTensor. Kinds 4 and 8: the integer-dot kernels' form
 // (qgemm.h). Kinds TORCH_INT4 / TORCH_INT8: torch's fused weight-only form (q in its int4pack layout or int8,
-// d = kernel_scales in the activation dtype: [K/g, N, 2] or [N]), multiplied by torch's own kernels.
+// d = kernel_scales in the activation dtype: [K/g, N, 2] or [N]), multiplied by torch's own kernels. Kind GGML: a
+// matrix in GGUF's own blocks (ggml_dot.cpp): q = the rows' bytes (uint8, 1-D), d = int64 [S, 3] runs of rows
+// (ggml type, rows, K) in row order.
 using MatArg = std::tuple<int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                           c10::optional<at::Tensor>>;
-constexpr int64_t TORCH_INT4 = 104, TORCH_INT8 = 108;
+constexpr int64_t TORCH_INT4 = 104, TORCH_INT8 = 108, GGML = 200;
 
-struct Mat {  // a layer matrix in either form
-  QMat q;  // the integer-dot form (q.kind 4 / 8), or only n, k for torch's
+struct Mat {  // a layer matrix in any form
+  QMat q;  // the integer-dot form (q.kind 4 / 8), or only n, k for torch's and GGML
   int64_t torch_kind = 0;
   at::Tensor weight, scales;
+  std::vector<GMat> runs;  // GGML: the runs of rows, pointers into weight
 };
+
+// A GGML matrix's runs, checked against its bytes.
+static Mat to_ggml(const at::Tensor& q, const at::Tensor& segs) {
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 1 && q.scalar_type() == at::kByte, "ggml blocks must be contiguous uint8 [bytes]");
+  TORCH_CHECK(segs.scalar_type() == at::kLong && segs.dim() == 2 && segs.size(1) == 3, "ggml runs must be int64 [S, 3]");
+  const at::Tensor sc = segs.contiguous();
+  const int64_t* s = sc.data_ptr<int64_t>();
+  Mat m;
+  m.weight = q;
+  int64_t off = 0;
+  for (int64_t i = 0; i < sc.size(0); ++i) {
+    GMat g;
+    g.type = int(s[3 * i]), g.n = s[3 * i + 1], g.k = s[3 * i + 2];
+    const int64_t rb = ggml_row_bytes(g.type, g.k);
+    TORCH_CHECK(rb > 0, "ggml type ", g.type, " with K ", g.k, " is not supported");
+    TORCH_CHECK(i == 0 || g.k == m.q.k, "ggml runs of one matrix must share K");
+    g.q = static_cast<const uint8_t*>(q.data_ptr()) + off;
+    off += g.n * rb;
+    m.q.n += g.n, m.q.k = g.k;
+    m.runs.push_back(g);
+  }
+  TORCH_CHECK(off == q.numel(), "ggml blocks hold ", q.numel(), " bytes, the runs ", off);
+  m.torch_kind = GGML;
+  return m;
+}
+
+// y [rows, N] (row stride N) = x [rows, K] @ W^T for a GGML matrix, run by run into its columns.
+static void ggml_matmul(const Mat& mat, const float* x, int64_t rows, float* y, const float* bias) {
+  int64_t col = 0;
+  for (const GMat& g : mat.runs) {
+    ggml_gemm(g, x, rows, g.k, y + col, mat.q.n, bias ? bias + col : nullptr);
+    col += g.n;
+  }
+}
 
 static QMat to_qmat(const MatArg& a) {
   QMat w;
@@ -60,6 +98,7 @@ static QMat to_qmat(const MatArg& a) {
 static Mat to_mat(const MatArg& a) {
   Mat m;
   m.torch_kind = std::get<0>(a);
+  if (m.torch_kind == GGML) return to_ggml(std::get<1>(a), *std::get<2>(a));
   if (m.torch_kind != TORCH_INT4 && m.torch_kind != TORCH_INT8) {
     m.torch_kind = 0;
     m.q = to_qmat(a);
@@ -89,6 +128,7 @@ static int64_t scratch_floats(int64_t r, int64_t h, int64_t qkv, int64_t att, in
 
 static void matmul(const Mat& mat, const float* x, int64_t rows, float* y, const float* bias, bool exact, QAct& qa) {
   const QMat& w = mat.q;
+  if (mat.torch_kind == GGML) return ggml_matmul(mat, x, rows, y, bias);  // its own activation quantisation
   if (mat.torch_kind) {  // torch's kernel: activations in its scales' dtype, the product back to fp32
     const auto opts = at::TensorOptions().dtype(at::kFloat);
     const at::Tensor xin = at::from_blob(const_cast<float*>(x), {rows, w.k}, opts).to(mat.scales.scalar_type());
@@ -128,6 +168,23 @@ at::Tensor linear(const at::Tensor& x, const MatArg& wa, const c10::optional<at:
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w.n;
+  return y.to(x.scalar_type()).view(shape);
+}
+
+// x [..., K] @ W^T (+ bias) for a matrix in GGUF's blocks (q uint8 [bytes], runs int64 [S, 3]), in x's dtype.
+at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& runs, const c10::optional<at::Tensor>& bias) {
+  const Mat mat = to_ggml(q, runs);
+  const int64_t k = mat.q.k, n = mat.q.n;
+  TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " columns, the matrix ", k);
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({x2.size(0), n}, x2.options());
+  const at::Tensor b = f32(bias);
+  {
+    pybind11::gil_scoped_release nogil;
+    ggml_matmul(mat, x2.data_ptr<float>(), x2.size(0), y.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr);
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
   return y.to(x.scalar_type()).view(shape);
 }
 
@@ -297,6 +354,8 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tierlm native kernels: integer-dot int4/int8 matmuls and a one-call decoder layer";
   m.def("linear", &tierlm::linear, "x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype");
+  m.def("ggml_linear", &tierlm::ggml_linear, "x [..., K] @ W^T (+ bias) for W in GGUF blocks (uint8 bytes, int64 [S, 3] runs)");
+  m.def("ggml_row_bytes", &tierlm::ggml_row_bytes);
   m.def("layer_step", &tierlm::layer_step, "one decoder layer over a paged step, in place on x");
   m.def("scratch_bytes", &tierlm::scratch_bytes, "scratch a layer_step over `rows` rows needs");
   m.def("set_isa", &tierlm::set_isa);
