@@ -18,15 +18,16 @@ pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+BASE_PROMPT = "The Eiffel Tower is in the city of"
 OTHERS = ["def fibonacci(n):", "The three primary colours are", "1, 2, 3, 4,"]
 
 
 TEXT = Path(__file__).parent / "data" / "english.txt"
-# llama.cpp's figure on the same file: `llama-perplexity -m F -f tests/data/english.txt -c 512 -b 512 -t 2
-# --chunks 1` (llama.cpp as vendored by llama-cpp-python 0.3.36, built as BENCHMARKS.md says; Intel Xeon, AVX-512).
+# llama.cpp's figure on the same file: `llama-perplexity -m F -f tests/data/english.txt -c 512 -b 512 -t 2` (3
+# chunks; llama.cpp as vendored by llama-cpp-python 0.3.36, built as BENCHMARKS.md says; Intel Xeon, AVX-512).
 # The anchor is llama.cpp's number, not ours: tierlm's is computed here, in the same scheme (eval_ppl.py).
-LLAMA_CPP_PPL = {"SmolLM2-135M-Instruct.Q4_1": 32.0586, "gemma-3-270m-q4_k_m": 7.4794,
-                 "qwen2.5-coder-0.5b-instruct": 49.2045}
+LLAMA_CPP_PPL = {"SmolLM2-135M-Instruct.Q4_1": 22.5694, "gemma-3-270m-q4_k_m": 8.6551,
+                 "qwen2.5-coder-0.5b-instruct": 51.4984}
 
 
 def _file(name: str):
@@ -44,7 +45,10 @@ def real(request):
 
 
 def _answer(llm: LLM) -> tuple[list[int], str]:
-    out = llm.generate([llm.encode_chat(QUESTION)], GREEDY)[0]
+    """The model's greedy answer: to the chat question where the file has a chat template (an instruct model),
+    else (a base model: Gemma 3 270M) the completion of a sentence whose next word is the answer."""
+    ids = llm.encode_chat(QUESTION) if llm.tokenizer.chat_template else llm.tokenizer.encode(BASE_PROMPT)
+    out = llm.generate([ids], GREEDY)[0]
     return out.token_ids, out.text
 
 
@@ -56,7 +60,7 @@ def test_a_real_file_answers(real):
 
 def test_alone_batched_and_chunked_runs_give_the_same_tokens(real):
     _, llm = real
-    prompts = [llm.encode_chat(QUESTION)] + [llm.tokenizer.encode(p) for p in OTHERS]
+    prompts = [llm.encode_chat(QUESTION), llm.tokenizer.encode(BASE_PROMPT)] + [llm.tokenizer.encode(p) for p in OTHERS]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
     engine = chunked_engine(llm, 8)
@@ -67,10 +71,11 @@ def test_alone_batched_and_chunked_runs_give_the_same_tokens(real):
 
 
 def test_streamed_under_a_budget_gives_the_same_tokens(real, tmp_path):
-    """Half the file's bytes as the budget: layers stream from the offload store through the ring."""
+    """A budget below the file's bytes: layers stream from the offload store through the ring (85%: Gemma 3's
+    tied 262k-row head is 70% of its file and stays resident)."""
     path, llm = real
     resident, _ = _answer(llm)
-    budget = path.stat().st_size // 2 + (64 << 20)
+    budget = int(path.stat().st_size * 0.85) + (32 << 20)
     with LLM(str(path), progress=False, max_context=512, max_memory={"cpu": budget},
              offload_dir=tmp_path / "off") as streamed:
         assert streamed.plan is not None and any(t.value == "disk" for t in streamed.plan.layer_tiers)
@@ -79,11 +84,11 @@ def test_streamed_under_a_budget_gives_the_same_tokens(real, tmp_path):
 
 @pytest.mark.parametrize("name", list(LLAMA_CPP_PPL))
 def test_perplexity_within_one_percent_of_llama_cpp(name):
-    """What generate runs by default (the file's own blocks), scored as llama-perplexity -c 512 scores its first
-    chunk: the second half of 512 tokens from BOS."""
+    """What generate runs by default (the file's own blocks), scored as llama-perplexity -c 512 scores the text:
+    the second half of each of its 3 windows of 512 tokens, from BOS."""
     path = embedded_model_path() if name.startswith("SmolLM2") else _file(name)
     with LLM(str(path), progress=False, max_context=512) as llm:
-        ids = llm.tokenizer.encode(TEXT.read_text())[:512]
+        ids = llm.tokenizer.encode(TEXT.read_text())
         got = perplexity(llm, ids, 512, 512, "auto", progress=False, scheme="llama.cpp")
     print(f"{name}: tierlm {got.ppl:.4f}, llama.cpp {LLAMA_CPP_PPL[name]:.4f} ({got.ppl / LLAMA_CPP_PPL[name]:.4f}x)")
-    assert got.tokens == 255 and got.ppl <= 1.01 * LLAMA_CPP_PPL[name]
+    assert got.tokens == 3 * 255 and got.ppl <= 1.01 * LLAMA_CPP_PPL[name]

@@ -267,7 +267,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = MemoryBudget.parse(args.max_memory)
     quant = QuantScheme.resolve(args.quant, args.group_size, source.storage_types(),
                                  source.head_storage_type(), source.ggml_tensors())
-    dtype = resolve_dtype(args.dtype, quant.enabled)
+    dtype = resolve_dtype(args.dtype, quant.bf16_activations)
     profile, calibrated = load_profile_or_default(args.profile)
     cuda = args.device.startswith("cuda")
     kv_pool = parse_size(args.kv_memory) if args.kv_memory is not None else None

@@ -93,7 +93,8 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 def resolve_dtype(name: str | torch.dtype, quantized: bool = False) -> torch.dtype:
     """"auto" means fp32 on CPU (CPU bf16 matmul is not faster everywhere, and fp32 matches the oracle), and
-    bf16 for quantised weights: torch's fused int8/int4 CPU kernels run 5-10x faster with bf16 activations."""
+    bf16 where `quantized` (QuantScheme.bf16_activations): torch's fused int8/int4 CPU kernels run 5-10x faster
+    with bf16 activations."""
     if isinstance(name, torch.dtype):
         if name in (torch.float32, torch.bfloat16):
             return name

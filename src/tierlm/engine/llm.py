@@ -98,7 +98,7 @@ class LLM:
         self.source = open_model(a.model)
         self.quant = QuantScheme.resolve(a.quant, a.group_size, self.source.storage_types(),
                                           self.source.head_storage_type(), self.source.ggml_tensors())
-        self.dtype = resolve_dtype(a.dtype, self.quant.enabled)
+        self.dtype = resolve_dtype(a.dtype, self.quant.bf16_activations)
         self.config = self.source.config
         self.tokenizer = self.source.tokenizer
         kv_storage = kv_storage_dtype(a.kv_dtype, self.dtype, cuda)

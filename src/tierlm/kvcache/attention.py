@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 ATTN_ROWS = 64  # query positions attended at a time: bounds the [g*rows, S] score transient of a long chunk
-MIN_ROWS = 8  # fp32 matmuls of fewer rows take MKL's small-M path, which rounds differently: pad up to this
+MIN_ROWS = 16  # fp32 matmuls of fewer rows take MKL's small-M path, which rounds differently: pad up to this
+# (8 sufficed for head_dim 64 and 128; Gemma 3's 256 rounded differently at M = 8 (decode, g = 4): 12 and up agree)
 ATTN_KEYS = 64  # keys per partial sum (a fixed shape for every row): 4x fewer, larger matmuls than per KV block
 
 

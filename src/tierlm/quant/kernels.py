@@ -28,7 +28,7 @@ from tierlm.quant.tensor import QuantTensor
 
 # Bumped whenever a change alters the bits a forward pass computes: it is part of the KV salt, so blocks that
 # earlier numerics wrote to disk (the KV tier persists between runs; saved sessions) are never served as ours.
-NUMERICS_VERSION = 2  # 2: fused int4/int8 kernels for every row count (the native kernels: intdot.numerics_tag)
+NUMERICS_VERSION = 3  # 2: fused int4/int8 kernels for every row count (the native kernels: intdot.numerics_tag); 3: attention pads to 16 rows
 PREFILL_ROWS = 128  # the planner counts the fallback's transient from this many rows (when it applies)
 DEQUANT_PIECE_BYTES = 8 << 20  # the fallback's dense fp32 weight piece (plus its unpacked uint8 codes)
 

@@ -100,6 +100,14 @@ class QuantScheme:
     def enabled(self) -> bool:
         return self.kind != "none"
 
+    @property
+    def bf16_activations(self) -> bool:
+        """Whether "auto" computes in bf16: torch's fused int8/int4 kernels run 5-10x faster so. GGUF blocks
+        ("ggml") take fp32 activations, as llama.cpp: their kernels quantise each row to 8 bits themselves (the
+        same speed: Qwen2.5-Coder-0.5B decodes 25.3 tok/s either way), and a bf16 residual stream costs Gemma 3
+        270M 1.7% perplexity (llama-perplexity's scheme: 8.756 in bf16, 8.614 in fp32, llama.cpp 8.655)."""
+        return self.kind in ("int8", "int4")
+
     def __str__(self) -> str:
         if not self.enabled:
             return "none"
