@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from _cgroup import evict  # noqa: E402
 from fetch_real import FILES  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "english.txt"
@@ -46,11 +46,7 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
 
 def _drop_cache(path: str) -> None:
     """The file out of the page cache: a load is timed from disk for both engines alike."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict([Path(path)])
 
 
 class Tierlm:
