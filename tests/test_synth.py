@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from tierlm import LLM, UsageError
 from tierlm.cli import main
+from tierlm.model import registry
 from tierlm.synth import PRESETS, synth, tensor_specs
 from tierlm.weights.safetensors import config_from_hf
 from tierlm.weights.safetensors_writer import TensorSpec, shard, write_shard
@@ -39,7 +40,7 @@ def test_shard_split_keeps_order_and_limit():
 def test_presets_have_real_shapes(preset):
     cfg = config_from_hf(PRESETS[preset], Path(preset))
     n = sum(torch.Size(s.shape).numel() for s in tensor_specs(PRESETS[preset], torch.bfloat16))
-    assert n == cfg.param_count()
+    assert n == registry.param_count(cfg)
     expected = {"smollm2-135m": 134.5e6, "tinyllama-1.1b": 1.10e9, "llama-7b": 6.74e9, "llama-13b": 13.0e9,
                 "llama3-8b": 8.03e9, "mistral-7b": 7.24e9, "qwen2.5-0.5b": 0.494e9, "qwen3-0.6b": 0.596e9,
                 "gemma3-270m": 0.268e9, "gemma3-1b": 1.0e9, "phi3-mini": 3.82e9}
@@ -60,7 +61,7 @@ def test_synth_is_sharded_and_matches_transformers(synth_dir):
     index = json.loads((synth_dir / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3
     llm = LLM(synth_dir, dtype="float32", progress=False)
-    assert llm.config.param_count() == 134_515_008
+    assert registry.param_count(llm.config) == 134_515_008
     hf = AutoModelForCausalLM.from_pretrained(synth_dir, dtype=torch.float32).eval()
     ids = llm.tokenizer.encode("random weights, real shapes")
     ours = llm.prompt_logits(ids)  # [T, V], through the engine
@@ -107,7 +108,7 @@ def test_gguf_specs_have_real_shapes(preset):
     cfg = {**PRESETS[preset], "vocab_size": 49152}
     specs = gguf_specs(cfg, QUANTS["q4_1"])
     n = sum(torch.Size(s.shape).numel() for s in specs if s.name != "rope_freqs.weight")
-    assert n == config_from_hf(cfg, Path(preset)).param_count()
+    assert n == registry.param_count(config_from_hf(cfg, Path(preset)))
     assert ("rope_freqs.weight" in {s.name for s in specs}) == (preset == "llama3-8b")
     assert all(s.qtype.name == ("Q4_1" if len(s.shape) == 2 else "F32") for s in specs)
     assert all(s.nbytes for s in specs)  # every row is whole blocks of 32

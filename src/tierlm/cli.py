@@ -362,10 +362,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     dtype = args.dtype or "bfloat16"
     out = synth(args.preset, Path(args.out), dtype, args.seed, parse_size(args.shard_size), args.force,
                 fmt=args.format, quant=args.quant)
+    from tierlm.model import registry
+
     cfg = open_model(out).config
     size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.glob("*.safetensors"))
     stored = (args.quant or "q4_1") if args.format == "gguf" else dtype
-    print(f"wrote {out}: {args.preset}, {cfg.param_count() / 1e9:.2f}B parameters, {stored}, {format_size(size)}")
+    print(f"wrote {out}: {args.preset}, {registry.param_count(cfg) / 1e9:.2f}B parameters, {stored}, {format_size(size)}")
     return 0
 
 

@@ -1,7 +1,6 @@
 """Model and engine configuration: one `ModelConfig` whatever the file format it came from."""
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -67,18 +66,6 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def layer_param_count(self) -> int:
-        """Parameters of one decoder layer (projections, biases, norms): its tensors, as its model declares them."""
-        from tierlm.model import registry  # here, not at the top: the model files import this module
-
-        return sum(math.prod(t.shape(self)) for t in registry.for_config(self).LAYER_TENSORS if t.present(self))
-
-    def param_count(self) -> int:
-        """Unique parameters: tied embeddings are counted once."""
-        embed = self.vocab_size * self.hidden_size
-        head = 0 if self.tie_word_embeddings else embed
-        return embed + head + self.hidden_size + self.num_layers * self.layer_param_count()
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V for one token across every layer."""

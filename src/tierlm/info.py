@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tierlm.config import ModelConfig, format_size
+from tierlm.model import registry
 from tierlm.offload.estimate import SCHEMES, activation_bytes, kv_bytes, weight_bytes
 from tierlm.weights.source import ModelSource
 
@@ -29,7 +30,7 @@ def describe(source: ModelSource, context: int, batch: int, dtype_bytes: int) ->
         f"model        {source.path}",
         f"format       {source.format} ({stored})",
         f"architecture {cfg.arch}{' — ' + cfg.name if cfg.name else ''}",
-        f"parameters   {_params(cfg.param_count())} ({cfg.param_count():,})",
+        f"parameters   {_params(registry.param_count(cfg))} ({registry.param_count(cfg):,})",
         f"shape        {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
         f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}",
         f"context      {cfg.max_position_embeddings} (rope θ={cfg.rope_theta:g}, scaling {rope}"

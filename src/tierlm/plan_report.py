@@ -7,6 +7,7 @@ from pathlib import Path
 from tierlm.config import ModelConfig, format_size
 from tierlm.errors import UsageError
 from tierlm.memory.budget import MemoryBudget
+from tierlm.model import registry
 from tierlm.offload.planner import Placement, PlanInput
 from tierlm.offload.tier import Tier
 
@@ -37,7 +38,7 @@ def describe_plan(cfg: ModelConfig, dtype: str, budget: MemoryBudget, inp: PlanI
                   profile_note: str, max_context: int) -> str:
     rows = _unit_rows(cfg, inp, p)
     w = max(len(r[0]) for r in rows)
-    lines = [f"plan for {cfg.name or cfg.arch} ({cfg.param_count() / 1e9:.2f}B, {dtype}) under {budget}; "
+    lines = [f"plan for {cfg.name or cfg.arch} ({registry.param_count(cfg) / 1e9:.2f}B, {dtype}) under {budget}; "
              f"context {max_context}", f"bandwidth profile: {profile_note}", ""]
     lines += [f"{'unit'.ljust(w)}  {'tier':<7} size", f"{'-' * w}  {'-' * 7} {'-' * 20}"]
     lines += [f"{a.ljust(w)}  {b:<7} {c}" for a, b, c in rows]

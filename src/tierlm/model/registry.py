@@ -5,6 +5,7 @@ ModelConfig by its arch. Adding an architecture: write its file and list it in M
 """
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
 from tierlm.config import ModelConfig
@@ -52,3 +53,15 @@ def for_config(cfg: ModelConfig) -> ModelModule:
 def gguf_written_as(model_type: object) -> str:
     """The GGUF architecture llama.cpp's converter writes for an HF model_type (Mistral: "llama")."""
     return for_hf(model_type).GGUF_WRITTEN_AS[model_type]
+
+
+def layer_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one decoder layer (projections, biases, norms): its tensors, as its model declares them."""
+    return sum(math.prod(t.shape(cfg)) for t in for_config(cfg).LAYER_TENSORS if t.present(cfg))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Unique parameters: tied embeddings are counted once."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    head = 0 if cfg.tie_word_embeddings else embed
+    return embed + head + cfg.hidden_size + cfg.num_layers * layer_param_count(cfg)

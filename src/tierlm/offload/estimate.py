@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tierlm.config import ModelConfig
+from tierlm.model import registry
 
 SCHEMES: dict[str, tuple[float, int]] = {  # name -> (bytes per matrix parameter, bytes per vector parameter)
     "fp32": (4.0, 4),
@@ -35,7 +36,7 @@ def weight_bytes(cfg: ModelConfig, scheme: str) -> WeightBytes:
     mat, vec = SCHEMES[scheme]
     h = cfg.hidden_size
     vectors = 2 * h + ((cfg.q_size + 2 * cfg.kv_size) if cfg.attention_bias else 0)  # norms + qkv biases
-    per_layer = int((cfg.layer_param_count() - vectors) * mat) + vectors * vec
+    per_layer = int((registry.layer_param_count(cfg) - vectors) * mat) + vectors * vec
     embed = int(cfg.vocab_size * h * mat)
     return WeightBytes(per_layer=per_layer, layers=per_layer * cfg.num_layers, embed=embed,
                        lm_head=0 if cfg.tie_word_embeddings else embed, norm=h * vec)
