@@ -27,11 +27,10 @@ import torch.nn.functional as F
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import UnsupportedModelError
-from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.model import llama
 from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, TensorDecl
-from tierlm.model.ops import apply_rope, head_norm_in_workspace, norm_in_workspace, rope_inv_freq
+from tierlm.model.ops import apply_rope, attend, head_norm_in_workspace, norm_in_workspace, rope_inv_freq
 from tierlm.quant.kernels import linear
 
 # --- (a) configuration -----------------------------------------------------------------------------------------
@@ -237,15 +236,9 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     shape = (b, nh + nkv, t, hd)  # op 3: one rope application for q and k
     qk = apply_rope(qkn.transpose(1, 2), cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, :, nh + nkv:].transpose(1, 2)  # [B, nh|nkv|nkv, T, hd]
-    # op 4: store k, v; read back every stored key [B, nkv, S, hd]; a local layer's mask hides keys past its window
-    k_all, v_all, mask = kv.update(k, v, window=cfg.local_window if cfg.is_local(kv.i) else None)
-    if q.dtype != k_all.dtype:
-        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
-    scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-    if isinstance(mask, BlockMask):
-        attn = blocked_attention(q, k_all, v_all, mask, scale)  # op 5: [B, nh, T, hd]
-    else:
-        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh, scale=scale)
+    # op 4: store k, v; op 5: attend (ops.attend): a local layer's mask hides keys past its window
+    attn = attend(ws, q, k, v, kv, window=cfg.local_window if cfg.is_local(kv.i) else None,
+                  scale=(cfg.query_pre_attn_scalar or hd) ** -0.5)  # [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 6: [B, T, nh, hd]
     o = linear(rows.view(b, t, nh * hd), w.wo, exact=exact)  # op 7: [B, T, H]
     x.add_(_norm_into(ws, "h_post", o, w.post_attn_norm, eps))  # op 8: [B, T, H]

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import UnsupportedModelError
-from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, TensorDecl
-from tierlm.model.ops import apply_rope, norm_in_workspace, rope_inv_freq
+from tierlm.model.ops import apply_rope, attend, norm_in_workspace, rope_inv_freq
 from tierlm.quant.kernels import linear
 
 # --- (a) configuration -----------------------------------------------------------------------------------------
@@ -214,17 +213,7 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     shape = (b, nh + nkv, t, hd)
     qk = apply_rope(qkv[:, :nh + nkv], cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # [B, nh|nkv|nkv, T, hd]
-    # op 3: store k, v; read back every stored key [B, nkv, S, hd] in the attention dtype, and the mask
-    # ([T, S] or [B, 1, T, S]: causal, sliding window, padding of shorter sequences; None when nothing is hidden).
-    # The engine's steps get a BlockMask instead: keys in whole KV blocks, attended with fixed-shape
-    # reductions (blocked_attention), so no row depends on what else is in the step.
-    k_all, v_all, mask = kv.update(k, v)
-    if q.dtype != k_all.dtype:  # attention runs in the KV dtype (config.attention_dtype)
-        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
-    if isinstance(mask, BlockMask):
-        attn = blocked_attention(q, k_all, v_all, mask)  # op 4: [B, nh, T, hd]
-    else:
-        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)  # op 4: [B, nh, T, hd]
+    attn = attend(ws, q, k, v, kv)  # op 3: store k, v; op 4: attend to every stored key: [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 5: [B, T, nh, hd]
     x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo, exact))  # op 6: [B, T, H]
 

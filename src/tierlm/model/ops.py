@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
+from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import Workspace
 
 
@@ -85,3 +87,20 @@ def head_norm_in_workspace(ws: Workspace, out: torch.Tensor, x: torch.Tensor, we
     f32 = torch.float32
     return rms_norm_into(out, x, weight, eps, ws.view("qkn_x32", x.shape, f32), ws.view("qkn_sq32", x.shape, f32),
                          ws.view("qkn_var32", (*x.shape[:-1], 1), f32), fp32_weight)
+
+
+def attend(ws: Workspace, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, window: int | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """Store k, v and attend: q [B, nh, T, hd], k, v [B, nkv, T, hd] -> [B, nh, T, hd] in the attention dtype.
+    kv.update reads back every stored key [B, nkv, S, hd] with the step's mask: a BlockMask for the engine's steps
+    (keys in whole KV blocks, fixed-shape reductions: no row depends on what else is in the step), else an SDPA
+    mask ([T, S] or [B, 1, T, S]: causal, sliding window, padding; None when nothing is hidden). window: a local
+    layer's own; scale: the scores' (None: hd ** -0.5). q is copied into the KV dtype ("q_kv") where it differs:
+    attention runs in it (config.attention_dtype)."""
+    k_all, v_all, mask = kv.update(k, v) if window is None else kv.update(k, v, window=window)
+    if q.dtype != k_all.dtype:
+        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
+    if isinstance(mask, BlockMask):
+        return blocked_attention(q, k_all, v_all, mask, scale)
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
+                                          scale=scale)

@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.config import ModelConfig
-from tierlm.kvcache.attention import BlockMask, blocked_attention
 from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.model import llama
 from tierlm.model.family import FieldDecl, Matrix, TensorDecl
-from tierlm.model.ops import apply_rope, head_norm_in_workspace, norm_in_workspace
+from tierlm.model.ops import apply_rope, attend, head_norm_in_workspace, norm_in_workspace
 from tierlm.quant.kernels import linear
 
 # --- (a) configuration -----------------------------------------------------------------------------------------
@@ -97,13 +96,7 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     shape = (b, nh + nkv, t, hd)  # op 3: one rope application for q and k
     qk = apply_rope(qkn.transpose(1, 2), cos, sin, ws.view("qk", shape, x.dtype), ws.view("rope_tmp", shape, x.dtype))
     q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, :, nh + nkv:].transpose(1, 2)  # [B, nh|nkv|nkv, T, hd]
-    k_all, v_all, mask = kv.update(k, v)  # op 4: [B, nkv, S, hd] each, and the mask (see llama.layer_forward)
-    if q.dtype != k_all.dtype:
-        q = ws.view("q_kv", q.shape, k_all.dtype).copy_(q)
-    if isinstance(mask, BlockMask):
-        attn = blocked_attention(q, k_all, v_all, mask)  # op 5: [B, nh, T, hd]
-    else:
-        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh)
+    attn = attend(ws, q, k, v, kv)  # op 4: store k, v; op 5: attend (see ops.attend): [B, nh, T, hd]
     rows = ws.view("attn", (b, t, nh, hd), x.dtype).copy_(attn.transpose(1, 2))  # op 6: [B, T, nh, hd]
     x.add_(linear(rows.view(b, t, nh * hd), w.wo, w.bo, exact))  # op 7: [B, T, H]
 

@@ -24,6 +24,7 @@ _AUTO_SCHEMES = {"Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q8_0": ("int8", 32
 # A file whose dominant type is another of these (Q4_K_M's Q4_K/Q6_K/Q5_0 mix...) keeps every matrix in its own
 # blocks ("ggml", quant/ggml.py) where the native library runs them: nothing requantised, llama.cpp's numbers.
 _GGML_AUTO = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
+_DENSE_LEAVES = ("embed", "attn_norm", "ffn_norm")  # never quantised: rows looked up, or vectors
 _INT4_EXACT = ("Q4_0", "Q4_1")  # GGUF types int4 g=32 holds without loss (a head of these keeps its blocks)
 INT4_GROUPS = (32, 64, 128)  # what torch's CPU int4 kernel accepts (and K must be a multiple)
 INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a multiple
@@ -121,7 +122,7 @@ class QuantScheme:
         "ggml" its runs where every piece is held in its blocks, else dense; for_matrix otherwise."""
         if self.kind != "ggml":
             return self.for_matrix(leaf, shape)
-        if len(shape) != 2 or leaf in ("embed", "attn_norm", "ffn_norm"):
+        if len(shape) != 2 or leaf in _DENSE_LEAVES:
             return QuantScheme()
         table = {n: (t, r) for n, t, r in self.ggml_tensors}
         if not all(n in table for n in names):
@@ -133,7 +134,7 @@ class QuantScheme:
         """The scheme a matrix [N, K] named `leaf` gets: the head is int8 per channel; a matrix the int4
         layout cannot hold (N not a multiple of 64) or whose K no group size divides stays dense ("none");
         a K the requested group does not divide takes the largest smaller group that does."""
-        if not self.enabled or len(shape) != 2 or leaf in ("embed", "attn_norm", "ffn_norm"):
+        if not self.enabled or len(shape) != 2 or leaf in _DENSE_LEAVES:
             return QuantScheme()
         if leaf == "lm_head":
             lossless = self.head_int4 and shape[0] % INT4_BLOCK_N == 0 and shape[1] % 32 == 0

@@ -26,8 +26,7 @@ from tierlm.weights.source import ModelSource
 from tierlm.weights.tokenizer import tokenizer_from_gguf
 
 Q = GGMLQuantizationType
-SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS})
+SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16}) | ggml.KERNEL_TYPES  # floats, and every block type the kernels read
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
