@@ -92,3 +92,13 @@ def metric(server: Server, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     raise KeyError(name)
+
+
+def settles(ok, timeout: float = 10.0) -> bool:
+    """ok() becomes true within `timeout` (the server's state snapshot is refreshed every 0.25-0.5 s)."""
+    end = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True

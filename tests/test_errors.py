@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,26 @@ def test_unsupported_quant_type(capsys, tmp_path):
     f = _tiny_gguf(tmp_path / "iq.gguf", qtype=GGMLQuantizationType.IQ2_XXS)
     code, _, err = run_cli(capsys, "info", str(f))
     assert_one_line_error(code, err, "unsupported GGUF tensor type", "IQ2_XXS")
+
+
+def _with_u32(path: Path, key: str, delta: int) -> Path:
+    """A copy of the embedded model with one uint32 metadata value changed by `delta` (patched in place)."""
+    data = bytearray(embedded_model_path().read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF value type uint32
+    struct.pack_into("<I", data, at + 4, struct.unpack_from("<I", data, at + 4)[0] + delta)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("key, needles", [
+    ("llama.feed_forward_length", ("blk.0.ffn_gate.weight + blk.0.ffn_up.weight", "(3072, 576)", "(3074, 576)")),
+    ("llama.block_count", ("lacks", "blk.30.attn_norm.weight")),
+])
+def test_metadata_that_disagrees_with_the_tensors_names_the_tensor(capsys, tmp_path, key, needles):
+    f = _with_u32(tmp_path / "edited.gguf", key, 1)
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--max-tokens", "1", "--model", str(f))
+    assert_one_line_error(code, err, *needles)
 
 
 def test_pickle_checkpoint_refused(capsys, tmp_path):

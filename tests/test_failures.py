@@ -138,3 +138,44 @@ def test_a_request_whose_sampling_fails_ends_alone(path):
     assert [reqs[0].out.token_ids, reqs[2].out.token_ids] == [alone[0], alone[2]]
     assert llm.engine.counters.failed_passes == 0 and llm.kv.manager.num_free == llm.kv.manager.num_blocks
 
+
+
+def test_repeated_failed_passes_make_health_503_until_a_pass_succeeds(path):
+    """A broken engine (every pass raises: a weight store gone) is not a silent loop: each request ends with an
+    OpenAI-shaped 500 and its blocks back, /health turns 503 after UNHEALTHY_AFTER failed passes in a row and
+    is 200 again once a pass succeeds."""
+    from starlette.testclient import TestClient
+
+    from serve_helpers import settles
+    from tierlm.engine.args import EngineArgs
+    from tierlm.serve.loop import UNHEALTHY_AFTER
+    from tierlm.serve.server import ServeArgs, engine_app, serve_engine_args
+
+    llm = LLM.from_args(serve_engine_args(EngineArgs(model=str(path), progress=False)))
+    loop, app, _ = engine_app(llm, ServeArgs(served_model_name="m"))
+    real = llm.runner.forward_groups
+
+    def gone(groups):
+        raise RuntimeError("the weight store is gone")
+    llm.runner.forward_groups = gone
+    body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    loop.start()
+    try:
+        with TestClient(app) as client:
+            assert client.get("/health").status_code == 200
+            for i in range(UNHEALTHY_AFTER):
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+                assert "the weight store is gone" in r.json()["error"]["message"]
+                # the loop snapshots its state right after the step that failed, the answer may come first
+                want = 503 if i + 1 >= UNHEALTHY_AFTER else 200
+                assert settles(lambda: client.get("/health").status_code == want), client.get("/health").json()
+            assert client.get("/health").json()["status"] == "unhealthy"
+            assert llm.kv.manager.num_free == llm.kv.manager.num_blocks and loop.num_unfinished == 0
+            llm.runner.forward_groups = real  # the store is back: the next pass succeeds
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"]
+            assert settles(lambda: client.get("/health").status_code == 200)
+    finally:
+        loop.stop()
+        llm.close()

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_helpers import get, metric, request, start
+from serve_helpers import get, metric, request, settles, start
 
 openai = pytest.importorskip("openai")
 
@@ -30,16 +30,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def settles(ok, timeout: float = 10.0) -> bool:
-    """ok() becomes true within `timeout` (the server's state snapshot is refreshed every 0.25-0.5 s)."""
-    end = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _chat(client, content: str, max_tokens: int = 24, **kw):

@@ -30,7 +30,8 @@ def _pieces(source: ModelSource, names: list[str]) -> Iterator[tuple[str, slice]
 
 
 def _shape_error(source: ModelSource, spec: UnitTensor, names: list[str], shape: tuple[int, ...]) -> ModelFormatError:
-    return ModelFormatError(f"{source.path}: {'+'.join(names)} has shape {shape}, the config implies {spec.shape}")
+    what = " + ".join(source.file_name(n) for n in names)
+    return ModelFormatError(f"{source.path}: tensor {what} has shape {shape}, the metadata implies {spec.shape}")
 
 
 def _check_rows(source: ModelSource, spec: UnitTensor, names: list[str]) -> None:

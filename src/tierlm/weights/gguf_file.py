@@ -60,6 +60,26 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ModelFormatError(f"{self.path}: corrupt GGUF string") from None
 
+    def strings(self, count: int) -> list[str]:
+        """An array of `count` strings in one loop over local names: a vocabulary's 262k tokens through
+        string() cost ~1 s of method calls, here ~0.1 s. Same checks: truncation and UTF-8."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                if pos + 8 > end:
+                    raise ModelFormatError(f"{self.path}: truncated GGUF header")
+                n = length(buf, pos)[0]
+                pos += 8
+                if pos + n > end:
+                    raise ModelFormatError(f"{self.path}: truncated GGUF header")
+                out.append(str(buf[pos:pos + n], "utf-8"))
+                pos += n
+        except UnicodeDecodeError:
+            raise ModelFormatError(f"{self.path}: corrupt GGUF string") from None
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
@@ -70,6 +90,8 @@ class _Cursor:
             if itype in _ARRAY_DTYPES:
                 dt = np.dtype(_ARRAY_DTYPES[itype])
                 return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
+            if itype == _STRING:
+                return self.strings(count)
             return [self.value(itype) for _ in range(count)]
         raise ModelFormatError(f"{self.path}: unknown GGUF value type {vtype}")
 

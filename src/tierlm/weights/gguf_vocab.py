@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from tierlm.errors import ModelFormatError, UnsupportedModelError
@@ -99,14 +100,12 @@ def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """Every (left, right) split of every token whose halves are tokens, the best-scoring merged token's first
     (equal scores: token order, then split position). llama.cpp breaks a tie between two pairs of equal score
     by position instead; a rank cannot say that, so only tied scores of mergeable tokens could differ.
-    Built a cut position at a time over all tokens (a comprehension each): 262k tokens in about a second."""
+    One comprehension over every cut of every token, tokens best score first (a stable sort): already in rank
+    order, no sort of the pairs; Gemma 3's 262k tokens (1.2 M cuts) in about a second."""
     vocab = set(tokens)
-    ranked = [tokens[i] for i in sorted(range(len(tokens)), key=lambda i: -scores[i])]
-    found: list[tuple[int, int]] = []
-    for cut in range(1, max(map(len, ranked), default=0)):
-        found += [(k, cut) for k, t in enumerate(ranked) if len(t) > cut and t[:cut] in vocab and t[cut:] in vocab]
-    found.sort()
-    return [(ranked[k][:cut], ranked[k][cut:]) for k, cut in found]
+    order = np.argsort(-np.asarray(scores[:len(tokens)], dtype=np.float64), kind="stable").tolist()
+    ranked = [tokens[i] for i in order]
+    return [(t[:cut], t[cut:]) for t in ranked for cut in range(1, len(t)) if t[:cut] in vocab and t[cut:] in vocab]
 
 
 def _sentencepiece(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:

@@ -37,6 +37,18 @@ class NameMap:
         self._globals = {n: t.name for t in model.GLOBAL_TENSORS if (n := getattr(t, fmt)) is not None}
         self._layer = {n: t.name for t in model.LAYER_TENSORS if (n := getattr(t, fmt)) is not None}
         self._re = _LAYER_RE[fmt]
+        self._fmt = fmt
+
+    def external(self, internal: str) -> str:
+        """The file's name for an internal one (what an error shows a user: blk.0.ffn_gate.weight, not
+        layers.0.w_gate); the internal name when this format has none for it."""
+        layer, _, tensor = internal.removeprefix("layers.").partition(".") if internal.startswith("layers.") \
+            else (None, "", internal)
+        names = self._layer if layer is not None else self._globals
+        file = next((f for f, i in names.items() if i == tensor), None)
+        if file is None:
+            return internal
+        return file if layer is None else _LAYER_PREFIX[self._fmt].format(layer) + file
 
     def internal(self, name: str) -> str | None:
         """None for tensors tierlm does not use (e.g. rotary inv_freq buffers)."""

@@ -13,7 +13,7 @@ from tierlm.errors import ModelFormatError
 from tierlm.model import registry
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import QuantBlocks, QuantTensor
-from tierlm.weights.names import check_complete
+from tierlm.weights.names import NameMap, check_complete
 from tierlm.weights.tokenizer import Tokenizer
 
 
@@ -91,8 +91,13 @@ class ModelSource(ABC):
     def close(self) -> None:  # noqa: B027 — a no-op default: sources that hold no mapping need nothing
         """Release file mappings; load() must not be called afterwards. Config and tokenizer stay valid."""
 
+    def file_name(self, name: str) -> str:
+        """The file's own name of an internal tensor name (for errors)."""
+        return NameMap(registry.for_config(self.config), "gguf" if self.format == "gguf" else "hf").external(name)
+
     def validate(self) -> None:
         missing = check_complete(registry.for_config(self.config), self.config, set(self.tensor_names()))
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise ModelFormatError(f"{self.path}: missing tensors {', '.join(missing[:3])}{more}")
+            names = ", ".join(self.file_name(n) for n in missing[:3])
+            raise ModelFormatError(f"{self.path}: the metadata implies tensors the file lacks: {names}{more}")
