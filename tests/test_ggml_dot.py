@@ -186,25 +186,39 @@ def test_gguf_file_keeps_its_blocks(name, tiny_models, tmp_path):
     ids = torch.randint(2, tm.hf.config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     blocks, ref = LLM(str(path), dtype="float32"), LLM(str(path), dtype="float32", quant="none")
     assert blocks.quant.kind == "ggml"
+    # the embedding too is held in its blocks (untied: its own; tied: the head's), never a dense copy
+    embed, head = blocks.store.embed_weight, blocks.store.head_weight
+    assert embed.kind == "ggml" and embed.nbytes == ggml.nbytes(((int(Q.Q5_0), tm.hf.config.vocab_size),),
+                                                               tm.hf.config.hidden_size)
+    assert (embed is head) == tm.hf.config.tie_word_embeddings
     a, b = blocks.prompt_logits(ids), ref.prompt_logits(ids)
     # int8 activations on these deliberately sensitive random models: 0.057 / 0.030 relative (llama_gqa_tied /
     # qwen2), what the int8-g32 path measures on the same models' Q8_0 files (0.057 / 0.028)
     assert ((a - b).norm() / b.norm()).item() < 0.1
 
 
-def test_streamed_blocks_equal_resident(tiny_models, tmp_path):
+@pytest.mark.parametrize("name", ["qwen2", "llama_gqa_tied"])
+def test_streamed_blocks_equal_resident(name, tiny_models, tmp_path):
     """The offload store holds a layer's blocks as they are (manifest: kind ggml and its runs): layers streamed
-    under a 500 KiB budget (every layer and the head on disk) give the resident run's logits bit for bit."""
+    under a 500 KiB budget (every layer and the head on disk) give the resident run's logits bit for bit. The
+    embedding's rows are read from its blocks on disk (untied: its own unit; tied: the head's), each row
+    checksummed."""
     from gguf_writer import write_gguf
 
     from tierlm import LLM
     from tierlm.offload.tier import Tier
-    tm = tiny_models["qwen2"]
+    from tierlm.offload.units import EMBED, HEAD
+    tm = tiny_models[name]
     path = write_gguf(tm.hf, tm.path, tmp_path / "m.gguf", Q.Q5_0)
     ids = torch.randint(2, tm.hf.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     with LLM(str(path), dtype="float32", progress=False, max_context=64) as resident:
         ref = resident.prompt_logits(ids)
     with LLM(str(path), dtype="float32", progress=False, max_memory={"cpu": "500KiB"}, max_context=64,
              offload_dir=tmp_path / "off") as streamed:
-        assert streamed.quant.kind == "ggml" and streamed.plan.count(Tier.DISK) == 2
+        store = streamed.store
+        assert streamed.quant.kind == "ggml" and streamed.plan.count(Tier.DISK) == tm.hf.config.num_hidden_layers
+        assert store.embed_weight is None and store.head_weight is None
+        rows = store.offload.units[HEAD if tm.hf.config.tie_word_embeddings else EMBED]
+        assert [m["kind"] for m in rows.quant.values()] == ["ggml"] and len(rows.row_sums) == tm.hf.config.vocab_size
+        assert EMBED not in store.offload.units or not tm.hf.config.tie_word_embeddings  # no dense copy
         assert torch.equal(streamed.prompt_logits(ids), ref)

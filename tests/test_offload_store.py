@@ -122,6 +122,31 @@ def test_corrupt_unit_and_row_are_rebuilt_from_the_source(model_dir, tmp_path):
     rows.close()
 
 
+def test_a_corrupt_row_of_gguf_blocks_is_rebuilt(tiny_models, tmp_path):
+    """An embedding kept in its GGUF blocks (Q5_0, scheme gguf-blocks) serves rows from them, each checked
+    against its own checksum: a flipped byte in a row is re-read, then rebuilt from the source, and the rows are
+    the source's dequantised rows."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf_writer import write_gguf
+    tm = tiny_models["qwen2"]
+    path = write_gguf(tm.hf, tm.path, tmp_path / "m.gguf", Q.Q5_0)
+    source = open_model(path)
+    quant = QuantScheme.resolve("auto", None, source.storage_types(), source.head_storage_type(),
+                                source.ggml_tensors())
+    off = tmp_path / "off"
+    store = OffloadStore.open_or_build(source, [EMBED], torch.float32, off, progress=False, quant=quant)
+    assert store.units[EMBED].quant["embed"]["kind"] == "ggml"  # its blocks, not a dense copy
+    good = (off / DATA_FILE).read_bytes()
+    s = store.units[EMBED]
+    flip(off / DATA_FILE, s.offset + 9 * s.matrix_rows()[1] + 3)
+    stats, rows = TierStats(), AlignedBuffer(store.row_buffer_bytes(EMBED))
+    with store.open_reader() as reader:
+        got = store.read_rows(reader, EMBED, [8, 9], rows, stats)
+    assert torch.equal(got, open_model(path).load("embed", torch.float32)[[8, 9]])
+    assert stats.repairs == 1 and (off / DATA_FILE).read_bytes() == good
+    rows.close()
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantised_units_are_rebuilt_bit_for_bit(model_dir, tmp_path, quant):
     """Quantisation is deterministic, so a rebuilt quantised unit matches the store's checksums too."""

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: safetensors directory (default); gguf: one file for llama.cpp and tierlm alike, "
                         "with SmolLM2's tokenizer, so a 49152-token vocabulary whatever the preset's")
-    y.add_argument("--quant", default=None, choices=["q4_0", "q4_1", "q8_0"],
+    y.add_argument("--quant", default=None, choices=["q4_0", "q4_1", "q5_0", "q8_0"],
                    help="GGML type of every 2-D weight with --format gguf (default q4_1; norms stay F32)")
     y.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="storage dtype with --format hf (default bfloat16)")

@@ -33,8 +33,10 @@ from tierlm.weights.names import file_name, file_tensors
 from tierlm.weights.safetensors import config_from_hf
 
 Q = GGMLQuantizationType
-QUANTS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
-_FILE_TYPES = {Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0}
+# q5_0: a file that runs in its own blocks (quant/ggml.py; gguf-py quantises no K-quant), as Q4_K_M files do
+QUANTS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q8_0": Q.Q8_0}
+_FILE_TYPES = {Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1, Q.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+               Q.Q8_0: LlamaFileType.MOSTLY_Q8_0}
 # Weights generated and quantised per step: 4M (16 MiB fp32; quantize's temporaries are a few times that).
 CHUNK_ELEMENTS = 1 << 22
 STD = 0.02

@@ -45,7 +45,6 @@ class Runner:
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.model = registry.for_config(self.config)  # the architecture's file: its forward
         inv_freqs = self.model.rope_inv_freqs(self.config, store.rope_freqs)  # each [hd/2]: the ropes the layers use
-        inv_freq = inv_freqs[0]
         # cos/sin for every position served, per rope: [max_context, hd] each (small: 8192×64×4 B = 2 MiB).
         self.ropes = [tuple(t.to(self.device) for t in ops.rope_tables(f, self.max_context, dtype)) for f in inv_freqs]
         self.cos, self.sin = self.ropes[0]
@@ -58,7 +57,8 @@ class Runner:
         # GGUF blocks have no fp32-activation kernel: exact runs them through the dequantising fallback.
         self.native = (self.device.type == "cpu" and store.quant.enabled and self.model.NATIVE_LAYER_STEP
                        and native.layer_step_available() and not (exact and store.quant.kind == "ggml"))
-        self.rope32 = ops.rope_tables(inv_freq, self.max_context, torch.float32) if self.native else None
+        # the native step's fp32 (cos, sin) of each rope (a local layer of Gemma 3 has its own)
+        self.rope32 = [ops.rope_tables(f, self.max_context, torch.float32) for f in inv_freqs] if self.native else None
         # Layer intermediates live in one arena planned from their lifetimes (memory/workspace.py), sized for
         # a full prefill chunk; decode steps use its first rows, so they allocate none of these buffers.
         # The arena is the ledger's "workspace" reservation (re-planned wider: resized, within the budget).
@@ -122,7 +122,8 @@ class Runner:
             mats = native_layer.layer_mats(w) if any(on_native) else None  # None: the Python layer
             for x, (_, step, _, _), ropes, on in zip(xs, groups, rope, on_native):
                 if mats is not None and on:
-                    native_layer.layer_step(self.config, w, mats, x, self.rope32, step, i, self.scratch, self.exact)
+                    native_layer.layer_step(self.config, w, mats, x, self.rope32[self.layer_rope[i]], step, i,
+                                            self.scratch, self.exact)
                 else:
                     cos, sin = ropes[self.layer_rope[i]]
                     self.model.layer_forward(self.config, w, x, cos, sin, step.layer(i), self.workspace, self.exact)

@@ -110,6 +110,21 @@ class FieldDecl:
         return self.parts or (self.name,)
 
 
+@dataclass(frozen=True)
+class NativeExtras:
+    """What a layer adds to the native layer step's Llama layer (native/csrc/layer.cpp); the defaults are Llama's."""
+
+    q_norm: torch.Tensor | None = None  # [hd]: an RMSNorm over every q head before rope (with k_norm)
+    k_norm: torch.Tensor | None = None  # [hd]
+    post_attn_norm: torch.Tensor | None = None  # [H]: normed attention output before its residual add
+    post_ffn_norm: torch.Tensor | None = None  # [H]: likewise the FFN's
+    gelu: bool = False  # GeGLU (tanh gelu) rather than SwiGLU
+    window: int = 0  # attend only to keys after position - window (0: every key)
+    scale: float = 0.0  # attention score scale (0: head_dim ** -0.5)
+    bqkv: torch.Tensor | None = None  # [(nh + 2*nkv)*hd]: attention biases (Qwen2)
+    bo: torch.Tensor | None = None  # [H]
+
+
 class ModelModule(Protocol):
     """What a model file (model/llama.py) declares; model/registry.py finds it by architecture name."""
 
@@ -126,6 +141,9 @@ class ModelModule(Protocol):
     LAYER_FIELDS: tuple[FieldDecl, ...]  # in storage order (the offload store's layout)
     LayerWeights: type
     NATIVE_LAYER_STEP: bool  # whether native/csrc/layer.cpp computes this family's layer (model/native_layer.py)
+    # native_extras(cfg, w, i) -> NativeExtras of layer i with weights w (what differs from Llama), or None where
+    # layer.cpp cannot compute the layer
+    native_extras: Callable | None
     # and its forward (the runner calls these): layer_forward(cfg, w, x, cos, sin, kv, ws, exact) updates the
     # residual x [B, T, H] in place; head(cfg, norm, lm_head, x, ws, exact) -> logits [B, T, V] fp32;
     # workspace_buffers(cfg, rows, act, kv, native_bytes) -> the layer step's BufferSpecs (memory/workspace.py)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tierlm.config import ModelConfig, RopeScaling
 from tierlm.errors import UnsupportedModelError
 from tierlm.memory.workspace import BufferSpec, Workspace
-from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, TensorDecl
+from tierlm.model.family import ConfigKey, ConfigSource, FieldDecl, Matrix, NativeExtras, TensorDecl
 from tierlm.model.ops import apply_rope, attend, norm_in_workspace, rope_inv_freq
 from tierlm.quant.kernels import linear
 
@@ -36,6 +36,10 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2
 # this forward (like HF) rotates halves (NeoX style), so the loader permutes those rows back.
 PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
 NATIVE_LAYER_STEP = True  # native/csrc/layer.cpp is this file's layer_forward in one call (quantised layers, CPU)
+
+
+def native_extras(cfg: ModelConfig, w: "LayerWeights", layer: int) -> NativeExtras:
+    return NativeExtras(bqkv=w.bqkv, bo=w.bo)  # the native step's own layer
 
 
 def _gguf_rope_scaling(src: ConfigSource, fields: dict[str, Any]) -> RopeScaling:

@@ -29,6 +29,7 @@ GGUF_WRITTEN_AS = {"phi3": "phi3"}
 HF_CLASSES = {"phi3": "Phi3ForCausalLM"}
 PERMUTED_QK_ARCHS: frozenset[str] = frozenset()  # llama.cpp ropes Phi-3 NeoX style: rows as in HF
 NATIVE_LAYER_STEP = False  # (native/csrc/layer.cpp computes this layer too, but is not wired up for it)
+native_extras = None  # not on the native step
 _LONGROPE = "LongRoPE (rope scaling 'longrope'/'su', Phi-3 128k / Phi-3.5) is not supported"
 
 

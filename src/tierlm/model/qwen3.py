@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tierlm.config import ModelConfig
 from tierlm.memory.workspace import BufferSpec, Workspace
 from tierlm.model import llama
-from tierlm.model.family import FieldDecl, Matrix, TensorDecl
+from tierlm.model.family import FieldDecl, Matrix, NativeExtras, TensorDecl
 from tierlm.model.ops import apply_rope, attend, head_norm_in_workspace, norm_in_workspace
 from tierlm.quant.kernels import linear
 
@@ -28,7 +28,7 @@ GGUF_ARCHS = HF_MODEL_TYPES = {"qwen3": "qwen3"}
 GGUF_WRITTEN_AS = {"qwen3": "qwen3"}
 HF_CLASSES = {"qwen3": "Qwen3ForCausalLM"}
 PERMUTED_QK_ARCHS: frozenset[str] = frozenset()  # llama.cpp's converter keeps HF's (NeoX) row order for Qwen
-NATIVE_LAYER_STEP = False  # native/csrc/layer.cpp has no q/k norms
+NATIVE_LAYER_STEP = True  # native/csrc/layer.cpp with the q/k norms (native_extras)
 
 GGUF_CONFIG = llama.GGUF_CONFIG  # head_dim from attention.key_length; biases from the tensors present
 HF_CONFIG = {
@@ -78,7 +78,8 @@ def workspace_buffers(cfg: ModelConfig, rows: int, act: torch.dtype, kv: torch.d
              ("ffn_x32", h, f32, 8, 8), ("ffn_sq32", h, f32, 8, 8), ("ffn_var32", 1, f32, 8, 8),
              ("h_ffn", h, act, 8, 9),  # op 9: the gate/up matmul
              ("ffn_act", cfg.intermediate_size, act, 10, 11)]  # op 10: silu(gate)*up, op 11: the down matmul
-    return [BufferSpec(n, rows * width * dt.itemsize, a, b) for n, width, dt, a, b in table]
+    native = [BufferSpec("native", native_bytes, 12, 12)] if native_bytes else []  # runs instead of ops 0-11
+    return [BufferSpec(n, rows * width * dt.itemsize, a, b) for n, width, dt, a, b in table] + native
 
 
 def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -104,6 +105,10 @@ def layer_forward(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, cos: torch
     gate, up = linear(h, w.w_gateup, exact=exact).chunk(2, dim=-1)  # op 9: [B, T, I] each
     act = torch.mul(F.silu(gate, inplace=True), up, out=ws.view("ffn_act", gate.shape, x.dtype))  # op 10
     return x.add_(linear(act, w.w_down, exact=exact))  # op 11: [B, T, H]
+
+
+def native_extras(cfg: ModelConfig, w: LayerWeights, layer: int) -> NativeExtras:
+    return NativeExtras(w.q_norm, w.k_norm, bqkv=w.bqkv, bo=w.bo)  # Llama's layer with its q/k head norms
 
 
 head = llama.head

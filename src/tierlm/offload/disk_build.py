@@ -82,9 +82,10 @@ def _encode_unit(source: ModelSource, name: str, offset: int, dtype: torch.dtype
                 write(piece)
                 sums.update(piece)
             tensors.append(StoredTensor(leaf, str(t.dtype).removeprefix("torch."), list(t.shape), pos, len(raw)))
-            if name in (EMBED, HEAD) and not metas:
-                rb = len(raw) // t.shape[0]
-                rows = [checksum(raw[r * rb:(r + 1) * rb]) for r in range(t.shape[0])]
+            if name in (EMBED, HEAD) and layout.rows_readable(metas):
+                n = spec.shape[0]
+                rb = len(raw) // n
+                rows = [checksum(raw[r * rb:(r + 1) * rb]) for r in range(n)]
             pos += len(raw) + len(pad)
             del raw
         del value, parts

@@ -27,7 +27,8 @@ from tierlm.quant import int4
 from tierlm.quant.scheme import QuantScheme
 from tierlm.weights.source import ModelSource
 
-STORE_VERSION = 6  # 5: quantised matrices stored in kernel form (see quant/tensor.py); 6: checksummed manifest
+STORE_VERSION = 7  # 5: quantised matrices stored in kernel form (see quant/tensor.py); 6: checksummed manifest;
+# 7: an embedding or head in GGUF blocks keeps them on disk, with a checksum per row (rows read from their blocks)
 DATA_FILE, MANIFEST = "layers.bin", "manifest.json"
 CHUNK_BYTES = 8 << 20  # read and checksum granule: ≥4 MiB keeps the disk at full speed
 
@@ -52,12 +53,26 @@ class StoredUnit:
     nbytes: int  # extent, multiple of ALIGN
     tensors: list[StoredTensor]
     chunk_sums: list[int]  # XXH3-64 of extent[c*CHUNK_BYTES : (c+1)*CHUNK_BYTES]
-    row_sums: list[int] = field(default_factory=list)  # dense embed/head: XXH3-64 of each row (on-demand rows)
+    # An embed/head matrix stored dense or in GGUF blocks: XXH3-64 of each row (on-demand rows; rows_readable)
+    row_sums: list[int] = field(default_factory=list)
     quant: dict[str, dict] = field(default_factory=dict)  # leaf -> QuantTensor.meta(); its parts are "leaf.part"
+
+    def matrix_rows(self) -> tuple[int, int]:
+        """(rows, bytes per row) of the unit's first matrix: a dense [V, H] tensor, or GGUF blocks (1-D bytes, one
+        run: every row the same size)."""
+        t = self.tensors[0]
+        rows = next(iter(self.quant.values()))["shape"][0] if self.quant else t.shape[0]
+        return rows, t.nbytes // rows
 
     def chunks(self) -> list[tuple[int, int]]:
         """(offset within the extent, length) of every checksummed chunk."""
         return [(c, min(CHUNK_BYTES, self.nbytes - c)) for c in range(0, self.nbytes, CHUNK_BYTES)]
+
+
+def rows_readable(metas: dict[str, dict]) -> bool:
+    """Whether an embed/head unit with these quantisation metadata serves rows on demand: dense, or one matrix in
+    GGUF blocks of one type (a row is whole blocks); not a requantised kernel form (int4/int8 packed layouts)."""
+    return not metas or (len(metas) == 1 and all(m["kind"] == "ggml" and len(m["runs"]) == 1 for m in metas.values()))
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def check_records(units: dict[str, StoredUnit], data_bytes: object) -> None:
             raise CorruptManifest(f"{where} needs {chunks} chunk checksums")
         if not isinstance(s.row_sums, list) or not all(_is_int(c, 0, _SUM64) for c in s.row_sums):
             raise CorruptManifest(f"{where} has malformed row checksums")
-        if s.row_sums and (not s.tensors or len(s.tensors[0].shape) != 2 or len(s.row_sums) != s.tensors[0].shape[0]):
+        if s.row_sums and (not s.tensors or not layout.rows_readable(s.quant) or len(s.row_sums) != s.matrix_rows()[0]):
             raise CorruptManifest(f"{where} has {len(s.row_sums)} row checksums, not one per row of its matrix")
         pos += s.nbytes
     if not _is_int(data_bytes) or data_bytes != pos:
@@ -180,6 +180,6 @@ def check_layout(units: dict[str, StoredUnit], cfg: ModelConfig, dtype: torch.dt
                                   f"(recorded vs expected: {diff[0]} vs {diff[1]})")
         if s.quant != metas:
             raise CorruptManifest(f"unit {key!r} has quantisation metadata {s.quant}, expected {metas}")
-        rows = key in (HEAD, EMBED) and not metas
+        rows = key in (HEAD, EMBED) and layout.rows_readable(metas)
         if rows != bool(s.row_sums):
             raise CorruptManifest(f"unit {key!r} {'lacks' if rows else 'has'} row checksums")

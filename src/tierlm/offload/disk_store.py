@@ -14,6 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tierlm.config import STORAGE_DTYPES
@@ -26,6 +27,7 @@ from tierlm.offload.disk_layout import (CHUNK_BYTES, DATA_FILE, MANIFEST, STORE_
                                           StoredTensor, StoredUnit, checksum, source_fingerprint)
 from tierlm.offload.disk_manifest import CorruptManifest, StaleManifest, check_layout, decode_manifest
 from tierlm.offload.stats import TierStats
+from tierlm.quant import ggml
 from tierlm.quant.scheme import QuantScheme
 from tierlm.quant.tensor import PARTS, QuantTensor
 from tierlm.weights import open_model
@@ -217,12 +219,13 @@ class OffloadStore:
     def read_rows(self, reader: DirectFile, unit: str, ids: list[int], buf: AlignedBuffer,
                   stats: TierStats | None = None) -> torch.Tensor:
         """Rows `ids` of the embed/head matrix of `unit`, read on demand (each verified against its checksum,
-        re-read once on a mismatch, then the unit repaired from the source) -> [len(ids), H]. `buf` must hold
-        row_buffer_bytes()."""
+        re-read once on a mismatch, then the unit repaired from the source) -> [len(ids), H], in the stored
+        dtype, or fp32 dequantised from GGUF blocks (as quant/kernels.embedding_rows dequantises resident ones).
+        `buf` must hold row_buffer_bytes()."""
         stats = stats if stats is not None else TierStats()
         s = self.units[unit]
         t = s.tensors[0]
-        row_bytes = t.nbytes // t.shape[0]
+        row_bytes = s.matrix_rows()[1]
         out = torch.empty(len(ids), row_bytes, dtype=torch.uint8)
         for k, r in enumerate(ids):
             at = s.offset + t.offset + r * row_bytes
@@ -241,8 +244,11 @@ class OffloadStore:
                 else:
                     stats.retries += 1
             out[k] = torch.frombuffer(row, dtype=torch.uint8)
+        if s.quant:  # GGUF blocks (layout.rows_readable: one run of one type)
+            (meta,) = s.quant.values()
+            (qtype, _), k = meta["runs"][0], meta["shape"][1]
+            return ggml.dequantize_rows(out.reshape(-1), ((qtype, len(ids)),), k, np.arange(len(ids)))
         return out.view(STORAGE_DTYPES[t.dtype]).view(len(ids), t.shape[1])
 
     def row_buffer_bytes(self, unit: str) -> int:
-        t = self.units[unit].tensors[0]
-        return align_up(t.nbytes // t.shape[0]) + ALIGN
+        return align_up(self.units[unit].matrix_rows()[1]) + ALIGN

@@ -122,9 +122,10 @@ class WeightStore:
         tied = cfg.tie_word_embeddings
         if tied:
             embed_tier = head_tier  # one matrix: rows come from wherever the head lives
-        # A tied head streamed under quantisation cannot serve rows from its packed form on disk: the
-        # embedding then gets a dense unit of its own in the offload store (rows read on demand).
-        rows_unit = EMBED if not tied or quant.enabled else HEAD
+        # A tied head streamed under a requantising scheme cannot serve rows from its packed form on disk: the
+        # embedding then gets a dense unit of its own in the offload store (rows read on demand). A head in GGUF
+        # blocks serves its rows from them.
+        rows_unit = EMBED if not tied or quant.kind in ("int8", "int4") else HEAD
         # Streaming order = access order: layers, then the head. The embedding is never streamed whole.
         schedule = [layer_unit(i) for i, t in enumerate(tiers) if t != Tier.DEVICE]
         schedule += [HEAD] if head_tier != Tier.DEVICE else []
@@ -224,8 +225,8 @@ class WeightStore:
         unique, inverse = torch.unique(tokens, return_inverse=True)  # read each distinct row once
         rows = self._rows.offload.read_rows(self._rows.reader, self._rows.unit, unique.tolist(), self._rows.buf,
                                           self.stats)
-        self.stats.disk_bytes += rows.numel() * rows.element_size()
-        return rows.to(device)[inverse.to(device)]  # [B, T, H]
+        self.stats.disk_bytes += len(unique) * self._rows.offload.units[self._rows.unit].matrix_rows()[1]
+        return rows.to(device, self.dtype)[inverse.to(device)]  # [B, T, H]
 
     # --- migration: offload/migration.py decides, this moves (between passes: nothing acquired is held) ----------
     def resident_layers(self) -> list[int]:

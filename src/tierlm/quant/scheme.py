@@ -1,7 +1,8 @@
 """QuantScheme: the user's choice (`--quant {none,int8,int4} --group-size G`) and the rules derived from it.
 
 Which matrices are quantised: the seven projection matrices of every layer and the lm_head. Norms, biases
-and the embedding table stay in the compute dtype (a tied embedding reads its rows from the quantised head).
+and the embedding table stay in the compute dtype (a tied embedding reads its rows from the quantised head);
+under a GGUF's own blocks the embedding keeps them too (its rows dequantised on lookup).
 The lm_head is quantised to int8 per channel whatever the kind: it is the most sensitive matrix and
 llama.cpp keeps it at 6-8 bits too. The scheme is written into the offload store's manifest; nothing is
 ever inferred from a file name.
@@ -24,7 +25,10 @@ _AUTO_SCHEMES = {"Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q8_0": ("int8", 32
 # A file whose dominant type is another of these (Q4_K_M's Q4_K/Q6_K/Q5_0 mix...) keeps every matrix in its own
 # blocks ("ggml", quant/ggml.py) where the native library runs them: nothing requantised, llama.cpp's numbers.
 _GGML_AUTO = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
-_DENSE_LEAVES = ("embed", "attn_norm", "ffn_norm")  # never quantised: rows looked up, or vectors
+_NORMS = ("attn_norm", "ffn_norm")  # vectors: never quantised
+# Never quantised by a requantising scheme: the embedding (its rows are looked up: a tied one reads the head's),
+# and vectors. A GGUF's own blocks ("ggml") keep the embedding too: its rows are dequantised when looked up.
+_DENSE_LEAVES = ("embed", *_NORMS)
 _INT4_EXACT = ("Q4_0", "Q4_1")  # GGUF types int4 g=32 holds without loss (a head of these keeps its blocks)
 INT4_GROUPS = (32, 64, 128)  # what torch's CPU int4 kernel accepts (and K must be a multiple)
 INT4_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64: N must be a multiple
@@ -122,7 +126,7 @@ class QuantScheme:
         "ggml" its runs where every piece is held in its blocks, else dense; for_matrix otherwise."""
         if self.kind != "ggml":
             return self.for_matrix(leaf, shape)
-        if len(shape) != 2 or leaf in _DENSE_LEAVES:
+        if len(shape) != 2 or leaf in _NORMS:  # the embedding keeps its blocks: rows dequantised on lookup
             return QuantScheme()
         table = {n: (t, r) for n, t, r in self.ggml_tensors}
         if not all(n in table for n in names):

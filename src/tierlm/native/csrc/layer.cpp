@@ -3,6 +3,9 @@
 // into the paged pool, attention over the sequence's blocks read where they lie (no gather copy), output
 // projection, SwiGLU MLP, residual adds — with fp32 arithmetic between the matmuls (llama.py rounds to the
 // compute dtype there; these are other numerics, versioned in the KV salt). The residual stream keeps its dtype.
+// Gemma 3's layer (model/gemma3.py) is the same call with its extras: RMSNorms over each q and k head before
+// rope, norms on each sublayer's output before its residual add, GeGLU (tanh gelu), a sliding window of keys on
+// local layers and its own score scale.
 //
 // Every row is computed on its own, in a fixed order (each token's attention sums its keys in position order),
 // so a token gets the same bits alone, batched, or prefilled in any chunk.
@@ -196,16 +199,29 @@ static inline void store(void* p, bool bf16, int64_t i, float v) {
   else static_cast<float*>(p)[i] = v;
 }
 
-// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, fp32; x and w in the compute dtype (read in place)
-static void rms_norm(const void* x, bool bf16, const void* w, int64_t rows, int64_t h, double eps, float* out) {
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, fp32, over rows of h values at stride `ld`; x in bf16 or fp32
+// (read in place), w in the compute dtype (wbf16). out may be x (fp32, in place).
+static void rms_norm(const void* x, bool bf16, const void* w, bool wbf16, int64_t rows, int64_t h, double eps,
+                     float* out, int64_t ld = 0) {
+  ld = ld ? ld : h;
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float* o = out + r * h;
-      for (int64_t i = 0; i < h; ++i) o[i] = load(x, bf16, r * h + i);
+      float* o = out + r * ld;
+      for (int64_t i = 0; i < h; ++i) o[i] = load(x, bf16, r * ld + i);
       const float inv = 1.f / std::sqrt(fixed_dot(o, o, h) / float(h) + float(eps));
-      for (int64_t i = 0; i < h; ++i) o[i] = o[i] * inv * load(w, bf16, i);
+      for (int64_t i = 0; i < h; ++i) o[i] = o[i] * inv * load(w, wbf16, i);
     }
   });
+}
+
+// Gemma 3: every q head (weights qn [hd]) and k head (kn) of each row of qkv normed in place
+static void head_norms(float* qkv, int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const void* qn,
+                       const void* kn, bool wbf16, double eps) {
+  const int64_t width = (nh + 2 * nkv) * hd;
+  for (int64_t r = 0; r < rows; ++r) {
+    rms_norm(qkv + r * width, false, qn, wbf16, nh, hd, eps, qkv + r * width, hd);
+    rms_norm(qkv + r * width + nh * hd, false, kn, wbf16, nkv, hd, eps, qkv + r * width + nh * hd, hd);
+  }
 }
 
 static void add_residual(void* x, bool bf16, const float* y, int64_t n) {
@@ -249,39 +265,61 @@ static void rope_and_store(float* qkv, int64_t rows, int64_t nh, int64_t nkv, in
   });
 }
 
-// att[r, head] = softmax(q . keys / sqrt(hd)) . values over keys 0..pos[r] of row r's sequence, read in the pool
-static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const Paged& kv, float* att) {
-  const int64_t width = (nh + 2 * nkv) * hd, g = nh / nkv;
-  const float scale = 1.f / std::sqrt(float(hd));
-  at::parallel_for(0, rows * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> sc, kf(hd), o(g * hd), z(g);
+// att[r, head] = softmax(q . keys * scale) . values over keys p0..pos[r] of row r's sequence, read in the pool:
+// p0 = 0, or with a sliding window the keys after pos[r] - window (Gemma 3's local layers). Up to QT consecutive
+// rows of one sequence (a prefill chunk) share each key and value read from the pool; every row still sums its
+// own keys in position order with the same operations, so its bits do not depend on the tile (row-invariant).
+constexpr int64_t QT = 4;
+
+static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const Paged& kv, float* att,
+                      float scale, int64_t window) {
+  const int64_t width = (nh + 2 * nkv) * hd, g = nh / nkv, tiles = (kv.t + QT - 1) / QT, seqs = rows / kv.t;
+  at::parallel_for(0, seqs * tiles * nkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc, kf(hd), o(QT * g * hd), z(QT * g);
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t r = it / nkv, j = it % nkv, n = kv.pos[r] + 1;
-      const float* q = qkv + r * width + j * g * hd;  // the g query heads sharing kv head j
-      sc.resize(g * n);
-      for (int64_t p = 0; p < n; ++p) {
-        const int64_t off = kv.at(r, j, p) * hd;
+      const int64_t j = it % nkv, tile = it / nkv % tiles, r0 = it / nkv / tiles * kv.t + tile * QT;
+      const int64_t m = std::min(QT, (r0 / kv.t + 1) * kv.t - r0);  // the tile's rows r0 .. r0 + m - 1
+      int64_t p0[QT], n[QT], lo = INT64_MAX, hi = 0, nmax = 0;
+      for (int64_t u = 0; u < m; ++u) {
+        p0[u] = window > 0 ? std::max<int64_t>(0, kv.pos[r0 + u] - window + 1) : 0, n[u] = kv.pos[r0 + u] + 1 - p0[u];
+        lo = std::min(lo, p0[u]), hi = std::max(hi, kv.pos[r0 + u] + 1), nmax = std::max(nmax, n[u]);
+      }
+      sc.resize(m * g * nmax);
+      auto score = [&](int64_t u, int64_t h) { return sc.data() + (u * g + h) * nmax; };  // [n[u]] of (row, head)
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t off = kv.at(r0, j, p) * hd;  // one block table: the tile's rows are one sequence's
         for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.k, kv.bf16, off + i);
-        for (int64_t h = 0; h < g; ++h) sc[h * n + p] = fixed_dot(q + h * hd, kf.data(), hd) * scale;
-      }
-      std::fill(z.begin(), z.end(), 0.f);
-      for (int64_t h = 0; h < g; ++h) {
-        float* s = sc.data() + h * n;
-        float mx = s[0];
-        for (int64_t p = 1; p < n; ++p) mx = std::max(mx, s[p]);
-        for (int64_t p = 0; p < n; ++p) s[p] = std::exp(s[p] - mx), z[h] += s[p];
-      }
-      std::fill(o.begin(), o.end(), 0.f);
-      for (int64_t p = 0; p < n; ++p) {
-        const int64_t off = kv.at(r, j, p) * hd;
-        for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.v, kv.bf16, off + i);
-        for (int64_t h = 0; h < g; ++h) {
-          const float e = sc[h * n + p];
-          for (int64_t i = 0; i < hd; ++i) o[h * hd + i] += e * kf[i];
+        for (int64_t u = 0; u < m; ++u) {
+          if (p < p0[u] || p >= p0[u] + n[u]) continue;
+          const float* q = qkv + (r0 + u) * width + j * g * hd;  // the g query heads sharing kv head j
+          for (int64_t h = 0; h < g; ++h) score(u, h)[p - p0[u]] = fixed_dot(q + h * hd, kf.data(), hd) * scale;
         }
       }
-      for (int64_t h = 0; h < g; ++h)
-        for (int64_t i = 0; i < hd; ++i) att[r * nh * hd + (j * g + h) * hd + i] = o[h * hd + i] / z[h];
+      std::fill(z.begin(), z.end(), 0.f);
+      for (int64_t u = 0; u < m; ++u)
+        for (int64_t h = 0; h < g; ++h) {
+          float* s = score(u, h);
+          float mx = s[0];
+          for (int64_t p = 1; p < n[u]; ++p) mx = std::max(mx, s[p]);
+          for (int64_t p = 0; p < n[u]; ++p) s[p] = std::exp(s[p] - mx), z[u * g + h] += s[p];
+        }
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t off = kv.at(r0, j, p) * hd;
+        for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.v, kv.bf16, off + i);
+        for (int64_t u = 0; u < m; ++u) {
+          if (p < p0[u] || p >= p0[u] + n[u]) continue;
+          for (int64_t h = 0; h < g; ++h) {
+            const float e = score(u, h)[p - p0[u]];
+            float* ou = o.data() + (u * g + h) * hd;
+            for (int64_t i = 0; i < hd; ++i) ou[i] += e * kf[i];
+          }
+        }
+      }
+      for (int64_t u = 0; u < m; ++u)
+        for (int64_t h = 0; h < g; ++h)
+          for (int64_t i = 0; i < hd; ++i)
+            att[(r0 + u) * nh * hd + (j * g + h) * hd + i] = o[(u * g + h) * hd + i] / z[u * g + h];
     }
   });
 }
@@ -294,7 +332,10 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
                 const c10::optional<at::Tensor>& bqkv, const MatArg& wo, const c10::optional<at::Tensor>& bo,
                 const MatArg& wgu, const MatArg& wdown, const at::Tensor& cos, const at::Tensor& sin,
                 const at::Tensor& positions, const at::Tensor& tables, at::Tensor kpool, at::Tensor vpool,
-                int64_t nh, int64_t nkv, double eps, bool exact, at::Tensor scratch) {
+                int64_t nh, int64_t nkv, double eps, bool exact, at::Tensor scratch,
+                const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                const c10::optional<at::Tensor>& post_attn_norm, const c10::optional<at::Tensor>& post_ffn_norm,
+                bool gelu, int64_t window, double scale) {
   const Mat mqkv = to_mat(wqkv), mo = to_mat(wo), mgu = to_mat(wgu), md = to_mat(wdown);
   const QMat &Wqkv = mqkv.q, &Wo = mo.q, &Wgu = mgu.q, &Wd = md.q;
   const int64_t h = x.size(-1), rows = x.numel() / h, hd = cos.size(1), inter = Wd.k, b = tables.size(0);
@@ -310,6 +351,11 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
   TORCH_CHECK(scratch.nbytes() >= size_t(scratch_bytes(rows, h, Wqkv.n, Wo.k, inter)), "scratch too small");
   TORCH_CHECK(attn_norm.scalar_type() == x.scalar_type() && ffn_norm.scalar_type() == x.scalar_type() &&
               attn_norm.is_contiguous() && ffn_norm.is_contiguous(), "norm weights: contiguous, in x's dtype");
+  for (const auto* t : {&q_norm, &k_norm}) TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() &&
+      (*t)->is_contiguous() && (*t)->numel() == hd), "q/k norm weights: contiguous [hd], in x's dtype");
+  for (const auto* t : {&post_attn_norm, &post_ffn_norm}) TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() &&
+      (*t)->is_contiguous() && (*t)->numel() == h), "post norm weights: contiguous [H], in x's dtype");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
   const at::Tensor bq = f32(bqkv), bb = f32(bo);  // Qwen2 / attention-bias models only
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Paged kv{kpool.data_ptr(), vpool.data_ptr(), kpool.scalar_type() == at::kBFloat16, kpool.size(1), kpool.size(2),
@@ -330,23 +376,31 @@ void layer_step(at::Tensor x, const at::Tensor& attn_norm, const at::Tensor& ffn
   s.qa.sx = f, f += rows * (kmax / 32);
   s.qa.dxe = f;
 
-  rms_norm(x.data_ptr(), bf16, attn_norm.data_ptr(), rows, h, eps, s.h);  // [R, H]
+  // a sublayer's output y [R, H] into the residual stream, through its post norm where the model has one
+  auto add_output = [&](const c10::optional<at::Tensor>& post) {
+    if (post) rms_norm(s.y, false, post->data_ptr(), bf16, rows, h, eps, s.y);
+    add_residual(x.data_ptr(), bf16, s.y, rows * h);
+  };
+  rms_norm(x.data_ptr(), bf16, attn_norm.data_ptr(), bf16, rows, h, eps, s.h);  // [R, H]
   matmul(mqkv, s.h, rows, s.qkv, bq.defined() ? bq.data_ptr<float>() : nullptr, exact, s.qa);  // [R, (nh+2nkv)*hd]
+  if (q_norm) head_norms(s.qkv, rows, nh, nkv, hd, q_norm->data_ptr(), k_norm->data_ptr(), bf16, eps);
   rope_and_store(s.qkv, rows, nh, nkv, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), kv);
-  attention(s.qkv, rows, nh, nkv, hd, kv, s.att);  // [R, nh*hd]
+  attention(s.qkv, rows, nh, nkv, hd, kv, s.att, scale > 0 ? float(scale) : 1.f / std::sqrt(float(hd)), window);
   matmul(mo, s.att, rows, s.y, bb.defined() ? bb.data_ptr<float>() : nullptr, exact, s.qa);  // [R, H]
-  add_residual(x.data_ptr(), bf16, s.y, rows * h);
-  rms_norm(x.data_ptr(), bf16, ffn_norm.data_ptr(), rows, h, eps, s.h);
+  add_output(post_attn_norm);
+  rms_norm(x.data_ptr(), bf16, ffn_norm.data_ptr(), bf16, rows, h, eps, s.h);
   matmul(mgu, s.h, rows, s.gu, nullptr, exact, s.qa);  // [R, 2I]: gate then up
+  constexpr float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi): the tanh gelu
   at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < inter; ++i) {
-        const float gate = s.gu[r * 2 * inter + i];
-        s.act[r * inter + i] = gate / (1.f + std::exp(-gate)) * s.gu[r * 2 * inter + inter + i];
+        const float g = s.gu[r * 2 * inter + i], up = s.gu[r * 2 * inter + inter + i];
+        const float a = gelu ? 0.5f * g * (1.f + std::tanh(GELU_C * (g + 0.044715f * g * g * g))) : g / (1.f + std::exp(-g));
+        s.act[r * inter + i] = a * up;
       }
   });
   matmul(md, s.act, rows, s.y, nullptr, exact, s.qa);  // [R, H]
-  add_residual(x.data_ptr(), bf16, s.y, rows * h);
+  add_output(post_ffn_norm);
 }
 
 }  // namespace tierlm
