@@ -267,41 +267,59 @@ static void rope_and_store(float* qkv, int64_t rows, int64_t nh, int64_t nkv, in
 
 // att[r, head] = softmax(q . keys * scale) . values over keys p0..pos[r] of row r's sequence, read in the pool:
 // p0 = 0, or with a sliding window the keys after pos[r] - window (Gemma 3's local layers). Up to QT consecutive
-// rows of one sequence (a prefill chunk) share each key and value read from the pool; every row still sums its
-// own keys in position order with the same operations, so its bits do not depend on the tile (row-invariant).
+// rows of one sequence (a prefill chunk) share each key and value read from the pool, and so do the query heads
+// of one task (a kv head's group, split into parts when a step has too few tasks for the threads: a decode of
+// one sequence with one kv head would run on one core). Every (row, head) still sums its own keys in position
+// order with the same operations (fixed_dots: fixed_dot's bits, four at a time), so its bits depend neither on
+// the tile nor on the split (row-invariant).
 constexpr int64_t QT = 4;
 
 static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const Paged& kv, float* att,
                       float scale, int64_t window) {
   const int64_t width = (nh + 2 * nkv) * hd, g = nh / nkv, tiles = (kv.t + QT - 1) / QT, seqs = rows / kv.t;
-  at::parallel_for(0, seqs * tiles * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> sc, kf(hd), o(QT * g * hd), z(QT * g);
+  const int64_t base = seqs * tiles * nkv, want = 4 * at::get_num_threads();
+  const int64_t parts = std::min(g, (want + base - 1) / base), per = (g + parts - 1) / parts;
+  at::parallel_for(0, base * parts, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc, kf(hd), o(QT * per * hd), z(QT * per);
+    std::vector<const float*> qs(QT * per);  // the (row, head) queries that see key p
+    std::vector<int64_t> idx(QT * per);      // their (row, head) index u * gh + h
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t j = it % nkv, tile = it / nkv % tiles, r0 = it / nkv / tiles * kv.t + tile * QT;
+      const int64_t part = it % parts, j = it / parts % nkv, tile = it / parts / nkv % tiles;
+      const int64_t r0 = it / parts / nkv / tiles * kv.t + tile * QT;
+      const int64_t h0 = part * per, gh = std::min(g, h0 + per) - h0;  // this task's heads of kv head j's group
+      if (gh <= 0) continue;
       const int64_t m = std::min(QT, (r0 / kv.t + 1) * kv.t - r0);  // the tile's rows r0 .. r0 + m - 1
       int64_t p0[QT], n[QT], lo = INT64_MAX, hi = 0, nmax = 0;
       for (int64_t u = 0; u < m; ++u) {
         p0[u] = window > 0 ? std::max<int64_t>(0, kv.pos[r0 + u] - window + 1) : 0, n[u] = kv.pos[r0 + u] + 1 - p0[u];
         lo = std::min(lo, p0[u]), hi = std::max(hi, kv.pos[r0 + u] + 1), nmax = std::max(nmax, n[u]);
       }
-      sc.resize(m * g * nmax);
-      auto score = [&](int64_t u, int64_t h) { return sc.data() + (u * g + h) * nmax; };  // [n[u]] of (row, head)
+      sc.resize(m * gh * nmax);
+      auto score = [&](int64_t u, int64_t h) { return sc.data() + (u * gh + h) * nmax; };  // [n[u]] of (row, head)
+      float dots[4];
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t off = kv.at(r0, j, p) * hd;  // one block table: the tile's rows are one sequence's
         for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.k, kv.bf16, off + i);
+        int64_t cnt = 0;
         for (int64_t u = 0; u < m; ++u) {
           if (p < p0[u] || p >= p0[u] + n[u]) continue;
-          const float* q = qkv + (r0 + u) * width + j * g * hd;  // the g query heads sharing kv head j
-          for (int64_t h = 0; h < g; ++h) score(u, h)[p - p0[u]] = fixed_dot(q + h * hd, kf.data(), hd) * scale;
+          for (int64_t h = 0; h < gh; ++h)
+            qs[cnt] = qkv + (r0 + u) * width + (j * g + h0 + h) * hd, idx[cnt++] = u * gh + h;
         }
+        int64_t c = 0;
+        for (; c + 4 <= cnt; c += 4) {
+          fixed_dots<4>(qs.data() + c, kf.data(), hd, dots);
+          for (int e = 0; e < 4; ++e) sc[idx[c + e] * nmax + p - p0[idx[c + e] / gh]] = dots[e] * scale;
+        }
+        for (; c < cnt; ++c) sc[idx[c] * nmax + p - p0[idx[c] / gh]] = fixed_dot(qs[c], kf.data(), hd) * scale;
       }
       std::fill(z.begin(), z.end(), 0.f);
       for (int64_t u = 0; u < m; ++u)
-        for (int64_t h = 0; h < g; ++h) {
+        for (int64_t h = 0; h < gh; ++h) {
           float* s = score(u, h);
           float mx = s[0];
           for (int64_t p = 1; p < n[u]; ++p) mx = std::max(mx, s[p]);
-          for (int64_t p = 0; p < n[u]; ++p) s[p] = std::exp(s[p] - mx), z[u * g + h] += s[p];
+          for (int64_t p = 0; p < n[u]; ++p) s[p] = std::exp(s[p] - mx), z[u * gh + h] += s[p];
         }
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t p = lo; p < hi; ++p) {
@@ -309,17 +327,17 @@ static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, i
         for (int64_t i = 0; i < hd; ++i) kf[i] = load(kv.v, kv.bf16, off + i);
         for (int64_t u = 0; u < m; ++u) {
           if (p < p0[u] || p >= p0[u] + n[u]) continue;
-          for (int64_t h = 0; h < g; ++h) {
+          for (int64_t h = 0; h < gh; ++h) {
             const float e = score(u, h)[p - p0[u]];
-            float* ou = o.data() + (u * g + h) * hd;
+            float* ou = o.data() + (u * gh + h) * hd;
             for (int64_t i = 0; i < hd; ++i) ou[i] += e * kf[i];
           }
         }
       }
       for (int64_t u = 0; u < m; ++u)
-        for (int64_t h = 0; h < g; ++h)
+        for (int64_t h = 0; h < gh; ++h)
           for (int64_t i = 0; i < hd; ++i)
-            att[(r0 + u) * nh * hd + (j * g + h) * hd + i] = o[(u * g + h) * hd + i] / z[u * g + h];
+            att[(r0 + u) * nh * hd + (j * g + h0 + h) * hd + i] = o[(u * gh + h) * hd + i] / z[u * gh + h];
     }
   });
 }

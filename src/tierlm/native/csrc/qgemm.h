@@ -81,17 +81,35 @@ inline uint16_t f2bf(float f) {  // round to nearest even, as torch's float -> b
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// Sum of n floats in a fixed order (16 running partials, then a fixed tree): the same bits for a row whatever
-// else is computed, and vectorised by the compiler.
-inline float fixed_dot(const float* a, const float* b, int64_t n) {
-  float p[16] = {0};
+// fixed_dot of C vectors a[0..C-1] with one b, interleaved so the FMA chains overlap: each result is 16 running
+// partials (lane l takes elements l, l + 16, ...) then a fixed tree, so its bits are the same for any C and
+// whatever else is computed (row-invariant), and the compiler vectorises the lanes (the pragmas make GCC do it).
+template <int C>
+inline void fixed_dots(const float* const* a, const float* b, int64_t n, float* out) {
+  float p[C][16] = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) p[l] = std::fma(a[i + l], b[i + l], p[l]);
-  for (int l = 0; i < n; ++i, ++l) p[l] = std::fma(a[i], b[i], p[l]);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) p[l] += p[l + w];
-  return p[0];
+  for (; i + 16 <= n; i += 16) {
+    const float* bi = b + i;
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const float* ai = a[c] + i;
+      float* pc = p[c];
+#pragma GCC ivdep
+      for (int l = 0; l < 16; ++l) pc[l] = std::fma(ai[l], bi[l], pc[l]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    for (int64_t j = i, l = 0; j < n; ++j, ++l) p[c][l] = std::fma(a[c][j], b[j], p[c][l]);
+    for (int w = 8; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) p[c][l] += p[c][l + w];
+    out[c] = p[c][0];
+  }
+}
+
+inline float fixed_dot(const float* a, const float* b, int64_t n) {
+  float r;
+  fixed_dots<1>(&a, b, n, &r);
+  return r;
 }
 
 }  // namespace tierlm
