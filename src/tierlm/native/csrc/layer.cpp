@@ -278,16 +278,16 @@ static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, i
                       float scale, int64_t window) {
   const int64_t width = (nh + 2 * nkv) * hd, g = nh / nkv, tiles = (kv.t + QT - 1) / QT, seqs = rows / kv.t;
   const int64_t base = seqs * tiles * nkv, want = 4 * at::get_num_threads();
-  const int64_t parts = std::min(g, (want + base - 1) / base), per = (g + parts - 1) / parts;
+  const int64_t split = std::min(g, (want + base - 1) / base), per = (g + split - 1) / split;
+  const int64_t parts = (g + per - 1) / per;  // parts of `per` heads (the last may hold fewer), none empty
   at::parallel_for(0, base * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> sc, kf(hd), o(QT * per * hd), z(QT * per);
     std::vector<const float*> qs(QT * per);  // the (row, head) queries that see key p
-    std::vector<int64_t> idx(QT * per);      // their (row, head) index u * gh + h
+    std::vector<float*> dst(QT * per);       // where each one's score of key p goes
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t part = it % parts, j = it / parts % nkv, tile = it / parts / nkv % tiles;
       const int64_t r0 = it / parts / nkv / tiles * kv.t + tile * QT;
       const int64_t h0 = part * per, gh = std::min(g, h0 + per) - h0;  // this task's heads of kv head j's group
-      if (gh <= 0) continue;
       const int64_t m = std::min(QT, (r0 / kv.t + 1) * kv.t - r0);  // the tile's rows r0 .. r0 + m - 1
       int64_t p0[QT], n[QT], lo = INT64_MAX, hi = 0, nmax = 0;
       for (int64_t u = 0; u < m; ++u) {
@@ -304,14 +304,14 @@ static void attention(const float* qkv, int64_t rows, int64_t nh, int64_t nkv, i
         for (int64_t u = 0; u < m; ++u) {
           if (p < p0[u] || p >= p0[u] + n[u]) continue;
           for (int64_t h = 0; h < gh; ++h)
-            qs[cnt] = qkv + (r0 + u) * width + (j * g + h0 + h) * hd, idx[cnt++] = u * gh + h;
+            qs[cnt] = qkv + (r0 + u) * width + (j * g + h0 + h) * hd, dst[cnt++] = score(u, h) + (p - p0[u]);
         }
         int64_t c = 0;
         for (; c + 4 <= cnt; c += 4) {
           fixed_dots<4>(qs.data() + c, kf.data(), hd, dots);
-          for (int e = 0; e < 4; ++e) sc[idx[c + e] * nmax + p - p0[idx[c + e] / gh]] = dots[e] * scale;
+          for (int e = 0; e < 4; ++e) *dst[c + e] = dots[e] * scale;
         }
-        for (; c < cnt; ++c) sc[idx[c] * nmax + p - p0[idx[c] / gh]] = fixed_dot(qs[c], kf.data(), hd) * scale;
+        for (; c < cnt; ++c) *dst[c] = fixed_dot(qs[c], kf.data(), hd) * scale;
       }
       std::fill(z.begin(), z.end(), 0.f);
       for (int64_t u = 0; u < m; ++u)
